@@ -1,0 +1,43 @@
+# Two entry points on a fresh machine with only Python:
+#   make demo   set up .venv, serve a local store, push the bundled MiniLM, pull it back
+#   make test   set up .venv, lint, check generated stubs, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint protos bench clean
+
+setup: $(STAMP)
+
+# torch is installed first, pinned to the CPU build that lies on these
+# machines' disks; an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/gen_protos.py --check
+
+test: setup lint
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+protos: setup
+	$(PY) scripts/gen_protos.py
+
+bench: setup
+	$(PY) bench/bench_lossless.py
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,266 @@
+"""``mzstore`` command line: flags → library call → render.
+
+Each command parses its flags, calls the library (:mod:`mzstore.client`,
+:mod:`mzstore.server`) and renders the result either for people or, with
+``--json``, as one JSON object. Errors are rendered by one formatter as a
+single ``error: …`` line. Exit codes: 0 ok, 1 failed, 2 usage (bad flags or
+an invalid reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from mzstore.errors import InvalidName, MzstoreError, Unavailable
+from mzstore.settings import DEFAULT_LISTEN, Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except MzstoreError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar on a terminal; nothing when stderr is not a TTY or with --json."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+class _Group(click.Group):
+    """Turns domain errors into one line and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvalidName as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except Unavailable as exc:
+            server = ctx.meta.get("mzstore.server", "the server")
+            click.echo(f"error: cannot reach mzstore server at {server}; is `mzstore serve` running? ({exc})", err=True)
+            ctx.exit(1)
+        except MzstoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+server_option = click.option(
+    "--server", "server", metavar="HOST:PORT", help="Server address [env MZSTORE_SERVER, default 127.0.0.1:50051]."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def _client(ctx: click.Context, server: str | None) -> Any:
+    from mzstore.client import Client
+
+    settings = _settings()
+    address = server or settings.server
+    ctx.meta["mzstore.server"] = address
+    return ctx.with_resource(Client(address, settings=settings))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mzstore")
+def main() -> None:
+    """mzstore: push, pull and serve compressed, sharded models."""
+
+
+@main.command()
+@click.option(
+    "--root", type=click.Path(file_okay=False), help="Storage directory [default $MZSTORE_HOME/data or ./mzstore-data]."
+)
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(root: str | None, listen: str, verbose: bool) -> None:
+    """Run a server over a local storage directory."""
+    from mzstore.server.app import serve as run
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    settings = _settings()
+    try:
+        run(root or settings.default_root, listen, settings)
+    except OSError as exc:
+        raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("ref")
+@click.option("--codec", default="lossless", show_default=True, help="Codec policy.")
+@server_option
+@json_option
+@click.pass_context
+def push(ctx: click.Context, source: str, ref: str, codec: str, server: str | None, as_json: bool) -> None:
+    """Push SOURCE (.safetensors, model directory, .bin/.pt) as REF."""
+    from mzstore.format.refs import parse_ref
+    from mzstore.push.source import open_source
+
+    parse_ref(ref)
+    client = _client(ctx, server)
+    total = open_source(source).bytes_raw if not as_json and sys.stderr.isatty() else 0
+    with _progress(total, "push", not as_json) as bar:
+        info = client.push(source, ref, codec=codec, progress=bar)
+    if as_json:
+        _emit(asdict(info))
+        return
+    ratio = info.bytes_stored / info.bytes_raw if info.bytes_raw else 1.0
+    click.echo(f"pushed {info.ref} {info.digest}")
+    click.echo(
+        f"  raw {_human(info.bytes_raw)} → stored {_human(info.bytes_stored)} (ratio {ratio:.3f}), "
+        f"{info.tensors} tensors, {info.chunks} chunks, {info.shards} shard(s), "
+        f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s)"
+    )
+    for path in info.skipped:
+        click.echo(f"  skipped {path} (pickle weights beside safetensors weights)")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), help="Output directory [default: ./<name>].")
+@server_option
+@json_option
+@click.pass_context
+def pull(ctx: click.Context, ref: str, out: str | None, server: str | None, as_json: bool) -> None:
+    """Pull REF into a directory in its source layout, verified."""
+    from mzstore.format.refs import parse_ref
+
+    parsed = parse_ref(ref)
+    client = _client(ctx, server)
+    out = out or parsed.name.rsplit("/", 1)[-1]
+    total = client.manifest(ref)[2].bytes_raw if not as_json and sys.stderr.isatty() else 0
+    with _progress(total, "pull", not as_json) as bar:
+        info = client.pull(ref, out, progress=bar)
+    if as_json:
+        _emit(asdict(info) | {"output": str(out)})
+        return
+    click.echo(f"pulled {info.ref} {info.digest} → {out}")
+    click.echo(
+        f"  {len(info.files)} files, {_human(info.bytes_raw)} written, {_human(info.bytes_transferred)} transferred, "
+        f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s), verified"
+    )
+
+
+@main.command(name="ls")
+@click.argument("name", required=False)
+@server_option
+@json_option
+@click.pass_context
+def ls_cmd(ctx: click.Context, name: str | None, server: str | None, as_json: bool) -> None:
+    """List models, or the tags of NAME."""
+    from mzstore.format.refs import validate_name
+
+    if name:
+        validate_name(name)
+    refs = _client(ctx, server).ls(name)
+    if as_json:
+        _emit({"refs": [{"name": n, "tag": t, "digest": d} for n, t, d in refs]})
+        return
+    for n, t, d in refs:
+        click.echo(f"{n}:{t}\t{d}")
+
+
+@main.command()
+@click.argument("ref")
+@server_option
+@json_option
+@click.pass_context
+def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> None:
+    """Show a model's files, tensors, codecs and sizes."""
+    from mzstore.format.refs import parse_ref
+
+    parse_ref(ref)
+    name, digest, m = _client(ctx, server).manifest(ref)
+    if as_json:
+        _emit({"ref": name, "digest": digest, "manifest": json.loads(m.to_json())})
+        return
+    ratio = m.stored_total / m.bytes_raw if m.bytes_raw else 1.0
+    click.echo(f"{name}  {digest}")
+    click.echo(
+        f"source: {m.source_kind}   codec: {m.codec}   raw {_human(m.bytes_raw)} → stored {_human(m.stored_total)} "
+        f"(ratio {ratio:.3f}, manifest {_human(m.manifest_bytes)})"
+    )
+    click.echo(f"blobs: {len(m.blobs())}")
+    for k, v in sorted(m.annotations.items()):
+        click.echo(f"annotation {k}: {v}")
+    click.echo("files:")
+    for f in m.files:
+        stored = sum(c.length for c in f.chunks) + sum(c.length for t in m.tensors_of(f.path) for c in t.chunks)
+        click.echo(f"  {f.path:<40} {f.kind:<12} {_human(f.size):>10} → {_human(stored):>10}")
+    click.echo(f"tensors ({len(m.tensors)}):")
+    click.echo(f"  {'name':<56} {'dtype':<6} {'shape':<18} {'raw':>10} {'stored':>10} {'ratio':>6}")
+    for t in m.tensors:
+        raw = t.data_offsets[1] - t.data_offsets[0]
+        stored = sum(c.length for c in t.chunks)
+        r = stored / raw if raw else 1.0
+        click.echo(f"  {t.name[:56]:<56} {t.dtype:<6} {t.shape!s:<18} {_human(raw):>10} {_human(stored):>10} {r:>6.3f}")
+
+
+@main.command()
+@click.argument("ref")
+@server_option
+@json_option
+@click.pass_context
+def rm(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> None:
+    """Remove a tag (blobs are reclaimed by garbage collection)."""
+    from mzstore.format.refs import parse_ref
+
+    parse_ref(ref)
+    name, digest = _client(ctx, server).rm(ref)
+    if as_json:
+        _emit({"ref": name, "digest": digest})
+    else:
+        click.echo(f"removed {name} (was {digest})")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@server_option
+@json_option
+@click.pass_context
+def tag(ctx: click.Context, source: str, target: str, server: str | None, as_json: bool) -> None:
+    """Point TARGET at the model SOURCE resolves to."""
+    from mzstore.format.refs import parse_ref
+
+    parse_ref(source)
+    parse_ref(target)
+    name, digest = _client(ctx, server).tag(source, target)
+    if as_json:
+        _emit({"ref": name, "digest": digest})
+    else:
+        click.echo(f"tagged {name} → {digest}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

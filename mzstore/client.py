@@ -1,0 +1,274 @@
+"""The Python client: push, pull, load_state_dict and admin calls over gRPC.
+
+Transport glue only: the work happens in :mod:`mzstore.push` and
+:mod:`mzstore.pull`, which take plain events and a ``fetch`` callable. This
+module is the one place where ``grpc.RpcError`` becomes a domain error
+(:func:`_translate`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from mzstore.errors import ERROR_FOR_CODE, IntegrityError, MzstoreError, Unavailable
+from mzstore.format.manifest import Manifest, digest_of, parse_manifest
+from mzstore.pull.pipeline import run_pull
+from mzstore.pull.plan import plan_pull
+from mzstore.pull.sinks import DirectorySink, StateDictSink
+from mzstore.push.ingest import UploadData, UploadEvent
+from mzstore.push.source import open_source
+from mzstore.push.upload import begin_for, iter_events
+from mzstore.settings import MAX_MESSAGE_BYTES, Settings, load_settings
+from mzstore.v1 import store_pb2 as pb
+from mzstore.v1 import store_pb2_grpc as pb_grpc
+
+ProgressFn = Callable[[int], None]
+
+
+def _translate(exc: grpc.RpcError) -> MzstoreError:
+    """gRPC status → domain error (the client's one translation point)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    if name == "UNAVAILABLE":
+        return Unavailable(details.split(";")[0])
+    cls = ERROR_FOR_CODE.get(name, MzstoreError)
+    return cls(details)
+
+
+@contextmanager
+def _rpc() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise _translate(exc) from None
+
+
+@dataclass(frozen=True)
+class PushInfo:
+    ref: str
+    digest: str
+    bytes_raw: int
+    bytes_stored: int
+    bytes_transferred: int
+    seconds: float
+    tensors: int
+    chunks: int
+    shards: int
+    skipped: list[str]
+
+
+@dataclass(frozen=True)
+class PullInfo:
+    ref: str
+    digest: str
+    bytes_raw: int
+    bytes_stored: int
+    bytes_transferred: int
+    seconds: float
+    files: list[str]
+    chunks: int
+
+
+def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.PushRequest]:
+    yield pb.PushRequest(
+        begin=pb.PushBegin(
+            ref=begin.ref,
+            codec=begin.codec,
+            files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind) for f in begin.files],
+            source_kind=begin.source_kind,
+            annotations=begin.annotations,
+        )
+    )
+    for e in events:
+        if isinstance(e, UploadData):
+            yield pb.PushRequest(data=pb.FileData(file=e.file, offset=e.offset, data=e.data))
+        else:
+            yield pb.PushRequest(end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
+
+
+class Client:
+    """A connection to an mzstore server.
+
+    Args:
+        server: ``HOST:PORT``; default from ``MZSTORE_SERVER`` or ``127.0.0.1:50051``.
+        settings: defaults for everything else (see :class:`~mzstore.settings.Settings`).
+        timeout: per-call deadline in seconds for short calls.
+    """
+
+    def __init__(self, server: str | None = None, *, settings: Settings | None = None, timeout: float = 30.0) -> None:
+        self.settings = settings or load_settings()
+        self.server = server or self.settings.server
+        self.timeout = timeout
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = grpc.insecure_channel(self.server, options=options)
+        self._stub = pb_grpc.StoreStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- push -------------------------------------------------------------
+    def push(
+        self,
+        source: str | os.PathLike[str],
+        ref: str,
+        *,
+        codec: str = "lossless",
+        annotations: dict[str, str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PushInfo:
+        """Upload ``source`` (file or directory) and store it as ``ref``.
+
+        Raises:
+            InvalidArgument: bad source, ref or policy; FormatError: malformed safetensors;
+            IntegrityError: the upload was altered; Unavailable: no server.
+        """
+        src = open_source(source)
+        begin = begin_for(src, ref, codec, annotations)
+        from mzstore.push.ingest import validate_begin
+
+        validate_begin(begin)  # fail before any upload on what the client can check
+        start = time.perf_counter()
+        with _rpc():
+            resp = self._stub.Push(_proto_events(begin, iter_events(src, progress)), timeout=None, wait_for_ready=False)
+        return PushInfo(
+            ref=resp.ref,
+            digest=resp.digest,
+            bytes_raw=resp.bytes_raw,
+            bytes_stored=resp.bytes_stored,
+            bytes_transferred=resp.bytes_received,
+            seconds=time.perf_counter() - start,
+            tensors=resp.tensors,
+            chunks=resp.chunks,
+            shards=resp.shards,
+            skipped=src.skipped,
+        )
+
+    # -- reading ----------------------------------------------------------
+    def manifest(self, ref: str) -> tuple[str, str, Manifest]:
+        """Return ``(ref, digest, manifest)``; the manifest bytes are checked against the digest."""
+        with _rpc():
+            resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
+        if digest_of(resp.manifest) != resp.digest:
+            raise IntegrityError(f"manifest of {ref} does not match its digest {resp.digest}")
+        return resp.ref, resp.digest, parse_manifest(resp.manifest)
+
+    def fetch(self, digest: str, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes of a blob at ``offset`` (one streamed RPC)."""
+        buf = bytearray(length)
+        pos = 0
+        with _rpc():
+            for piece in self._stub.ReadBlob(
+                pb.ReadBlobRequest(digest=digest, offset=offset, length=length), timeout=max(self.timeout, 300.0)
+            ):
+                if piece.offset != offset + pos or pos + len(piece.data) > length:
+                    raise IntegrityError(f"blob {digest}: out-of-order or oversized data from server")
+                buf[pos : pos + len(piece.data)] = piece.data
+                pos += len(piece.data)
+        if pos != length:
+            raise IntegrityError(f"blob {digest}: got {pos} of {length} bytes")
+        return bytes(buf)
+
+    def pull(
+        self,
+        ref: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        workers: int | None = None,
+    ) -> PullInfo:
+        """Pull ``ref`` into ``out_dir`` in its source layout.
+
+        Nothing appears under a final file name until every chunk is verified.
+        """
+        start = time.perf_counter()
+        name, digest, manifest = self.manifest(ref)
+        sink = DirectorySink(out_dir, manifest)
+        sink.open()
+        try:
+            stats = run_pull(
+                plan_pull(manifest), self.fetch, sink, workers=workers or self.settings.pull_workers, on_bytes=progress
+            )
+            finals = sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        return PullInfo(
+            ref=name,
+            digest=digest,
+            bytes_raw=manifest.bytes_raw,
+            bytes_stored=manifest.stored_total,
+            bytes_transferred=stats.bytes_transferred,
+            seconds=time.perf_counter() - start,
+            files=[str(p) for p in finals],
+            chunks=stats.chunks,
+        )
+
+    def load_state_dict(
+        self, ref: str, *, device: str | Any = "cpu", files: list[str] | None = None, workers: int | None = None
+    ) -> dict[str, Any]:
+        """Pull the tensors of ``ref`` into memory: ``{name: torch.Tensor}`` on ``device``."""
+        _, _, manifest = self.manifest(ref)
+        sink = StateDictSink(manifest, files)
+        run_pull(
+            plan_pull(manifest, files, tensors_only=True),
+            self.fetch,
+            sink,
+            workers=workers or self.settings.pull_workers,
+        )
+        return sink.result(device)
+
+    # -- admin ------------------------------------------------------------
+    def ls(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        with _rpc():
+            resp = self._stub.List(pb.ListRequest(name=name or ""), timeout=self.timeout)
+        return [(e.name, e.tag, e.digest) for e in resp.refs]
+
+    def tag(self, source: str, target: str) -> tuple[str, str]:
+        with _rpc():
+            resp = self._stub.Tag(pb.TagRequest(source=source, target=target), timeout=self.timeout)
+        return resp.ref, resp.digest
+
+    def rm(self, ref: str) -> tuple[str, str]:
+        with _rpc():
+            resp = self._stub.Delete(pb.DeleteRequest(ref=ref), timeout=self.timeout)
+        return resp.ref, resp.digest
+
+
+def load_state_dict(
+    ref: str, *, device: str | Any = "cpu", server: str | None = None, files: list[str] | None = None
+) -> dict[str, Any]:
+    """Load the tensors of ``ref`` from an mzstore server (see :meth:`Client.load_state_dict`)."""
+    with Client(server) as client:
+        return client.load_state_dict(ref, device=device, files=files)
+
+
+def pull(ref: str, out_dir: str | os.PathLike[str], *, server: str | None = None) -> PullInfo:
+    """Pull ``ref`` into ``out_dir`` (see :meth:`Client.pull`)."""
+    with Client(server) as client:
+        return client.pull(ref, out_dir)
+
+
+def push(source: str | os.PathLike[str], ref: str, *, codec: str = "lossless", server: str | None = None) -> PushInfo:
+    """Push ``source`` as ``ref`` (see :meth:`Client.push`)."""
+    with Client(server) as client:
+        return client.push(source, ref, codec=codec)
+
+
+__all__ = ["Client", "PullInfo", "PushInfo", "load_state_dict", "pull", "push"]

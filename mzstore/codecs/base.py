@@ -1,0 +1,34 @@
+"""The codec interface."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from mzstore.format.dtypes import DType
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encode one chunk's raw bytes; decode them back.
+
+    ``encode`` may pick parameters per chunk; it returns them so they can be
+    recorded in the shard metadata and the manifest, but the stored payload
+    is self-describing: ``decode`` needs only the payload, the dtype and the
+    decoded length (which bounds every allocation it makes).
+    """
+
+    name: str
+
+    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+        """Return ``(payload, params)`` for the raw little-endian bytes of a chunk."""
+        ...
+
+    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+        """Return the decoded bytes as a ``uint8`` array of exactly ``raw_len`` bytes.
+
+        Raises:
+            CodecError: if the payload is malformed or decodes to the wrong size.
+        """
+        ...

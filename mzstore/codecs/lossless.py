@@ -1,0 +1,170 @@
+"""Lossless codec: dtype-aware byte-plane split, then zstd per plane.
+
+How it works (the ZipNN / DFloat11 observation): in trained weights the
+exponent bits of floats take few distinct values, while mantissa bits are
+close to random. Interleaved, they compress poorly; apart, the exponent
+plane shrinks to a fraction and the mantissa planes cost what they must.
+
+1. Floats are rotated left by one bit, so the sign moves to the bottom and
+   the top byte holds exactly the (top 8) exponent bits.
+2. The elements are split into byte planes: plane ``i`` holds byte ``i`` of
+   every element (little-endian).
+3. Each plane is compressed with zstd level 1 (measured on MiniLM: level 1
+   gives a smaller exponent plane than level 3, and is faster), and kept raw
+   when compression does not make it smaller (mantissa planes), so decode
+   skips them.
+
+Payload layout (all little-endian)::
+
+    b"MZL1" | u8 word_bytes | u8 rotate | u8 nplanes | u8 reserved
+    nplanes × (u8 method, u64 stored_len)        method 0 = raw, 1 = zstd
+    plane data, in order
+
+Decode bounds every allocation by the decoded length given by the caller.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from mzstore.errors import CodecError
+from mzstore.format.dtypes import DType
+
+MAGIC = b"MZL1"
+ZSTD_LEVEL = 1
+_RAW, _ZSTD = 0, 1
+_HEAD = struct.Struct("<4sBBBB")
+_PLANE = struct.Struct("<BQ")
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_local = threading.local()
+
+
+def _cctx() -> zstandard.ZstdCompressor:
+    ctx = getattr(_local, "cctx", None)
+    if ctx is None:
+        ctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return ctx
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    ctx = getattr(_local, "dctx", None)
+    if ctx is None:
+        ctx = _local.dctx = zstandard.ZstdDecompressor()
+    return ctx
+
+
+def word_bytes(dtype: DType) -> int:
+    """Width of the unit that is split into planes (C64 splits as two F32)."""
+    if dtype.bits < 8 or dtype.bits % 8:
+        return 1
+    if dtype.name == "C64":
+        return 4
+    return dtype.bits // 8
+
+
+def _zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
+    try:
+        out = _dctx().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd stream: {exc}") from None
+    if len(out) != size:
+        raise CodecError(f"zstd stream decoded to {len(out)} bytes, expected {size}")
+    return out
+
+
+class LosslessCodec:
+    """Byte-plane split + zstd; bit-exact for every dtype."""
+
+    name = "lossless"
+
+    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+        k = word_bytes(dtype)
+        data = np.frombuffer(raw, dtype=np.uint8)
+        if len(data) % k:
+            raise CodecError(f"{len(data)} bytes is not a whole number of {dtype.name} elements")
+        rotate = dtype.is_float and k > 1
+        if k == 1:
+            planes = [data]
+        else:
+            words = data.view(_UINT[k])
+            if rotate:
+                low = words >> _UINT[k](8 * k - 1)
+                words = words << _UINT[k](1)
+                words |= low
+            split = words.view(np.uint8).reshape(-1, k)
+            planes = [np.ascontiguousarray(split[:, i]) for i in range(k)]
+        heads = []
+        bodies = []
+        cctx = _cctx()
+        for plane in planes:
+            packed = cctx.compress(plane) if len(plane) else b""
+            if len(packed) < len(plane):
+                heads.append(_PLANE.pack(_ZSTD, len(packed)))
+                bodies.append(packed)
+            else:
+                heads.append(_PLANE.pack(_RAW, len(plane)))
+                bodies.append(plane.tobytes())
+        head = _HEAD.pack(MAGIC, k, int(rotate), len(planes), 0)
+        payload = b"".join([head, *heads, *bodies])
+        return payload, {"word": k, "rotate": rotate, "zstd_level": ZSTD_LEVEL}
+
+    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+        view = memoryview(payload)
+        if len(view) < _HEAD.size:
+            raise CodecError("lossless payload is shorter than its header")
+        magic, k, rotate, nplanes, _ = _HEAD.unpack_from(view, 0)
+        if magic != MAGIC:
+            raise CodecError("lossless payload has a bad magic number")
+        if k != word_bytes(dtype) or nplanes != k or rotate not in (0, 1):
+            raise CodecError(f"lossless payload does not match dtype {dtype.name}")
+        if raw_len % k:
+            raise CodecError(f"decoded length {raw_len} is not a multiple of {k}")
+        n = raw_len // k
+        pos = _HEAD.size + nplanes * _PLANE.size
+        if len(view) < pos:
+            raise CodecError("lossless payload is truncated in its plane table")
+        # Planes are written straight into their strided columns: measured
+        # 7x faster than building (k, n) planes and transposing afterwards.
+        out = np.empty((n, k), dtype=np.uint8)
+        for i in range(nplanes):
+            method, length = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)
+            body = view[pos : pos + length]
+            if len(body) != length:
+                raise CodecError("lossless payload is truncated")
+            pos += length
+            target = out[:, i]
+            if method == _RAW:
+                if length != n:
+                    raise CodecError(f"raw plane is {length} bytes, expected {n}")
+                target[:] = np.frombuffer(body, dtype=np.uint8)
+            elif method == _ZSTD:
+                target[:] = np.frombuffer(_zstd_decompress(body, n), dtype=np.uint8)
+            else:
+                raise CodecError(f"unknown plane method {method}")
+        if pos != len(view):
+            raise CodecError("lossless payload has trailing bytes")
+        if rotate:
+            words = out.view(_UINT[k]).reshape(-1)
+            high = words << _UINT[k](8 * k - 1)
+            words >>= _UINT[k](1)
+            words |= high
+        return out.reshape(-1)
+
+
+class ZstdCodec:
+    """Plain zstd, for files that are not tensors (configs, tokenizers)."""
+
+    name = "zstd"
+
+    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+        return _cctx().compress(raw), {"zstd_level": ZSTD_LEVEL}
+
+    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+        if raw_len == 0 and len(payload) == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(_zstd_decompress(payload, raw_len), dtype=np.uint8)

@@ -1,0 +1,146 @@
+"""Where pulled bytes land: a directory in the source layout, or tensors.
+
+:class:`DirectorySink` stages every file under ``OUT/.mzstore-partial-<id>/``
+(same file system), writes chunks with ``pwrite`` at their final offsets, and
+only after every chunk is verified fsyncs and renames the files into place:
+nothing appears under a final name until it is complete and verified.
+Safetensors files are rebuilt from the original header bytes kept in the
+manifest, so they come back byte-identical to what was pushed.
+
+:class:`StateDictSink` fills one preallocated CPU buffer per tensor, then
+views it with the right dtype and shape and moves it to the device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mzstore.errors import InvalidArgument
+from mzstore.format.manifest import FileEntry, Manifest
+from mzstore.pull.plan import ChunkTask, safetensors_data_start
+
+
+class DirectorySink:
+    """Writes the selected files of a manifest under ``out_dir``."""
+
+    def __init__(
+        self, out_dir: str | os.PathLike[str], manifest: Manifest, files: list[FileEntry] | None = None
+    ) -> None:
+        self.out = Path(out_dir)
+        self.files = files if files is not None else manifest.files
+        self.stage = self.out / f".mzstore-partial-{uuid.uuid4().hex[:12]}"
+        self._fds: dict[str, int] = {}
+
+    def open(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stage.mkdir()
+        for f in self.files:
+            path = self.stage / f.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[f.path] = fd
+            os.ftruncate(fd, f.size)
+            if f.kind == "safetensors":
+                assert f.header is not None
+                header = f.header.encode("utf-8")
+                os.pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
+                assert safetensors_data_start(f) == 8 + len(header)
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        view = memoryview(data)
+        fd = self._fds[task.file]
+        offset = task.file_offset
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def commit(self) -> list[Path]:
+        """fsync and move every file into place; return the final paths."""
+        finals = []
+        for f in self.files:
+            fd = self._fds.pop(f.path)
+            os.fsync(fd)
+            os.close(fd)
+        for f in self.files:
+            final = self.out / f.path
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.stage / f.path, final)
+            finals.append(final)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        return finals
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+#: safetensors dtype → torch dtype attribute name.
+TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    attr = TORCH_DTYPES.get(name)
+    if attr is None or not hasattr(torch, attr):
+        raise InvalidArgument(f"dtype {name} cannot be loaded as a torch tensor (pull it to a directory instead)")
+    return getattr(torch, attr)
+
+
+class StateDictSink:
+    """Builds ``{name: tensor}`` for the tensors of the selected files."""
+
+    def __init__(self, manifest: Manifest, files: list[str] | None = None) -> None:
+        import torch
+
+        self.entries = [t for t in manifest.tensors if files is None or t.file in files]
+        names = [t.name for t in self.entries]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
+        self.buffers: dict[str, Any] = {}
+        for t in self.entries:
+            torch_dtype(t.dtype)  # fail early on unsupported dtypes
+            self.buffers[t.name] = torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        assert task.tensor is not None
+        buf = self.buffers[task.tensor].numpy()
+        buf[task.tensor_offset : task.tensor_offset + len(data)] = data
+
+    def result(self, device: str | Any = "cpu") -> dict[str, Any]:
+        out = {}
+        for t in self.entries:
+            tensor = self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape)
+            out[t.name] = tensor if str(device) == "cpu" else tensor.to(device)
+        return out

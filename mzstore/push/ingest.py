@@ -1,0 +1,437 @@
+"""Server-side ingest: an upload stream in, a committed model out.
+
+How it works::
+
+    UploadBegin ──▶ validate ref, policy, file list          (nothing stored yet)
+    UploadData* ──▶ per file, in order:
+                      safetensors: 8-byte prefix → strict header parse →
+                                   plan row chunks → fill one chunk at a time
+                      other files: fixed-size byte chunks
+                    each full chunk → worker pool: sha256(raw) + codec.encode
+                    results drained in order → ShardWriter (spool → sealed shard blobs)
+    UploadEnd   ──▶ size and sha256 of the file checked against what arrived
+    end of stream ─▶ seal last shard → manifest → ref (Store.commit)
+
+Memory stays bounded: one chunk being filled plus at most ``max_inflight``
+chunks being encoded, whatever the model size (plus the safetensors header,
+capped at 100 MB). Any error (malformed input, short or altered upload,
+client gone) aborts before the manifest is written, so no ref ever points
+at a partial model; shards already sealed are unreferenced blobs that
+garbage collection reclaims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mzstore.codecs import get_codec
+from mzstore.errors import FormatError, IntegrityError, InvalidArgument
+from mzstore.format.dtypes import DType, get_dtype
+from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
+from mzstore.format.refs import parse_ref
+from mzstore.format.safetensors import parse_header, read_header_len
+from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
+from mzstore.push.shards import ShardWriter
+from mzstore.storage.store import Store
+
+#: Codec policies this server can apply on ingest.
+POLICIES = ("lossless",)
+FILE_KINDS = ("safetensors", "file")
+SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
+MAX_FILES = 10_000
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _encode_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="mzstore-encode")
+    return _pool
+
+
+# --- upload events (transport-agnostic; the gRPC layer translates protos into these)
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path: str
+    size: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class UploadBegin:
+    ref: str
+    codec: str
+    files: list[UploadFile]
+    source_kind: str = "hf-dir"
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadData:
+    file: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UploadEnd:
+    file: int
+    size: int
+    sha256: str
+
+
+UploadEvent = UploadData | UploadEnd
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ref: str
+    digest: str
+    bytes_raw: int
+    bytes_stored: int
+    bytes_received: int
+    tensors: int
+    chunks: int
+    shards: int
+
+
+def validate_begin(begin: UploadBegin) -> None:
+    """Check everything about a push that can be checked before any data.
+
+    Raises:
+        InvalidArgument: bad ref, policy, kinds, paths or sizes.
+    """
+    parse_ref(begin.ref)
+    if parse_ref(begin.ref).digest:
+        raise InvalidArgument("push to a name[:tag], not to a digest")
+    if begin.codec not in POLICIES:
+        raise InvalidArgument(f"unknown codec policy {begin.codec[:60]!r}; this server supports: {', '.join(POLICIES)}")
+    if begin.source_kind not in SOURCE_KINDS:
+        raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
+    if not begin.files:
+        raise InvalidArgument("push has no files")
+    if len(begin.files) > MAX_FILES:
+        raise InvalidArgument(f"push has more than {MAX_FILES} files")
+    seen = set()
+    for f in begin.files:
+        try:
+            validate_relpath(f.path)
+        except FormatError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if f.path in seen:
+            raise InvalidArgument(f"file {f.path!r} is listed twice")
+        seen.add(f.path)
+        if f.kind not in FILE_KINDS:
+            raise InvalidArgument(f"file {f.path!r} has unknown kind {f.kind[:40]!r}")
+        if f.size < 0:
+            raise InvalidArgument(f"file {f.path!r} has a negative size")
+
+
+class _Job:
+    """A chunk queued for encoding, with where its result goes."""
+
+    __slots__ = ("chunk_list", "future", "key", "meta", "rows")
+
+    def __init__(
+        self,
+        future: Future[tuple[bytes, dict[str, Any], str]],
+        chunk_list: list[Chunk],
+        rows: list[int],
+        meta: dict[str, Any],
+        key: str,
+    ) -> None:
+        self.future = future
+        self.chunk_list = chunk_list
+        self.rows = rows
+        self.meta = meta
+        self.key = key
+
+
+def _encode(codec_name: str, dtype: DType, raw: bytes | bytearray) -> tuple[bytes, dict[str, Any], str]:
+    codec = get_codec(codec_name)
+    digest = hashlib.sha256(raw).hexdigest()
+    payload, params = codec.encode(memoryview(raw), dtype)
+    return payload, params, digest
+
+
+class Ingest:
+    """One push. Feed it events with :meth:`run`."""
+
+    def __init__(
+        self, store: Store, *, chunk_bytes: int, shard_bytes: int, spool_dir: Path | None = None, max_inflight: int = 4
+    ) -> None:
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self.writer = ShardWriter(store, shard_bytes, spool_dir)
+        self.max_inflight = max_inflight
+        self._jobs: deque[_Job] = deque()
+        self.files: list[FileEntry] = []
+        self.tensors: list[TensorEntry] = []
+        self.bytes_received = 0
+        self.n_chunks = 0
+
+    # -- chunk pipeline ------------------------------------------------------
+    def _submit(
+        self,
+        codec: str,
+        dtype: DType,
+        raw: bytes | bytearray,
+        chunk_list: list[Chunk],
+        rows: list[int],
+        meta: dict[str, Any],
+        key: str,
+    ) -> None:
+        future = _encode_pool().submit(_encode, codec, dtype, raw)
+        self._jobs.append(_Job(future, chunk_list, rows, meta, key))
+        while len(self._jobs) > self.max_inflight:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        job = self._jobs.popleft()
+        payload, params, sha = job.future.result()
+        meta = job.meta
+        chunk = Chunk(
+            blob="",
+            offset=0,
+            length=len(payload),
+            rows=job.rows,
+            raw_length=meta["raw_length"],
+            sha256=sha,
+            codec=meta["codec"],
+            params=params,
+        )
+        job.chunk_list.append(chunk)
+        self.n_chunks += 1
+        self.writer.append(job.key, payload, chunk, meta | {"rows": job.rows, "params": params, "sha256": sha})
+
+    def _drain_all(self) -> None:
+        while self._jobs:
+            self._drain_one()
+
+    def _cancel(self) -> None:
+        for job in self._jobs:
+            job.future.cancel()
+        for job in self._jobs:
+            if not job.future.cancelled():
+                try:
+                    job.future.result()
+                except Exception:  # noqa: BLE001 - already failing
+                    pass
+        self._jobs.clear()
+        self.writer.abort()
+
+    # -- the stream ----------------------------------------------------------
+    def run(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
+        """Consume the whole upload and commit it.
+
+        Raises:
+            InvalidArgument / FormatError: the upload is malformed.
+            IntegrityError: a file arrived short, long or altered.
+        """
+        validate_begin(begin)
+        ref = parse_ref(begin.ref)
+        try:
+            self._consume(begin, iter(events))
+            self._drain_all()
+            self.writer.seal()
+        except BaseException:
+            self._cancel()
+            raise
+        manifest = Manifest(
+            files=self.files,
+            tensors=self.tensors,
+            source_kind=begin.source_kind,
+            codec=begin.codec,
+            bytes_raw=sum(f.size for f in self.files),
+            bytes_stored=self.writer.stats.bytes_stored,
+            annotations=dict(begin.annotations),
+        )
+        data = manifest.to_json()
+        digest = self.store.commit(ref.name, ref.tag, data, self.writer.stats.blobs)
+        return PushResult(
+            ref=f"{ref.name}:{ref.tag}",
+            digest=digest,
+            bytes_raw=manifest.bytes_raw,
+            bytes_stored=manifest.bytes_stored + len(data),
+            bytes_received=self.bytes_received,
+            tensors=len(self.tensors),
+            chunks=self.n_chunks,
+            shards=self.writer.stats.shards,
+        )
+
+    def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:
+        it = iter(events)
+        for index, upload in enumerate(begin.files):
+            sink = (
+                _SafetensorsSink(self, upload, begin.codec) if upload.kind == "safetensors" else _FileSink(self, upload)
+            )
+            hasher = hashlib.sha256()
+            received = 0
+            while True:
+                event = next(it, None)
+                if event is None:
+                    raise IntegrityError(f"upload ended early: {upload.path} has {received} of {upload.size} bytes")
+                if event.file != index:
+                    raise InvalidArgument(f"expected data for file #{index} ({upload.path}), got file #{event.file}")
+                if isinstance(event, UploadEnd):
+                    break
+                if event.offset != received:
+                    raise InvalidArgument(f"{upload.path}: data at offset {event.offset}, expected {received}")
+                if received + len(event.data) > upload.size:
+                    raise IntegrityError(f"{upload.path}: more data than its declared {upload.size} bytes")
+                hasher.update(event.data)
+                received += len(event.data)
+                self.bytes_received += len(event.data)
+                sink.feed(memoryview(event.data))
+            if event.size != upload.size or received != upload.size:
+                raise IntegrityError(
+                    f"{upload.path}: declared {upload.size} bytes, received {received}, end says {event.size}"
+                )
+            sha = hasher.hexdigest()
+            if event.sha256 != sha:
+                raise IntegrityError(f"{upload.path}: sha256 mismatch (upload altered or truncated)")
+            self.files.append(sink.finish(sha))
+        if next(it, None) is not None:
+            raise InvalidArgument("data after the last file")
+
+
+class _SafetensorsSink:
+    """Strict streaming parse of one safetensors file."""
+
+    def __init__(self, ingest: Ingest, upload: UploadFile, codec: str) -> None:
+        self.ingest = ingest
+        self.upload = upload
+        self.codec = codec
+        self.buf = bytearray()
+        self.header_len: int | None = None
+        self.header_text: str | None = None
+        self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, int]] = deque()
+        self.current: bytearray | None = None
+        self.fill = 0
+
+    def feed(self, data: memoryview) -> None:
+        if self.header_text is None:
+            self.buf += data
+            if self.header_len is None:
+                if len(self.buf) < 8:
+                    return
+                self.header_len = read_header_len(bytes(self.buf[:8]), self.upload.size)
+            if len(self.buf) < 8 + self.header_len:
+                return
+            self._start(bytes(self.buf[8 : 8 + self.header_len]))
+            data = memoryview(bytes(self.buf[8 + self.header_len :]))
+            self.buf = bytearray()
+        self._take(data)
+
+    def _start(self, header_bytes: bytes) -> None:
+        header = parse_header(header_bytes, self.upload.size)
+        self.header_text = header_bytes.decode("utf-8")
+        for t in header.tensors:
+            entry = TensorEntry(
+                file=self.upload.path,
+                name=t.name,
+                dtype=t.dtype.name,
+                shape=list(t.shape),
+                data_offsets=[t.begin, t.end],
+                codec=self.codec,
+                chunks=[],
+            )
+            self.ingest.tensors.append(entry)
+            for plan in plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes):
+                self.queue.append((entry, t.dtype, plan, t.begin))
+        self._flush_empty()
+
+    def _flush_empty(self) -> None:
+        """Emit chunks that need no data (zero-size tensors)."""
+        while self.queue and self.queue[0][2].nbytes == 0:
+            self._emit(bytearray())
+
+    def _emit(self, raw: bytearray) -> None:
+        entry, dtype, plan, _ = self.queue.popleft()
+        meta = {
+            "file": entry.file,
+            "tensor": entry.name,
+            "dtype": entry.dtype,
+            "shape": entry.shape,
+            "codec": self.codec,
+            "raw_length": plan.nbytes,
+        }
+        self.ingest._submit(
+            self.codec, dtype, raw, entry.chunks, [plan.row_start, plan.row_end], meta, f"{entry.name}@{plan.index}"
+        )
+
+    def _take(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):
+            if not self.queue:
+                raise FormatError(f"{self.upload.path}: trailing bytes after the last tensor")
+            plan = self.queue[0][2]
+            if self.current is None:
+                self.current = bytearray(plan.nbytes)
+                self.fill = 0
+            n = min(plan.nbytes - self.fill, len(data) - pos)
+            self.current[self.fill : self.fill + n] = data[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == plan.nbytes:
+                raw, self.current = self.current, None
+                self._emit(raw)
+                self._flush_empty()
+
+    def finish(self, sha256: str) -> FileEntry:
+        if self.header_text is None:
+            raise FormatError(f"{self.upload.path}: not a safetensors file (too short)")
+        if self.queue or self.current is not None:
+            raise IntegrityError(f"{self.upload.path}: upload ended inside the tensor data")
+        return FileEntry(self.upload.path, "safetensors", self.upload.size, sha256, header=self.header_text)
+
+
+class _FileSink:
+    """A plain file: fixed-size chunks, zstd."""
+
+    def __init__(self, ingest: Ingest, upload: UploadFile) -> None:
+        self.ingest = ingest
+        self.upload = upload
+        self.entry = FileEntry(upload.path, "file", upload.size, "", chunks=[])
+        self.queue = deque(plan_file(upload.size, ingest.chunk_bytes))
+        self.current = bytearray()
+        self._dtype = get_dtype("U8")
+        if upload.size == 0:
+            self._emit()
+
+    def _emit(self) -> None:
+        plan = self.queue.popleft()
+        meta = {"file": self.upload.path, "codec": "zstd", "raw_length": plan.nbytes}
+        raw, self.current = self.current, bytearray()
+        self.ingest._submit(
+            "zstd",
+            self._dtype,
+            raw,
+            self.entry.chunks,
+            [plan.byte_start, plan.byte_end],
+            meta,
+            f"{self.upload.path}@{plan.index}",
+        )
+
+    def feed(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):
+            need = self.queue[0].nbytes - len(self.current)
+            self.current += data[pos : pos + need]
+            pos += need
+            if len(self.current) == self.queue[0].nbytes:
+                self._emit()
+
+    def finish(self, sha256: str) -> FileEntry:
+        self.entry.sha256 = sha256
+        return self.entry

@@ -1,0 +1,44 @@
+"""Client-side upload: source files → upload events (transport-agnostic).
+
+Each file is read in ``TRANSFER_BYTES`` pieces with their offsets, and
+closed by an :class:`~mzstore.push.ingest.UploadEnd` carrying its size and
+the sha256 of what was read, which the server checks; the gRPC client wraps
+these events in protos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+from mzstore.push.ingest import UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
+from mzstore.push.source import Source
+from mzstore.settings import TRANSFER_BYTES
+
+
+def begin_for(source: Source, ref: str, codec: str, annotations: dict[str, str] | None = None) -> UploadBegin:
+    """The first message of a push."""
+    return UploadBegin(
+        ref=ref,
+        codec=codec,
+        files=[UploadFile(f.path, f.size, f.kind) for f in source.files],
+        source_kind=source.kind,
+        annotations=dict(annotations or {}),
+    )
+
+
+def iter_events(
+    source: Source, on_bytes: Callable[[int], None] | None = None, block: int = TRANSFER_BYTES
+) -> Iterator[UploadEvent]:
+    """Yield the data and end events of every file, in order."""
+    for index, f in enumerate(source.files):
+        hasher = hashlib.sha256()
+        offset = 0
+        with f.opener() as fh:
+            while data := fh.read(block):
+                hasher.update(data)
+                yield UploadData(index, offset, data)
+                offset += len(data)
+                if on_bytes:
+                    on_bytes(len(data))
+        yield UploadEnd(index, offset, hasher.hexdigest())

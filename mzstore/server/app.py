@@ -1,0 +1,129 @@
+"""Building and running the gRPC server.
+
+``build_server`` wires the Store service, standard health checking
+(``grpc.health.v1``) and reflection onto a ``grpc.Server`` bound to
+``listen`` (port 0 picks a free port, as tests do). ``serve`` runs it until
+SIGINT/SIGTERM, then stops accepting RPCs and gives running ones a grace
+period (graceful shutdown). Servers hold no state of their own: any number
+of them can serve the same root.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mzstore.server.service import StoreService
+from mzstore.settings import MAX_MESSAGE_BYTES, Settings
+from mzstore.storage.node import LocalNode, open_node
+from mzstore.storage.store import Store
+from mzstore.v1 import store_pb2, store_pb2_grpc
+
+log = logging.getLogger("mzstore.server")
+SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["Store"].full_name
+SPOOL_MAX_AGE_S = 24 * 3600
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    store: Store
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def _clean_spool(node: LocalNode) -> None:
+    """Remove spool and temp files left behind by dead pushes."""
+    cutoff = time.time() - SPOOL_MAX_AGE_S
+    for path in node.tempdir().iterdir():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def build_server(
+    root: str | Path, listen: str = "127.0.0.1:0", settings: Settings | None = None, max_workers: int = 16
+) -> RunningServer:
+    """Create and start a server over the storage at ``root``.
+
+    Args:
+        root: a directory or a node URL.
+        listen: ``HOST:PORT``; port 0 picks a free port.
+        settings: chunk and shard sizes; defaults from :class:`Settings`.
+
+    Returns:
+        The started server and the port it bound.
+    """
+    settings = settings or Settings()
+    node = open_node(root)
+    store = Store(node)
+    spool = node.tempdir() if isinstance(node, LocalNode) else None
+    if isinstance(node, LocalNode):
+        _clean_spool(node)
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"), options=options
+    )
+    store_pb2_grpc.add_StoreServicer_to_server(StoreService(store, settings, spool), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer, store)
+
+
+def serve(
+    root: str | Path,
+    listen: str,
+    settings: Settings | None = None,
+    ready: threading.Event | None = None,
+    grace: float = 10.0,
+) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
+    running = build_server(root, listen, settings)
+    host = listen.rsplit(":", 1)[0]
+    log.info("mzstore serving %s on %s:%d", running.store.node.url, host, running.port)
+    print(f"mzstore serving {running.store.node.url} on {host}:{running.port}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if ready:
+        ready.set()
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("mzstore: shutting down", flush=True)
+        running.stop(grace)

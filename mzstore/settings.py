@@ -1,0 +1,87 @@
+"""Configuration, read once.
+
+One :class:`Settings` is built from the ``MZSTORE_*`` environment (and, in the
+CLI, from flags layered on top). No other module reads ``os.environ``;
+explicit arguments always win over what is found here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_ROOT = "./mzstore-data"
+
+#: Raw bytes per chunk when a tensor is split along dim 0 (design: about 16 MiB).
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+#: Target size of a shard blob (design: 1 GiB).
+DEFAULT_SHARD_BYTES = 1024 * 1024 * 1024
+#: Payload bytes per gRPC message for uploads and blob reads (about 1 MiB).
+TRANSFER_BYTES = 1024 * 1024
+#: gRPC message cap; payloads are ~1 MiB so 8 MiB leaves room for headers.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with defaults.
+
+    Attributes:
+        server: ``HOST:PORT`` the client talks to (``MZSTORE_SERVER``).
+        token: bearer token sent by clients (``MZSTORE_TOKEN``), if any.
+        home: ``MZSTORE_HOME``; the server's default root is ``$MZSTORE_HOME/data``.
+        chunk_bytes: raw bytes per chunk on ingest.
+        shard_bytes: target shard size on ingest.
+        pull_workers: parallel range reads / decoders on pull.
+    """
+
+    server: str = DEFAULT_SERVER
+    token: str | None = None
+    home: Path | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    pull_workers: int = 4
+
+    @property
+    def default_root(self) -> Path:
+        """Where ``mzstore serve`` keeps data when no ``--root`` is given."""
+        return self.home / "data" if self.home else Path(DEFAULT_ROOT)
+
+    def with_overrides(self, **kwargs: object) -> Settings:
+        """Return a copy with the given non-``None`` values replaced."""
+        return replace(self, **{k: v for k, v in kwargs.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        from mzstore.errors import InvalidArgument
+
+        raise InvalidArgument(f"{key} must be an integer, got {value!r}") from None
+    if parsed <= 0:
+        from mzstore.errors import InvalidArgument
+
+        raise InvalidArgument(f"{key} must be positive, got {value!r}")
+    return parsed
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from an environment mapping (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    home = env.get("MZSTORE_HOME")
+    return Settings(
+        server=env.get("MZSTORE_SERVER") or DEFAULT_SERVER,
+        token=env.get("MZSTORE_TOKEN") or None,
+        home=Path(home).expanduser() if home else None,
+        chunk_bytes=_int(env, "MZSTORE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES),
+        shard_bytes=_int(env, "MZSTORE_SHARD_BYTES", DEFAULT_SHARD_BYTES),
+        pull_workers=_int(env, "MZSTORE_PULL_WORKERS", 4),
+    )
