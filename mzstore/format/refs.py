@@ -53,7 +53,7 @@ def validate_name(name: str) -> str:
         raise InvalidName("model name contains a NUL byte")
     for component in name.split("/"):
         if component in ("", ".", ".."):
-            raise InvalidName(f"model name {name!r} has an empty, '.' or '..' component")
+            raise InvalidName(f"invalid model name {name!r}: empty, '.' or '..' component")
         if not _COMPONENT.fullmatch(component) or ".." in component:
             raise InvalidName(
                 f"invalid model name {name!r}: components use letters, digits, '.', '_', '-' "

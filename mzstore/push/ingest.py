@@ -244,6 +244,7 @@ class Ingest:
             self._consume(begin, iter(events))
             self._drain_all()
             self.writer.seal()
+            self.writer.publish()
         except BaseException:
             self._cancel()
             raise
@@ -318,8 +319,18 @@ class _SafetensorsSink:
         self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, int]] = deque()
         self.current: bytearray | None = None
         self.fill = 0
+        if upload.size < 8:
+            raise FormatError(f"{upload.path}: not a safetensors file: {upload.size} bytes, need at least 8")
 
     def feed(self, data: memoryview) -> None:
+        try:
+            self._feed(data)
+        except FormatError as exc:
+            if str(exc).startswith(self.upload.path):
+                raise
+            raise FormatError(f"{self.upload.path}: {exc}") from None
+
+    def _feed(self, data: memoryview) -> None:
         if self.header_text is None:
             self.buf += data
             if self.header_len is None:

@@ -6,7 +6,9 @@ target shard size, or at the end of the push, the shard is sealed: its
 safetensors header is built — one ``U8`` entry per chunk, plus
 ``__metadata__ = {"format": "pt", "mzstore": <json>}`` describing every
 chunk — the blob digest is computed over header + data, and the blob is
-written to the store. The chunk records handed out by :meth:`append` are
+staged in the store (on a local node: a fsynced temp file on the same disk).
+:meth:`ShardWriter.publish` renames the staged shards into ``blobs/`` just
+before the manifest is written, so a failed push leaves no blob behind. The chunk records handed out by :meth:`append` are
 then filled in with their blob digest and absolute offset, which is what
 the manifest stores. Any safetensors reader can open a shard and list its
 entries; mzstore readers use the manifest offsets and need no header parse.
@@ -41,6 +43,7 @@ class ShardStats:
     shards: int = 0
     bytes_stored: int = 0
     blobs: list[str] = field(default_factory=list)
+    staged: list[tuple[str, Path | None]] = field(default_factory=list)
 
 
 class ShardWriter:
@@ -87,7 +90,7 @@ class ShardWriter:
                 while block := fh.read(8 * 1024 * 1024):
                     hasher.update(block)
             digest = "sha256:" + hasher.hexdigest()
-            self.store.put_blob_file(digest, Path(spool.name), prefix=header)
+            staged = self.store.stage_blob(digest, Path(spool.name), prefix=header)
         finally:
             os.unlink(spool.name)
         for e in entries:
@@ -96,11 +99,22 @@ class ShardWriter:
         self.stats.shards += 1
         self.stats.bytes_stored += len(header) + (entries[-1].end if entries else 0)
         self.stats.blobs.append(digest)
+        self.stats.staged.append((digest, staged))
+
+    def publish(self) -> None:
+        """Make every sealed shard visible in the store (called just before the manifest)."""
+        for digest, staged in self.stats.staged:
+            self.store.publish_blob(digest, staged)
+        self.stats.staged = []
 
     def abort(self) -> None:
-        """Drop the unsealed shard (on a failed push)."""
+        """Drop the unsealed shard and every staged one (on a failed push)."""
         if self._spool is not None:
             self._spool.close()
             os.unlink(self._spool.name)
             self._spool = None
         self._entries = []
+        for _, staged in self.stats.staged:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+        self.stats.staged = []

@@ -81,18 +81,15 @@ class LocalNode:
     def tempdir(self) -> Path:
         return self.root / TMP_DIR
 
-    def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
-        final = self._path(key)
-        tmp = self.root / TMP_DIR / f"{final.name}.{uuid.uuid4().hex}.part"
+    def stage(self, key: str, chunks: Iterable[bytes | memoryview]) -> Path:
+        """Write ``chunks`` durably to a temp file for ``key``; :meth:`publish` makes it visible."""
+        tmp = self.root / TMP_DIR / f"{Path(key).name}.{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -101,6 +98,22 @@ class LocalNode:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        return tmp
+
+    def publish(self, staged: Path, key: str) -> None:
+        """Atomically move a staged file to ``key`` (rename, then fsync the directory)."""
+        final = self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            raise _map_oserror(exc, key) from exc
+
+    def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
+        self.publish(self.stage(key, chunks), key)
 
     def write_file(self, key: str, source: Path, prefix: bytes = b"") -> None:
         """Durably write ``prefix`` followed by the content of local file ``source``."""

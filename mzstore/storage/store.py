@@ -19,7 +19,7 @@ directory); such a push is refused with :class:`~mzstore.errors.Conflict`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,36 @@ class Store:
         if self.node.exists(key):
             return
         self.node.write_file(key, source, prefix)  # type: ignore[attr-defined]
+
+    def stage_blob(self, digest: str, source: Path, prefix: bytes = b"") -> Path | None:
+        """Write a blob so that it becomes visible only at :meth:`publish_blob`.
+
+        On a local node the bytes go to a temp file on the same disk and
+        publishing is a rename, so a push that fails leaves no blob behind.
+        Other nodes get the blob at once (an unreferenced blob there is
+        reclaimed by garbage collection). Returns the staged path, or ``None``
+        when there is nothing left to publish.
+        """
+        key = blob_key(digest)
+        if self.node.exists(key):
+            return None
+        if isinstance(self.node, LocalNode):
+
+            def chunks() -> Iterator[bytes]:
+                yield prefix
+                with open(source, "rb") as fh:
+                    while block := fh.read(8 * 1024 * 1024):
+                        yield block
+
+            return self.node.stage(key, chunks())
+        self.node.write_file(key, source, prefix)  # type: ignore[attr-defined]
+        return None
+
+    def publish_blob(self, digest: str, staged: Path | None) -> None:
+        """Make a staged blob visible (no-op when it was written directly)."""
+        if staged is not None:
+            assert isinstance(self.node, LocalNode)
+            self.node.publish(staged, blob_key(digest))
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if digest_of(data) != digest:

