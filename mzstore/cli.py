@@ -96,6 +96,23 @@ def main() -> None:
     """mzstore: push, pull and serve compressed, sharded models."""
 
 
+def _check_port_free(listen: str) -> None:
+    """Fail with one clear line when the port is taken (before gRPC logs its own noise)."""
+    import socket
+
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise click.UsageError(f"--listen must be HOST:PORT, got {listen!r}")
+    if int(port) == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except OSError as exc:
+            raise MzstoreError(f"cannot serve on {listen}: {exc.strerror or exc}") from None
+
+
 @main.command()
 @click.option(
     "--root", type=click.Path(file_okay=False), help="Storage directory [default $MZSTORE_HOME/data or ./mzstore-data]."
@@ -108,6 +125,7 @@ def serve(root: str | None, listen: str, verbose: bool) -> None:
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = _settings()
+    _check_port_free(listen)
     try:
         run(root or settings.default_root, listen, settings)
     except OSError as exc:

@@ -1,0 +1,182 @@
+"""The ``mzstore`` CLI against a real ``mzstore serve`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mzstore.errors import IntegrityError
+from mzstore.server.app import RunningServer
+
+JSON_KEYS = {"ref", "digest", "bytes_raw", "bytes_stored", "bytes_transferred", "seconds"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cli_server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(tmp_path / "data"), "--listen", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    yield address
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=20)
+
+
+def mz(*args: str, server: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if server:
+        env["MZSTORE_SERVER"] = server
+    result = subprocess.run(
+        [sys.executable, "-m", "mzstore.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({"w": torch.randn(256, 64), "b": torch.zeros(64)}, str(path))
+    return path
+
+
+def test_push_pull_json_and_human(cli_server: str, model_file: Path, tmp_path: Path) -> None:
+    pushed = mz("push", str(model_file), "org/m:v1", "--json", server=cli_server, check=True)
+    info = json.loads(pushed.stdout)
+    assert JSON_KEYS <= set(info)
+    assert info["ref"] == "org/m:v1" and info["digest"].startswith("sha256:")
+    assert info["bytes_raw"] == model_file.stat().st_size
+    assert pushed.stderr == ""  # no progress bar when not a terminal
+
+    out = tmp_path / "out"
+    pulled = mz("pull", "org/m:v1", "-o", str(out), "--json", server=cli_server, check=True)
+    pinfo = json.loads(pulled.stdout)
+    assert JSON_KEYS <= set(pinfo)
+    assert pinfo["digest"] == info["digest"]
+    assert 0 < pinfo["bytes_transferred"] <= info["bytes_stored"]
+    assert (out / "model.safetensors").read_bytes() == model_file.read_bytes()
+
+    human = mz("push", str(model_file), "org/m:v2", server=cli_server, check=True)
+    assert "ratio" in human.stdout and "org/m:v2" in human.stdout
+
+    listed = mz("ls", "--json", server=cli_server, check=True)
+    assert [(r["name"], r["tag"]) for r in json.loads(listed.stdout)["refs"]] == [("org/m", "v1"), ("org/m", "v2")]
+    mz("tag", "org/m:v1", "org/m:prod", server=cli_server, check=True)
+    assert "org/m:prod" in mz("ls", "org/m", server=cli_server, check=True).stdout
+    inspected = json.loads(mz("inspect", "org/m:prod", "--json", server=cli_server, check=True).stdout)
+    assert inspected["digest"] == info["digest"]
+    assert {t["name"] for t in inspected["manifest"]["tensors"]} == {"w", "b"}
+    assert "tensors (2)" in mz("inspect", "org/m:prod", server=cli_server, check=True).stdout
+    mz("rm", "org/m:prod", server=cli_server, check=True)
+    assert "org/m:prod" not in mz("ls", server=cli_server, check=True).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["pull", "org/missing:v1", "-o", "x"], 1, "not found"),
+        (["pull", "bad..name", "-o", "x"], 2, "invalid model name"),
+        (["push", "/nonexistent/file.safetensors", "org/m:v1"], 1, "does not exist"),
+        (["pull"], 2, "Missing argument"),
+        (["frobnicate"], 2, "No such command"),
+        (["rm", "org/missing:v1"], 1, "not found"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(cli_server: str, args: list[str], code: int, message: str) -> None:
+    result = mz(*args, server=cli_server)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path, model_file: Path) -> None:
+    result = mz("push", str(model_file), "org/m:v1", server=f"127.0.0.1:{_free_port()}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach mzstore server")
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_push_via_cli(cli_server: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    result = mz("push", str(bad), "org/bad:v1", server=cli_server)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: bad.safetensors")
+    assert mz("ls", server=cli_server, check=True).stdout == ""
+
+
+def test_corrupt_blob_is_never_returned_as_data(
+    server: RunningServer, client, model_file: Path, root: Path, tmp_path: Path
+) -> None:
+    info = client.push(model_file, "org/m:v1")
+    _, _, manifest = client.manifest("org/m:v1")
+    chunk = manifest.tensors[0].chunks[0]
+    blob = root / "blobs" / "sha256" / chunk.blob[7:9] / chunk.blob[7:]
+    data = bytearray(blob.read_bytes())
+    data[chunk.offset + chunk.length // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError):
+        client.pull("org/m:v1", out)
+    # Nothing under the final name, no staging left behind.
+    assert not (out / "model.safetensors").exists()
+    assert list(out.iterdir()) == []
+    with pytest.raises(IntegrityError):
+        client.load_state_dict("org/m:v1")
+    assert info.digest == client.manifest("org/m:v1")[1]
+
+
+def test_killed_pushing_client_leaves_store_unchanged(cli_server: str, tmp_path: Path) -> None:
+    src = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
+    env = dict(os.environ, MZSTORE_SERVER=cli_server)
+    proc = subprocess.Popen([sys.executable, "-m", "mzstore.cli", "push", str(src), "org/killed:v1"], env=env)
+    spool = tmp_path / "data" / "tmp"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(spool.iterdir()):
+        time.sleep(0.01)  # wait until the server is mid-ingest
+    assert proc.poll() is None, "push finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(spool.iterdir()):
+        time.sleep(0.05)
+    assert not any(spool.iterdir()), "the dead push's spool and staged shards are cleaned up"
+    assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []  # no blob, manifest or ref
+    # The server stays healthy, stores no ref, and serves the next push.
+    assert mz("ls", server=cli_server, check=True).stdout == ""
+    small = tmp_path / "small.safetensors"
+    save_file({"x": torch.ones(3)}, str(small))
+    mz("push", str(small), "org/ok:v1", server=cli_server, check=True)
+    assert "org/ok:v1" in mz("ls", server=cli_server, check=True).stdout
+    out = tmp_path / "o"
+    mz("pull", "org/ok:v1", "-o", str(out), server=cli_server, check=True)
+    assert torch.equal(load_file(str(out / "small.safetensors"))["x"], torch.ones(3))
