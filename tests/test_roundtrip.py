@@ -224,3 +224,25 @@ def test_tag_ls_rm(client: Client, all_dtypes_file: Path) -> None:
         client.manifest("team/m:v1")
     with pytest.raises(NotFound):
         client.rm("team/m:v1")
+
+
+def test_name_that_clashes_with_a_tag_path_is_refused(client: Client, all_dtypes_file: Path) -> None:
+    from mzstore.errors import Conflict
+
+    client.push(all_dtypes_file, "org/m:latest")
+    with pytest.raises(Conflict):
+        client.push(all_dtypes_file, "org/m/latest:v1")
+    client.push(all_dtypes_file, "org/n/sub:v1")
+    with pytest.raises(Conflict):
+        client.tag("org/n/sub:v1", "org/n:sub")
+    assert [(n, t) for n, t, _ in client.ls()] == [("org/m", "latest"), ("org/n/sub", "v1")]
+
+
+def test_module_level_helpers(server, all_dtypes_file: Path, tmp_path: Path) -> None:
+    import mzstore
+
+    info = mzstore.push(all_dtypes_file, "org/helpers:v1", server=server.address)
+    sd = mzstore.load_state_dict("org/helpers:v1", server=server.address)
+    assert len(sd) == info.tensors
+    pulled = mzstore.pull("org/helpers:v1", tmp_path / "o", server=server.address)
+    assert pulled.digest == info.digest
