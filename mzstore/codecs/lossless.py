@@ -68,6 +68,18 @@ def word_bytes(dtype: DType) -> int:
 
 
 def _zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
+    """Decompress one zstd frame of exactly ``size`` bytes, never allocating more.
+
+    python-zstandard honours ``max_output_size`` only when the frame does not
+    declare its size, so a declared size is checked against ``size`` first
+    (a 22-byte frame may claim 2**62 bytes).
+    """
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame header: {exc}") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != size:
+        raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
     try:
         out = _dctx().decompress(data, max_output_size=size)
     except zstandard.ZstdError as exc:

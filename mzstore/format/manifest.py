@@ -222,6 +222,10 @@ def parse_manifest(data: bytes) -> Manifest:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"manifest is not valid JSON: {exc}") from None
+    except FormatError:
+        raise
+    except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+        raise FormatError(f"manifest is not acceptable JSON: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise FormatError("manifest is not a JSON object")
     if obj.get("schema") != SCHEMA:

@@ -141,6 +141,10 @@ def parse_header(header_bytes: bytes, file_size: int) -> Header:
         raw = json.loads(text.rstrip(" "), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise FormatError(f"safetensors header is not valid JSON: {exc.msg} at byte {exc.pos}") from None
+    except FormatError:
+        raise
+    except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+        raise FormatError(f"safetensors header is not acceptable JSON: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise FormatError("safetensors header is not a JSON object")
 
@@ -172,7 +176,11 @@ def parse_header(header_bytes: bytes, file_size: int) -> Header:
 
 
 def _parse_entry(name: str, entry: object, data_len: int) -> TensorInfo:
-    if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES or "\x00" in name:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"invalid tensor name {name[:80]!r}: not encodable as UTF-8") from None
+    if not name or len(encoded) > MAX_NAME_BYTES or "\x00" in name:
         raise FormatError(f"invalid tensor name {name[:80]!r}")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
