@@ -169,7 +169,7 @@ class Client:
             raise IntegrityError(f"manifest of {ref} does not match its digest {resp.digest}")
         return resp.ref, resp.digest, parse_manifest(resp.manifest)
 
-    def fetch(self, digest: str, offset: int, length: int) -> bytes:
+    def fetch(self, digest: str, offset: int, length: int) -> bytearray:
         """Read ``length`` bytes of a blob at ``offset`` (one streamed RPC)."""
         buf = bytearray(length)
         pos = 0
@@ -183,7 +183,7 @@ class Client:
                 pos += len(piece.data)
         if pos != length:
             raise IntegrityError(f"blob {digest}: got {pos} of {length} bytes")
-        return bytes(buf)
+        return buf
 
     def pull(
         self,

@@ -32,3 +32,14 @@ class Codec(Protocol):
             CodecError: if the payload is malformed or decodes to the wrong size.
         """
         ...
+
+    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+        """Decode into ``out`` (a contiguous ``uint8`` array of the decoded length).
+
+        The pull pipeline decodes straight into the destination buffer this way.
+        On error ``out`` may hold partial data; the caller must not use it.
+
+        Raises:
+            CodecError: as :meth:`decode`.
+        """
+        ...

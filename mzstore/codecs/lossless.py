@@ -67,6 +67,15 @@ def word_bytes(dtype: DType) -> int:
     return dtype.bits // 8
 
 
+def _check_declared_size(data: bytes | memoryview, size: int) -> None:
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame header: {exc}") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != size:
+        raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
+
+
 def _zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
     """Decompress one zstd frame of exactly ``size`` bytes, never allocating more.
 
@@ -74,12 +83,7 @@ def _zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
     declare its size, so a declared size is checked against ``size`` first
     (a 22-byte frame may claim 2**62 bytes).
     """
-    try:
-        declared = zstandard.get_frame_parameters(data).content_size
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"corrupt zstd frame header: {exc}") from None
-    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != size:
-        raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
+    _check_declared_size(data, size)
     try:
         out = _dctx().decompress(data, max_output_size=size)
     except zstandard.ZstdError as exc:
@@ -126,6 +130,12 @@ class LosslessCodec:
         return payload, {"word": k, "rotate": rotate, "zstd_level": ZSTD_LEVEL}
 
     def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+        out = np.empty(raw_len, dtype=np.uint8)
+        self.decode_into(payload, dtype, out)
+        return out
+
+    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+        raw_len = len(out)
         view = memoryview(payload)
         if len(view) < _HEAD.size:
             raise CodecError("lossless payload is shorter than its header")
@@ -140,32 +150,69 @@ class LosslessCodec:
         pos = _HEAD.size + nplanes * _PLANE.size
         if len(view) < pos:
             raise CodecError("lossless payload is truncated in its plane table")
-        # Planes are written straight into their strided columns: measured
-        # 7x faster than building (k, n) planes and transposing afterwards.
-        out = np.empty((n, k), dtype=np.uint8)
+        # Planes are written straight into their strided columns of the
+        # output: measured 7x faster than building (k, n) planes and
+        # transposing afterwards.
+        columns = out.reshape(n, k)
         for i in range(nplanes):
             method, length = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)
             body = view[pos : pos + length]
             if len(body) != length:
                 raise CodecError("lossless payload is truncated")
             pos += length
-            target = out[:, i]
             if method == _RAW:
                 if length != n:
                     raise CodecError(f"raw plane is {length} bytes, expected {n}")
-                target[:] = np.frombuffer(body, dtype=np.uint8)
+                columns[:, i] = np.frombuffer(body, dtype=np.uint8)
             elif method == _ZSTD:
-                target[:] = np.frombuffer(_zstd_decompress(body, n), dtype=np.uint8)
+                columns[:, i] = _zstd_decompress_scratch(body, n)
             else:
                 raise CodecError(f"unknown plane method {method}")
         if pos != len(view):
             raise CodecError("lossless payload has trailing bytes")
         if rotate:
-            words = out.view(_UINT[k]).reshape(-1)
-            high = words << _UINT[k](8 * k - 1)
-            words >>= _UINT[k](1)
-            words |= high
-        return out.reshape(-1)
+            _unrotate(out.view(_UINT[k]), 8 * k)
+
+
+#: Elements per block when undoing the rotation, so temporaries stay small.
+_ROTATE_BLOCK = 1 << 20
+
+
+def _unrotate(words: np.ndarray, bits: int) -> None:
+    """Rotate every word right by one bit, in place, with block-sized temporaries."""
+    t = words.dtype.type
+    for start in range(0, len(words), _ROTATE_BLOCK):
+        block = words[start : start + _ROTATE_BLOCK]
+        high = block << t(bits - 1)
+        block >>= t(1)
+        block |= high
+
+
+def _zstd_decompress_scratch(data: bytes | memoryview, size: int) -> np.ndarray:
+    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (valid until the next call).
+
+    Reusing the buffer keeps a pull's memory flat: freed multi-MiB buffers
+    otherwise pile up in glibc's per-thread arenas.
+    """
+    _check_declared_size(data, size)
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or len(scratch) < size:
+        scratch = _local.scratch = np.empty(max(size, 1 << 20), dtype=np.uint8)
+    target = memoryview(scratch)[:size]
+    try:
+        with _dctx().stream_reader(data, read_across_frames=False) as reader:
+            got = 0
+            while got < size:
+                n = reader.readinto(target[got:])
+                if n == 0:
+                    break
+                got += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd stream: {exc}") from None
+    if got != size or extra:
+        raise CodecError(f"zstd stream does not decode to {size} bytes")
+    return scratch[:size]
 
 
 class ZstdCodec:
@@ -180,3 +227,8 @@ class ZstdCodec:
         if raw_len == 0 and len(payload) == 0:
             return np.empty(0, dtype=np.uint8)
         return np.frombuffer(_zstd_decompress(payload, raw_len), dtype=np.uint8)
+
+    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+        if len(out) == 0 and len(payload) == 0:
+            return
+        out[:] = _zstd_decompress_scratch(payload, len(out))

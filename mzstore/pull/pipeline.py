@@ -2,9 +2,10 @@
 
 How it works: tasks (one per chunk) run on a pool of ``workers`` threads.
 Each worker fetches the chunk's stored bytes with the ``fetch`` callable,
-checks their length, decodes them with the chunk's codec (bounded by the
-decoded length recorded in the manifest), checks the sha256 of the decoded
-bytes, and hands them to the sink. zstd, hashlib, numpy copies and file
+checks their length, decodes them with the chunk's codec straight into the
+buffer the sink names (the tensor's own memory, or a reused per-thread
+scratch buffer), checks the sha256 of the decoded bytes, and only then tells
+the sink the chunk is good. zstd, hashlib, numpy copies and file
 writes release the GIL, so workers overlap on several cores. Memory is
 bounded by ``workers`` chunks in flight, independent of model size.
 
@@ -31,10 +32,19 @@ from mzstore.errors import CodecError, IntegrityError, Unavailable
 from mzstore.format.dtypes import get_dtype
 from mzstore.pull.plan import ChunkTask
 
-Fetch = Callable[[str, int, int], bytes]
+Fetch = Callable[[str, int, int], "bytes | bytearray"]
 
 
 class Sink(Protocol):
+    """Where decoded chunks go.
+
+    ``target`` returns the ``uint8`` array a chunk is decoded into (its final
+    place in a tensor buffer, or a per-thread scratch buffer); ``write`` is
+    called with that array once its sha256 has been checked.
+    """
+
+    def target(self, task: ChunkTask) -> np.ndarray: ...
+
     def write(self, task: ChunkTask, data: np.ndarray) -> None: ...
 
 
@@ -45,12 +55,16 @@ class PullStats:
     bytes_decoded: int = 0
 
 
-def _decode_verified(task: ChunkTask, payload: bytes) -> np.ndarray:
+def _decode_verified(task: ChunkTask, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
+    """Decode ``payload`` into ``out`` and check the sha256 of the result."""
     c = task.chunk
     if len(payload) != c.length:
         raise IntegrityError(f"chunk of {task.tensor or task.file}: got {len(payload)} bytes, expected {c.length}")
+    if len(out) != c.raw_length:
+        raise IntegrityError(f"chunk of {task.tensor or task.file} does not fit its destination")
+    data = out
     try:
-        data = get_codec(c.codec).decode(payload, get_dtype(task.dtype), c.raw_length)
+        get_codec(c.codec).decode_into(payload, get_dtype(task.dtype), out)
     except CodecError as exc:
         raise IntegrityError(f"chunk of {task.tensor or task.file} does not decode: {exc}") from None
     if hashlib.sha256(data).hexdigest() != c.sha256:
@@ -87,7 +101,7 @@ def run_pull(
         while True:
             try:
                 payload = fetch(task.chunk.blob, task.chunk.offset, task.chunk.length)
-                data = _decode_verified(task, payload)
+                data = _decode_verified(task, payload, sink.target(task))
                 break
             except Unavailable:
                 attempt += 1

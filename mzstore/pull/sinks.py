@@ -7,8 +7,9 @@ nothing appears under a final name until it is complete and verified.
 Safetensors files are rebuilt from the original header bytes kept in the
 manifest, so they come back byte-identical to what was pushed.
 
-:class:`StateDictSink` fills one preallocated CPU buffer per tensor, then
-views it with the right dtype and shape and moves it to the device.
+:class:`StateDictSink` has chunks decoded straight into one preallocated
+CPU buffer per tensor, then views it with the right dtype and shape and
+moves it to the device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,15 @@ class DirectorySink:
         self.files = files if files is not None else manifest.files
         self.stage = self.out / f".mzstore-partial-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
+        self._local = threading.local()
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        """A per-thread scratch buffer, reused so memory stays flat over the pull."""
+        size = task.chunk.raw_length
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = np.empty(size, dtype=np.uint8)
+        return buf[:size]
 
     def open(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +144,14 @@ class StateDictSink:
             torch_dtype(t.dtype)  # fail early on unsupported dtypes
             self.buffers[t.name] = torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
 
-    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+    def target(self, task: ChunkTask) -> np.ndarray:
+        """Chunks decode straight into the tensor's own buffer: no extra copy."""
         assert task.tensor is not None
         buf = self.buffers[task.tensor].numpy()
-        buf[task.tensor_offset : task.tensor_offset + len(data)] = data
+        return buf[task.tensor_offset : task.tensor_offset + task.chunk.raw_length]
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        """Nothing to do: the verified bytes are already in place."""
 
     def result(self, device: str | Any = "cpu") -> dict[str, Any]:
         out = {}

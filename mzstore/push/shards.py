@@ -5,18 +5,18 @@ How it works: encoded chunks are appended to a spool file on local disk
 target shard size, or at the end of the push, the shard is sealed: its
 safetensors header is built — one ``U8`` entry per chunk, plus
 ``__metadata__ = {"format": "pt", "mzstore": <json>}`` describing every
-chunk — the blob digest is computed over header + data, and the blob is
-staged in the store (on a local node: a fsynced temp file on the same disk).
-:meth:`ShardWriter.publish` renames the staged shards into ``blobs/`` just
-before the manifest is written, so a failed push leaves no blob behind. The chunk records handed out by :meth:`append` are
-then filled in with their blob digest and absolute offset, which is what
-the manifest stores. Any safetensors reader can open a shard and list its
+chunk — and header + spool are copied in one pass, computing the digest on
+the way, to a staged blob (on a local node: a fsynced temp file on the same
+disk). :meth:`ShardWriter.publish` renames the staged shards into
+``blobs/`` just before the manifest is written, so a failed push leaves no
+blob behind. The chunk records handed out by :meth:`append` are filled in
+with their blob digest and absolute offset at sealing; that is what the
+manifest stores. Any safetensors reader can open a shard and list its
 entries; mzstore readers use the manifest offsets and need no header parse.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -85,12 +85,7 @@ class ShardWriter:
                 "mzstore": json.dumps([e.meta | {"key": e.key} for e in entries], separators=(",", ":")),
             }
             header = build_header([(e.key, "U8", (e.end - e.begin,), e.begin, e.end) for e in entries], metadata)
-            hasher = hashlib.sha256(header)
-            with open(spool.name, "rb") as fh:
-                while block := fh.read(8 * 1024 * 1024):
-                    hasher.update(block)
-            digest = "sha256:" + hasher.hexdigest()
-            staged = self.store.stage_blob(digest, Path(spool.name), prefix=header)
+            digest, staged = self.store.stage_blob(Path(spool.name), prefix=header)
         finally:
             os.unlink(spool.name)
         for e in entries:

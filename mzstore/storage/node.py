@@ -115,17 +115,6 @@ class LocalNode:
     def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         self.publish(self.stage(key, chunks), key)
 
-    def write_file(self, key: str, source: Path, prefix: bytes = b"") -> None:
-        """Durably write ``prefix`` followed by the content of local file ``source``."""
-
-        def chunks() -> Iterator[bytes]:
-            yield prefix
-            with open(source, "rb") as fh:
-                while block := fh.read(8 * 1024 * 1024):
-                    yield block
-
-        self.write(key, chunks())
-
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         try:
             with open(self._path(key), "rb") as fh:
@@ -199,15 +188,6 @@ class FsspecNode:
                     fh.write(chunk)
         except OSError as exc:
             raise _map_oserror(exc, key) from exc
-
-    def write_file(self, key: str, source: Path, prefix: bytes = b"") -> None:
-        def chunks() -> Iterator[bytes]:
-            yield prefix
-            with open(source, "rb") as fh:
-                while block := fh.read(8 * 1024 * 1024):
-                    yield block
-
-        self.write(key, chunks())
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         try:

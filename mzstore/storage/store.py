@@ -19,6 +19,7 @@ directory); such a push is refused with :class:`~mzstore.errors.Conflict`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,39 +65,47 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.node.exists(blob_key(digest))
 
-    def put_blob_file(self, digest: str, source: Path, prefix: bytes = b"") -> None:
-        """Store ``prefix`` + content of ``source`` as blob ``digest`` (skip if present).
+    def stage_blob(self, source: Path, prefix: bytes = b"") -> tuple[str, Path | None]:
+        """Store ``prefix`` + content of ``source`` as a blob that becomes visible at :meth:`publish_blob`.
 
-        The caller computed ``digest`` over exactly these bytes.
+        On a local node the bytes are copied to a temp file on the same disk
+        in one pass that also computes the digest, and publishing is a
+        rename, so a push that fails leaves no blob behind. Other nodes need
+        the digest first (it is the key), then get the blob at once (an
+        unreferenced blob there is reclaimed by garbage collection).
+
+        Returns:
+            ``(digest, staged path)``; the path is ``None`` when there is
+            nothing left to publish (already stored, or written directly).
         """
-        key = blob_key(digest)
-        if self.node.exists(key):
-            return
-        self.node.write_file(key, source, prefix)  # type: ignore[attr-defined]
 
-    def stage_blob(self, digest: str, source: Path, prefix: bytes = b"") -> Path | None:
-        """Write a blob so that it becomes visible only at :meth:`publish_blob`.
+        def blocks() -> Iterator[bytes]:
+            yield prefix
+            with open(source, "rb") as fh:
+                while block := fh.read(8 * 1024 * 1024):
+                    yield block
 
-        On a local node the bytes go to a temp file on the same disk and
-        publishing is a rename, so a push that fails leaves no blob behind.
-        Other nodes get the blob at once (an unreferenced blob there is
-        reclaimed by garbage collection). Returns the staged path, or ``None``
-        when there is nothing left to publish.
-        """
-        key = blob_key(digest)
-        if self.node.exists(key):
-            return None
         if isinstance(self.node, LocalNode):
+            hasher = hashlib.sha256()
 
-            def chunks() -> Iterator[bytes]:
-                yield prefix
-                with open(source, "rb") as fh:
-                    while block := fh.read(8 * 1024 * 1024):
-                        yield block
+            def hashed() -> Iterator[bytes]:
+                for block in blocks():
+                    hasher.update(block)
+                    yield block
 
-            return self.node.stage(key, chunks())
-        self.node.write_file(key, source, prefix)  # type: ignore[attr-defined]
-        return None
+            staged = self.node.stage("blob", hashed())
+            digest = "sha256:" + hasher.hexdigest()
+            if self.node.exists(blob_key(digest)):
+                staged.unlink(missing_ok=True)
+                return digest, None
+            return digest, staged
+        hasher = hashlib.sha256()
+        for block in blocks():
+            hasher.update(block)
+        digest = "sha256:" + hasher.hexdigest()
+        if not self.node.exists(blob_key(digest)):
+            self.node.write(blob_key(digest), blocks())
+        return digest, None
 
     def publish_blob(self, digest: str, staged: Path | None) -> None:
         """Make a staged blob visible (no-op when it was written directly)."""
