@@ -25,6 +25,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy mzstore
 	$(PY) scripts/gen_protos.py --check
 
 test: setup lint

@@ -21,11 +21,11 @@ class Codec(Protocol):
 
     name: str
 
-    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, raw: bytes | bytearray | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
         """Return ``(payload, params)`` for the raw little-endian bytes of a chunk."""
         ...
 
-    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+    def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
         """Return the decoded bytes as a ``uint8`` array of exactly ``raw_len`` bytes.
 
         Raises:
@@ -33,7 +33,7 @@ class Codec(Protocol):
         """
         ...
 
-    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+    def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         """Decode into ``out`` (a contiguous ``uint8`` array of the decoded length).
 
         The pull pipeline decodes straight into the destination buffer this way.

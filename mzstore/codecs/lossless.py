@@ -67,7 +67,7 @@ def word_bytes(dtype: DType) -> int:
     return dtype.bits // 8
 
 
-def _check_declared_size(data: bytes | memoryview, size: int) -> None:
+def _check_declared_size(data: bytes | bytearray | memoryview, size: int) -> None:
     try:
         declared = zstandard.get_frame_parameters(data).content_size
     except zstandard.ZstdError as exc:
@@ -76,7 +76,7 @@ def _check_declared_size(data: bytes | memoryview, size: int) -> None:
         raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
 
 
-def _zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
+def _zstd_decompress(data: bytes | bytearray | memoryview, size: int) -> bytes:
     """Decompress one zstd frame of exactly ``size`` bytes, never allocating more.
 
     python-zstandard honours ``max_output_size`` only when the frame does not
@@ -98,7 +98,7 @@ class LosslessCodec:
 
     name = "lossless"
 
-    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, raw: bytes | bytearray | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
         k = word_bytes(dtype)
         data = np.frombuffer(raw, dtype=np.uint8)
         if len(data) % k:
@@ -118,7 +118,7 @@ class LosslessCodec:
         bodies = []
         cctx = _cctx()
         for plane in planes:
-            packed = cctx.compress(plane) if len(plane) else b""
+            packed = cctx.compress(plane.data) if len(plane) else b""
             if len(packed) < len(plane):
                 heads.append(_PLANE.pack(_ZSTD, len(packed)))
                 bodies.append(packed)
@@ -129,12 +129,12 @@ class LosslessCodec:
         payload = b"".join([head, *heads, *bodies])
         return payload, {"word": k, "rotate": rotate, "zstd_level": ZSTD_LEVEL}
 
-    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+    def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
         out = np.empty(raw_len, dtype=np.uint8)
         self.decode_into(payload, dtype, out)
         return out
 
-    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+    def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         raw_len = len(out)
         view = memoryview(payload)
         if len(view) < _HEAD.size:
@@ -188,7 +188,7 @@ def _unrotate(words: np.ndarray, bits: int) -> None:
         block |= high
 
 
-def _zstd_decompress_scratch(data: bytes | memoryview, size: int) -> np.ndarray:
+def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int) -> np.ndarray:
     """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (valid until the next call).
 
     Reusing the buffer keeps a pull's memory flat: freed multi-MiB buffers
@@ -198,7 +198,7 @@ def _zstd_decompress_scratch(data: bytes | memoryview, size: int) -> np.ndarray:
     scratch = getattr(_local, "scratch", None)
     if scratch is None or len(scratch) < size:
         scratch = _local.scratch = np.empty(max(size, 1 << 20), dtype=np.uint8)
-    target = memoryview(scratch)[:size]
+    target = scratch.data[:size]
     try:
         with _dctx().stream_reader(data, read_across_frames=False) as reader:
             got = 0
@@ -220,15 +220,15 @@ class ZstdCodec:
 
     name = "zstd"
 
-    def encode(self, raw: bytes | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, raw: bytes | bytearray | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
         return _cctx().compress(raw), {"zstd_level": ZSTD_LEVEL}
 
-    def decode(self, payload: bytes | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+    def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
         if raw_len == 0 and len(payload) == 0:
             return np.empty(0, dtype=np.uint8)
         return np.frombuffer(_zstd_decompress(payload, raw_len), dtype=np.uint8)
 
-    def decode_into(self, payload: bytes | memoryview, dtype: DType, out: np.ndarray) -> None:
+    def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         if len(out) == 0 and len(payload) == 0:
             return
         out[:] = _zstd_decompress_scratch(payload, len(out))

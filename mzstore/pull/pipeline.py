@@ -67,7 +67,7 @@ def _decode_verified(task: ChunkTask, payload: bytes | bytearray, out: np.ndarra
         get_codec(c.codec).decode_into(payload, get_dtype(task.dtype), out)
     except CodecError as exc:
         raise IntegrityError(f"chunk of {task.tensor or task.file} does not decode: {exc}") from None
-    if hashlib.sha256(data).hexdigest() != c.sha256:
+    if hashlib.sha256(data.data).hexdigest() != c.sha256:
         raise IntegrityError(
             f"chunk rows {c.rows} of {task.tensor or task.file}: decoded bytes fail their sha256 check"
         )

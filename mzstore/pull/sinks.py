@@ -65,7 +65,7 @@ class DirectorySink:
                 assert safetensors_data_start(f) == 8 + len(header)
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        view = memoryview(data)
+        view = data.data
         fd = self._fds[task.file]
         offset = task.file_offset
         while len(view):
