@@ -146,9 +146,9 @@ def push(ctx: click.Context, source: str, ref: str, codec: str, server: str | No
 
     parse_ref(ref)
     client = _client(ctx, server)
-    total = open_source(source).bytes_raw if not as_json and sys.stderr.isatty() else 0
-    with _progress(total, "push", not as_json) as bar:
-        info = client.push(source, ref, codec=codec, progress=bar)
+    src = open_source(source)
+    with _progress(src.bytes_raw, "push", not as_json) as bar:
+        info = client.push(src, ref, codec=codec, progress=bar)
     if as_json:
         _emit(asdict(info))
         return

@@ -23,7 +23,7 @@ from mzstore.pull.pipeline import run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink, StateDictSink
 from mzstore.push.ingest import UploadData, UploadEvent
-from mzstore.push.source import open_source
+from mzstore.push.source import Source, open_source
 from mzstore.push.upload import begin_for, iter_events
 from mzstore.settings import MAX_MESSAGE_BYTES, Settings, load_settings
 from mzstore.v1 import store_pb2 as pb
@@ -126,7 +126,7 @@ class Client:
     # -- push -------------------------------------------------------------
     def push(
         self,
-        source: str | os.PathLike[str],
+        source: str | os.PathLike[str] | Source,
         ref: str,
         *,
         codec: str = "lossless",
@@ -139,7 +139,7 @@ class Client:
             InvalidArgument: bad source, ref or policy; FormatError: malformed safetensors;
             IntegrityError: the upload was altered; Unavailable: no server.
         """
-        src = open_source(source)
+        src = source if isinstance(source, Source) else open_source(source)
         begin = begin_for(src, ref, codec, annotations)
         from mzstore.push.ingest import validate_begin
 
