@@ -246,3 +246,35 @@ def test_module_level_helpers(server, all_dtypes_file: Path, tmp_path: Path) -> 
     assert len(sd) == info.tensors
     pulled = mzstore.pull("org/helpers:v1", tmp_path / "o", server=server.address)
     assert pulled.digest == info.digest
+
+
+def test_rows_larger_than_a_chunk_and_sub_byte_dtypes_round_trip(small_client: Client, tmp_path: Path) -> None:
+    import struct
+
+    gen = torch.Generator().manual_seed(11)
+    wide = torch.randn(3, 50_000, generator=gen)  # 200 KB rows > 64 KiB chunks
+    fp4 = torch.randint(0, 256, (150_000,), dtype=torch.uint8, generator=gen).numpy().tobytes()  # F4 [100000, 3]
+    wide_bytes = wide.numpy().tobytes()
+    header = {
+        "wide": {"dtype": "F32", "shape": [3, 50_000], "data_offsets": [0, len(wide_bytes)]},
+        "fp4": {"dtype": "F4", "shape": [100_000, 3], "data_offsets": [len(wide_bytes), len(wide_bytes) + len(fp4)]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    src = tmp_path / "odd.safetensors"
+    src.write_bytes(struct.pack("<Q", len(text)) + text + wide_bytes + fp4)
+
+    info = small_client.push(src, "test/odd:v1")
+    _, _, manifest = small_client.manifest("test/odd:v1")
+    chunks = {t.name: t.chunks for t in manifest.tensors}
+    assert max(c.raw_length for t in chunks.values() for c in t) <= 64 * 1024
+    assert len(chunks["wide"]) > 3 and len(chunks["fp4"]) > 1
+    out = tmp_path / "out"
+    small_client.pull("test/odd:v1", out)
+    assert _sha(out / "odd.safetensors") == _sha(src)
+    assert info.tensors == 2
+    # F4 has no torch dtype: loading to memory says so clearly, before fetching anything.
+    from mzstore.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="F4"):
+        small_client.load_state_dict("test/odd:v1")

@@ -3,8 +3,13 @@
 Large tensors are split along dim 0 into runs of whole rows of about
 ``chunk_bytes`` raw bytes, so that each chunk decodes on its own (parallel
 decode, per-chunk resume, and tensor-parallel ranks reading only their rows).
-Scalars, empty tensors and tensors whose rows are not whole bytes (sub-byte
-dtypes with odd row lengths) form one chunk.
+
+A chunk never holds more than ``max(chunk_bytes, one element)`` bytes: that
+is what bounds ingest memory, whatever the input claims. Tensors whose rows
+cannot be used — a single row larger than ``chunk_bytes``, a scalar, or rows
+that are not whole bytes (sub-byte dtypes) — are cut into element-aligned
+byte ranges instead; such chunks record the rows they touch (adjacent chunks
+may then share a row).
 """
 
 from __future__ import annotations
@@ -39,20 +44,28 @@ def row_bytes(dtype: DType, shape: tuple[int, ...] | list[int]) -> int | None:
 
 
 def plan_tensor(dtype: DType, shape: tuple[int, ...] | list[int], nbytes: int, chunk_bytes: int) -> list[ChunkPlan]:
-    """Cut a tensor of ``nbytes`` into row chunks of at most about ``chunk_bytes``.
-
-    A single row larger than ``chunk_bytes`` still makes one chunk.
-    """
-    rb = row_bytes(dtype, shape)
-    if rb is None or rb == 0 or nbytes <= chunk_bytes:
-        rows = shape[0] if shape else 1
+    """Cut a tensor of ``nbytes`` into chunks of at most ``max(chunk_bytes, element size)`` bytes."""
+    rows = shape[0] if shape else 1
+    if nbytes <= chunk_bytes:
         return [ChunkPlan(0, 0, rows, 0, nbytes)]
-    rows_per = max(1, chunk_bytes // rb)
-    n_rows = shape[0]
+    rb = row_bytes(dtype, shape)
+    if rb is not None and 0 < rb <= chunk_bytes:
+        rows_per = chunk_bytes // rb
+        return [
+            ChunkPlan(i, start, min(rows, start + rows_per), start * rb, min(rows, start + rows_per) * rb)
+            for i, start in enumerate(range(0, rows, rows_per))
+        ]
+    # Byte ranges aligned to whole elements (whole bytes for sub-byte dtypes).
+    align = max(1, dtype.bits // 8) if dtype.bits % 8 == 0 else 1
+    step = max(align, chunk_bytes - chunk_bytes % align)
     out = []
-    for i, start in enumerate(range(0, n_rows, rows_per)):
-        end = min(n_rows, start + rows_per)
-        out.append(ChunkPlan(i, start, end, start * rb, end * rb))
+    for i, start in enumerate(range(0, nbytes, step)):
+        end = min(nbytes, start + step)
+        if rb:
+            first, last = start // rb, -(-end // rb)
+        else:
+            first, last = 0, rows
+        out.append(ChunkPlan(i, first, last, start, end))
     return out
 
 
