@@ -436,3 +436,17 @@ def test_parse_manifest_huge_integer_is_format_error():
     assert data != canonical
     with pytest.raises(FormatError):
         parse_manifest(data)
+
+
+def test_parse_manifest_rejects_file_chunks_that_do_not_add_up():
+    m = make_manifest()
+    m.files[1].size = 121
+    with pytest.raises(FormatError, match="do not add up"):
+        parse_manifest(m.to_json())
+
+
+def test_parse_manifest_rejects_tensor_outside_its_file():
+    m = make_manifest()
+    m.files[0].size = 20
+    with pytest.raises(FormatError, match="outside its file"):
+        parse_manifest(m.to_json())

@@ -254,6 +254,10 @@ def parse_manifest(data: bytes) -> Manifest:
     paths = {f.path for f in files}
     if len(paths) != len(files):
         raise FormatError("manifest: duplicate file paths")
+    for f in files:
+        if f.kind == "file" and sum(c.raw_length for c in f.chunks) != f.size:
+            raise FormatError(f"manifest: chunks of {f.path[:200]!r} do not add up to its size")
+    sizes_by_path = {f.path: f.size for f in files}
     tensors = []
     for i, t in enumerate(_req(obj, "tensors", list, "manifest")):
         where = f"tensors[{i}]"
@@ -285,6 +289,8 @@ def parse_manifest(data: bytes) -> Manifest:
             raise FormatError(f"manifest: {where} refers to unknown file {entry.file[:200]!r}")
         if sum(c.raw_length for c in entry.chunks) != nbytes:
             raise FormatError(f"manifest: {where} chunks do not add up to the tensor size")
+        if offsets[1] > sizes_by_path[entry.file]:
+            raise FormatError(f"manifest: {where} lies outside its file")
         tensors.append(entry)
     sizes = _req(obj, "sizes", dict, "manifest")
     source = _req(obj, "source", dict, "manifest")
