@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +74,35 @@ def store_files(root: Path) -> dict[str, bytes]:
         if p.is_file() and rel.parts[0] != "tmp":
             out[rel.as_posix()] = p.read_bytes()
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(root: Path, env: dict[str, str] | None = None, **popen: object) -> tuple[str, subprocess.Popen]:
+    """Start ``mzstore serve`` as a subprocess on a free port; return once it accepts connections."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(root), "--listen", address],
+        env=env,
+        **popen,  # type: ignore[call-overload]
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mzstore serve exited early"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return address, proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("mzstore serve did not start listening")
+
+
+def stop_serve(proc: subprocess.Popen) -> int:
+    """SIGTERM (graceful shutdown) and wait; return the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, start_serve, stop_serve
 from safetensors.torch import load_file, save_file
 
 from mzstore.errors import IntegrityError
@@ -22,30 +21,11 @@ from mzstore.server.app import RunningServer
 JSON_KEYS = {"ref", "digest", "bytes_raw", "bytes_stored", "bytes_transferred", "seconds"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def cli_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(tmp_path / "data"), "--listen", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    address, proc = start_serve(tmp_path / "data", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     yield address
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=20)
+    stop_serve(proc)
 
 
 def mz(*args: str, server: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -118,7 +98,7 @@ def test_errors_are_one_line_with_exit_codes(cli_server: str, args: list[str], c
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path, model_file: Path) -> None:
-    result = mz("push", str(model_file), "org/m:v1", server=f"127.0.0.1:{_free_port()}")
+    result = mz("push", str(model_file), "org/m:v1", server=f"127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot reach mzstore server")
     assert "Traceback" not in result.stderr

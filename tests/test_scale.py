@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_serve, stop_serve
 from safetensors.torch import save_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")]
@@ -46,21 +44,9 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    root = tmp_path_factory.mktemp("root")
-    proc = subprocess.Popen([sys.executable, "-m", "mzstore.cli", "serve", "--root", str(root), "--listen", address])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    address, proc = start_serve(tmp_path_factory.mktemp("root"))
     yield address, proc
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    stop_serve(proc)
 
 
 CHILD = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.torch import save_file
@@ -85,12 +85,6 @@ def test_stub_check_detects_drift(tmp_path: Path) -> None:
     assert "stale" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,7 +100,7 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 30) -> 
 
 
 def test_serve_subprocess_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MZSTORE_HOME=str(tmp_path / "home"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mzstore.cli", "serve", "--listen", f"127.0.0.1:{port}"],
