@@ -9,10 +9,11 @@ plane shrinks to a fraction and the mantissa planes cost what they must.
    the top byte holds exactly the (top 8) exponent bits.
 2. The elements are split into byte planes: plane ``i`` holds byte ``i`` of
    every element (little-endian).
-3. Each plane is compressed with zstd level 1 (measured on MiniLM: level 1
-   gives a smaller exponent plane than level 3, and is faster), and kept raw
-   when compression does not make it smaller (mantissa planes), so decode
-   skips them.
+3. Each plane is compressed with zstd, and kept raw when compression does
+   not make it smaller (mantissa planes), so decode skips them. Exponent
+   planes use literal-heavy parameters (see :data:`EXPONENT_PARAMS`); other
+   planes use level 1 (measured on MiniLM: level 1 beats level 3 on these
+   planes, and is faster).
 
 Payload layout (all little-endian)::
 
@@ -48,6 +49,23 @@ def _cctx() -> zstandard.ZstdCompressor:
     ctx = getattr(_local, "cctx", None)
     if ctx is None:
         ctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return ctx
+
+
+#: zstd parameters for exponent planes. Exponents have few repeats worth a
+#: match, and every short match the fast strategy takes splits the literal
+#: run whose Huffman coding is where the gain is. Forcing 7-byte minimum
+#: matches leaves it mostly literals: on MiniLM bf16 exponent planes this
+#: gives 0.348 of the plane vs 0.367 for level 1 (order-0 entropy: 0.327),
+#: and encodes 30 % faster. Decoding is plain zstd.
+EXPONENT_PARAMS = {"window_log": 17, "min_match": 7, "hash_log": 12, "chain_log": 12, "search_log": 1}
+
+
+def _exponent_cctx() -> zstandard.ZstdCompressor:
+    ctx = getattr(_local, "ecctx", None)
+    if ctx is None:
+        params = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **EXPONENT_PARAMS)
+        ctx = _local.ecctx = zstandard.ZstdCompressor(compression_params=params)
     return ctx
 
 
@@ -117,8 +135,9 @@ class LosslessCodec:
         heads = []
         bodies = []
         cctx = _cctx()
-        for plane in planes:
-            packed = cctx.compress(plane.data) if len(plane) else b""
+        for i, plane in enumerate(planes):
+            coder = _exponent_cctx() if rotate and i == k - 1 else cctx
+            packed = coder.compress(plane.data) if len(plane) else b""
             if len(packed) < len(plane):
                 heads.append(_PLANE.pack(_ZSTD, len(packed)))
                 bodies.append(packed)
@@ -127,7 +146,7 @@ class LosslessCodec:
                 bodies.append(plane.tobytes())
         head = _HEAD.pack(MAGIC, k, int(rotate), len(planes), 0)
         payload = b"".join([head, *heads, *bodies])
-        return payload, {"word": k, "rotate": rotate, "zstd_level": ZSTD_LEVEL}
+        return payload, {"word": k, "rotate": rotate}
 
     def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
         out = np.empty(raw_len, dtype=np.uint8)
