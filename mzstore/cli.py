@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -135,20 +136,35 @@ def serve(root: str | None, listen: str, verbose: bool) -> None:
 @main.command()
 @click.argument("source", type=click.Path(exists=False))
 @click.argument("ref")
-@click.option("--codec", default="lossless", show_default=True, help="Codec policy.")
+@click.option(
+    "--codec",
+    default="lossless",
+    show_default=True,
+    help="Policy: lossless, int8, int4[:g32|g64|g128], fp8, prune:AMOUNT, prune:N:M, prune:…,int8, auto[:cos=X].",
+)
+@click.option(
+    "--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors exact (glob, or re:REGEX). Repeatable."
+)
 @server_option
 @json_option
 @click.pass_context
-def push(ctx: click.Context, source: str, ref: str, codec: str, server: str | None, as_json: bool) -> None:
+def push(
+    ctx: click.Context, source: str, ref: str, codec: str, keep: tuple[str, ...], server: str | None, as_json: bool
+) -> None:
     """Push SOURCE (.safetensors, model directory, .bin/.pt) as REF."""
+    from mzstore.codecs.policy import parse_policy
     from mzstore.format.refs import parse_ref
     from mzstore.push.source import open_source
 
     parse_ref(ref)
+    try:
+        parse_policy(codec, keep)
+    except MzstoreError as exc:
+        raise click.UsageError(str(exc)) from None
     client = _client(ctx, server)
     src = open_source(source)
     with _progress(src.bytes_raw, "push", not as_json) as bar:
-        info = client.push(src, ref, codec=codec, progress=bar)
+        info = client.push(src, ref, codec=codec, keep=keep, progress=bar)
     if as_json:
         _emit(asdict(info))
         return
@@ -159,6 +175,12 @@ def push(ctx: click.Context, source: str, ref: str, codec: str, server: str | No
         f"{info.tensors} tensors, {info.chunks} chunks, {info.shards} shard(s), "
         f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s)"
     )
+    if info.worst:
+        w = info.worst
+        snr = "exact" if w.get("snr_db") is None else f"SNR {w['snr_db']:.1f} dB"
+        click.echo(
+            f"  worst tensor: {w['tensor']} ({w['codec']}): cosine {w['cosine']:.5f}, {snr}, max error {w['max_abs_err']:.3g}"
+        )
     for path in info.skipped:
         click.echo(f"  skipped {path} (pickle weights beside safetensors weights)")
 
@@ -236,12 +258,23 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         stored = sum(c.length for c in f.chunks) + sum(c.length for t in m.tensors_of(f.path) for c in t.chunks)
         click.echo(f"  {f.path:<40} {f.kind:<12} {_human(f.size):>10} → {_human(stored):>10}")
     click.echo(f"tensors ({len(m.tensors)}):")
-    click.echo(f"  {'name':<56} {'dtype':<6} {'shape':<18} {'raw':>10} {'stored':>10} {'ratio':>6}")
+    click.echo(
+        f"  {'name':<48} {'dtype':<5} {'shape':<14} {'codec':<18} {'raw':>9} {'stored':>9} {'ratio':>6} "
+        f"{'bits/w':>6} {'cosine':>9} {'SNR dB':>7} {'max err':>9}"
+    )
     for t in m.tensors:
         raw = t.data_offsets[1] - t.data_offsets[0]
         stored = sum(c.length for c in t.chunks)
-        r = stored / raw if raw else 1.0
-        click.echo(f"  {t.name[:56]:<56} {t.dtype:<6} {t.shape!s:<18} {_human(raw):>10} {_human(stored):>10} {r:>6.3f}")
+        numel = math.prod(t.shape)
+        fid = t.fidelity or {}
+        cos = f"{fid['cosine']:.6f}" if "cosine" in fid else "exact"
+        snr = "-" if fid.get("snr_db") is None else f"{fid['snr_db']:.1f}"
+        err = f"{fid['max_abs_err']:.3g}" if "max_abs_err" in fid else "-"
+        click.echo(
+            f"  {t.name[:48]:<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {t.codec[:18]:<18} "
+            f"{_human(raw):>9} {_human(stored):>9} {stored / raw if raw else 1.0:>6.3f} "
+            f"{8 * stored / numel if numel else 0:>6.2f} {cos:>9} {snr:>7} {err:>9}"
+        )
 
 
 @main.command()

@@ -17,13 +17,15 @@ from typing import Any
 
 import grpc
 
+from mzstore.codecs.policy import parse_policy
 from mzstore.errors import ERROR_FOR_CODE, IntegrityError, MzstoreError, Unavailable
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest
+from mzstore.format.refs import parse_ref
 from mzstore.pull.pipeline import run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink, StateDictSink
-from mzstore.push.ingest import UploadData, UploadEvent
-from mzstore.push.source import Source, open_source
+from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
+from mzstore.push.source import Source, check_policy_applies, open_source
 from mzstore.push.upload import begin_for, iter_events
 from mzstore.settings import MAX_MESSAGE_BYTES, Settings, load_settings
 from mzstore.v1 import store_pb2 as pb
@@ -63,6 +65,7 @@ class PushInfo:
     chunks: int
     shards: int
     skipped: list[str]
+    worst: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.Push
             files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind) for f in begin.files],
             source_kind=begin.source_kind,
             annotations=begin.annotations,
+            keep=list(begin.keep),
         )
     )
     for e in events:
@@ -130,20 +134,25 @@ class Client:
         ref: str,
         *,
         codec: str = "lossless",
+        keep: tuple[str, ...] | list[str] = (),
         annotations: dict[str, str] | None = None,
         progress: ProgressFn | None = None,
     ) -> PushInfo:
-        """Upload ``source`` (file or directory) and store it as ``ref``.
+        """Upload ``source`` (file or directory) and store it as ``ref``, encoded with ``codec``.
+
+        Args:
+            codec: policy (see :mod:`mzstore.codecs.policy`), e.g. ``"int8"`` or ``"auto:cos=0.99"``.
+            keep: tensor-name patterns that lossy policies keep exact.
 
         Raises:
-            InvalidArgument: bad source, ref or policy; FormatError: malformed safetensors;
+            InvalidArgument: bad source, ref or policy, or a policy with nothing to apply to
+                (raised before anything is uploaded); FormatError: malformed safetensors;
             IntegrityError: the upload was altered; Unavailable: no server.
         """
         src = source if isinstance(source, Source) else open_source(source)
-        begin = begin_for(src, ref, codec, annotations)
-        from mzstore.push.ingest import validate_begin
-
+        begin = begin_for(src, ref, codec, annotations, tuple(keep))
         validate_begin(begin)  # fail before any upload on what the client can check
+        check_policy_applies(src, parse_policy(codec, keep))
         start = time.perf_counter()
         with _rpc():
             resp = self._stub.Push(_proto_events(begin, iter_events(src, progress)), timeout=None, wait_for_ready=False)
@@ -158,7 +167,17 @@ class Client:
             chunks=resp.chunks,
             shards=resp.shards,
             skipped=src.skipped,
+            worst=self._worst(resp.ref, resp.digest) if parse_policy(codec, keep).lossy else None,
         )
+
+    def _worst(self, ref: str, digest: str) -> dict[str, Any] | None:
+        """The lossy tensor with the lowest cosine to its original, from the stored manifest."""
+        _, _, manifest = self.manifest(f"{parse_ref(ref).name}@{digest}")
+        lossy = [t for t in manifest.tensors if t.fidelity is not None and t.codec != "lossless"]
+        if not lossy:
+            return None
+        t = min(lossy, key=lambda t: (t.fidelity or {}).get("cosine") or 1.0)
+        return {"tensor": t.name, "codec": t.codec, **(t.fidelity or {})}
 
     # -- reading ----------------------------------------------------------
     def manifest(self, ref: str) -> tuple[str, str, Manifest]:
@@ -265,10 +284,17 @@ def pull(ref: str, out_dir: str | os.PathLike[str], *, server: str | None = None
         return client.pull(ref, out_dir)
 
 
-def push(source: str | os.PathLike[str], ref: str, *, codec: str = "lossless", server: str | None = None) -> PushInfo:
+def push(
+    source: str | os.PathLike[str],
+    ref: str,
+    *,
+    codec: str = "lossless",
+    keep: tuple[str, ...] | list[str] = (),
+    server: str | None = None,
+) -> PushInfo:
     """Push ``source`` as ``ref`` (see :meth:`Client.push`)."""
     with Client(server) as client:
-        return client.push(source, ref, codec=codec)
+        return client.push(source, ref, codec=codec, keep=keep)
 
 
 __all__ = ["Client", "PullInfo", "PushInfo", "load_state_dict", "pull", "push"]

@@ -173,7 +173,7 @@ def _valid_file(tmp_path: Path) -> bytes:
             "invalid file path",
         ),
         ({"ref": "ok/name:v1", "path": "/abs.safetensors"}, grpc.StatusCode.INVALID_ARGUMENT, "invalid file path"),
-        ({"ref": "ok/name:v1", "codec": "int3"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown codec policy"),
+        ({"ref": "ok/name:v1", "codec": "int3"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown codec stage"),
     ],
 )
 def test_server_validates_begin(

@@ -24,6 +24,7 @@ __all__ = ["KNOWN_CODECS", "Codec", "available_codecs", "get_codec"]
 #: Built-in codecs: name → (import path, install hint if it needs extras).
 KNOWN_CODECS: dict[str, dict[str, str]] = {
     "lossless": {"class": "mzstore.codecs.lossless:LosslessCodec"},
+    "quant": {"class": "mzstore.codecs.quant:QuantCodec"},
     "zstd": {"class": "mzstore.codecs.lossless:ZstdCodec"},
 }
 

@@ -71,6 +71,8 @@ class TensorEntry:
     data_offsets: list[int]
     codec: str
     chunks: list[Chunk]
+    #: Error of lossy stages against the original: cosine, snr_db (None = exact), max_abs_err.
+    fidelity: dict[str, float | None] | None = None
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Manifest:
             "source": {"kind": self.source_kind},
             "codec": self.codec,
             "files": [_strip(asdict(f)) for f in self.files],
-            "tensors": [asdict(t) for t in self.tensors],
+            "tensors": [_strip(asdict(t)) for t in self.tensors],
             "sizes": {"raw": self.bytes_raw, "stored": self.bytes_stored},
             "annotations": dict(self.annotations),
         }
@@ -285,6 +287,13 @@ def parse_manifest(data: bytes) -> Manifest:
             codec=_req(t, "codec", str, where),
             chunks=[_chunk(c, f"{where}.chunks[{j}]") for j, c in enumerate(_req(t, "chunks", list, where))],
         )
+        fidelity = t.get("fidelity")
+        if fidelity is not None and (
+            not isinstance(fidelity, dict)
+            or not all(isinstance(k, str) and (v is None or isinstance(v, (int, float))) for k, v in fidelity.items())
+        ):
+            raise FormatError(f"manifest: {where}.fidelity is invalid")
+        entry.fidelity = fidelity
         if entry.file not in paths:
             raise FormatError(f"manifest: {where} refers to unknown file {entry.file[:200]!r}")
         if sum(c.raw_length for c in entry.chunks) != nbytes:

@@ -32,17 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from mzstore.codecs import get_codec
+from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
+from mzstore.codecs.quant import Stats, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument
 from mzstore.format.dtypes import DType, get_dtype
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
 from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import parse_header, read_header_len
-from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
+from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor, row_bytes
 from mzstore.push.shards import ShardWriter
 from mzstore.storage.store import Store
 
 #: Codec policies this server can apply on ingest.
-POLICIES = ("lossless",)
 FILE_KINDS = ("safetensors", "file")
 SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
 MAX_FILES = 10_000
@@ -74,6 +75,7 @@ class UploadBegin:
     files: list[UploadFile]
     source_kind: str = "hf-dir"
     annotations: dict[str, str] = field(default_factory=dict)
+    keep: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,7 @@ def validate_begin(begin: UploadBegin) -> None:
     parse_ref(begin.ref)
     if parse_ref(begin.ref).digest:
         raise InvalidArgument("push to a name[:tag], not to a digest")
-    if begin.codec not in POLICIES:
-        raise InvalidArgument(f"unknown codec policy {begin.codec[:60]!r}; this server supports: {', '.join(POLICIES)}")
+    parse_policy(begin.codec, begin.keep)
     if begin.source_kind not in SOURCE_KINDS:
         raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
     if not begin.files:
@@ -137,31 +138,42 @@ def validate_begin(begin: UploadBegin) -> None:
             raise InvalidArgument(f"file {f.path!r} has a negative size")
 
 
+#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto with a cosine target.
+Mode = str | Spec | float
+#: (codec, payload, params, sha256 of what a pull decodes, fidelity stats or None)
+_Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None]
+
+
 class _Job:
     """A chunk queued for encoding, with where its result goes."""
 
-    __slots__ = ("chunk_list", "future", "key", "meta", "rows")
+    __slots__ = ("chunk_list", "entry", "future", "key", "meta", "rows")
 
     def __init__(
         self,
-        future: Future[tuple[bytes, dict[str, Any], str]],
+        future: Future[_Encoded],
         chunk_list: list[Chunk],
         rows: list[int],
         meta: dict[str, Any],
         key: str,
+        entry: TensorEntry | None,
     ) -> None:
         self.future = future
         self.chunk_list = chunk_list
         self.rows = rows
         self.meta = meta
         self.key = key
+        self.entry = entry
 
 
-def _encode(codec_name: str, dtype: DType, raw: bytes | bytearray) -> tuple[bytes, dict[str, Any], str]:
-    codec = get_codec(codec_name)
-    digest = hashlib.sha256(raw).hexdigest()
-    payload, params = codec.encode(memoryview(raw), dtype)
-    return payload, params, digest
+def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Encoded:
+    """Encode one chunk in a worker thread."""
+    if isinstance(mode, str):
+        payload, params = get_codec(mode).encode(memoryview(raw), dtype)
+        return mode, payload, params, hashlib.sha256(raw).hexdigest(), None
+    enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, mode)
+    # A lossy chunk's hash is of its decoded bytes: exactly what a pull verifies.
+    return enc.codec, enc.payload, enc.params, hashlib.sha256(enc.decoded.data).hexdigest(), enc.stats
 
 
 class Ingest:
@@ -179,27 +191,31 @@ class Ingest:
         self.tensors: list[TensorEntry] = []
         self.bytes_received = 0
         self.n_chunks = 0
+        self.policy: Policy = parse_policy("lossless")
+        self.fidelity: dict[int, Stats] = {}
 
     # -- chunk pipeline ------------------------------------------------------
     def _submit(
         self,
-        codec: str,
+        mode: Mode,
         dtype: DType,
         raw: bytes | bytearray,
         chunk_list: list[Chunk],
         rows: list[int],
         meta: dict[str, Any],
         key: str,
+        entry: TensorEntry | None = None,
+        matrix_rows: int = 1,
     ) -> None:
-        future = _encode_pool().submit(_encode, codec, dtype, raw)
-        self._jobs.append(_Job(future, chunk_list, rows, meta, key))
+        future = _encode_pool().submit(_encode, mode, dtype, raw, matrix_rows)
+        self._jobs.append(_Job(future, chunk_list, rows, meta, key, entry))
         while len(self._jobs) > self.max_inflight:
             self._drain_one()
 
     def _drain_one(self) -> None:
         job = self._jobs.popleft()
-        payload, params, sha = job.future.result()
-        meta = job.meta
+        codec, payload, params, sha, stats = job.future.result()
+        meta = job.meta | {"codec": codec}
         chunk = Chunk(
             blob="",
             offset=0,
@@ -207,9 +223,11 @@ class Ingest:
             rows=job.rows,
             raw_length=meta["raw_length"],
             sha256=sha,
-            codec=meta["codec"],
+            codec=codec,
             params=params,
         )
+        if stats is not None and job.entry is not None:
+            self.fidelity.setdefault(id(job.entry), Stats()).merge(stats)
         job.chunk_list.append(chunk)
         self.n_chunks += 1
         self.writer.append(job.key, payload, chunk, meta | {"rows": job.rows, "params": params, "sha256": sha})
@@ -240,6 +258,7 @@ class Ingest:
         """
         validate_begin(begin)
         ref = parse_ref(begin.ref)
+        self.policy = parse_policy(begin.codec, begin.keep)
         try:
             self._consume(begin, iter(events))
             self._drain_all()
@@ -248,11 +267,19 @@ class Ingest:
         except BaseException:
             self._cancel()
             raise
+        for entry in self.tensors:
+            stats = self.fidelity.get(id(entry))
+            if stats is not None:
+                entry.fidelity = stats.report()
+            if entry.codec.startswith("auto"):
+                # Record what auto chose: one spec, or the mix over the tensor's chunks.
+                chosen = sorted({str(c.params.get("spec", c.codec)) for c in entry.chunks})
+                entry.codec = f"{entry.codec}→{'+'.join(chosen)}"
         manifest = Manifest(
             files=self.files,
             tensors=self.tensors,
             source_kind=begin.source_kind,
-            codec=begin.codec,
+            codec=self.policy.text,
             bytes_raw=sum(f.size for f in self.files),
             bytes_stored=self.writer.stats.bytes_stored,
             annotations=dict(begin.annotations),
@@ -274,7 +301,7 @@ class Ingest:
         it = iter(events)
         for index, upload in enumerate(begin.files):
             sink = (
-                _SafetensorsSink(self, upload, begin.codec) if upload.kind == "safetensors" else _FileSink(self, upload)
+                _SafetensorsSink(self, upload, self.policy) if upload.kind == "safetensors" else _FileSink(self, upload)
             )
             hasher = hashlib.sha256()
             received = 0
@@ -309,14 +336,14 @@ class Ingest:
 class _SafetensorsSink:
     """Strict streaming parse of one safetensors file."""
 
-    def __init__(self, ingest: Ingest, upload: UploadFile, codec: str) -> None:
+    def __init__(self, ingest: Ingest, upload: UploadFile, policy: Policy) -> None:
         self.ingest = ingest
         self.upload = upload
-        self.codec = codec
+        self.policy = policy
         self.buf = bytearray()
         self.header_len: int | None = None
         self.header_text: str | None = None
-        self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, int]] = deque()
+        self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, Mode]] = deque()
         self.current: bytearray | None = None
         self.fill = 0
         if upload.size < 8:
@@ -348,18 +375,19 @@ class _SafetensorsSink:
         header = parse_header(header_bytes, self.upload.size)
         self.header_text = header_bytes.decode("utf-8")
         for t in header.tensors:
+            mode = self.policy.mode_for(t.name, t.dtype.name, t.shape)
             entry = TensorEntry(
                 file=self.upload.path,
                 name=t.name,
                 dtype=t.dtype.name,
                 shape=list(t.shape),
                 data_offsets=[t.begin, t.end],
-                codec=self.codec,
+                codec=mode_name(mode),
                 chunks=[],
             )
             self.ingest.tensors.append(entry)
             for plan in plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes):
-                self.queue.append((entry, t.dtype, plan, t.begin))
+                self.queue.append((entry, t.dtype, plan, mode))
         self._flush_empty()
 
     def _flush_empty(self) -> None:
@@ -368,17 +396,26 @@ class _SafetensorsSink:
             self._emit(bytearray())
 
     def _emit(self, raw: bytearray) -> None:
-        entry, dtype, plan, _ = self.queue.popleft()
+        entry, dtype, plan, mode = self.queue.popleft()
         meta = {
             "file": entry.file,
             "tensor": entry.name,
             "dtype": entry.dtype,
             "shape": entry.shape,
-            "codec": self.codec,
             "raw_length": plan.nbytes,
         }
+        rb = row_bytes(dtype, entry.shape)
+        whole_rows = rb is not None and plan.byte_start == plan.row_start * rb and plan.byte_end == plan.row_end * rb
         self.ingest._submit(
-            self.codec, dtype, raw, entry.chunks, [plan.row_start, plan.row_end], meta, f"{entry.name}@{plan.index}"
+            mode,
+            dtype,
+            raw,
+            entry.chunks,
+            [plan.row_start, plan.row_end],
+            meta,
+            f"{entry.name}@{plan.index}",
+            entry=entry,
+            matrix_rows=plan.row_end - plan.row_start if whole_rows else 1,
         )
 
     def _take(self, data: memoryview) -> None:
@@ -422,7 +459,7 @@ class _FileSink:
 
     def _emit(self) -> None:
         plan = self.queue.popleft()
-        meta = {"file": self.upload.path, "codec": "zstd", "raw_length": plan.nbytes}
+        meta = {"file": self.upload.path, "raw_length": plan.nbytes}
         raw, self.current = self.current, bytearray()
         self.ingest._submit(
             "zstd",

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from mzstore.codecs.policy import LOSSY_DTYPES, MIN_LOSSY_NUMEL, Policy
 from mzstore.errors import FormatError, InvalidArgument, NotFound
+from mzstore.format.safetensors import parse_header, read_header_len
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -159,3 +161,40 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     if len(set(paths)) != len(paths):
         raise InvalidArgument(f"{p}: converting pickle weights would overwrite an existing file")
     return Source(kind, out, skipped)
+
+
+def source_tensors(source: Source) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """``(file, tensor, dtype, shape)`` of every tensor, read from the safetensors headers.
+
+    Raises:
+        FormatError: if a header is malformed (the server would refuse it too).
+    """
+    out: list[tuple[str, str, str, tuple[int, ...]]] = []
+    for f in source.files:
+        if f.kind != "safetensors":
+            continue
+        with f.opener() as fh:
+            prefix = fh.read(8)
+            n = read_header_len(prefix, f.size)
+            header = parse_header(fh.read(n), f.size)
+        out.extend((f.path, t.name, t.dtype.name, t.shape) for t in header.tensors)
+    return out
+
+
+def check_policy_applies(source: Source, policy: Policy) -> None:
+    """Refuse a lossy policy that would change nothing, before any upload.
+
+    Raises:
+        InvalidArgument: naming the dtypes found when no tensor can take the policy.
+    """
+    if not policy.lossy:
+        return
+    tensors = source_tensors(source)
+    if any(policy.mode_for(name, dtype, shape) != "lossless" for _, name, dtype, shape in tensors):
+        return
+    dtypes = sorted({dtype for _, _, dtype, _ in tensors}) or ["no tensors"]
+    raise InvalidArgument(
+        f"policy {policy.text} applies to {', '.join(LOSSY_DTYPES)} matrices of at least {MIN_LOSSY_NUMEL} "
+        f"elements that are not norms, biases or --keep matches; this source has none "
+        f"(dtypes: {', '.join(dtypes)})"
+    )

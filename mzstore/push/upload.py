@@ -16,7 +16,9 @@ from mzstore.push.source import Source
 from mzstore.settings import TRANSFER_BYTES
 
 
-def begin_for(source: Source, ref: str, codec: str, annotations: dict[str, str] | None = None) -> UploadBegin:
+def begin_for(
+    source: Source, ref: str, codec: str, annotations: dict[str, str] | None = None, keep: tuple[str, ...] = ()
+) -> UploadBegin:
     """The first message of a push."""
     return UploadBegin(
         ref=ref,
@@ -24,6 +26,7 @@ def begin_for(source: Source, ref: str, codec: str, annotations: dict[str, str] 
         files=[UploadFile(f.path, f.size, f.kind) for f in source.files],
         source_kind=source.kind,
         annotations=dict(annotations or {}),
+        keep=tuple(keep),
     )
 
 

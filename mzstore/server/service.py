@@ -92,6 +92,7 @@ class StoreService(pb_grpc.StoreServicer):
             files=[UploadFile(f.path, f.size, f.kind) for f in b.files],
             source_kind=b.source_kind or "hf-dir",
             annotations=dict(b.annotations),
+            keep=tuple(b.keep),
         )
         ingest = Ingest(
             self.store,

@@ -1,0 +1,222 @@
+"""Codec policies (pure): what ``--codec`` means for each tensor.
+
+Grammar (comma-separated stages, at most one pruner and one quantizer)::
+
+    lossless                    byte-plane split + zstd, bit-exact (default)
+    int8                        symmetric, one scale per output channel (row)
+    int4[:gN]                   asymmetric, groups of N = 32 | 64 | 128 (default 128) along
+                                each row, scale and clip range searched per group
+    fp8                         e4m3, one scale per output channel
+    prune:AMOUNT                magnitude pruning, AMOUNT in (0, 1) of the weights set to zero
+    prune:N:M                   N of every M consecutive weights kept (2:4)
+    prune:…,int8 / int4 / fp8   pruning then quantization of what is kept
+    auto[:cos=0.99]             per chunk, the smallest of int4:g128/g64/g32, fp8, int8 and
+                                lossless whose cosine to the original meets the target
+
+Keep rules: a tensor stays exact (``lossless``) unless it is a floating
+point tensor (F32, F16, BF16) with at least two dimensions and
+:data:`MIN_LOSSY_NUMEL` elements whose name is not a norm or a bias; names
+matching a ``--keep`` pattern also stay exact. A pattern is a shell glob
+(``*.embeddings.*``), or a regular expression when written ``re:<regex>``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+from mzstore.errors import InvalidArgument
+
+INT4_GROUPS = (32, 64, 128)
+LOSSY_DTYPES = ("F32", "F16", "BF16")
+#: Smaller tensors stay exact: their bytes do not matter, their precision might.
+MIN_LOSSY_NUMEL = 4096
+NORM_PATTERN = re.compile(r"(^|[._])(norm|layernorm|layer_norm|ln|ln_\w+|rmsnorm|batchnorm|bn)(\d*)([._]|$)", re.I)
+BIAS_PATTERN = re.compile(r"(^|[._])bias$", re.I)
+DEFAULT_AUTO_COS = 0.99
+
+
+@dataclass(frozen=True)
+class Quant:
+    """A quantizer: ``kind`` is ``int8``, ``int4`` or ``fp8``; ``group`` for int4."""
+
+    kind: str
+    group: int = 0
+
+    def __str__(self) -> str:
+        return f"int4:g{self.group}" if self.kind == "int4" else self.kind
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Magnitude pruning: ``amount`` (unstructured) or ``n`` of every ``m`` (N:M)."""
+
+    amount: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"prune:{self.n}:{self.m}" if self.m else f"prune:{self.amount:g}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one tensor gets: exact, or prune and/or quantize."""
+
+    prune: Prune | None = None
+    quant: Quant | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return self.prune is None and self.quant is None
+
+    def __str__(self) -> str:
+        if self.lossless:
+            return "lossless"
+        return ",".join(str(s) for s in (self.prune, self.quant) if s is not None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed ``--codec`` value plus ``--keep`` patterns."""
+
+    text: str
+    spec: Spec = field(default_factory=Spec)
+    auto_cos: float | None = None
+    keep: tuple[str, ...] = ()
+
+    @property
+    def lossy(self) -> bool:
+        return self.auto_cos is not None or not self.spec.lossless
+
+    def mode_for(self, name: str, dtype: str, shape: tuple[int, ...] | list[int]) -> str | Spec | float:
+        """How one tensor is encoded: ``"lossless"``, a :class:`Spec`, or the auto cosine target."""
+        if not self.lossy or not lossy_eligible(name, dtype, shape) or self.kept(name):
+            return "lossless"
+        return self.auto_cos if self.auto_cos is not None else self.spec
+
+    def kept(self, name: str) -> bool:
+        return any(_match(p, name) for p in self.keep)
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def lossy_eligible(name: str, dtype: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """Default keep rules: only large float matrices that are not norms or biases."""
+    return (
+        dtype in LOSSY_DTYPES
+        and len(shape) >= 2
+        and math.prod(shape) >= MIN_LOSSY_NUMEL
+        and not NORM_PATTERN.search(name)
+        and not BIAS_PATTERN.search(name)
+    )
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgument(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{what}: {text!r} is not a finite number")
+    return value
+
+
+def _parse_stage(stage: str) -> Prune | Quant | float:
+    parts = stage.split(":")
+    head = parts[0]
+    if head == "int8" and len(parts) == 1:
+        return Quant("int8")
+    if head == "fp8" and len(parts) == 1:
+        return Quant("fp8")
+    if head == "int4" and len(parts) <= 2:
+        group = 128
+        if len(parts) == 2:
+            if not re.fullmatch(r"g\d+", parts[1]):
+                raise InvalidArgument(f"int4 takes a group size as int4:gN, got {stage!r}")
+            group = int(parts[1][1:])
+        if group not in INT4_GROUPS:
+            raise InvalidArgument(f"int4 group size must be one of {', '.join(map(str, INT4_GROUPS))}, got {group}")
+        return Quant("int4", group)
+    if head == "prune" and len(parts) == 2:
+        amount = _number(parts[1], "prune amount")
+        if not 0 < amount < 1:
+            raise InvalidArgument(f"prune amount must be between 0 and 1 (exclusive), got {parts[1]}")
+        return Prune(amount=amount)
+    if head == "prune" and len(parts) == 3:
+        if not (parts[1].isdigit() and parts[2].isdigit()):
+            raise InvalidArgument(f"N:M pruning takes two integers, got {stage!r}")
+        n, m = int(parts[1]), int(parts[2])
+        if not 0 < n < m <= 16:
+            raise InvalidArgument(f"N:M pruning needs 0 < N < M <= 16, got {n}:{m}")
+        return Prune(n=n, m=m)
+    if head == "auto" and len(parts) <= 2:
+        cos = DEFAULT_AUTO_COS
+        if len(parts) == 2:
+            if not parts[1].startswith("cos="):
+                raise InvalidArgument(f"auto takes a target as auto:cos=X, got {stage!r}")
+            cos = _number(parts[1][4:], "auto cosine target")
+        if not 0 < cos < 1:
+            raise InvalidArgument(f"auto cosine target must be between 0 and 1 (exclusive), got {cos:g}")
+        return cos
+    raise InvalidArgument(
+        f"unknown codec stage {stage!r}; use lossless, int8, int4[:g32|g64|g128], fp8, "
+        "prune:AMOUNT, prune:N:M or auto[:cos=X]"
+    )
+
+
+def parse_policy(text: str, keep: tuple[str, ...] | list[str] = ()) -> Policy:
+    """Parse ``--codec`` (and ``--keep`` patterns).
+
+    Raises:
+        InvalidArgument: for an unknown stage or impossible parameters.
+    """
+    text = (text or "lossless").strip()
+    if len(text) > 200:
+        raise InvalidArgument("codec policy is too long")
+    for pattern in keep:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise InvalidArgument(f"--keep {pattern!r}: {exc}") from None
+    if text == "lossless":
+        return Policy("lossless", keep=tuple(keep))
+    prune: Prune | None = None
+    quant: Quant | None = None
+    auto: float | None = None
+    stages = [s.strip() for s in text.split(",")]
+    for stage in stages:
+        if stage == "lossless":
+            raise InvalidArgument("lossless cannot be combined with other stages")
+        parsed = _parse_stage(stage)
+        if isinstance(parsed, float):
+            if len(stages) > 1:
+                raise InvalidArgument("auto cannot be combined with other stages")
+            auto = parsed
+        elif isinstance(parsed, Prune):
+            if prune is not None:
+                raise InvalidArgument("at most one prune stage")
+            if quant is not None:
+                raise InvalidArgument("prune comes before the quantizer: prune:…,int8")
+            prune = parsed
+        else:
+            if quant is not None:
+                raise InvalidArgument("at most one quantizer (int8, int4 or fp8)")
+            quant = parsed
+    spec = Spec(prune, quant)
+    canonical = f"auto:cos={auto:g}" if auto is not None else str(spec)
+    return Policy(canonical, spec, auto, tuple(keep))
+
+
+def mode_name(mode: str | Spec | float) -> str:
+    """The policy text recorded for a tensor encoded with ``mode``."""
+    if isinstance(mode, float):
+        return f"auto:cos={mode:g}"
+    return str(mode)

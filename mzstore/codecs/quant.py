@@ -1,0 +1,578 @@
+"""Lossy codecs: magnitude / N:M pruning and int8, int4, fp8 quantization (pure numpy).
+
+How it works, per chunk (a run of rows of one weight matrix, viewed as
+``rows × cols`` with rows = output channels):
+
+1. **prune** (optional): unstructured magnitude pruning sets the ``amount``
+   smallest-magnitude weights of the chunk to zero; N:M keeps the N largest
+   of every M consecutive weights of a row. Kept positions are stored as a
+   bitmask and only kept values are coded, so a 50 % sparse chunk costs
+   about half.
+2. **quantize** (optional), on the kept values:
+   - ``int8``: symmetric, one f32 scale per row, ``q = round(x / s)`` in ±127;
+   - ``int4:gN``: asymmetric, one f16 scale and a 4-bit zero point per group
+     of N along the row. The clip range is searched per group: the range
+     ``[a·min, a·max]`` with the least squared error over a grid of ``a``
+     in [0.55, 1] (plain min/max rounding is ``a = 1``), then refined by
+     least squares (see :func:`_int4_params`);
+   - ``fp8``: e4m3 codes with one f32 scale per row (``absmax / 448``).
+3. **entropy**: each section (mask, scales, zero points, codes) is zstd-coded
+   or kept raw, whichever is smaller; int4 codes are coded one per byte,
+   which lets zstd's Huffman stage get close to their entropy.
+
+Decoding reconstructs ``y = (q - z) · s`` in f32 (one exact subtraction, one
+correctly rounded multiply) and casts to the original dtype with
+round-to-nearest-even. The same formula gives the same bits in numpy and in
+torch on any device, so the sha256 of the decoded bytes recorded in the
+manifest holds wherever the chunk is expanded.
+
+Payload (little-endian)::
+
+    b"MZQ1" | u8 method | u8 pruned | u16 group | u64 rows | u64 cols | u8 nsections | 3 × u8 0
+    nsections × (u8 id, u8 coding, u64 stored_len, u64 raw_len)
+    section bodies, in order
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import zstandard
+
+from mzstore.codecs.lossless import LosslessCodec, _check_declared_size
+from mzstore.codecs.policy import Prune, Quant, Spec
+from mzstore.errors import CodecError
+from mzstore.format.dtypes import DType
+
+MAGIC = b"MZQ1"
+_HEAD = struct.Struct("<4sBBHQQB3x")
+_SECTION = struct.Struct("<BBQQ")
+METHODS = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
+METHOD_NAMES = {v: k for k, v in METHODS.items()}
+S_MASK, S_SCALES, S_ZEROS, S_CODES, S_VALUES, S_SCALES16 = 1, 2, 3, 4, 5, 6
+_RAW, _ZSTD = 0, 1
+#: Clip-range shrink factors tried per int4 group (1.0 = plain min/max).
+INT4_SEARCH = tuple(1.0 - 0.05 * i for i in range(10))
+#: Least-squares refinement steps after the grid search.
+INT4_REFINE_STEPS = 3
+FP8_MAX = 448.0
+#: e4m3 code → value (the 256 bit patterns of float8_e4m3fn as f32).
+E4M3_TABLE = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+_local = threading.local()
+_lossless = LosslessCodec()
+
+
+def _cctx() -> zstandard.ZstdCompressor:
+    ctx = getattr(_local, "cctx", None)
+    if ctx is None:
+        ctx = _local.cctx = zstandard.ZstdCompressor(level=3)
+    return ctx
+
+
+# --- float views -----------------------------------------------------------
+
+
+def to_f32(raw: bytes | bytearray | memoryview | np.ndarray, dtype: DType) -> np.ndarray:
+    """The chunk's values as f32 (exact for F32, F16 and BF16)."""
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if dtype.name == "F32":
+        return buf.view(np.float32).copy()
+    if dtype.name == "F16":
+        return buf.view(np.float16).astype(np.float32)
+    if dtype.name == "BF16":
+        return buf.view(ml_dtypes.bfloat16).astype(np.float32)
+    raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
+
+
+def from_f32(y: np.ndarray, dtype: DType) -> np.ndarray:
+    """Cast f32 values to ``dtype`` (round to nearest even) and return their bytes as uint8."""
+    if dtype.name == "F32":
+        out = y.astype(np.float32, copy=False)
+    elif dtype.name == "F16":
+        out = y.astype(np.float16)
+    elif dtype.name == "BF16":
+        out = y.astype(ml_dtypes.bfloat16)
+    else:
+        raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
+    return np.ascontiguousarray(out).reshape(-1).view(np.uint8)
+
+
+# --- fidelity ----------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """Running error statistics of decoded vs original values."""
+
+    n: int = 0
+    sum_x2: float = 0.0
+    sum_y2: float = 0.0
+    sum_xy: float = 0.0
+    sum_e2: float = 0.0
+    max_abs: float = 0.0
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray) -> Stats:
+        x64 = x.astype(np.float64, copy=False).ravel()
+        y64 = y.astype(np.float64, copy=False).ravel()
+        e = x64 - y64
+        return cls(
+            n=x64.size,
+            sum_x2=float(x64 @ x64),
+            sum_y2=float(y64 @ y64),
+            sum_xy=float(x64 @ y64),
+            sum_e2=float(e @ e),
+            max_abs=float(np.abs(e).max()) if e.size else 0.0,
+        )
+
+    def merge(self, other: Stats) -> None:
+        self.n += other.n
+        self.sum_x2 += other.sum_x2
+        self.sum_y2 += other.sum_y2
+        self.sum_xy += other.sum_xy
+        self.sum_e2 += other.sum_e2
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    @property
+    def cosine(self) -> float:
+        if self.sum_x2 == 0 and self.sum_y2 == 0:
+            return 1.0
+        if self.sum_x2 == 0 or self.sum_y2 == 0:
+            return 0.0
+        return self.sum_xy / math.sqrt(self.sum_x2 * self.sum_y2)
+
+    @property
+    def snr_db(self) -> float:
+        if self.sum_e2 == 0:
+            return math.inf
+        if self.sum_x2 == 0:
+            return -math.inf
+        return 10 * math.log10(self.sum_x2 / self.sum_e2)
+
+    def report(self) -> dict[str, float | None]:
+        """JSON-safe metrics (an exact result has SNR ``None`` = infinite)."""
+        snr = self.snr_db
+        return {
+            "cosine": round(self.cosine, 7),
+            "snr_db": None if math.isinf(snr) else round(snr, 3),
+            "max_abs_err": float(f"{self.max_abs:.6g}"),
+        }
+
+
+# --- pruning -------------------------------------------------------------------
+
+
+def prune_mask(x: np.ndarray, prune: Prune) -> np.ndarray:
+    """Boolean mask of kept weights for a ``rows × cols`` chunk."""
+    rows, cols = x.shape
+    mag = np.abs(x)
+    if prune.m:
+        mask = np.ones_like(x, dtype=bool)
+        full = cols - cols % prune.m
+        if full:
+            groups = mag[:, :full].reshape(rows, full // prune.m, prune.m)
+            order = np.argsort(groups, axis=-1, kind="stable")
+            drop = order[..., : prune.m - prune.n]
+            gmask = np.ones_like(groups, dtype=bool)
+            np.put_along_axis(gmask, drop, False, axis=-1)
+            mask[:, :full] = gmask.reshape(rows, full)
+        return mask
+    k = round(prune.amount * x.size)
+    mask = np.ones(x.size, dtype=bool)
+    if k > 0:
+        drop = np.argpartition(mag.ravel(), k - 1)[:k]
+        mask[drop] = False
+    return mask.reshape(rows, cols)
+
+
+# --- quantizers (values are the kept entries; rows/cols give their positions) ---
+
+
+def _row_absmax(x: np.ndarray) -> np.ndarray:
+    return np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, np.ndarray]:
+    """Quantize a ``rows × cols`` f32 chunk; pruned entries (``mask`` False) are ignored.
+
+    Returns the sections: scales, zero points (int4) and codes of kept entries in row-major order.
+    """
+    xm = x if mask is None else np.where(mask, x, np.float32(0))
+    if quant.kind == "int8":
+        scale = _safe_scale(_row_absmax(xm) / np.float32(127))
+        q = np.clip(np.rint(xm / scale[:, None]), -127, 127).astype(np.int8)
+        codes = q if mask is None else q[mask]
+        return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
+    if quant.kind == "fp8":
+        scale = _safe_scale(_row_absmax(xm) / np.float32(FP8_MAX))
+        q = (xm / scale[:, None]).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+        codes = q if mask is None else q[mask]
+        return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
+    if quant.kind == "int4":
+        scale, zero = _int4_params(xm, mask, quant.group)
+        q = _int4_codes(xm, scale, zero, quant.group)
+        codes = q if mask is None else q[mask]
+        return {S_SCALES16: scale.astype(np.float16), S_ZEROS: zero, S_CODES: codes.reshape(-1)}
+    raise CodecError(f"unknown quantizer {quant.kind}")
+
+
+def _grouped(a: np.ndarray, group: int, fill: float | bool) -> np.ndarray:
+    rows, cols = a.shape
+    groups = -(-cols // group)
+    pad = groups * group - cols
+    if pad:
+        a = np.concatenate([a, np.full((rows, pad), fill, dtype=a.dtype)], axis=1)
+    return a.reshape(rows, groups, group)
+
+
+def _f16_scale(scale: np.ndarray) -> np.ndarray:
+    """Round scales to f16 (how int4 scales are stored), keeping them positive and finite."""
+    rounded = scale.astype(np.float16).astype(np.float32)
+    return np.where((rounded > 0) & np.isfinite(rounded), rounded, np.float32(np.finfo(np.float16).tiny))
+
+
+def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group scale and zero point minimising squared error.
+
+    First a grid search over clip ranges ``[a·min, a·max]``, then a few
+    least-squares refinements: with the codes fixed, the best scale for an
+    integer zero point has a closed form; the zero point is then re-fitted.
+    A step is kept only where it lowers the error. Scales are rounded to f16
+    throughout, since that is how they are stored.
+    """
+    g = _grouped(x, group, 0.0)
+    w = _grouped(mask, group, False) if mask is not None else _grouped(np.ones(x.shape, bool), group, False)
+    wf = w.astype(np.float32)
+    lo = np.minimum(np.where(w, g, np.inf).min(axis=-1), 0).astype(np.float32)
+    hi = np.maximum(np.where(w, g, -np.inf).max(axis=-1), 0).astype(np.float32)
+    lo = np.where(np.isfinite(lo), lo, 0).astype(np.float32)
+    hi = np.where(np.isfinite(hi), hi, 0).astype(np.float32)
+
+    def error(scale: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.clip(np.rint(g / scale[..., None]) + zero[..., None], 0, 15)
+        return (((q - zero[..., None]) * scale[..., None] - g) ** 2 * wf).sum(axis=-1), q
+
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    best_scale = np.ones(lo.shape, dtype=np.float32)
+    best_zero = np.zeros(lo.shape, dtype=np.float32)
+    for a in INT4_SEARCH:
+        a32 = np.float32(a)
+        scale = _f16_scale(_safe_scale((hi * a32 - lo * a32) / np.float32(15)))
+        zero = np.clip(np.rint(-(lo * a32) / scale), 0, 15).astype(np.float32)
+        err, _ = error(scale, zero)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    _, q = error(best_scale, best_zero)
+    for _ in range(INT4_REFINE_STEPS):
+        d = (q - best_zero[..., None]) * wf
+        den = (d * d).sum(axis=-1)
+        fit = (g * d).sum(axis=-1) / np.where(den > 0, den, 1)
+        scale = _f16_scale(np.where((den > 0) & (fit > 0), fit, best_scale).astype(np.float32))
+        zero = np.clip(np.rint(((q * scale[..., None] - g) * wf).sum(-1) / np.maximum(wf.sum(-1), 1) / scale), 0, 15)
+        err, q_new = error(scale, zero.astype(np.float32))
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+        q = np.where(better[..., None], q_new, q)
+    return best_scale.astype(np.float32), best_zero.astype(np.uint8)
+
+
+def _int4_codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
+    rows, cols = x.shape
+    g = _grouped(x, group, 0.0)
+    q = np.clip(np.rint(g / scale[..., None]) + zero[..., None].astype(np.float32), 0, 15).astype(np.uint8)
+    return q.reshape(rows, -1)[:, :cols]
+
+
+def dequantize(
+    method: str,
+    sections: dict[int, np.ndarray],
+    rows: int,
+    cols: int,
+    group: int,
+    mask: np.ndarray | None,
+) -> np.ndarray:
+    """Rebuild the dense ``rows × cols`` f32 chunk (pruned entries are 0)."""
+    codes = sections[S_CODES]
+    scale = sections[S_SCALES]
+    row_idx: np.ndarray | None = None
+    col_idx = np.empty(0, dtype=np.intp)
+    if mask is not None:
+        row_idx, col_idx = np.nonzero(mask)
+    if method == "int8":
+        vals = codes.view(np.int8).astype(np.float32)
+        s = scale[:, None] if row_idx is None else scale[row_idx]
+        y = (vals.reshape(rows, cols) if row_idx is None else vals) * s
+    elif method == "fp8":
+        vals = E4M3_TABLE[codes]
+        s = scale[:, None] if row_idx is None else scale[row_idx]
+        y = (vals.reshape(rows, cols) if row_idx is None else vals) * s
+    elif method == "int4":
+        groups = -(-cols // group)
+        scale = scale.reshape(rows, groups)
+        zero = sections[S_ZEROS].reshape(rows, groups).astype(np.float32)
+        vals = codes.astype(np.float32)
+        if row_idx is None:
+            gi = np.arange(cols) // group
+            y = (vals.reshape(rows, cols) - zero[:, gi]) * scale[:, gi]
+        else:
+            gi = col_idx // group
+            y = (vals - zero[row_idx, gi]) * scale[row_idx, gi]
+    else:
+        raise CodecError(f"unknown quantization method {method}")
+    y = y.astype(np.float32, copy=False)
+    if mask is None:
+        return y.reshape(rows, cols)
+    dense = np.zeros((rows, cols), dtype=np.float32)
+    dense[mask] = y
+    return dense
+
+
+# --- payload ---------------------------------------------------------------
+
+
+def _pack(
+    method: str, pruned: bool, group: int, rows: int, cols: int, sections: dict[int, np.ndarray | bytes]
+) -> bytes:
+    heads = []
+    bodies = []
+    cctx = _cctx()
+    for sid, data in sections.items():
+        raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+        packed = cctx.compress(raw) if raw else b""
+        if len(packed) < len(raw):
+            heads.append(_SECTION.pack(sid, _ZSTD, len(packed), len(raw)))
+            bodies.append(packed)
+        else:
+            heads.append(_SECTION.pack(sid, _RAW, len(raw), len(raw)))
+            bodies.append(raw)
+    head = _HEAD.pack(MAGIC, METHODS[method], int(pruned), group, rows, cols, len(sections))
+    return b"".join([head, *heads, *bodies])
+
+
+@dataclass
+class Compact:
+    """A decoded payload before expansion: what crosses PCIe for a GPU target."""
+
+    method: str
+    rows: int
+    cols: int
+    group: int
+    mask: np.ndarray | None
+    sections: dict[int, np.ndarray] = field(default_factory=dict)
+    values: bytes | None = None  # prune-only: lossless payload of kept values
+
+
+_SECTION_DTYPES = {S_SCALES: np.float32, S_ZEROS: np.uint8, S_CODES: np.uint8}
+
+
+def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) -> Compact:
+    """Parse and bounds-check a payload; every size is checked against ``raw_len``."""
+    view = memoryview(payload)
+    if len(view) < _HEAD.size:
+        raise CodecError("quantized payload is shorter than its header")
+    magic, method_id, pruned, group, rows, cols, nsec = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC or method_id not in METHOD_NAMES:
+        raise CodecError("quantized payload has a bad header")
+    if rows * cols * (dtype.bits // 8) != raw_len or dtype.bits % 8:
+        raise CodecError(f"quantized payload is {rows}x{cols} {dtype.name}, which is not {raw_len} bytes")
+    method = METHOD_NAMES[method_id]
+    if method == "int4" and group not in (32, 64, 128):
+        raise CodecError(f"bad int4 group size {group}")
+    n = rows * cols
+    limits = {
+        S_MASK: (n + 7) // 8,
+        S_SCALES: 4 * rows * (-(-cols // group) if method == "int4" else 1),
+        S_SCALES16: 2 * rows * (-(-cols // group) if method == "int4" else 0),
+        S_ZEROS: rows * (-(-cols // group) if method == "int4" else 0),
+        S_CODES: n,
+        S_VALUES: raw_len + 64 + 32 * 16,
+    }
+    pos = _HEAD.size + nsec * _SECTION.size
+    if len(view) < pos:
+        raise CodecError("quantized payload is truncated in its section table")
+    out = Compact(method, rows, cols, group, None)
+    dctx = zstandard.ZstdDecompressor()
+    for i in range(nsec):
+        sid, coding, stored, raw = _SECTION.unpack_from(view, _HEAD.size + i * _SECTION.size)
+        if sid not in limits or raw > limits[sid]:
+            raise CodecError(f"quantized payload section {sid} is malformed or too large")
+        body = view[pos : pos + stored]
+        if len(body) != stored:
+            raise CodecError("quantized payload is truncated")
+        pos += stored
+        if coding == _ZSTD:
+            _check_declared_size(body, raw)
+            try:
+                data = dctx.decompress(body, max_output_size=raw)
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"corrupt zstd section: {exc}") from None
+        elif coding == _RAW:
+            data = bytes(body)
+        else:
+            raise CodecError(f"unknown section coding {coding}")
+        if len(data) != raw:
+            raise CodecError("quantized payload section has the wrong size")
+        if sid == S_MASK:
+            out.mask = np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(rows, cols)
+        elif sid == S_VALUES:
+            out.values = data
+        elif sid == S_SCALES16:
+            out.sections[S_SCALES] = np.frombuffer(data, dtype=np.float16).astype(np.float32)
+        else:
+            out.sections[sid] = np.frombuffer(data, dtype=_SECTION_DTYPES[sid])
+    if pos != len(view):
+        raise CodecError("quantized payload has trailing bytes")
+    if bool(pruned) != (out.mask is not None):
+        raise CodecError("quantized payload mask flag does not match its sections")
+    kept = n if out.mask is None else int(out.mask.sum())
+    need = {S_CODES} | ({S_SCALES} if method != "none" else set()) | ({S_ZEROS} if method == "int4" else set())
+    if method == "none":
+        need = set()
+        if out.values is None:
+            raise CodecError("pruned payload lacks its values")
+    if not need <= set(out.sections):
+        raise CodecError("quantized payload lacks a section")
+    if method != "none":
+        if len(out.sections[S_CODES]) != kept:
+            raise CodecError("quantized payload has the wrong number of codes")
+        if len(out.sections[S_SCALES]) != rows * (-(-cols // group) if method == "int4" else 1) or (
+            method == "int4" and len(out.sections[S_ZEROS]) != limits[S_ZEROS]
+        ):
+            raise CodecError("quantized payload has the wrong number of scales")
+        if method == "int4" and (out.sections[S_CODES] > 15).any():
+            raise CodecError("int4 codes out of range")
+    return out
+
+
+def expand(c: Compact, dtype: DType) -> np.ndarray:
+    """Compact form → decoded bytes (uint8) of the original dtype."""
+    if c.method == "none":
+        assert c.values is not None
+        kept = int(c.mask.sum()) if c.mask is not None else c.rows * c.cols
+        vals = _lossless.decode(c.values, dtype, kept * (dtype.bits // 8))
+        dense = np.zeros(c.rows * c.cols * (dtype.bits // 8), dtype=np.uint8).reshape(c.rows, c.cols, -1)
+        dense[c.mask] = vals.reshape(kept, -1)
+        return dense.reshape(-1)
+    y = dequantize(c.method, c.sections, c.rows, c.cols, c.group, c.mask)
+    return from_f32(y, dtype)
+
+
+# --- the codec ---------------------------------------------------------------
+
+
+def chunk_matrix(raw_len: int, dtype: DType, rows: int) -> tuple[int, int]:
+    """``rows × cols`` of a chunk of ``raw_len`` bytes spanning ``rows`` rows."""
+    n = raw_len * 8 // dtype.bits
+    if rows <= 0 or n % rows:
+        return 1, n
+    return rows, n // rows
+
+
+@dataclass
+class Encoded:
+    """A lossy-encoded chunk.
+
+    Attributes:
+        codec: ``quant`` (or ``lossless`` when auto found nothing smaller that meets its target).
+        payload: the stored bytes.
+        params: recorded in the manifest (``{"spec": "int4:g128"}``).
+        stats: decoded vs original values.
+        decoded: the decoded bytes, exactly what a pull produces (their sha256 goes in the manifest).
+    """
+
+    codec: str
+    payload: bytes
+    params: dict[str, Any]
+    stats: Stats
+    decoded: np.ndarray
+
+
+def encode_spec(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, spec: Spec) -> Encoded:
+    """Encode one chunk with a prune/quantize spec; ``rows`` is how many matrix rows it holds."""
+    x = to_f32(raw, dtype)
+    r, c = chunk_matrix(len(x) * (dtype.bits // 8), dtype, rows)
+    x = x.reshape(r, c)
+    if not np.isfinite(x).all():
+        raise CodecError("tensor has NaN or infinite values; keep it exact (--keep)")
+    mask = prune_mask(x, spec.prune) if spec.prune else None
+    sections: dict[int, np.ndarray | bytes] = {}
+    if mask is not None:
+        sections[S_MASK] = np.packbits(mask.reshape(-1))
+    if spec.quant is None:
+        kept = np.frombuffer(raw, np.uint8).reshape(r, c, -1)[mask]
+        sections[S_VALUES] = _lossless.encode(kept.tobytes(), dtype)[0]
+        payload = _pack("none", True, 0, r, c, sections)
+    else:
+        q = quantize(x, mask, spec.quant)
+        sections.update(q)
+        payload = _pack(spec.quant.kind, mask is not None, spec.quant.group, r, c, sections)
+    decoded = expand(unpack(payload, len(x.reshape(-1)) * (dtype.bits // 8), dtype), dtype)
+    y = to_f32(decoded, dtype)
+    return Encoded("quant", payload, {"spec": str(spec)}, Stats.of(x.reshape(-1), y), decoded)
+
+
+AUTO_CANDIDATES = (
+    Spec(quant=Quant("int4", 128)),
+    Spec(quant=Quant("int4", 64)),
+    Spec(quant=Quant("int4", 32)),
+    Spec(quant=Quant("fp8")),
+    Spec(quant=Quant("int8")),
+)
+
+
+#: ``auto:cos=C`` aims at a model whose outputs keep cosine C; each chunk must
+#: keep ``1 - (1 - C) / AUTO_MARGIN`` on its own. Measured on MiniLM, the error
+#: of the sentence embeddings is 4 to 10 times the error of the weights.
+AUTO_MARGIN = 10.0
+
+
+def auto_chunk_target(cos: float) -> float:
+    """The per-chunk cosine that ``auto:cos=cos`` requires."""
+    return 1.0 - (1.0 - cos) / AUTO_MARGIN
+
+
+def encode_auto(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, cos: float) -> Encoded:
+    """The smallest candidate that keeps :func:`auto_chunk_target` of ``cos``, else lossless."""
+    target = auto_chunk_target(cos)
+    best: Encoded | None = None
+    for spec in AUTO_CANDIDATES:
+        enc = encode_spec(raw, dtype, rows, spec)
+        if enc.stats.cosine >= target and (best is None or len(enc.payload) < len(best.payload)):
+            best = enc
+    lossless_payload, lossless_params = _lossless.encode(raw, dtype)
+    if best is None or len(lossless_payload) <= len(best.payload):
+        x = to_f32(raw, dtype)
+        return Encoded("lossless", lossless_payload, lossless_params, Stats.of(x, x), np.frombuffer(raw, np.uint8))
+    return best
+
+
+class QuantCodec:
+    """Decoder of pruned and/or quantized chunks (the ``quant`` codec)."""
+
+    name = "quant"
+
+    def encode(self, raw: bytes | bytearray | memoryview, dtype: DType) -> tuple[bytes, dict[str, Any]]:
+        raise CodecError("the quant codec encodes through encode_spec (it needs a policy and the chunk's rows)")
+
+    def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
+        return expand(unpack(payload, raw_len, dtype), dtype)
+
+    def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
+        out[:] = self.decode(payload, dtype, len(out))
+
+
+__all__ = ["Compact", "Encoded", "QuantCodec", "Stats", "encode_auto", "encode_spec", "expand", "unpack"]
