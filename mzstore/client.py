@@ -240,10 +240,36 @@ class Client:
         )
 
     def load_state_dict(
-        self, ref: str, *, device: str | Any = "cpu", files: list[str] | None = None, workers: int | None = None
+        self,
+        ref: str,
+        *,
+        device: str | Any = "cpu",
+        files: list[str] | None = None,
+        workers: int | None = None,
+        expand_on_device: bool | None = None,
     ) -> dict[str, Any]:
-        """Pull the tensors of ``ref`` into memory: ``{name: torch.Tensor}`` on ``device``."""
+        """Pull the tensors of ``ref`` into memory: ``{name: torch.Tensor}`` on ``device``.
+
+        Args:
+            device: where the tensors go (``"cpu"``, ``"cuda:1"``…).
+            files: only the tensors of these source files.
+            expand_on_device: move quantized chunks to ``device`` in compact form and
+                expand them there (default: for any device but the CPU).
+        """
         _, _, manifest = self.manifest(ref)
+        if expand_on_device is None:
+            expand_on_device = str(device) != "cpu"
+        if expand_on_device:
+            from mzstore.pull.device import DeviceStateDictSink
+
+            device_sink = DeviceStateDictSink(manifest, device, files)
+            run_pull(
+                plan_pull(manifest, files, tensors_only=True),
+                self.fetch,
+                device_sink,
+                workers=workers or self.settings.pull_workers,
+            )
+            return device_sink.result()
         sink = StateDictSink(manifest, files)
         run_pull(
             plan_pull(manifest, files, tensors_only=True),

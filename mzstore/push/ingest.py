@@ -172,8 +172,12 @@ def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Enc
         payload, params = get_codec(mode).encode(memoryview(raw), dtype)
         return mode, payload, params, hashlib.sha256(raw).hexdigest(), None
     enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, mode)
-    # A lossy chunk's hash is of its decoded bytes: exactly what a pull verifies.
-    return enc.codec, enc.payload, enc.params, hashlib.sha256(enc.decoded.data).hexdigest(), enc.stats
+    params = dict(enc.params)
+    if enc.codec == "quant":
+        # Lets a device target verify the compact bytes before expanding them there.
+        params["payload_sha256"] = hashlib.sha256(enc.payload).hexdigest()
+    # A chunk's hash is of its decoded bytes: exactly what a host-side pull verifies.
+    return enc.codec, enc.payload, params, hashlib.sha256(enc.decoded.data).hexdigest(), enc.stats
 
 
 class Ingest:
