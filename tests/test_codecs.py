@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mzstore.codecs import Codec, available_codecs, get_codec
-from mzstore.codecs.lossless import _HEAD, _PLANE, _RAW, _ZSTD, MAGIC, word_bytes
+from mzstore.codecs.lossless import _HEAD, _PAIRS, _PLANE, _RAW, _ZSTD, MAGIC, PAIRS_MIN_BYTES, word_bytes
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DTYPES
 
@@ -148,7 +148,7 @@ def test_lossless_compresses_gaussian_floats(lossless, name, tdtype, limit):
     assert ratio < limit, f"{name}: ratio {ratio:.3f}"
     assert params["rotate"] is True
     # At least the exponent plane was compressed.
-    assert any(method == _ZSTD for method, _, _ in planes_of(payload))
+    assert any(method in (_ZSTD, _PAIRS) for method, _, _ in planes_of(payload))
     out = lossless.decode(payload, dtype, len(raw))
     check_decoded(out, raw)
     back = torch.frombuffer(bytearray(out.tobytes()), dtype=tdtype).reshape(t.shape)
@@ -429,3 +429,44 @@ def test_concurrent_encode_decode_matches_single_thread(lossless, zstd):
     for per_thread in results:
         for got in per_thread:
             assert got == expected
+
+
+# --- the pair coder for exponent planes ------------------------------------------------
+
+
+def _pair_payload(lossless, words: np.ndarray) -> tuple[bytes, bytes]:
+    raw = words.astype(np.uint16).tobytes()
+    payload, _ = lossless.encode(raw, DTYPES["BF16"])
+    return raw, payload
+
+
+def test_pair_coder_is_used_on_skewed_exponents_and_round_trips(lossless):
+    gen = torch.Generator().manual_seed(3)
+    t = (torch.randn(PAIRS_MIN_BYTES + 1, generator=gen) * 0.02).to(torch.bfloat16)  # odd length too
+    raw = t.view(torch.uint8).numpy().tobytes()
+    payload, _ = lossless.encode(raw, DTYPES["BF16"])
+    assert _PAIRS in [m for m, _, _ in planes_of(payload)]
+    assert lossless.decode(payload, DTYPES["BF16"], len(raw)).tobytes() == raw
+
+
+def test_pair_coder_escapes_rare_pairs(lossless):
+    # Exponents drawn from 40 values: 1600 possible pairs, far more than the 255-entry table.
+    rng = np.random.default_rng(0)
+    exps = rng.choice(np.arange(100, 140), size=2 * PAIRS_MIN_BYTES, p=np.r_[np.full(8, 0.1), np.full(32, 0.2 / 32)])
+    words = (exps.astype(np.uint16) << 7) | rng.integers(0, 128, size=len(exps), dtype=np.uint16)
+    raw, payload = _pair_payload(lossless, words)
+    assert lossless.decode(payload, DTYPES["BF16"], len(raw)).tobytes() == raw
+
+
+def test_corrupt_pair_plane_is_a_codec_error(lossless):
+    gen = torch.Generator().manual_seed(4)
+    raw = (
+        (torch.randn(2 * PAIRS_MIN_BYTES, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    )
+    payload, _ = lossless.encode(raw, DTYPES["BF16"])
+    planes = planes_of(payload)
+    _, start, end = next(p for p in planes if p[0] == _PAIRS)
+    for cut in (start + 3, start + 20, end - 1):
+        bad = payload[:cut] + payload[end:]
+        with pytest.raises(CodecError):
+            lossless.decode(bad, DTYPES["BF16"], len(raw))
