@@ -159,8 +159,9 @@ def push(
     parse_ref(ref)
     try:
         parse_policy(codec, keep)
-    except MzstoreError as exc:
-        raise click.UsageError(str(exc)) from None
+    except MzstoreError as exc:  # a bad --codec is a usage error: one line, exit 2
+        click.echo(f"error: --codec {codec}: {exc}", err=True)
+        ctx.exit(2)
     client = _client(ctx, server)
     src = open_source(source)
     with _progress(src.bytes_raw, "push", not as_json) as bar:
@@ -188,10 +189,17 @@ def push(
 @main.command()
 @click.argument("ref")
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False), help="Output directory [default: ./<name>].")
+@click.option(
+    "--keep-quantized",
+    is_flag=True,
+    help="Write quantized weights in the compressed-tensors layout (vLLM) instead of dequantizing them.",
+)
 @server_option
 @json_option
 @click.pass_context
-def pull(ctx: click.Context, ref: str, out: str | None, server: str | None, as_json: bool) -> None:
+def pull(
+    ctx: click.Context, ref: str, out: str | None, keep_quantized: bool, server: str | None, as_json: bool
+) -> None:
     """Pull REF into a directory in its source layout, verified."""
     from mzstore.format.refs import parse_ref
 
@@ -200,7 +208,7 @@ def pull(ctx: click.Context, ref: str, out: str | None, server: str | None, as_j
     out = out or parsed.name.rsplit("/", 1)[-1]
     total = client.manifest(ref)[2].bytes_raw if not as_json and sys.stderr.isatty() else 0
     with _progress(total, "pull", not as_json) as bar:
-        info = client.pull(ref, out, progress=bar)
+        info = client.pull(ref, out, progress=bar, keep_quantized=keep_quantized)
     if as_json:
         _emit(asdict(info) | {"output": str(out)})
         return

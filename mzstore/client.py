@@ -211,13 +211,35 @@ class Client:
         *,
         progress: ProgressFn | None = None,
         workers: int | None = None,
+        keep_quantized: bool = False,
     ) -> PullInfo:
         """Pull ``ref`` into ``out_dir`` in its source layout.
 
         Nothing appears under a final file name until every chunk is verified.
+
+        Args:
+            keep_quantized: write quantized weights in the compressed-tensors layout vLLM
+                serves (see :mod:`mzstore.pull.compressed_tensors`) instead of dequantizing.
         """
         start = time.perf_counter()
         name, digest, manifest = self.manifest(ref)
+        if keep_quantized:
+            from mzstore.pull.compressed_tensors import export_keep_quantized
+
+            finals = export_keep_quantized(
+                manifest, self.fetch, out_dir, workers=workers or self.settings.pull_workers, progress=progress
+            )
+            return PullInfo(
+                ref=name,
+                digest=digest,
+                bytes_raw=manifest.bytes_raw,
+                bytes_stored=manifest.stored_total,
+                bytes_transferred=sum(c.length for t in manifest.tensors for c in t.chunks)
+                + sum(c.length for f in manifest.files for c in f.chunks),
+                seconds=time.perf_counter() - start,
+                files=[str(p) for p in finals],
+                chunks=sum(len(t.chunks) for t in manifest.tensors) + sum(len(f.chunks) for f in manifest.files),
+            )
         sink = DirectorySink(out_dir, manifest)
         sink.open()
         try:

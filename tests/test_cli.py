@@ -160,3 +160,27 @@ def test_killed_pushing_client_leaves_store_unchanged(cli_server: str, tmp_path:
     out = tmp_path / "o"
     mz("pull", "org/ok:v1", "-o", str(out), server=cli_server, check=True)
     assert torch.equal(load_file(str(out / "small.safetensors"))["x"], torch.ones(3))
+
+
+def test_pull_keep_quantized_writes_compressed_tensors_layout(cli_server: str, tmp_path: Path) -> None:
+    src = tmp_path / "llm"
+    src.mkdir()
+    save_file(
+        {"model.layers.0.mlp.down_proj.weight": torch.randn(256, 256), "model.norm.weight": torch.ones(256)},
+        str(src / "model.safetensors"),
+    )
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    mz("push", str(src), "org/llm:int4", "--codec", "int4", server=cli_server, check=True)
+    out = tmp_path / "out"
+    result = mz("pull", "org/llm:int4", "-o", str(out), "--keep-quantized", "--json", server=cli_server, check=True)
+    assert json.loads(result.stdout)["ref"] == "org/llm:int4"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    names = set(load_file(str(out / "model.safetensors")))
+    assert "model.layers.0.mlp.down_proj.weight_packed" in names and "model.norm.weight" in names
+
+    mz("push", str(src), "org/llm:pruned", "--codec", "prune:0.5", server=cli_server, check=True)
+    refused = mz("pull", "org/llm:pruned", "-o", str(tmp_path / "o2"), "--keep-quantized", server=cli_server)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error:") and "prune" in refused.stderr
+    assert "Traceback" not in refused.stderr

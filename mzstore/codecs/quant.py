@@ -219,10 +219,16 @@ def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, 
         codes = q if mask is None else q[mask]
         return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
     if quant.kind == "int4":
-        scale, zero = _int4_params(xm, mask, quant.group)
+        g = _grouped(xm, quant.group, 0.0)
+        span = (np.maximum(g.max(axis=-1), 0) - np.minimum(g.min(axis=-1), 0)) / np.float32(15)
+        span = span[span > 0]
+        # f16 scales unless the weights are so tiny or huge that f16 cannot hold their scales.
+        f16 = bool(((span >= F16_SCALE_RANGE[0]) & (span <= F16_SCALE_RANGE[1])).all())
+        scale, zero = _int4_params(xm, mask, quant.group, f16=f16)
         q = _int4_codes(xm, scale, zero, quant.group)
         codes = q if mask is None else q[mask]
-        return {S_SCALES16: scale.astype(np.float16), S_ZEROS: zero, S_CODES: codes.reshape(-1)}
+        scales = {S_SCALES16: scale.astype(np.float16)} if f16 else {S_SCALES: scale}
+        return {**scales, S_ZEROS: zero, S_CODES: codes.reshape(-1)}
     raise CodecError(f"unknown quantizer {quant.kind}")
 
 
@@ -235,13 +241,22 @@ def _grouped(a: np.ndarray, group: int, fill: float | bool) -> np.ndarray:
     return a.reshape(rows, groups, group)
 
 
+#: int4 scales are stored as f16 when every scale of the chunk lies in this range
+#: (normal f16 numbers, with headroom for the clip search); otherwise as f32.
+F16_SCALE_RANGE = (float(np.finfo(np.float16).tiny) * 4, float(np.finfo(np.float16).max) / 4)
+
+
 def _f16_scale(scale: np.ndarray) -> np.ndarray:
     """Round scales to f16 (how int4 scales are stored), keeping them positive and finite."""
     rounded = scale.astype(np.float16).astype(np.float32)
     return np.where((rounded > 0) & np.isfinite(rounded), rounded, np.float32(np.finfo(np.float16).tiny))
 
 
-def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _f32_scale(scale: np.ndarray) -> np.ndarray:
+    return scale.astype(np.float32)
+
+
+def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int, f16: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-group scale and zero point minimising squared error.
 
     First a grid search over clip ranges ``[a·min, a·max]``, then a few
@@ -250,6 +265,7 @@ def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int) -> tuple[np
     A step is kept only where it lowers the error. Scales are rounded to f16
     throughout, since that is how they are stored.
     """
+    rounding = _f16_scale if f16 else _f32_scale
     g = _grouped(x, group, 0.0)
     w = _grouped(mask, group, False) if mask is not None else _grouped(np.ones(x.shape, bool), group, False)
     wf = w.astype(np.float32)
@@ -267,7 +283,7 @@ def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int) -> tuple[np
     best_zero = np.zeros(lo.shape, dtype=np.float32)
     for a in INT4_SEARCH:
         a32 = np.float32(a)
-        scale = _f16_scale(_safe_scale((hi * a32 - lo * a32) / np.float32(15)))
+        scale = rounding(_safe_scale((hi * a32 - lo * a32) / np.float32(15)))
         zero = np.clip(np.rint(-(lo * a32) / scale), 0, 15).astype(np.float32)
         err, _ = error(scale, zero)
         better = err < best_err
@@ -279,7 +295,7 @@ def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int) -> tuple[np
         d = (q - best_zero[..., None]) * wf
         den = (d * d).sum(axis=-1)
         fit = (g * d).sum(axis=-1) / np.where(den > 0, den, 1)
-        scale = _f16_scale(np.where((den > 0) & (fit > 0), fit, best_scale).astype(np.float32))
+        scale = rounding(np.where((den > 0) & (fit > 0), fit, best_scale).astype(np.float32))
         zero = np.clip(np.rint(((q * scale[..., None] - g) * wf).sum(-1) / np.maximum(wf.sum(-1), 1) / scale), 0, 15)
         err, q_new = error(scale, zero.astype(np.float32))
         better = err < best_err
@@ -431,8 +447,13 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
         elif sid == S_VALUES:
             out.values = data
         elif sid == S_SCALES16:
+            if len(data) % 2:
+                raise CodecError("quantized payload has a partial f16 scale")
             out.sections[S_SCALES] = np.frombuffer(data, dtype=np.float16).astype(np.float32)
         else:
+            itemsize = np.dtype(_SECTION_DTYPES[sid]).itemsize
+            if len(data) % itemsize:
+                raise CodecError(f"quantized payload section {sid} holds a partial element")
             out.sections[sid] = np.frombuffer(data, dtype=_SECTION_DTYPES[sid])
     if pos != len(view):
         raise CodecError("quantized payload has trailing bytes")
@@ -442,8 +463,8 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
     need = {S_CODES} | ({S_SCALES} if method != "none" else set()) | ({S_ZEROS} if method == "int4" else set())
     if method == "none":
         need = set()
-        if out.values is None:
-            raise CodecError("pruned payload lacks its values")
+        if out.values is None or out.mask is None:
+            raise CodecError("pruned payload lacks its values or its mask")
     if not need <= set(out.sections):
         raise CodecError("quantized payload lacks a section")
     if method != "none":
@@ -462,10 +483,13 @@ def expand(c: Compact, dtype: DType) -> np.ndarray:
     """Compact form → decoded bytes (uint8) of the original dtype."""
     if c.method == "none":
         assert c.values is not None
-        kept = int(c.mask.sum()) if c.mask is not None else c.rows * c.cols
-        vals = _lossless.decode(c.values, dtype, kept * (dtype.bits // 8))
-        dense = np.zeros(c.rows * c.cols * (dtype.bits // 8), dtype=np.uint8).reshape(c.rows, c.cols, -1)
-        dense[c.mask] = vals.reshape(kept, -1)
+        assert c.mask is not None  # unpack guarantees a mask for prune-only payloads
+        itemsize = dtype.bits // 8
+        kept = int(c.mask.sum())
+        vals = _lossless.decode(c.values, dtype, kept * itemsize)
+        dense = np.zeros((c.rows, c.cols, itemsize), dtype=np.uint8)
+        if kept:
+            dense[c.mask] = vals.reshape(kept, itemsize)
         return dense.reshape(-1)
     y = dequantize(c.method, c.sections, c.rows, c.cols, c.group, c.mask)
     return from_f32(y, dtype)
