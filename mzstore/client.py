@@ -98,6 +98,11 @@ def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.Push
             yield pb.PushRequest(end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
 
 
+def _cosine(fidelity: dict[str, Any] | None) -> float:
+    value = (fidelity or {}).get("cosine")
+    return float(value) if value is not None else 1.0
+
+
 class Client:
     """A connection to an mzstore server.
 
@@ -176,7 +181,7 @@ class Client:
         lossy = [t for t in manifest.tensors if t.fidelity is not None and t.codec != "lossless"]
         if not lossy:
             return None
-        t = min(lossy, key=lambda t: (t.fidelity or {}).get("cosine") or 1.0)
+        t = min(lossy, key=lambda t: _cosine(t.fidelity))
         return {"tensor": t.name, "codec": t.codec, **(t.fidelity or {})}
 
     # -- reading ----------------------------------------------------------

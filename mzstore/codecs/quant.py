@@ -17,8 +17,9 @@ How it works, per chunk (a run of rows of one weight matrix, viewed as
      least squares (see :func:`_int4_params`);
    - ``fp8``: e4m3 codes with one f32 scale per row (``absmax / 448``).
 3. **entropy**: each section (mask, scales, zero points, codes) is zstd-coded
-   or kept raw, whichever is smaller; int4 codes are coded one per byte,
-   which lets zstd's Huffman stage get close to their entropy.
+   or kept raw, whichever is smaller; codes use the literal-heavy parameters
+   of exponent planes, and int4 codes are coded one per byte, which gets
+   within 0.03 bit of their entropy (3.70 bits for g128 on MiniLM).
 
 Decoding reconstructs ``y = (q - z) · s`` in f32 (one exact subtraction, one
 correctly rounded multiply) and casts to the original dtype with
@@ -45,7 +46,7 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from mzstore.codecs.lossless import LosslessCodec, _check_declared_size
+from mzstore.codecs.lossless import LosslessCodec, _check_declared_size, _exponent_cctx
 from mzstore.codecs.policy import Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
@@ -365,10 +366,12 @@ def _pack(
 ) -> bytes:
     heads = []
     bodies = []
-    cctx = _cctx()
     for sid, data in sections.items():
         raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
-        packed = cctx.compress(raw) if raw else b""
+        # Codes take few values and rarely repeat in runs: literal-heavy parameters
+        # code them near their entropy (int4 g128: 3.70 bits vs 4.08 at level 3).
+        coder = _exponent_cctx() if sid == S_CODES else _cctx()
+        packed = coder.compress(raw) if raw else b""
         if len(packed) < len(raw):
             heads.append(_SECTION.pack(sid, _ZSTD, len(packed), len(raw)))
             bodies.append(packed)
