@@ -37,6 +37,7 @@ Payload (little-endian)::
 from __future__ import annotations
 
 import math
+import re
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -563,18 +564,30 @@ AUTO_CANDIDATES = (
 
 #: ``auto:cos=C`` aims at a model whose outputs keep cosine C; each chunk must
 #: keep ``1 - (1 - C) / AUTO_MARGIN`` on its own. Measured on MiniLM, the error
-#: of the sentence embeddings is 4 to 10 times the error of the weights.
+#: of the sentence embeddings is 2 (int8) to 8 (int4) times the error of the
+#: weights of the matrices that multiply activations.
 AUTO_MARGIN = 10.0
+#: Embedding tables are looked up, not multiplied: their error reaches the
+#: output without that amplification (MiniLM: int4 word embeddings alone give
+#: embedding cosine 0.998 for a weight cosine of 0.995), so they get margin 1.
+EMBEDDING_PATTERN = re.compile(r"(^|[._])(embed_tokens|word_embeddings|wte|tok_embeddings|embeddings?)([._]|$)", re.I)
 
 
-def auto_chunk_target(cos: float) -> float:
+def auto_margin(name: str) -> float:
+    """How much tighter than the model target a tensor's chunks must be."""
+    return 1.0 if EMBEDDING_PATTERN.search(name) and "position" not in name.lower() else AUTO_MARGIN
+
+
+def auto_chunk_target(cos: float, margin: float = AUTO_MARGIN) -> float:
     """The per-chunk cosine that ``auto:cos=cos`` requires."""
-    return 1.0 - (1.0 - cos) / AUTO_MARGIN
+    return 1.0 - (1.0 - cos) / margin
 
 
-def encode_auto(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, cos: float) -> Encoded:
+def encode_auto(
+    raw: bytes | bytearray | memoryview, dtype: DType, rows: int, cos: float, margin: float = AUTO_MARGIN
+) -> Encoded:
     """The smallest candidate that keeps :func:`auto_chunk_target` of ``cos``, else lossless."""
-    target = auto_chunk_target(cos)
+    target = auto_chunk_target(cos, margin)
     best: Encoded | None = None
     for spec in AUTO_CANDIDATES:
         enc = encode_spec(raw, dtype, rows, spec)

@@ -33,7 +33,7 @@ from typing import Any
 
 from mzstore.codecs import get_codec
 from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
-from mzstore.codecs.quant import Stats, encode_auto, encode_spec
+from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument
 from mzstore.format.dtypes import DType, get_dtype
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
@@ -138,8 +138,8 @@ def validate_begin(begin: UploadBegin) -> None:
             raise InvalidArgument(f"file {f.path!r} has a negative size")
 
 
-#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto with a cosine target.
-Mode = str | Spec | float
+#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin).
+Mode = str | Spec | tuple[float, float]
 #: (codec, payload, params, sha256 of what a pull decodes, fidelity stats or None)
 _Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None]
 
@@ -171,7 +171,7 @@ def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Enc
     if isinstance(mode, str):
         payload, params = get_codec(mode).encode(memoryview(raw), dtype)
         return mode, payload, params, hashlib.sha256(raw).hexdigest(), None
-    enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, mode)
+    enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, *mode)
     params = dict(enc.params)
     if enc.codec == "quant":
         # Lets a device target verify the compact bytes before expanding them there.
@@ -379,16 +379,17 @@ class _SafetensorsSink:
         header = parse_header(header_bytes, self.upload.size)
         self.header_text = header_bytes.decode("utf-8")
         for t in header.tensors:
-            mode = self.policy.mode_for(t.name, t.dtype.name, t.shape)
+            policy_mode = self.policy.mode_for(t.name, t.dtype.name, t.shape)
             entry = TensorEntry(
                 file=self.upload.path,
                 name=t.name,
                 dtype=t.dtype.name,
                 shape=list(t.shape),
                 data_offsets=[t.begin, t.end],
-                codec=mode_name(mode),
+                codec=mode_name(policy_mode),
                 chunks=[],
             )
+            mode: Mode = (policy_mode, auto_margin(t.name)) if isinstance(policy_mode, float) else policy_mode
             self.ingest.tensors.append(entry)
             for plan in plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes):
                 self.queue.append((entry, t.dtype, plan, mode))
