@@ -17,7 +17,6 @@ The torch import stays in this adapter; codecs remain numpy-only.
 from __future__ import annotations
 
 import hashlib
-import threading
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Manifest
 from mzstore.pull.plan import ChunkTask
-from mzstore.pull.sinks import torch_dtype
+from mzstore.pull.sinks import ScratchBuffers, select_tensors, torch_dtype
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -87,25 +86,17 @@ class DeviceStateDictSink:
         import torch
 
         self.device = torch.device(device)
-        self.entries = [t for t in manifest.tensors if files is None or t.file in files]
-        names = [t.name for t in self.entries]
-        if len(set(names)) != len(names):
-            raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
+        self.entries = select_tensors(manifest, files)
         self.buffers: dict[str, Any] = {}
         for t in self.entries:
-            torch_dtype(t.dtype)
             self.buffers[t.name] = torch.empty(
                 t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=self.device
             )
-        self._local = threading.local()
+        self._scratch = ScratchBuffers()
 
     def target(self, task: ChunkTask) -> np.ndarray:
         """Lossless chunks decode into a per-thread host scratch buffer first."""
-        size = task.chunk.raw_length
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = self._local.buf = np.empty(size, dtype=np.uint8)
-        return buf[:size]
+        return self._scratch.get(task.chunk.raw_length)
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
         import torch

@@ -25,8 +25,32 @@ from typing import Any
 import numpy as np
 
 from mzstore.errors import InvalidArgument
-from mzstore.format.manifest import FileEntry, Manifest
+from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
 from mzstore.pull.plan import ChunkTask, safetensors_data_start
+
+
+class ScratchBuffers:
+    """One growing ``uint8`` buffer per thread: freed multi-MiB buffers would pile up in malloc arenas."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, size: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = np.empty(size, dtype=np.uint8)
+        return buf[:size]
+
+
+def select_tensors(manifest: Manifest, files: list[str] | None) -> list[TensorEntry]:
+    """The tensors of the chosen files; their names must be unique to make a state dict."""
+    entries = [t for t in manifest.tensors if files is None or t.file in files]
+    names = [t.name for t in entries]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
+    for t in entries:
+        torch_dtype(t.dtype)  # fail early on dtypes torch cannot hold
+    return entries
 
 
 class DirectorySink:
@@ -39,15 +63,11 @@ class DirectorySink:
         self.files = files if files is not None else manifest.files
         self.stage = self.out / f".mzstore-partial-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
-        self._local = threading.local()
+        self._scratch = ScratchBuffers()
 
     def target(self, task: ChunkTask) -> np.ndarray:
         """A per-thread scratch buffer, reused so memory stays flat over the pull."""
-        size = task.chunk.raw_length
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = self._local.buf = np.empty(size, dtype=np.uint8)
-        return buf[:size]
+        return self._scratch.get(task.chunk.raw_length)
 
     def open(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -135,13 +155,9 @@ class StateDictSink:
     def __init__(self, manifest: Manifest, files: list[str] | None = None) -> None:
         import torch
 
-        self.entries = [t for t in manifest.tensors if files is None or t.file in files]
-        names = [t.name for t in self.entries]
-        if len(set(names)) != len(names):
-            raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
+        self.entries = select_tensors(manifest, files)
         self.buffers: dict[str, Any] = {}
         for t in self.entries:
-            torch_dtype(t.dtype)  # fail early on unsupported dtypes
             self.buffers[t.name] = torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
 
     def target(self, task: ChunkTask) -> np.ndarray:
