@@ -26,7 +26,7 @@ from typing import Any
 
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
-from mzstore.storage.store import Store
+from mzstore.storage.store import Staged, Store
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ShardStats:
     shards: int = 0
     bytes_stored: int = 0
     blobs: list[str] = field(default_factory=list)
-    staged: list[tuple[str, Path | None]] = field(default_factory=list)
+    staged: list[Staged] = field(default_factory=list)
 
 
 class ShardWriter:
@@ -94,12 +94,12 @@ class ShardWriter:
         self.stats.shards += 1
         self.stats.bytes_stored += len(header) + (entries[-1].end if entries else 0)
         self.stats.blobs.append(digest)
-        self.stats.staged.append((digest, staged))
+        self.stats.staged.append(staged)
 
     def publish(self) -> None:
         """Make every sealed shard visible in the store (called just before the manifest)."""
-        for digest, staged in self.stats.staged:
-            self.store.publish_blob(digest, staged)
+        for staged in self.stats.staged:
+            self.store.publish_blob(staged)
         self.stats.staged = []
 
     def abort(self) -> None:
@@ -109,7 +109,6 @@ class ShardWriter:
             os.unlink(self._spool.name)
             self._spool = None
         self._entries = []
-        for _, staged in self.stats.staged:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+        for staged in self.stats.staged:
+            self.store.discard_blob(staged)
         self.stats.staged = []

@@ -1,4 +1,4 @@
-"""The store: the design's layout over a storage node.
+"""The store: the design's layout, placed and replicated over storage nodes.
 
 ::
 
@@ -6,11 +6,27 @@
     manifests/sha256/<2 hex>/<hex>    immutable manifest JSON
     refs/<name>/<tag>                 "sha256:<hex>" of the manifest
 
-Commit order is blobs → manifest → ref (:meth:`Store.commit` checks every
-blob exists before writing the manifest, and the manifest before the ref),
-so a reader that finds a ref always finds what it points to. Manifests are
-verified against their digest on every read. Names and tags are validated
-before any path is built from them.
+How it works:
+
+* **Blobs** go to the R nodes that rendezvous hashing ranks first for their
+  digest (:mod:`mzstore.storage.placement`). A push succeeds only when every
+  blob reached all R of its nodes; a write that fails on any of them fails
+  the push (never acknowledge less).
+* **Manifests and refs** go to every node; the write fails unless every node
+  took it. Reads use the first node that has a manifest with the right
+  digest; a ref is read from every reachable node and the majority value
+  wins (ties: node order), so one stale or lost node cannot redirect a tag.
+* **Reads verify.** Before serving bytes of a blob from a node, the server
+  checks the whole blob's sha256 on that node once (blobs are immutable, so
+  the answer is cached per process). A missing, corrupt or unreachable copy
+  makes the read fail over to the next node in preference order; the copies
+  found missing or corrupt are then repaired from the good one. When no
+  intact copy is left the read fails with a data-loss error, never with
+  wrong bytes.
+* **Commit order** is blobs → manifest → ref (:meth:`Store.commit` checks
+  every blob before the manifest and the manifest before the ref), so a
+  reader that finds a ref finds what it points to. Names and tags are
+  validated before any path is built from them.
 
 A name may not also be a tag path of another name (``org/m:latest`` and
 ``org/m/latest:v1`` would need ``refs/org/m/latest`` to be both a file and a
@@ -20,14 +36,21 @@ directory); such a push is refused with :class:`~mzstore.errors.Conflict`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mzstore.errors import Conflict, FormatError, IntegrityError, NotFound
+from mzstore.errors import Conflict, FormatError, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
 from mzstore.format.manifest import digest_of
 from mzstore.format.refs import Ref, parse_ref, validate_digest, validate_name, validate_tag
+from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, open_node
+
+log = logging.getLogger("mzstore.storage")
+BLOCK = 8 * 1024 * 1024
 
 
 def _hex(digest: str) -> str:
@@ -48,6 +71,14 @@ def ref_key(name: str, tag: str) -> str:
     return f"refs/{validate_name(name)}/{validate_tag(tag)}"
 
 
+def digest_from_key(key: str) -> str | None:
+    """``sha256:<hex>`` for a ``blobs/…`` or ``manifests/…`` key, else ``None``."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[1] == "sha256" and len(parts[3]) == 64 and parts[2] == parts[3][:2]:
+        return f"sha256:{parts[3]}"
+    return None
+
+
 @dataclass(frozen=True)
 class RefEntry:
     name: str
@@ -55,37 +86,81 @@ class RefEntry:
     digest: str
 
 
+@dataclass
+class Staged:
+    """A blob written to its nodes but not yet visible on the local ones (see :meth:`Store.publish_blob`)."""
+
+    digest: str
+    pending: list[tuple[LocalNode, Path]] = field(default_factory=list)
+
+
 class Store:
-    """Blobs, manifests and refs on one node (replication comes with more nodes)."""
+    """Blobs, manifests and refs over one or more nodes, blobs on ``replicas`` of them.
 
-    def __init__(self, node: Node | str | Path) -> None:
-        self.node: Node = open_node(node) if isinstance(node, (str, Path)) else node
+    Args:
+        nodes: one node, URL or path, or a list of them.
+        replicas: copies of every blob (at most the number of nodes).
+    """
 
-    # -- blobs ------------------------------------------------------------
+    def __init__(self, nodes: Node | str | Path | Sequence[Node | str | Path], replicas: int = 1) -> None:
+        items: list[Node | str | Path] = list(nodes) if isinstance(nodes, (list, tuple)) else [nodes]  # type: ignore[list-item]
+        if not items:
+            raise InvalidArgument("a store needs at least one node")
+        self.nodes: list[Node] = [open_node(n) if isinstance(n, (str, Path)) else n for n in items]
+        urls = [n.url for n in self.nodes]
+        if len(set(urls)) != len(urls):
+            raise InvalidArgument("the same node is listed twice")
+        if not 1 <= replicas <= len(self.nodes):
+            raise InvalidArgument(f"--replicas {replicas} needs between 1 and {len(self.nodes)} nodes")
+        self.replicas = replicas
+        self._verified: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def node(self) -> Node:
+        """The first node (the only one in the embedded default)."""
+        return self.nodes[0]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    # -- placement ----------------------------------------------------------
+    def targets(self, digest: str) -> list[Node]:
+        """The nodes that must hold ``digest``."""
+        return [self.nodes[i] for i in placement.place(self.urls, digest, self.replicas)]
+
+    def preference(self, digest: str) -> list[Node]:
+        """Every node, in the order reads try them for ``digest``."""
+        return [self.nodes[i] for i in placement.rank(self.urls, digest)]
+
+    # -- blobs ----------------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
-        return self.node.exists(blob_key(digest))
+        """True when every target node holds the blob (what a commit requires)."""
+        key = blob_key(digest)
+        return all(_exists(n, key) for n in self.targets(digest))
 
-    def stage_blob(self, source: Path, prefix: bytes = b"") -> tuple[str, Path | None]:
-        """Store ``prefix`` + content of ``source`` as a blob that becomes visible at :meth:`publish_blob`.
+    def stage_blob(self, source: Path, prefix: bytes = b"") -> tuple[str, Staged]:
+        """Store ``prefix`` + content of ``source`` on the blob's target nodes.
 
-        On a local node the bytes are copied to a temp file on the same disk
-        in one pass that also computes the digest, and publishing is a
-        rename, so a push that fails leaves no blob behind. Other nodes need
-        the digest first (it is the key), then get the blob at once (an
-        unreferenced blob there is reclaimed by garbage collection).
+        Local nodes get a fsynced temp file on their own disk, made visible
+        by :meth:`publish_blob` (a rename), so a failed push leaves no blob
+        there; other nodes get the blob at once (an unreferenced blob there
+        is reclaimed by garbage collection). With a single local node the
+        copy and the digest are computed in one pass.
 
-        Returns:
-            ``(digest, staged path)``; the path is ``None`` when there is
-            nothing left to publish (already stored, or written directly).
+        Raises:
+            MzstoreError: if any target node cannot take the blob.
         """
 
         def blocks() -> Iterator[bytes]:
             yield prefix
             with open(source, "rb") as fh:
-                while block := fh.read(8 * 1024 * 1024):
+                while block := fh.read(BLOCK):
                     yield block
 
-        if isinstance(self.node, LocalNode):
+        only = self.nodes[0]
+        if len(self.nodes) == 1 and isinstance(only, LocalNode):
             hasher = hashlib.sha256()
 
             def hashed() -> Iterator[bytes]:
@@ -93,127 +168,285 @@ class Store:
                     hasher.update(block)
                     yield block
 
-            staged = self.node.stage("blob", hashed())
+            path = only.stage("blob", hashed())
             digest = "sha256:" + hasher.hexdigest()
-            if self.node.exists(blob_key(digest)):
-                staged.unlink(missing_ok=True)
-                return digest, None
-            return digest, staged
+            if only.exists(blob_key(digest)):
+                path.unlink(missing_ok=True)
+                return digest, Staged(digest)
+            return digest, Staged(digest, [(only, path)])
         hasher = hashlib.sha256()
         for block in blocks():
             hasher.update(block)
         digest = "sha256:" + hasher.hexdigest()
-        if not self.node.exists(blob_key(digest)):
-            self.node.write(blob_key(digest), blocks())
-        return digest, None
+        staged = Staged(digest)
+        key = blob_key(digest)
+        try:
+            for node in self.targets(digest):
+                if _exists(node, key):
+                    continue
+                if isinstance(node, LocalNode):
+                    staged.pending.append((node, node.stage(key, blocks())))
+                else:
+                    node.write(key, blocks())
+        except BaseException:
+            self.discard_blob(staged)
+            raise
+        return digest, staged
 
-    def publish_blob(self, digest: str, staged: Path | None) -> None:
-        """Make a staged blob visible (no-op when it was written directly)."""
-        if staged is not None:
-            assert isinstance(self.node, LocalNode)
-            self.node.publish(staged, blob_key(digest))
+    def publish_blob(self, staged: Staged) -> None:
+        """Make a staged blob visible on its local nodes."""
+        while staged.pending:
+            node, path = staged.pending.pop()
+            node.publish(path, blob_key(staged.digest))
+
+    def discard_blob(self, staged: Staged) -> None:
+        """Drop what a failed push staged (local temp files)."""
+        while staged.pending:
+            _, path = staged.pending.pop()
+            path.unlink(missing_ok=True)
 
     def put_blob(self, digest: str, data: bytes) -> None:
+        """Store a small blob held in memory on its target nodes."""
         if digest_of(data) != digest:
             raise IntegrityError(f"blob content does not match {digest}")
         key = blob_key(digest)
-        if not self.node.exists(key):
-            self.node.write(key, [data])
+        for node in self.targets(digest):
+            if not _exists(node, key):
+                node.write(key, [data])
+
+    def _verify_on(self, node: Node, digest: str) -> None:
+        """Check the whole blob's sha256 on ``node`` once per process.
+
+        Raises:
+            NotFound, Unavailable, IntegrityError.
+        """
+        if (node.url, digest) in self._verified:
+            return
+        key = blob_key(digest)
+        size = node.size(key)
+        hasher = hashlib.sha256()
+        offset = 0
+        while offset < size:
+            block = node.read(key, offset, min(BLOCK, size - offset))
+            if not block:
+                break
+            hasher.update(block)
+            offset += len(block)
+        if offset != size or "sha256:" + hasher.hexdigest() != digest:
+            raise IntegrityError(f"blob {digest} on {node.url} is corrupt")
+        with self._lock:
+            self._verified.add((node.url, digest))
+
+    def _good_node(self, digest: str) -> Node:
+        """The first node (in preference order) holding an intact copy; repairs the targets it passed."""
+        problems: list[tuple[Node, str]] = []
+        for node in self.preference(digest):
+            try:
+                self._verify_on(node, digest)
+            except NotFound:
+                problems.append((node, "missing"))
+                continue
+            except IntegrityError:
+                problems.append((node, "corrupt"))
+                continue
+            except (Unavailable, MzstoreError, OSError) as exc:
+                problems.append((node, f"unreachable ({type(exc).__name__})"))
+                continue
+            if problems:
+                self._repair(digest, node, [n for n, why in problems if not why.startswith("unreachable")])
+            return node
+        detail = "; ".join(f"{n.url}: {why}" for n, why in problems)
+        if all(why.startswith("unreachable") for _, why in problems):
+            raise Unavailable(f"no node holding blob {digest} is reachable ({detail})")
+        raise IntegrityError(f"data loss: no intact copy of blob {digest} is left ({detail})")
+
+    def _repair(self, digest: str, source: Node, broken: list[Node]) -> None:
+        """Rewrite missing or corrupt copies on target nodes from an intact one."""
+        targets = {n.url for n in self.targets(digest)}
+        key = blob_key(digest)
+        for node in broken:
+            with self._lock:
+                self._verified.discard((node.url, digest))
+            try:
+                if node.url not in targets:
+                    if _exists(node, key):
+                        node.delete(key)  # a corrupt stray copy: drop it
+                    continue
+                node.write(key, _stream(source, key))
+                log.warning("repaired blob %s on %s from %s", digest, node.url, source.url)
+            except (MzstoreError, OSError) as exc:
+                log.warning("could not repair blob %s on %s: %s", digest, node.url, exc)
 
     def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read from the first intact copy (failing over and repairing as needed)."""
+        node = self._good_node(digest)
         try:
-            return self.node.read(blob_key(digest), offset, length)
-        except NotFound:
-            raise NotFound(f"blob {digest} not found") from None
+            return node.read(blob_key(digest), offset, length)
+        except (NotFound, Unavailable):
+            with self._lock:
+                self._verified.discard((node.url, digest))
+            return self._good_node(digest).read(blob_key(digest), offset, length)
 
     def blob_size(self, digest: str) -> int:
         try:
-            return self.node.size(blob_key(digest))
-        except NotFound:
-            raise NotFound(f"blob {digest} not found") from None
+            return self._good_node(digest).size(blob_key(digest))
+        except IntegrityError as exc:
+            if all(not _exists(n, blob_key(digest)) for n in self._reachable()):
+                raise NotFound(f"blob {digest} not found") from None
+            raise exc
 
-    # -- manifests --------------------------------------------------------
+    # -- manifests -----------------------------------------------------------
     def put_manifest(self, data: bytes) -> str:
+        """Write a manifest to every node (all must take it)."""
         digest = digest_of(data)
         key = manifest_key(digest)
-        if not self.node.exists(key):
-            self.node.write(key, [data])
+        for node in self.nodes:
+            if not _exists(node, key):
+                node.write(key, [data])
         return digest
 
     def get_manifest(self, digest: str) -> bytes:
-        try:
-            data = self.node.read(manifest_key(digest))
-        except NotFound:
-            raise NotFound(f"manifest {digest} not found") from None
-        if digest_of(data) != digest:
-            raise IntegrityError(f"stored manifest {digest} is corrupt (its bytes hash differently)")
-        return data
+        """The manifest from the first node with an intact copy; repairs the others."""
+        key = manifest_key(digest)
+        broken: list[Node] = []
+        errors: list[str] = []
+        for node in self.nodes:
+            try:
+                data = node.read(key)
+            except NotFound:
+                broken.append(node)
+                continue
+            except (MzstoreError, OSError) as exc:
+                errors.append(f"{node.url}: {exc}")
+                continue
+            if digest_of(data) != digest:
+                broken.append(node)
+                errors.append(f"{node.url}: corrupt")
+                continue
+            for other in broken:
+                try:
+                    other.write(key, [data])
+                except (MzstoreError, OSError):
+                    pass
+            return data
+        if any("corrupt" in e for e in errors):
+            raise IntegrityError(f"data loss: no intact copy of manifest {digest} ({'; '.join(errors)})")
+        if errors and not broken:
+            raise Unavailable(f"manifest {digest}: no node reachable ({'; '.join(errors)})")
+        raise NotFound(f"manifest {digest} not found")
 
-    # -- refs -------------------------------------------------------------
+    def has_manifest(self, digest: str) -> bool:
+        return any(_exists(n, manifest_key(digest)) for n in self._reachable())
+
+    # -- refs -----------------------------------------------------------------
     def set_ref(self, name: str, tag: str, digest: str) -> None:
+        """Point ``name:tag`` at a manifest on every node (all must take it)."""
         validate_digest(digest)
-        if not self.node.exists(manifest_key(digest)):
+        if not self.has_manifest(digest):
             raise NotFound(f"manifest {digest} not found; refusing to point a tag at it")
         key = ref_key(name, tag)
-        if isinstance(self.node, LocalNode) and (self.node.root / key).is_dir():
-            raise Conflict(f"{name}:{tag} clashes with the model name {name}/{tag}")
-        self.node.write(key, [f"{digest}\n".encode("ascii")])
+        for node in self.nodes:
+            if isinstance(node, LocalNode) and (node.root / key).is_dir():
+                raise Conflict(f"{name}:{tag} clashes with the model name {name}/{tag}")
+        for node in self.nodes:
+            node.write(key, [f"{digest}\n".encode("ascii")])
 
     def get_ref(self, name: str, tag: str) -> str:
-        try:
-            text = self.node.read(ref_key(name, tag))
-        except NotFound:
-            raise NotFound(f"{name}:{tag} not found") from None
-        except Conflict:
-            raise NotFound(f"{name}:{tag} not found") from None
-        try:
-            return validate_digest(text.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise FormatError(f"ref {name}:{tag} is corrupt") from None
+        """The majority value of ``name:tag`` over the reachable nodes."""
+        key = ref_key(name, tag)
+        values: list[str] = []
+        unreachable = 0
+        for node in self.nodes:
+            try:
+                text = node.read(key)
+            except (NotFound, Conflict):
+                continue
+            except (MzstoreError, OSError):
+                unreachable += 1
+                continue
+            try:
+                values.append(validate_digest(text.decode("ascii").strip()))
+            except (UnicodeDecodeError, ValueError):
+                continue
+        if not values:
+            if unreachable == len(self.nodes):
+                raise Unavailable(f"{name}:{tag}: no storage node is reachable")
+            raise NotFound(f"{name}:{tag} not found")
+        counts = Counter(values)
+        best = max(counts.values())
+        return next(v for v in values if counts[v] == best)
 
     def resolve(self, ref: str | Ref) -> tuple[Ref, str]:
         """Return the parsed ref and the manifest digest it points to."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
         if parsed.digest:
-            if not self.node.exists(manifest_key(parsed.digest)):
+            if not self.has_manifest(parsed.digest):
                 raise NotFound(f"manifest {parsed.digest} not found")
             return parsed, parsed.digest
         return parsed, self.get_ref(parsed.name, parsed.tag)
 
     def delete_ref(self, name: str, tag: str) -> str:
         digest = self.get_ref(name, tag)
-        self.node.delete(ref_key(name, tag))
+        for node in self.nodes:
+            try:
+                node.delete(ref_key(name, tag))
+            except NotFound:
+                pass
         return digest
 
     def list_refs(self, name: str | None = None) -> list[RefEntry]:
         prefix = f"refs/{validate_name(name)}" if name else "refs"
+        seen: set[tuple[str, str]] = set()
+        for node in self._reachable():
+            for key in node.walk(prefix):
+                parts = key.split("/")
+                if len(parts) < 3:
+                    continue
+                ref_name, tag = "/".join(parts[1:-1]), parts[-1]
+                if not name or ref_name == name:
+                    seen.add((ref_name, tag))
         out = []
-        for key in self.node.walk(prefix):
-            parts = key.split("/")
-            if len(parts) < 3:
-                continue
-            ref_name, tag = "/".join(parts[1:-1]), parts[-1]
-            if name and ref_name != name:
-                continue
+        for ref_name, tag in sorted(seen):
             try:
                 out.append(RefEntry(ref_name, tag, self.get_ref(ref_name, tag)))
             except (NotFound, FormatError, ValueError):
                 continue
-        return sorted(out, key=lambda e: (e.name, e.tag))
+        return out
 
-    # -- commit -----------------------------------------------------------
+    # -- commit -----------------------------------------------------------------
     def commit(self, name: str, tag: str, manifest: bytes, blobs: Iterable[str]) -> str:
-        """Write ``manifest`` and point ``name:tag`` at it, after checking every blob.
+        """Write ``manifest`` and point ``name:tag`` at it, after checking every blob on every target.
 
         Returns:
             The manifest digest.
 
         Raises:
-            IntegrityError: if a referenced blob is missing (never commit a dangling ref).
+            IntegrityError: if a referenced blob is missing somewhere (never commit a dangling ref).
         """
         for digest in blobs:
             if not self.has_blob(digest):
-                raise IntegrityError(f"blob {digest} is missing; refusing to commit {name}:{tag}")
+                raise IntegrityError(f"blob {digest} is missing on a target node; refusing to commit {name}:{tag}")
         digest = self.put_manifest(manifest)
         self.set_ref(name, tag, digest)
         return digest
+
+    def _reachable(self) -> list[Node]:
+        return list(self.nodes)
+
+
+def _exists(node: Node, key: str) -> bool:
+    try:
+        return node.exists(key)
+    except (MzstoreError, OSError):
+        return False
+
+
+def _stream(node: Node, key: str) -> Iterator[bytes]:
+    size = node.size(key)
+    offset = 0
+    while offset < size:
+        block = node.read(key, offset, min(BLOCK, size - offset))
+        if not block:
+            raise IntegrityError(f"{key} on {node.url} ended early")
+        yield block
+        offset += len(block)
