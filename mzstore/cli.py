@@ -114,23 +114,139 @@ def _check_port_free(listen: str) -> None:
             raise MzstoreError(f"cannot serve on {listen}: {exc.strerror or exc}") from None
 
 
+def storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags that say where the data lives (shared by serve and the admin commands)."""
+    fn = click.option(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="Endpoint of an S3-compatible store (MinIO, Ceph RGW); credentials come from the AWS environment.",
+    )(fn)
+    fn = click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Copies of every blob.")(
+        fn
+    )
+    fn = click.option(
+        "--node",
+        "nodes",
+        multiple=True,
+        metavar="URL",
+        help="Storage node (file:///path or s3://bucket/prefix). Repeatable; replaces --root.",
+    )(fn)
+    fn = click.option(
+        "--root",
+        type=click.Path(file_okay=False),
+        help="Storage directory, the one-node default [default $MZSTORE_HOME/data or ./mzstore-data].",
+    )(fn)
+    return fn
+
+
+def _open_store(root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None) -> Any:
+    from mzstore.storage import Store, open_node
+
+    if root and nodes:
+        raise click.UsageError("give either --root or --node, not both")
+    urls = list(nodes) or [root or str(_settings().default_root)]
+    opened = [
+        open_node(u, endpoint_url=s3_endpoint_url) if s3_endpoint_url and u.startswith("s3://") else open_node(u)
+        for u in urls
+    ]
+    try:
+        return Store(opened, replicas)
+    except MzstoreError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @main.command()
-@click.option(
-    "--root", type=click.Path(file_okay=False), help="Storage directory [default $MZSTORE_HOME/data or ./mzstore-data]."
-)
+@storage_options
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def serve(root: str | None, listen: str, verbose: bool) -> None:
-    """Run a server over a local storage directory."""
+def serve(
+    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, listen: str, verbose: bool
+) -> None:
+    """Run a server over a local directory or over storage nodes."""
     from mzstore.server.app import serve as run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = _settings()
+    store = _open_store(root, nodes, replicas, s3_endpoint_url)
     _check_port_free(listen)
     try:
-        run(root or settings.default_root, listen, settings)
+        run(store, listen, settings)
     except OSError as exc:
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
+
+
+def _admin_report(report: Any, as_json: bool, summary: str) -> None:
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        click.echo(summary)
+        for label in ("missing", "corrupt", "lost", "repaired", "deleted"):
+            for item in getattr(report, label):
+                click.echo(f"  {label}: {item}")
+    if not report.ok:
+        raise MzstoreError(f"{len(report.lost)} lost, {len(report.missing)} missing, {len(report.corrupt)} corrupt")
+
+
+@main.command()
+@storage_options
+@click.option("--repair", is_flag=True, help="Rewrite missing or corrupt copies from intact ones.")
+@json_option
+def fsck(
+    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, repair: bool, as_json: bool
+) -> None:
+    """Verify every blob and manifest on every node (exit 1 if anything is missing or corrupt)."""
+    from mzstore.storage.admin import fsck as run
+
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url), repair=repair)
+    if repair and report.repaired and not report.lost:
+        report.missing.clear()
+        report.corrupt.clear()
+    _admin_report(
+        report,
+        as_json,
+        f"checked {report.manifests} manifests and {report.blobs} blobs: {len(report.missing)} missing, "
+        f"{len(report.corrupt)} corrupt, {len(report.lost)} lost, {len(report.repaired)} repaired",
+    )
+
+
+@main.command()
+@storage_options
+@json_option
+def rebalance(
+    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, as_json: bool
+) -> None:
+    """Move blobs to the nodes placement now assigns them (after adding or removing nodes)."""
+    from mzstore.storage.admin import rebalance as run
+
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url))
+    share = report.moved / report.copies if report.copies else 0.0
+    _admin_report(
+        report, as_json, f"{report.blobs} blobs: moved {report.moved} of {report.copies} copies ({share:.1%})"
+    )
+
+
+@main.command()
+@storage_options
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=24 * 3600,
+    show_default=True,
+    help="Seconds an unreferenced object is kept.",
+)
+@json_option
+def gc(
+    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, grace: float, as_json: bool
+) -> None:
+    """Delete blobs no manifest references and manifests no tag points at, older than --grace."""
+    from mzstore.storage.admin import gc as run
+
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url), grace_s=grace)
+    _admin_report(
+        report,
+        as_json,
+        f"deleted {len(report.deleted)} objects, kept {report.kept_young} younger than the grace period",
+    )
 
 
 @main.command()

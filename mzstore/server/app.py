@@ -61,12 +61,16 @@ def _clean_spool(node: LocalNode) -> None:
 
 
 def build_server(
-    root: str | Path, listen: str = "127.0.0.1:0", settings: Settings | None = None, max_workers: int = 16
+    root: str | Path | Store | list[str],
+    listen: str = "127.0.0.1:0",
+    settings: Settings | None = None,
+    max_workers: int = 16,
 ) -> RunningServer:
-    """Create and start a server over the storage at ``root``.
+    """Create and start a server over storage nodes.
 
     Args:
-        root: a directory or a node URL.
+        root: a directory or node URL (the embedded default), a list of node
+            URLs (one replica per blob), or a configured :class:`Store`.
         listen: ``HOST:PORT``; port 0 picks a free port.
         settings: chunk and shard sizes; defaults from :class:`Settings`.
 
@@ -74,10 +78,16 @@ def build_server(
         The started server and the port it bound.
     """
     settings = settings or Settings()
-    node = open_node(root)
-    store = Store(node)
-    spool = node.tempdir() if isinstance(node, LocalNode) else None
-    if isinstance(node, LocalNode):
+    if isinstance(root, Store):
+        store = root
+    elif isinstance(root, list):
+        store = Store([open_node(u) for u in root])
+    else:
+        store = Store(open_node(root))
+    local = [n for n in store.nodes if isinstance(n, LocalNode)]
+    # Shards are spooled on a local node's disk when there is one (staging there is a rename).
+    spool = local[0].tempdir() if local else None
+    for node in local:
         _clean_spool(node)
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -101,7 +111,7 @@ def build_server(
 
 
 def serve(
-    root: str | Path,
+    root: str | Path | Store | list[str],
     listen: str,
     settings: Settings | None = None,
     ready: threading.Event | None = None,
@@ -110,8 +120,10 @@ def serve(
     """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
     running = build_server(root, listen, settings)
     host = listen.rsplit(":", 1)[0]
-    log.info("mzstore serving %s on %s:%d", running.store.node.url, host, running.port)
-    print(f"mzstore serving {running.store.node.url} on {host}:{running.port}", flush=True)
+    where = ", ".join(running.store.urls)
+    copies = f" ({running.store.replicas} replicas)" if len(running.store.nodes) > 1 else ""
+    log.info("mzstore serving %s%s on %s:%d", where, copies, host, running.port)
+    print(f"mzstore serving {where}{copies} on {host}:{running.port}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -4,7 +4,8 @@ A node is addressed by an fsspec URL. ``file://`` (or a plain path) gets
 :class:`LocalNode`, which uses the OS directly because durability needs
 ``fsync`` of the file *and* of its directory, which fsspec's local backend
 does not do. Every other protocol gets :class:`FsspecNode` (object stores
-make a single PUT atomic by themselves).
+make a single PUT atomic by themselves; a large write is a multipart upload
+completed only after its last part, and aborted if the source fails).
 
 Why temp-then-rename: a reader (another server over the same root, or a
 pull racing a push) must never see a half-written blob or manifest; a
@@ -15,15 +16,16 @@ reasoning in huggingface_hub's ``_download_to_tmp_and_move``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from mzstore.errors import Conflict, NotFound, ResourceExhausted, Unavailable
+from mzstore.errors import Conflict, InvalidArgument, MzstoreError, NotFound, ResourceExhausted, Unavailable
 
 TMP_DIR = "tmp"
 
@@ -44,6 +46,10 @@ class Node(Protocol):
     def size(self, key: str) -> int: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def mtime(self, key: str) -> float:
+        """When ``key`` was last written, in POSIX seconds (garbage collection's grace period)."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
@@ -134,6 +140,12 @@ class LocalNode:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def mtime(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except OSError as exc:
+            raise _map_oserror(exc, key) from exc
+
     def delete(self, key: str) -> None:
         try:
             self._path(key).unlink()
@@ -165,15 +177,118 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class FsspecNode:
-    """Any fsspec file system (object stores, ``memory://``)."""
+#: Options each protocol gets unless the caller passes its own (dicts merge one
+#: level deep, so ``config_kwargs={"read_timeout": 60}`` keeps the other keys).
+#:
+#: s3: a dead or blackholed endpoint must fail in seconds so the store can fail
+#: over to another replica, not after botocore's default of minutes of retries;
+#: and listings are never cached, because other servers write to the same
+#: bucket and a cached listing would hide their keys from ``walk``/``exists``.
+_PROTOCOL_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {
+        "use_listings_cache": False,
+        "config_kwargs": {
+            "connect_timeout": 2,
+            "read_timeout": 20,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        },
+    },
+}
+_PROTOCOL_OPTIONS["s3a"] = _PROTOCOL_OPTIONS["s3"]
 
-    def __init__(self, url: str, **storage_options: object) -> None:
+#: s3fs retries some errors itself (read timeouts, dropped connections) on top
+#: of botocore's retries; its default of 5 multiplies a hung endpoint's delay.
+_PROTOCOL_ATTRIBUTES: dict[str, dict[str, Any]] = {"s3": {"retries": 2}, "s3a": {"retries": 2}}
+
+#: Protocols whose ``open(..., "wb")`` publishes bytes as they are written (the
+#: in-process memory file system): writes there are buffered and set at once.
+_WHOLE_VALUE_PROTOCOLS = frozenset({"memory"})
+
+#: Writes up to this size are one PUT; larger ones stream as a multipart upload
+#: of parts this size, completed only after the last chunk (S3's minimum part is 5 MiB).
+WRITE_PART_BYTES = 16 * 1024 * 1024
+
+
+def _merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    # Deep copies: botocore rewrites the ``retries`` dict it is given in place.
+    merged = copy.deepcopy(defaults)
+    for name, value in copy.deepcopy(given).items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types an fsspec backend raises for I/O trouble (beyond ``OSError``)."""
+    errors: list[type[BaseException]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError as AiohttpClientError
+
+        errors.append(AiohttpClientError)
+    return tuple(errors)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs translated, if it kept the cause."""
+    for err in (exc, exc.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+    return None
+
+
+class FsspecNode:
+    """Any fsspec file system (object stores, ``memory://``).
+
+    Keys are relative to the URL's path (``s3://bucket/prefix`` stores ``k``
+    at ``bucket/prefix/k``). Writes never expose partial bytes: a small value
+    is one PUT, a large one a multipart upload that is completed only after
+    the last chunk and aborted if the chunks fail, so readers (and other
+    servers) see the old object or the new one. Failures surface as
+    :mod:`mzstore.errors`: a missing key is :class:`NotFound`; an unreachable
+    endpoint, a missing bucket or denied access is :class:`Unavailable`, with
+    a one-line message naming the node, so the store can fail over.
+    """
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None, **storage_options: Any) -> None:
+        """Open the file system for ``url``.
+
+        Args:
+            url: an fsspec URL such as ``s3://bucket/prefix`` or ``memory://root``.
+            endpoint_url: the object store's endpoint (MinIO, Ceph RGW, a test
+                server); ``None`` uses the backend's own configuration (for S3:
+                ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS).
+            storage_options: passed to the fsspec file system, over the
+                protocol's defaults (for s3: short timeouts, no listing cache).
+        """
         import fsspec  # adapter-only import
 
         self.url = url.rstrip("/")
-        self.fs, self.base = fsspec.core.url_to_fs(self.url, **storage_options)
-        self.base = self.base.rstrip("/")
+        self.protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        if endpoint_url is not None:
+            storage_options["endpoint_url"] = endpoint_url
+        self.endpoint_url = endpoint_url
+        options = _merge_options(_PROTOCOL_OPTIONS.get(self.protocol, {}), storage_options)
+        self.fs, base = fsspec.core.url_to_fs(self.url, **options)
+        for name, value in _PROTOCOL_ATTRIBUTES.get(self.protocol, {}).items():
+            setattr(self.fs, name, value)
+        self.base = base.rstrip("/")
+        self._caught = _transport_errors()
+
+    def __repr__(self) -> str:
+        return f"FsspecNode({self.url!r})"
 
     def _path(self, key: str) -> str:
         return f"{self.base}/{key}"
@@ -181,55 +296,186 @@ class FsspecNode:
     def tempdir(self) -> None:
         return None
 
-    def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
+    # -- error mapping ----------------------------------------------------
+    def _where(self) -> str:
+        return f"storage node {self.url}" + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+
+    def _map_error(self, exc: BaseException, key: str) -> Exception:
+        """Translate a backend exception into the matching :mod:`mzstore.errors` one."""
+        code = _s3_error_code(exc)
+        if code in ("NoSuchBucket", "AllAccessDisabled"):
+            return Unavailable(f"{self._where()}: the bucket does not exist or is disabled ({_one_line(exc)})")
+        if isinstance(exc, FileNotFoundError):
+            return NotFound(f"{key} not found")
+        if isinstance(exc, PermissionError):
+            return Unavailable(
+                f"{self._where()} denied access to {key}; check its credentials and bucket policy ({_one_line(exc)})"
+            )
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ResourceExhausted(f"{self._where()} is full while writing {key}")
+        if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+            return Conflict(f"{key} conflicts with an existing path on {self._where()}")
+        return Unavailable(f"{self._where()} is unavailable ({key}): {_one_line(exc)}")
+
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
         try:
-            with self.fs.open(self._path(key), "wb") as fh:
-                for chunk in chunks:
+            yield
+        except MzstoreError:
+            raise
+        except self._caught as exc:
+            raise self._map_error(exc, key) from exc
+
+    def _file_info(self, path: str) -> dict[str, Any] | None:
+        """``path``'s info if it is an object, ``None`` if there is none.
+
+        Errors other than a missing key (unreachable endpoint, missing
+        bucket, denied access) propagate.
+        """
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError as exc:
+            if _s3_error_code(exc) in ("NoSuchBucket", "AllAccessDisabled"):
+                raise
+            return None
+        return info if info.get("type") == "file" else None
+
+    def _require_file(self, path: str) -> dict[str, Any]:
+        info = self._file_info(path)
+        if info is None:
+            raise FileNotFoundError(path)
+        return info
+
+    # -- operations -------------------------------------------------------
+    def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
+        # Only the backend calls are mapped to node errors: an exception from
+        # ``chunks`` (the source) propagates as it is.
+        path = self._path(key)
+        head: list[bytes | memoryview] = []
+        buffered = 0
+        it = iter(chunks)
+        for chunk in it:
+            head.append(chunk)
+            buffered += chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            if buffered > WRITE_PART_BYTES and self.protocol not in _WHOLE_VALUE_PROTOCOLS:
+                self._write_multipart(path, key, head, it)
+                return
+        # Small (or whole-value) write: one PUT, atomic by itself.
+        with self._errors(key):
+            self.fs.pipe_file(path, b"".join(head))
+
+    def _write_multipart(
+        self, path: str, key: str, head: list[bytes | memoryview], rest: Iterator[bytes | memoryview]
+    ) -> None:
+        # autocommit=False: closing uploads the last part but publishes nothing;
+        # commit() completes the upload, so the object appears all at once.
+        with self._errors(key):
+            fh = self.fs.open(path, "wb", block_size=WRITE_PART_BYTES, autocommit=False)
+        try:
+            with self._errors(key):
+                for chunk in head:
                     fh.write(chunk)
-        except OSError as exc:
-            raise _map_oserror(exc, key) from exc
+            head.clear()
+            for chunk in rest:
+                with self._errors(key):
+                    fh.write(chunk)
+            with self._errors(key):
+                fh.close()
+                fh.commit()
+        except BaseException:
+            # Abort the multipart upload, and mark the file closed so neither
+            # close() nor the finaliser can flush and publish a partial object.
+            with contextlib.suppress(Exception):
+                fh.discard()
+            fh.closed = True
+            raise
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        try:
+        path = self._path(key)
+        with self._errors(key):
+            if length == 0:
+                # An empty byte range cannot be asked of S3 ("bytes=5-4" is
+                # ignored and the whole object comes back), so check and answer here.
+                self._require_file(path)
+                return b""
+            if offset == 0 and length is None:
+                return bytes(self.fs.cat_file(path))
             end = None if length is None else offset + length
-            return bytes(self.fs.cat_file(self._path(key), start=offset, end=end))
-        except OSError as exc:
-            raise _map_oserror(exc, key) from exc
+            try:
+                return bytes(self.fs.cat_file(path, start=offset, end=end))
+            except OSError as exc:
+                # S3 answers a range that starts past the end with 416
+                # (InvalidRange → EINVAL); a file read there returns nothing.
+                if exc.errno == errno.EINVAL and offset >= self.size(key):
+                    return b""
+                raise
 
     def size(self, key: str) -> int:
-        try:
-            return int(self.fs.size(self._path(key)))
-        except OSError as exc:
-            raise _map_oserror(exc, key) from exc
+        path = self._path(key)
+        with self._errors(key):
+            return int(self._require_file(path)["size"])
 
     def exists(self, key: str) -> bool:
-        return bool(self.fs.isfile(self._path(key)))
+        with self._errors(key):
+            return self._file_info(self._path(key)) is not None
+
+    def mtime(self, key: str) -> float:
+        path = self._path(key)
+        with self._errors(key):
+            modified = self._require_file(path).get("LastModified") or self.fs.modified(path)
+            return float(modified.timestamp())
 
     def delete(self, key: str) -> None:
-        try:
-            self.fs.rm_file(self._path(key))
-        except OSError as exc:
-            raise _map_oserror(exc, key) from exc
+        path = self._path(key)
+        with self._errors(key):
+            # Object stores delete missing keys without complaint; the Node
+            # contract says NotFound.
+            self._require_file(path)
+            self.fs.rm_file(path)
 
     def walk(self, prefix: str) -> Iterator[str]:
-        base = self._path(prefix)
-        try:
-            found = self.fs.find(base)
-        except FileNotFoundError:
-            return
-        root = self.base.lstrip("/")
-        for path in found:
-            yield path.lstrip("/")[len(root) + 1 :]
+        base = self._path(prefix).rstrip("/")
+        with self._errors(prefix):
+            try:
+                found = self.fs.find(base)
+            except FileNotFoundError as exc:
+                if _s3_error_code(exc) in ("NoSuchBucket", "AllAccessDisabled"):
+                    raise
+                return
+        root = self.base.strip("/") + "/"
+        under = base.strip("/") + "/"
+        for path in sorted(found):
+            name = path.lstrip("/")
+            # Skip the prefix itself (when it names an object) and "folder/"
+            # placeholder objects that consoles create.
+            if name.startswith(under) and not name.endswith("/"):
+                yield name[len(root) :]
 
 
-def open_node(url: str | os.PathLike[str]) -> LocalNode | FsspecNode:
-    """Open a node from a URL or a local path."""
+def open_node(
+    url: str | os.PathLike[str], *, endpoint_url: str | None = None, **storage_options: Any
+) -> LocalNode | FsspecNode:
+    """Open a node from a URL or a local path.
+
+    Args:
+        url: a local path, ``file://`` URL, or any fsspec URL (``s3://bucket/prefix``).
+        endpoint_url: object-store endpoint for non-AWS S3 (MinIO, Ceph RGW);
+            path-style addressing is used with a custom endpoint.
+        storage_options: extra fsspec options for object-store URLs.
+
+    Returns:
+        :class:`LocalNode` for local paths, else :class:`FsspecNode`.
+
+    Raises:
+        InvalidArgument: if ``endpoint_url`` or storage options are given for a local path.
+    """
     text = os.fspath(url)
-    if "://" not in text:
-        return LocalNode(text)
-    if text.startswith("file://"):
-        return LocalNode(text[len("file://") :])
-    return FsspecNode(text)
+    local = "://" not in text or text.startswith("file://")
+    if local:
+        if endpoint_url is not None or storage_options:
+            raise InvalidArgument(f"endpoint_url and storage options apply to object-store URLs, not {text}")
+        return LocalNode(text[len("file://") :] if text.startswith("file://") else text)
+    return FsspecNode(text, endpoint_url=endpoint_url, **storage_options)
 
 
 def remove_tree(path: Path) -> None:

@@ -288,12 +288,8 @@ class Store:
             return self._good_node(digest).read(blob_key(digest), offset, length)
 
     def blob_size(self, digest: str) -> int:
-        try:
-            return self._good_node(digest).size(blob_key(digest))
-        except IntegrityError as exc:
-            if all(not _exists(n, blob_key(digest)) for n in self._reachable()):
-                raise NotFound(f"blob {digest} not found") from None
-            raise exc
+        """Size of the blob's first intact copy (a blob gone from every node is a data-loss error)."""
+        return self._good_node(digest).size(blob_key(digest))
 
     # -- manifests -----------------------------------------------------------
     def put_manifest(self, data: bytes) -> str:
@@ -336,7 +332,7 @@ class Store:
         raise NotFound(f"manifest {digest} not found")
 
     def has_manifest(self, digest: str) -> bool:
-        return any(_exists(n, manifest_key(digest)) for n in self._reachable())
+        return any(_exists(n, manifest_key(digest)) for n in self.nodes)
 
     # -- refs -----------------------------------------------------------------
     def set_ref(self, name: str, tag: str, digest: str) -> None:
@@ -397,14 +393,22 @@ class Store:
     def list_refs(self, name: str | None = None) -> list[RefEntry]:
         prefix = f"refs/{validate_name(name)}" if name else "refs"
         seen: set[tuple[str, str]] = set()
-        for node in self._reachable():
-            for key in node.walk(prefix):
+        failures: list[str] = []
+        for node in self.nodes:
+            try:
+                keys = list(node.walk(prefix))
+            except (MzstoreError, OSError) as exc:  # an unreachable node: list what the others hold
+                failures.append(f"{node.url}: {exc}")
+                continue
+            for key in keys:
                 parts = key.split("/")
                 if len(parts) < 3:
                     continue
                 ref_name, tag = "/".join(parts[1:-1]), parts[-1]
                 if not name or ref_name == name:
                     seen.add((ref_name, tag))
+        if len(failures) == len(self.nodes):
+            raise Unavailable(f"no storage node is reachable ({'; '.join(failures)})")
         out = []
         for ref_name, tag in sorted(seen):
             try:
@@ -429,9 +433,6 @@ class Store:
         digest = self.put_manifest(manifest)
         self.set_ref(name, tag, digest)
         return digest
-
-    def _reachable(self) -> list[Node]:
-        return list(self.nodes)
 
 
 def _exists(node: Node, key: str) -> bool:

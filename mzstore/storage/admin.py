@@ -1,0 +1,199 @@
+"""Admin jobs over a store's nodes: fsck (verify, repair), rebalance, gc.
+
+They run against the storage directly, with the same node list and replica
+count as the servers (``mzstore fsck --node … --replicas R``), so they need
+no server and see exactly what the servers see.
+
+* :func:`fsck` checks that every blob referenced by a manifest is intact on
+  each of its R target nodes (sha256 of the whole blob) and every manifest
+  on every node; with ``repair`` it rewrites missing or corrupt copies from
+  an intact one and removes corrupt copies elsewhere.
+* :func:`rebalance` moves blobs after nodes were added or removed: each blob
+  is copied (from a verified copy) to the targets that lack it, then
+  deleted from nodes that are no longer targets. Rendezvous placement means
+  only the blobs whose target set changed move: about 1/(N+1) of the copies
+  when going from N to N+1 nodes.
+* :func:`gc` deletes blobs that no manifest references and manifests that no
+  ref points at, but only when they are older than a grace period, so a push
+  in flight (blobs written, manifest not yet) is never collected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mzstore.errors import IntegrityError, MzstoreError, NotFound
+from mzstore.format.manifest import parse_manifest
+from mzstore.storage.node import Node
+from mzstore.storage.store import Store, _exists, _stream, blob_key, digest_from_key, manifest_key
+
+DEFAULT_GRACE_S = 24 * 3600
+
+
+@dataclass
+class Report:
+    """What an admin job found and did; ``ok`` is False when data is missing or corrupt."""
+
+    blobs: int = 0
+    manifests: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    moved: int = 0
+    copies: int = 0
+    deleted: list[str] = field(default_factory=list)
+    kept_young: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.corrupt or self.lost)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok}
+
+
+def _digests(node: Node, prefix: str) -> Iterator[str]:
+    for key in node.walk(prefix):
+        digest = digest_from_key(key)
+        if digest:
+            yield digest
+
+
+def _intact(store: Store, node: Node, digest: str) -> bool | None:
+    """True/False for intact/corrupt, None when missing."""
+    try:
+        store._verify_on(node, digest)
+    except NotFound:
+        return None
+    except IntegrityError:
+        return False
+    return True
+
+
+def live_sets(store: Store) -> tuple[set[str], set[str]]:
+    """Manifests referenced by refs, and blobs referenced by any stored manifest."""
+    manifests: set[str] = set()
+    for node in store.nodes:
+        manifests.update(_digests(node, "manifests"))
+    blobs: set[str] = set()
+    for digest in manifests:
+        try:
+            blobs.update(parse_manifest(store.get_manifest(digest)).blobs())
+        except MzstoreError:
+            continue
+    tagged = {e.digest for e in store.list_refs()}
+    return tagged, blobs
+
+
+def fsck(store: Store, repair: bool = False) -> Report:
+    """Verify every referenced blob on its targets and every manifest; repair if asked."""
+    report = Report()
+    store._verified.clear()  # fsck re-reads everything
+    manifests: set[str] = set()
+    for node in store.nodes:
+        manifests.update(_digests(node, "manifests"))
+    referenced: set[str] = set()
+    for digest in sorted(manifests):
+        report.manifests += 1
+        try:
+            data = store.get_manifest(digest)  # verifies and repairs manifests across nodes
+        except MzstoreError:
+            report.lost.append(digest)
+            continue
+        for node in store.nodes:
+            if not _exists(node, manifest_key(digest)):
+                report.missing.append(f"{node.url} manifest {digest}")
+                if repair:
+                    node.write(manifest_key(digest), [data])
+                    report.repaired.append(f"{node.url} manifest {digest}")
+        referenced.update(parse_manifest(data).blobs())
+    for digest in sorted(referenced):
+        report.blobs += 1
+        states = {node.url: _intact(store, node, digest) for node in store.nodes}
+        good = [n for n in store.nodes if states[n.url]]
+        if not good:
+            report.lost.append(digest)
+            continue
+        for node in store.targets(digest):
+            state = states[node.url]
+            if state:
+                continue
+            (report.missing if state is None else report.corrupt).append(f"{node.url} {digest}")
+            if repair:
+                node.write(blob_key(digest), _stream(good[0], blob_key(digest)))
+                report.repaired.append(f"{node.url} {digest}")
+        if repair:
+            for node in store.nodes:
+                if states[node.url] is False and node not in store.targets(digest):
+                    node.delete(blob_key(digest))
+                    report.repaired.append(f"{node.url} {digest} (corrupt stray copy deleted)")
+    return report
+
+
+def rebalance(store: Store) -> Report:
+    """Put every blob on exactly its target nodes (manifests and refs on every node); count the copies moved."""
+    report = Report()
+    manifests: set[str] = set()
+    for node in store.nodes:
+        manifests.update(_digests(node, "manifests"))
+    for digest in sorted(manifests):
+        report.manifests += 1
+        data = store.get_manifest(digest)
+        for node in store.nodes:
+            if not _exists(node, manifest_key(digest)):
+                node.write(manifest_key(digest), [data])
+    for entry in store.list_refs():
+        store.set_ref(entry.name, entry.tag, entry.digest)
+    holders: dict[str, list[Node]] = {}
+    for node in store.nodes:
+        for digest in _digests(node, "blobs"):
+            holders.setdefault(digest, []).append(node)
+    for digest, nodes in sorted(holders.items()):
+        report.blobs += 1
+        targets = store.targets(digest)
+        report.copies += len(targets)
+        source = next((n for n in nodes if _intact(store, n, digest)), None)
+        if source is None:
+            report.lost.append(digest)
+            continue
+        for node in targets:
+            if node not in nodes:
+                node.write(blob_key(digest), _stream(source, blob_key(digest)))
+                report.moved += 1
+        for node in nodes:
+            if node not in targets:
+                node.delete(blob_key(digest))
+    return report
+
+
+def gc(store: Store, grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> Report:
+    """Delete unreferenced manifests and blobs older than ``grace_s``."""
+    report = Report()
+    now = time.time() if now is None else now
+    tagged, _ = live_sets(store)
+    for node in store.nodes:
+        for digest in list(_digests(node, "manifests")):
+            report.manifests += 1
+            if digest in tagged:
+                continue
+            if now - node.mtime(manifest_key(digest)) < grace_s:
+                report.kept_young += 1
+                continue
+            node.delete(manifest_key(digest))
+            report.deleted.append(f"{node.url} manifest {digest}")
+    _, live_blobs = live_sets(store)
+    for node in store.nodes:
+        for digest in list(_digests(node, "blobs")):
+            report.blobs += 1
+            if digest in live_blobs:
+                continue
+            if now - node.mtime(blob_key(digest)) < grace_s:
+                report.kept_young += 1
+                continue
+            node.delete(blob_key(digest))
+            report.deleted.append(f"{node.url} {digest}")
+    return report

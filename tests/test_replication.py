@@ -1,0 +1,194 @@
+"""Placement, replication, failover, repair and the admin jobs over real servers and local nodes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mzstore.client import Client
+from mzstore.errors import IntegrityError
+from mzstore.server.app import build_server
+from mzstore.settings import Settings
+from mzstore.storage import Store, open_node
+from mzstore.storage.admin import fsck, gc, rebalance
+from mzstore.storage.placement import moved_fraction, place
+from mzstore.storage.store import blob_key
+
+SMALL = Settings(chunk_bytes=64 * 1024, shard_bytes=128 * 1024)
+
+
+def _model(tmp_path: Path, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    path = tmp_path / f"m{seed}" / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"w{i}": torch.randn(128, 256, generator=gen) for i in range(8)}, str(path))
+    return path
+
+
+def _store(tmp_path: Path, n: int, replicas: int) -> Store:
+    return Store([open_node(tmp_path / f"node{i}") for i in range(n)], replicas)
+
+
+@pytest.fixture
+def two_copy(tmp_path: Path):
+    store = _store(tmp_path, 2, 2)
+    server = build_server(store, "127.0.0.1:0", SMALL)
+    with Client(server.address) as client:
+        yield store, client
+    server.stop(1)
+
+
+def _blob_files(node_root: Path) -> list[Path]:
+    return sorted(p for p in (node_root / "blobs").rglob("*") if p.is_file()) if (node_root / "blobs").exists() else []
+
+
+def test_every_blob_has_r_copies_and_manifests_refs_are_everywhere(two_copy, tmp_path: Path) -> None:
+    store, client = two_copy
+    info = client.push(_model(tmp_path), "rep/m:v1")
+    assert info.shards > 1
+    _, _, manifest = client.manifest("rep/m:v1")
+    for digest in manifest.blobs():
+        for node in store.nodes:
+            assert node.exists(blob_key(digest))
+    for node in store.nodes:
+        assert node.exists("refs/rep/m/v1")
+        assert node.exists(f"manifests/sha256/{info.digest[7:9]}/{info.digest[7:]}")
+
+
+def test_corrupt_or_missing_copy_fails_over_and_is_repaired(two_copy, tmp_path: Path) -> None:
+    store, client = two_copy
+    src = _model(tmp_path)
+    client.push(src, "rep/m:v1")
+    _, _, manifest = client.manifest("rep/m:v1")
+    blobs = sorted(manifest.blobs())
+    first = store.preference(blobs[0])[0]  # the copy reads try first
+    path = Path(first.root) / blob_key(blobs[0])  # type: ignore[attr-defined]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    second = store.preference(blobs[1])[0]
+    (Path(second.root) / blob_key(blobs[1])).unlink()  # type: ignore[attr-defined]
+
+    out = tmp_path / "out"
+    client.pull("rep/m:v1", out)
+    assert (
+        hashlib.sha256((out / "model.safetensors").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    )
+    # Both copies were repaired by the reads.
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == blobs[0][7:]
+    assert (Path(second.root) / blob_key(blobs[1])).exists()  # type: ignore[attr-defined]
+    assert fsck(store).ok
+
+
+def test_all_copies_gone_is_a_clear_data_loss_error(two_copy, tmp_path: Path) -> None:
+    store, client = two_copy
+    client.push(_model(tmp_path), "rep/m:v1")
+    _, _, manifest = client.manifest("rep/m:v1")
+    digest = sorted(manifest.blobs())[0]
+    for node in store.nodes:
+        (Path(node.root) / blob_key(digest)).unlink()  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError, match="data loss"):
+        client.pull("rep/m:v1", out)
+    assert not (out / "model.safetensors").exists()
+    report = fsck(store)
+    assert not report.ok and digest in report.lost
+
+
+def test_fsck_repairs_what_it_finds(tmp_path: Path) -> None:
+    store = _store(tmp_path, 3, 2)
+    server = build_server(store, "127.0.0.1:0", SMALL)
+    try:
+        with Client(server.address) as client:
+            client.push(_model(tmp_path), "rep/m:v1")
+            _, _, manifest = client.manifest("rep/m:v1")
+    finally:
+        server.stop(1)
+    digest = sorted(manifest.blobs())[0]
+    target = store.targets(digest)[1]
+    blob = Path(target.root) / blob_key(digest)  # type: ignore[attr-defined]
+    blob.write_bytes(b"garbage")
+    fresh = _store(tmp_path, 3, 2)
+    report = fsck(fresh)
+    assert not report.ok and any(digest in c for c in report.corrupt)
+    assert fsck(fresh, repair=True).repaired
+    assert fsck(_store(tmp_path, 3, 2)).ok
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest[7:]
+
+
+def test_rebalance_from_two_to_three_nodes_moves_about_a_third(tmp_path: Path) -> None:
+    before = _store(tmp_path, 2, 1)
+    server = build_server(before, "127.0.0.1:0", Settings(chunk_bytes=16 * 1024, shard_bytes=16 * 1024))
+    sources = []
+    try:
+        with Client(server.address) as client:
+            for seed in range(3):
+                sources.append(_model(tmp_path, seed))
+                client.push(sources[-1], f"rep/m:v{seed}")
+    finally:
+        server.stop(1)
+    after = _store(tmp_path, 3, 1)
+    report = rebalance(after)
+    assert report.blobs >= 60
+    share = report.moved / report.copies
+    assert 0.2 < share < 0.47, share  # ideal 1/3
+    assert moved_fraction(before.urls, after.urls, [], 1) == 0.0
+    for digest_node in after.nodes:
+        for blob in _blob_files(Path(digest_node.root)):  # type: ignore[attr-defined]
+            digest = "sha256:" + blob.name
+            assert after.targets(digest)[0] is digest_node
+    assert fsck(after).ok
+    server = build_server(after, "127.0.0.1:0")
+    try:
+        with Client(server.address) as client:
+            for seed, src in enumerate(sources):
+                out = tmp_path / f"out{seed}"
+                client.pull(f"rep/m:v{seed}", out)
+                assert (out / "model.safetensors").read_bytes() == src.read_bytes()
+    finally:
+        server.stop(1)
+
+
+def test_gc_keeps_young_and_referenced_objects(tmp_path: Path) -> None:
+    store = _store(tmp_path, 2, 1)
+    server = build_server(store, "127.0.0.1:0", SMALL)
+    try:
+        with Client(server.address) as client:
+            client.push(_model(tmp_path, 1), "rep/keep:v1")
+            client.push(_model(tmp_path, 2), "rep/drop:v1")
+            _, _, dropped = client.manifest("rep/drop:v1")
+            client.rm("rep/drop:v1")
+    finally:
+        server.stop(1)
+    young = gc(store, grace_s=3600)
+    assert young.deleted == [] and young.kept_young > 0
+    old = gc(store, grace_s=0)
+    gone = {d.split()[-1] for d in old.deleted}
+    assert dropped.blobs() <= gone
+    assert fsck(store).ok  # what is still tagged is intact
+    server = build_server(store, "127.0.0.1:0")
+    try:
+        with Client(server.address) as client:
+            assert [n for n, _, _ in client.ls()] == ["rep/keep"]
+            assert len(client.load_state_dict("rep/keep:v1")) == 8
+    finally:
+        server.stop(1)
+
+
+def test_placement_is_stable_and_spread() -> None:
+    urls = [f"file:///n{i}" for i in range(4)]
+    digests = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    counts = [0] * 4
+    for d in digests:
+        chosen = place(urls, d, 2)
+        assert len(set(chosen)) == 2 and chosen == place(list(urls), d, 2)
+        for i in chosen:
+            counts[i] += 1
+    assert max(counts) / min(counts) < 1.15
+    for n in range(2, 6):
+        old = [f"file:///n{i}" for i in range(n)]
+        assert abs(moved_fraction(old, [*old, f"file:///n{n}"], digests[:2000], 1) - 1 / (n + 1)) < 0.04
