@@ -82,12 +82,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(root: Path, env: dict[str, str] | None = None, **popen: object) -> tuple[str, subprocess.Popen]:
-    """Start ``mzstore serve`` as a subprocess on a free port; return once it accepts connections."""
+def start_serve(
+    root: Path | None, env: dict[str, str] | None = None, args: tuple[str, ...] = (), **popen: object
+) -> tuple[str, subprocess.Popen]:
+    """Start ``mzstore serve`` (``--root root`` and/or extra ``args``) on a free port; return once it listens."""
     port = free_port()
     address = f"127.0.0.1:{port}"
+    where = ["--root", str(root)] if root is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(root), "--listen", address],
+        [sys.executable, "-m", "mzstore.cli", "serve", *where, *args, "--listen", address],
         env=env,
         **popen,  # type: ignore[call-overload]
     )

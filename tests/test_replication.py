@@ -192,3 +192,56 @@ def test_placement_is_stable_and_spread() -> None:
     for n in range(2, 6):
         old = [f"file:///n{i}" for i in range(n)]
         assert abs(moved_fraction(old, [*old, f"file:///n{n}"], digests[:2000], 1) - 1 / (n + 1)) < 0.04
+
+
+def test_two_servers_over_the_same_nodes_serve_the_same_models(tmp_path: Path) -> None:
+    a = build_server(_store(tmp_path, 3, 2), "127.0.0.1:0", SMALL)
+    b = build_server(_store(tmp_path, 3, 2), "127.0.0.1:0", SMALL)
+    try:
+        with Client(a.address) as ca, Client(b.address) as cb:
+            src = _model(tmp_path)
+            info = ca.push(src, "rep/shared:v1")
+            assert cb.ls() == [("rep/shared", "v1", info.digest)]
+            out = tmp_path / "out"
+            cb.pull("rep/shared:v1", out)
+            assert (out / "model.safetensors").read_bytes() == src.read_bytes()
+    finally:
+        a.stop(1)
+        b.stop(1)
+
+
+def test_admin_commands_from_the_cli(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import start_serve, stop_serve
+
+    nodes = [f"file://{tmp_path / f'node{i}'}" for i in range(3)]
+    flags = [x for url in nodes[:2] for x in ("--node", url)] + ["--replicas", "2"]
+    address, proc = start_serve(None, args=tuple(flags))
+    try:
+        with Client(address) as client:
+            client.push(_model(tmp_path), "cli/m:v1")
+    finally:
+        stop_serve(proc)
+
+    def mz(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mzstore.cli", *args], capture_output=True, text=True, timeout=120)
+
+    ok = mz("fsck", *flags, "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+    digest_file = next(p for p in (tmp_path / "node0" / "blobs").rglob("*") if p.is_file())
+    digest_file.write_bytes(b"broken")
+    bad = mz("fsck", *flags)
+    assert bad.returncode == 1 and "corrupt" in bad.stdout and bad.stderr.startswith("error:")
+    assert mz("fsck", *flags, "--repair").returncode == 0
+    assert mz("fsck", *flags).returncode == 0
+    three = [x for url in nodes for x in ("--node", url)] + ["--replicas", "2"]
+    moved = json.loads(mz("rebalance", *three, "--json").stdout)
+    assert 0 < moved["moved"] < moved["copies"]
+    assert mz("fsck", *three).returncode == 0
+    gc_run = json.loads(mz("gc", *three, "--grace", "3600", "--json").stdout)
+    assert gc_run["deleted"] == []
+    assert mz("fsck", "--root", str(tmp_path / "x"), "--node", nodes[0]).returncode == 2
+    assert mz("serve", *flags[:2], "--replicas", "3").returncode == 2
