@@ -23,7 +23,7 @@ from mzstore.format.manifest import Manifest, digest_of, parse_manifest
 from mzstore.format.refs import parse_ref
 from mzstore.pull.pipeline import run_pull
 from mzstore.pull.plan import plan_pull
-from mzstore.pull.sinks import DirectorySink, StateDictSink
+from mzstore.pull.sinks import DirectorySink, StateDictSink, TensorParallelSink
 from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
 from mzstore.push.source import Source, check_policy_applies, open_source
 from mzstore.push.upload import begin_for, iter_events
@@ -274,6 +274,9 @@ class Client:
         files: list[str] | None = None,
         workers: int | None = None,
         expand_on_device: bool | None = None,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        tp_rules: list[tuple[str, int | None]] | None = None,
     ) -> dict[str, Any]:
         """Pull the tensors of ``ref`` into memory: ``{name: torch.Tensor}`` on ``device``.
 
@@ -282,8 +285,17 @@ class Client:
             files: only the tensors of these source files.
             expand_on_device: move quantized chunks to ``device`` in compact form and
                 expand them there (default: for any device but the CPU).
+            tp_size, tp_rank: load only this tensor-parallel rank's slices (see
+                :mod:`mzstore.pull.tp`); chunks outside the rank's rows are not fetched.
+            tp_rules: ``(name regex, split dim or None)`` rules replacing the defaults.
         """
         _, _, manifest = self.manifest(ref)
+        if tp_size > 1 or tp_rank:
+            tp_sink = TensorParallelSink(manifest, tp_size, tp_rank, tp_rules, files)
+            tasks = [t for t in plan_pull(manifest, files, tensors_only=True) if tp_sink.wants(t)]
+            run_pull(tasks, self.fetch, tp_sink, workers=workers or self.settings.pull_workers)
+            result = tp_sink.result()
+            return result if str(device) == "cpu" else {k: v.to(device) for k, v in result.items()}
         if expand_on_device is None:
             expand_on_device = str(device) != "cpu"
         if expand_on_device:

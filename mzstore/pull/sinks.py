@@ -175,3 +175,85 @@ class StateDictSink:
             tensor = self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape)
             out[t.name] = tensor if str(device) == "cpu" else tensor.to(device)
         return out
+
+
+class TensorParallelSink:
+    """Builds one tensor-parallel rank's ``{name: slice}`` (see :mod:`mzstore.pull.tp`).
+
+    Tensors split along dim 0 whose chunks are runs of whole rows are read
+    *directly*: only the chunks overlapping the rank's rows are fetched, and
+    their rows copied into a buffer of the slice's size. Other split tensors
+    are assembled whole, then sliced; replicated tensors are loaded whole.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tp_size: int,
+        tp_rank: int,
+        rules: Any = None,
+        files: list[str] | None = None,
+    ) -> None:
+        import torch
+
+        from mzstore.pull.tp import DEFAULT_RULES, rank_range, split_dim
+
+        self.entries = select_tensors(manifest, files)
+        self.plan: dict[str, tuple[int | None, int, int, bool]] = {}
+        self.buffers: dict[str, Any] = {}
+        self._scratch = ScratchBuffers()
+        for t in self.entries:
+            dim = split_dim(t.name, t.shape, rules or DEFAULT_RULES)
+            start, end = rank_range(t.shape[dim], tp_size, tp_rank) if dim is not None else (0, 0)
+            rb = _row_bytes(t)
+            direct = dim == 0 and rb is not None and all(c.raw_length == (c.rows[1] - c.rows[0]) * rb for c in t.chunks)
+            self.plan[t.name] = (dim, start, end, direct)
+            size = (end - start) * rb if direct and rb is not None else t.data_offsets[1] - t.data_offsets[0]
+            self.buffers[t.name] = torch.empty(size, dtype=torch.uint8)
+
+    def wants(self, task: ChunkTask) -> bool:
+        """Whether this rank needs the chunk at all."""
+        assert task.tensor is not None
+        _, start, end, direct = self.plan[task.tensor]
+        if not direct:
+            return True
+        lo, hi = task.chunk.rows
+        return lo < end and hi > start and end > start
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        assert task.tensor is not None
+        if self.plan[task.tensor][3]:
+            return self._scratch.get(task.chunk.raw_length)
+        buf = self.buffers[task.tensor].numpy()
+        return buf[task.tensor_offset : task.tensor_offset + task.chunk.raw_length]
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        assert task.tensor is not None
+        _, start, end, direct = self.plan[task.tensor]
+        if not direct:
+            return
+        r0, r1 = task.chunk.rows
+        rb = len(data) // (r1 - r0)
+        lo, hi = max(start, r0), min(end, r1)
+        out = self.buffers[task.tensor].numpy()
+        out[(lo - start) * rb : (hi - start) * rb] = data[(lo - r0) * rb : (hi - r0) * rb]
+
+    def result(self) -> dict[str, Any]:
+        out = {}
+        for t in self.entries:
+            dim, start, end, direct = self.plan[t.name]
+            tensor = self.buffers.pop(t.name).view(torch_dtype(t.dtype))
+            if direct:
+                out[t.name] = tensor.reshape([end - start, *t.shape[1:]])
+            elif dim is None:
+                out[t.name] = tensor.reshape(t.shape)
+            else:
+                out[t.name] = tensor.reshape(t.shape).narrow(dim, start, end - start).clone()
+        return out
+
+
+def _row_bytes(t: TensorEntry) -> int | None:
+    from mzstore.format.dtypes import get_dtype
+    from mzstore.push.planner import row_bytes
+
+    return row_bytes(get_dtype(t.dtype), t.shape)
