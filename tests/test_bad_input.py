@@ -233,7 +233,9 @@ def test_client_disconnect_mid_upload_leaves_nothing(
         for msg in _file_messages(data)[:1500]:
             sent.append(msg)
             yield msg
-        time.sleep(0.3)  # let the server encode and spool what it has
+        deadline = time.monotonic() + 20  # let the server encode and spool what it has
+        while time.monotonic() < deadline and not list((root / "tmp").iterdir()):
+            time.sleep(0.05)
         assert list((root / "tmp").iterdir()), "the spool should be in use mid-upload"
         raise ConnectionResetError("client died")
 
@@ -242,7 +244,7 @@ def test_client_disconnect_mid_upload_leaves_nothing(
     assert len(sent) == 1500
     assert exc.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
     # The handler notices and cleans its spool; give it a moment.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline and list((root / "tmp").iterdir()):
         time.sleep(0.05)
     assert list((root / "tmp").iterdir()) == []

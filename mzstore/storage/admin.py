@@ -21,7 +21,7 @@ no server and see exactly what the servers see.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -175,25 +175,32 @@ def gc(store: Store, grace_s: float = DEFAULT_GRACE_S, now: float | None = None)
     report = Report()
     now = time.time() if now is None else now
     tagged, _ = live_sets(store)
-    for node in store.nodes:
-        for digest in list(_digests(node, "manifests")):
-            report.manifests += 1
-            if digest in tagged:
-                continue
-            if now - node.mtime(manifest_key(digest)) < grace_s:
-                report.kept_young += 1
-                continue
-            node.delete(manifest_key(digest))
-            report.deleted.append(f"{node.url} manifest {digest}")
-    _, live_blobs = live_sets(store)
-    for node in store.nodes:
-        for digest in list(_digests(node, "blobs")):
-            report.blobs += 1
-            if digest in live_blobs:
-                continue
-            if now - node.mtime(blob_key(digest)) < grace_s:
-                report.kept_young += 1
-                continue
-            node.delete(blob_key(digest))
-            report.deleted.append(f"{node.url} {digest}")
+    report.manifests = _sweep(store, "manifests", manifest_key, tagged, grace_s, now, report, "manifest ")
+    _, live_blobs = live_sets(store)  # after the sweep: blobs of deleted manifests are no longer live
+    report.blobs = _sweep(store, "blobs", blob_key, live_blobs, grace_s, now, report, "")
     return report
+
+
+def _sweep(
+    store: Store,
+    prefix: str,
+    key_of: Callable[[str], str],
+    live: set[str],
+    grace_s: float,
+    now: float,
+    report: Report,
+    label: str,
+) -> int:
+    """Delete the objects under ``prefix`` that are not ``live`` and older than ``grace_s``; return how many were seen."""
+    seen = 0
+    for node in store.nodes:
+        for digest in list(_digests(node, prefix)):
+            seen += 1
+            if digest in live:
+                continue
+            if now - node.mtime(key_of(digest)) < grace_s:
+                report.kept_young += 1
+                continue
+            node.delete(key_of(digest))
+            report.deleted.append(f"{node.url} {label}{digest}")
+    return seen
