@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -59,10 +59,6 @@ class Settings:
     def default_root(self) -> Path:
         """Where ``mzstore serve`` keeps data when no ``--root`` is given."""
         return self.home / "data" if self.home else Path(DEFAULT_ROOT)
-
-    def with_overrides(self, **kwargs: object) -> Settings:
-        """Return a copy with the given non-``None`` values replaced."""
-        return replace(self, **{k: v for k, v in kwargs.items() if v is not None})  # type: ignore[arg-type]
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:

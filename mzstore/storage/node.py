@@ -19,7 +19,6 @@ import contextlib
 import copy
 import errno
 import os
-import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -476,8 +475,3 @@ def open_node(
             raise InvalidArgument(f"endpoint_url and storage options apply to object-store URLs, not {text}")
         return LocalNode(text[len("file://") :] if text.startswith("file://") else text)
     return FsspecNode(text, endpoint_url=endpoint_url, **storage_options)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a local directory tree, ignoring errors (spool cleanup)."""
-    shutil.rmtree(path, ignore_errors=True)

@@ -205,15 +205,6 @@ class Store:
             _, path = staged.pending.pop()
             path.unlink(missing_ok=True)
 
-    def put_blob(self, digest: str, data: bytes) -> None:
-        """Store a small blob held in memory on its target nodes."""
-        if digest_of(data) != digest:
-            raise IntegrityError(f"blob content does not match {digest}")
-        key = blob_key(digest)
-        for node in self.targets(digest):
-            if not _exists(node, key):
-                node.write(key, [data])
-
     def _verify_on(self, node: Node, digest: str) -> None:
         """Check the whole blob's sha256 on ``node`` once per process.
 
