@@ -98,10 +98,11 @@ class Policy:
         return self.auto_cos if self.auto_cos is not None else self.spec
 
     def kept(self, name: str) -> bool:
-        return any(_match(p, name) for p in self.keep)
+        return any(match_name(p, name) for p in self.keep)
 
 
-def _match(pattern: str, name: str) -> bool:
+def match_name(pattern: str, name: str) -> bool:
+    """Whether tensor ``name`` matches a keep pattern: a glob, or ``re:<regex>``."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)

@@ -97,14 +97,11 @@ every tensor is aligned to its element size; a top-level
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -114,16 +111,14 @@ from typing import Any
 
 import numpy as np
 
-from mzstore.codecs import get_codec
-from mzstore.codecs.policy import LOSSY_DTYPES, Quant, parse_policy
+from mzstore.codecs.policy import LOSSY_DTYPES, Quant, match_name, parse_policy
 from mzstore.codecs.quant import S_CODES, S_SCALES, S_ZEROS, Compact, expand, unpack
-from mzstore.errors import CodecError, FormatError, IntegrityError, InvalidArgument, Unavailable
+from mzstore.errors import FormatError, IntegrityError, InvalidArgument
 from mzstore.format.dtypes import DType, get_dtype, nbytes_for
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
 from mzstore.format.safetensors import build_header, parse_header
-
-#: ``fetch(blob, offset, length) -> bytes``, as the pull pipeline takes it.
-Fetch = Callable[[str, int, int], "bytes | bytearray"]
+from mzstore.pull.pipeline import Fetch, decode_verified, fetch_checked
+from mzstore.pull.sinks import pwrite_all
 
 #: The compressed-tensors release whose layout this module writes (``quantization_config.version``).
 COMPRESSED_TENSORS_VERSION = "0.20.0"
@@ -352,12 +347,6 @@ def _weight_matrix(t: TensorEntry) -> bool:
     return t.name.endswith(".weight") and len(t.shape) == 2
 
 
-def _match(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def _chunk_spec(c: Chunk) -> str:
     """The spec a chunk was stored with: ``lossless`` or its quant spec (``?`` if unrecorded)."""
     if c.codec != "quant":
@@ -374,7 +363,7 @@ def _dense_reason(t: TensorEntry, dense: Sequence[str]) -> str:
         return "not a module weight"
     if len(t.shape) != 2:
         return f"{len(t.shape)}-D; compressed-tensors packs 2-D Linear weights"
-    if any(_match(p, t.name) for p in dense):
+    if any(match_name(p, t.name) for p in dense):
         return "embedding or output head, which vLLM loads unquantized"
     return ""
 
@@ -550,27 +539,7 @@ def _bytes_of(a: np.ndarray) -> memoryview:
 
 
 def _pwrite(fd: int, data: bytes | bytearray | memoryview | np.ndarray, offset: int) -> None:
-    view = _bytes_of(data) if isinstance(data, np.ndarray) else memoryview(data).cast("B")
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _fetch_payload(fetch: Fetch, c: Chunk, what: str, retries: int) -> bytes | bytearray:
-    attempt = 0
-    while True:
-        try:
-            payload = fetch(c.blob, c.offset, c.length)
-        except Unavailable:
-            attempt += 1
-            if attempt > retries:
-                raise
-            time.sleep(min(2.0, 0.1 * 2**attempt))
-            continue
-        if len(payload) != c.length:
-            raise IntegrityError(f"chunk rows {c.rows} of {what}: got {len(payload)} bytes, expected {c.length}")
-        return payload
+    pwrite_all(fd, _bytes_of(data) if isinstance(data, np.ndarray) else data, offset)
 
 
 def _check_sha(data: np.ndarray, c: Chunk, what: str) -> None:
@@ -580,24 +549,19 @@ def _check_sha(data: np.ndarray, c: Chunk, what: str) -> None:
 
 def _decode_exact(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str) -> np.ndarray:
     """Decoded bytes of a chunk, as a plain pull writes them, sha256-checked."""
-    try:
-        data = get_codec(c.codec).decode(payload, dtype, c.raw_length)
-    except (CodecError, ValueError) as exc:  # some malformed payloads still surface as bare ValueError
-        raise IntegrityError(f"chunk rows {c.rows} of {what} does not decode: {exc}") from None
-    if len(data) != c.raw_length:
-        raise IntegrityError(f"chunk rows {c.rows} of {what} decodes to the wrong size")
-    _check_sha(data, c, what)
-    return data
+    return decode_verified(c, dtype.name, what, payload, np.empty(c.raw_length, dtype=np.uint8))
 
 
 def _decode_codes(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str, scheme: Scheme, cols: int) -> Compact:
     """The codes of a quantized chunk, trusted only once their expansion matches the manifest's sha256."""
     if c.codec != "quant":
         raise IntegrityError(f"chunk rows {c.rows} of {what} is {c.codec}, not quantized")
+    if len(payload) != c.length:
+        raise IntegrityError(f"chunk rows {c.rows} of {what}: got {len(payload)} bytes, expected {c.length}")
     try:
         compact = unpack(payload, c.raw_length, dtype)
         expanded = expand(compact, dtype)
-    except (CodecError, ValueError) as exc:  # some malformed payloads still surface as bare ValueError
+    except ValueError as exc:  # CodecError, or numpy refusing a malformed section
         raise IntegrityError(f"chunk rows {c.rows} of {what} does not decode: {exc}") from None
     _check_sha(expanded, c, what)
     rows = c.rows[1] - c.rows[0]
@@ -615,14 +579,8 @@ def _decode_codes(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str,
 
 
 def _verified(fetch: Fetch, c: Chunk, what: str, retries: int, decode: Callable[[bytes | bytearray], Any]) -> Any:
-    """Fetch and decode a chunk; a chunk that fails verification is fetched once more."""
-    for attempt in range(2):
-        try:
-            return decode(_fetch_payload(fetch, c, what, retries))
-        except IntegrityError:
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    """Fetch and decode a chunk with the pull pipeline's retry and re-fetch rules."""
+    return fetch_checked(fetch, c, decode, retries=retries)[0]
 
 
 def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], None], items: Iterable[Any]) -> None:

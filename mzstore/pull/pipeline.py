@@ -23,16 +23,18 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from mzstore.codecs import get_codec
 from mzstore.errors import CodecError, IntegrityError, Unavailable
 from mzstore.format.dtypes import get_dtype
+from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
 
 Fetch = Callable[[str, int, int], "bytes | bytearray"]
+T = TypeVar("T")
 
 
 class Sink(Protocol):
@@ -55,23 +57,57 @@ class PullStats:
     bytes_decoded: int = 0
 
 
-def _decode_verified(task: ChunkTask, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
-    """Decode ``payload`` into ``out`` and check the sha256 of the result."""
-    c = task.chunk
-    if len(payload) != c.length:
-        raise IntegrityError(f"chunk of {task.tensor or task.file}: got {len(payload)} bytes, expected {c.length}")
-    if len(out) != c.raw_length:
-        raise IntegrityError(f"chunk of {task.tensor or task.file} does not fit its destination")
-    data = out
+def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
+    """Decode a chunk's stored bytes into ``out`` and check the sha256 of the result.
+
+    Raises:
+        IntegrityError: wrong length, undecodable payload, or a hash mismatch.
+    """
+    if len(payload) != chunk.length:
+        raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes, expected {chunk.length}")
+    if len(out) != chunk.raw_length:
+        raise IntegrityError(f"chunk of {what} does not fit its destination")
     try:
-        get_codec(c.codec).decode_into(payload, get_dtype(task.dtype), out)
+        get_codec(chunk.codec).decode_into(payload, get_dtype(dtype), out)
     except CodecError as exc:
-        raise IntegrityError(f"chunk of {task.tensor or task.file} does not decode: {exc}") from None
-    if hashlib.sha256(data.data).hexdigest() != c.sha256:
-        raise IntegrityError(
-            f"chunk rows {c.rows} of {task.tensor or task.file}: decoded bytes fail their sha256 check"
-        )
-    return data
+        raise IntegrityError(f"chunk of {what} does not decode: {exc}") from None
+    if hashlib.sha256(out.data).hexdigest() != chunk.sha256:
+        raise IntegrityError(f"chunk rows {chunk.rows} of {what}: decoded bytes fail their sha256 check")
+    return out
+
+
+def fetch_checked(
+    fetch: Fetch,
+    chunk: Chunk,
+    use: Callable[[bytes | bytearray], T],
+    *,
+    retries: int = 3,
+    stop: threading.Event | None = None,
+) -> tuple[T, int]:
+    """Fetch a chunk's stored bytes and hand them to ``use`` (which decodes and verifies them).
+
+    A transient fetch failure (:class:`Unavailable`) is retried with backoff up
+    to ``retries`` times; a chunk that ``use`` rejects with
+    :class:`IntegrityError` is fetched once more before the error stands.
+
+    Returns:
+        ``use``'s result and the number of bytes fetched.
+    """
+    attempt = 0
+    verify_failures = 0
+    while True:
+        try:
+            payload = fetch(chunk.blob, chunk.offset, chunk.length)
+            return use(payload), len(payload)
+        except Unavailable:
+            attempt += 1
+            if attempt > retries or (stop is not None and stop.is_set()):
+                raise
+            time.sleep(min(2.0, 0.1 * 2**attempt))
+        except IntegrityError:
+            verify_failures += 1
+            if verify_failures > 1:
+                raise
 
 
 def run_pull(
@@ -96,35 +132,24 @@ def run_pull(
     def one(task: ChunkTask) -> None:
         if stop.is_set():
             return
-        attempt = 0
-        verify_failures = 0
+        what = task.tensor or task.file
         compact = task.chunk.codec in getattr(sink, "compact_codecs", ())
-        while True:
-            try:
-                payload = fetch(task.chunk.blob, task.chunk.offset, task.chunk.length)
-                if compact:
-                    # The sink verifies the stored bytes and expands them itself (on a device).
-                    if len(payload) != task.chunk.length:
-                        raise IntegrityError(f"chunk of {task.tensor}: got {len(payload)} bytes")
-                    sink.write_payload(task, payload)  # type: ignore[attr-defined]
-                    data = None
-                else:
-                    data = _decode_verified(task, payload, sink.target(task))
-                break
-            except Unavailable:
-                attempt += 1
-                if attempt > retries or stop.is_set():
-                    raise
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-            except IntegrityError:
-                verify_failures += 1
-                if verify_failures > 1:
-                    raise
+
+        def use(payload: bytes | bytearray) -> np.ndarray | None:
+            if compact:
+                # The sink verifies the stored bytes and expands them itself (on a device).
+                if len(payload) != task.chunk.length:
+                    raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes")
+                sink.write_payload(task, payload)  # type: ignore[attr-defined]
+                return None
+            return decode_verified(task.chunk, task.dtype, what, payload, sink.target(task))
+
+        data, fetched = fetch_checked(fetch, task.chunk, use, retries=retries, stop=stop)
         if data is not None:
             sink.write(task, data)
         with lock:
             stats.chunks += 1
-            stats.bytes_transferred += len(payload)
+            stats.bytes_transferred += fetched
             stats.bytes_decoded += task.chunk.raw_length
         if on_bytes:
             on_bytes(task.chunk.raw_length)

@@ -29,6 +29,15 @@ from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
 from mzstore.pull.plan import ChunkTask, safetensors_data_start
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 class ScratchBuffers:
     """One growing ``uint8`` buffer per thread: freed multi-MiB buffers would pile up in malloc arenas."""
 
@@ -85,13 +94,7 @@ class DirectorySink:
                 assert safetensors_data_start(f) == 8 + len(header)
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        view = data.data
-        fd = self._fds[task.file]
-        offset = task.file_offset
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        pwrite_all(self._fds[task.file], data.data, task.file_offset)
 
     def commit(self) -> list[Path]:
         """fsync and move every file into place; return the final paths."""
