@@ -34,7 +34,6 @@ os.environ["TQDM_DISABLE"] = "1"
 import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import math
 import platform
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import fmt, log, sha256_file, table
 
 MB = 1_000_000  # throughput unit (raw bytes)
 MIB = 1024 * 1024
@@ -154,38 +154,6 @@ SENTENCES = (
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return format(value, spec)
-
-
-def table(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
-def log(msg: str) -> None:
-    print(f"  .. {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(8 * MIB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
