@@ -157,7 +157,8 @@ class Client:
         src = source if isinstance(source, Source) else open_source(source)
         begin = begin_for(src, ref, codec, annotations, tuple(keep))
         validate_begin(begin)  # fail before any upload on what the client can check
-        check_policy_applies(src, parse_policy(codec, keep))
+        policy = parse_policy(codec, keep)
+        check_policy_applies(src, policy)
         start = time.perf_counter()
         with _rpc():
             resp = self._stub.Push(_proto_events(begin, iter_events(src, progress)), timeout=None, wait_for_ready=False)
@@ -172,7 +173,7 @@ class Client:
             chunks=resp.chunks,
             shards=resp.shards,
             skipped=src.skipped,
-            worst=self._worst(resp.ref, resp.digest) if parse_policy(codec, keep).lossy else None,
+            worst=self._worst(resp.ref, resp.digest) if policy.lossy else None,
         )
 
     def _worst(self, ref: str, digest: str) -> dict[str, Any] | None:
