@@ -210,6 +210,10 @@ class Client:
             raise IntegrityError(f"blob {digest}: got {pos} of {length} bytes")
         return buf
 
+    def _run(self, tasks: list[Any], sink: Any, workers: int | None = None, progress: ProgressFn | None = None) -> Any:
+        """Run the pull pipeline for ``tasks`` into ``sink`` (every pull path goes through here)."""
+        return run_pull(tasks, self.fetch, sink, workers=workers or self.settings.pull_workers, on_bytes=progress)
+
     def pull(
         self,
         ref: str,
@@ -249,9 +253,7 @@ class Client:
         sink = DirectorySink(out_dir, manifest)
         sink.open()
         try:
-            stats = run_pull(
-                plan_pull(manifest), self.fetch, sink, workers=workers or self.settings.pull_workers, on_bytes=progress
-            )
+            stats = self._run(plan_pull(manifest), sink, workers, progress)
             finals = sink.commit()
         except BaseException:
             sink.abort()
@@ -294,7 +296,7 @@ class Client:
         if tp_size > 1 or tp_rank:
             tp_sink = TensorParallelSink(manifest, tp_size, tp_rank, tp_rules, files)
             tasks = [t for t in plan_pull(manifest, files, tensors_only=True) if tp_sink.wants(t)]
-            run_pull(tasks, self.fetch, tp_sink, workers=workers or self.settings.pull_workers)
+            self._run(tasks, tp_sink, workers)
             result = tp_sink.result()
             return result if str(device) == "cpu" else {k: v.to(device) for k, v in result.items()}
         if expand_on_device is None:
@@ -303,20 +305,10 @@ class Client:
             from mzstore.pull.device import DeviceStateDictSink
 
             device_sink = DeviceStateDictSink(manifest, device, files)
-            run_pull(
-                plan_pull(manifest, files, tensors_only=True),
-                self.fetch,
-                device_sink,
-                workers=workers or self.settings.pull_workers,
-            )
+            self._run(plan_pull(manifest, files, tensors_only=True), device_sink, workers)
             return device_sink.result()
         sink = StateDictSink(manifest, files)
-        run_pull(
-            plan_pull(manifest, files, tensors_only=True),
-            self.fetch,
-            sink,
-            workers=workers or self.settings.pull_workers,
-        )
+        self._run(plan_pull(manifest, files, tensors_only=True), sink, workers)
         return sink.result(device)
 
     # -- admin ------------------------------------------------------------
