@@ -22,6 +22,14 @@ from mzstore.server.app import RunningServer, build_server
 from mzstore.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own MZSTORE_HOME, so client caches never leak between tests."""
+    home = tmp_path_factory.mktemp("mzstore-home")
+    monkeypatch.setenv("MZSTORE_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "store"
