@@ -20,6 +20,8 @@ DEFAULT_ROOT = "./mzstore-data"
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 #: Target size of a shard blob (design: 1 GiB).
 DEFAULT_SHARD_BYTES = 1024 * 1024 * 1024
+#: Stored + decoded bytes of the chunks a pull holds in flight (several chunks per worker).
+DEFAULT_PULL_INFLIGHT_BYTES = 256 * 1024 * 1024
 #: Payload bytes per gRPC message for uploads and blob reads (about 1 MiB).
 TRANSFER_BYTES = 1024 * 1024
 #: gRPC message cap; payloads are ~1 MiB so 8 MiB leaves room for headers.
@@ -46,6 +48,9 @@ class Settings:
         chunk_bytes: raw bytes per chunk on ingest.
         shard_bytes: target shard size on ingest.
         pull_workers: parallel range reads / decoders on pull.
+        pull_inflight_bytes: cap on stored + decoded bytes of chunks in flight on pull.
+        cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
+        cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
     """
 
     server: str = DEFAULT_SERVER
@@ -54,6 +59,14 @@ class Settings:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     shard_bytes: int = DEFAULT_SHARD_BYTES
     pull_workers: int = field(default_factory=lambda: default_pull_workers())
+    pull_inflight_bytes: int = DEFAULT_PULL_INFLIGHT_BYTES
+    cache: bool = True
+    cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
+
+    @property
+    def cache_dir(self) -> Path:
+        """The client's chunk cache: ``$MZSTORE_HOME/cache``, else ``cache_home``."""
+        return self.home / "cache" if self.home else self.cache_home
 
     @property
     def default_root(self) -> Path:
@@ -89,4 +102,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         chunk_bytes=_int(env, "MZSTORE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES),
         shard_bytes=_int(env, "MZSTORE_SHARD_BYTES", DEFAULT_SHARD_BYTES),
         pull_workers=_int(env, "MZSTORE_PULL_WORKERS", default_pull_workers()),
+        pull_inflight_bytes=_int(env, "MZSTORE_PULL_INFLIGHT", DEFAULT_PULL_INFLIGHT_BYTES),
+        cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
+        cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
     )

@@ -73,6 +73,7 @@ def test_a_rank_fetches_about_its_share(small_client: Client, tmp_path: Path, mo
         return real(blob, offset, length)
 
     monkeypatch.setattr(small_client, "fetch", counting)
+    monkeypatch.setattr(small_client, "cache", None)  # count network reads, not cache hits
     small_client.load_state_dict("tp/m:v1")
     everything = sum(fetched)
     fetched.clear()

@@ -50,11 +50,52 @@ class Sink(Protocol):
     def write(self, task: ChunkTask, data: np.ndarray) -> None: ...
 
 
+class Cache(Protocol):
+    """Where verified stored bytes are kept between pulls (see :mod:`mzstore.pull.cache`)."""
+
+    def get(self, chunk: Chunk) -> bytes | None: ...
+
+    def put(self, chunk: Chunk, payload: bytes | bytearray | memoryview) -> None: ...
+
+    def evict(self, chunk: Chunk) -> None: ...
+
+
+class ByteBudget:
+    """At most ``limit`` bytes in flight; one request larger than the limit runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event | None = None) -> bool:
+        """Wait for room for ``n`` bytes; ``False`` if ``stop`` was set meanwhile."""
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                if stop is not None and stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 @dataclass
 class PullStats:
+    """Counts of one pull: ``bytes_transferred`` came over the network, ``bytes_cached`` from the local cache."""
+
     chunks: int = 0
+    chunks_cached: int = 0
     bytes_transferred: int = 0
+    bytes_cached: int = 0
     bytes_decoded: int = 0
+    peak_inflight: int = 0
 
 
 def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
@@ -118,8 +159,18 @@ def run_pull(
     workers: int = 4,
     retries: int = 3,
     on_bytes: Callable[[int], None] | None = None,
+    cache: Cache | None = None,
+    inflight_bytes: int | None = None,
 ) -> PullStats:
     """Fetch, decode, verify and place every task.
+
+    With a ``cache``, a chunk found there is verified and used like fetched
+    bytes (a bad entry is evicted and the chunk fetched); every fetched chunk
+    is put there once verified.
+
+    ``workers`` chunks are fetched and decoded concurrently (each worker is
+    one fetch stream); ``inflight_bytes`` caps the stored plus decoded bytes
+    of the chunks in flight, so memory stays bounded whatever the model size.
 
     Raises:
         IntegrityError: a chunk failed verification twice.
@@ -128,10 +179,21 @@ def run_pull(
     stats = PullStats()
     lock = threading.Lock()
     stop = threading.Event()
+    budget = ByteBudget(inflight_bytes) if inflight_bytes else None
 
     def one(task: ChunkTask) -> None:
         if stop.is_set():
             return
+        cost = task.chunk.length + task.chunk.raw_length
+        if budget is not None and not budget.acquire(cost, stop):
+            return
+        try:
+            place(task)
+        finally:
+            if budget is not None:
+                budget.release(cost)
+
+    def place(task: ChunkTask) -> None:
         what = task.tensor or task.file
         compact = task.chunk.codec in getattr(sink, "compact_codecs", ())
 
@@ -144,12 +206,35 @@ def run_pull(
                 return None
             return decode_verified(task.chunk, task.dtype, what, payload, sink.target(task))
 
-        data, fetched = fetch_checked(fetch, task.chunk, use, retries=retries, stop=stop)
+        data: np.ndarray | None = None
+        cached = cache.get(task.chunk) if cache is not None else None
+        if cached is not None:
+            try:
+                data = use(cached)
+            except IntegrityError:
+                assert cache is not None
+                cache.evict(task.chunk)
+                cached = None
+        fetched = 0
+        if cached is None:
+            kept: list[bytes | bytearray] = []
+
+            def use_and_keep(payload: bytes | bytearray) -> np.ndarray | None:
+                result = use(payload)
+                kept.append(payload)
+                return result
+
+            data, fetched = fetch_checked(fetch, task.chunk, use_and_keep, retries=retries, stop=stop)
+            if cache is not None:
+                cache.put(task.chunk, kept[-1])
         if data is not None:
             sink.write(task, data)
         with lock:
             stats.chunks += 1
             stats.bytes_transferred += fetched
+            if cached is not None:
+                stats.chunks_cached += 1
+                stats.bytes_cached += len(cached)
             stats.bytes_decoded += task.chunk.raw_length
         if on_bytes:
             on_bytes(task.chunk.raw_length)
@@ -164,4 +249,5 @@ def run_pull(
                 for g in futures:
                     g.cancel()
                 raise f.exception()  # type: ignore[misc]
+    stats.peak_inflight = budget.peak if budget is not None else 0
     return stats
