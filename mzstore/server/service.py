@@ -156,3 +156,8 @@ class StoreService(pb_grpc.StoreServicer):
             raise InvalidArgument("rm removes a tag; give name[:tag]")
         digest = self.store.delete_ref(ref.name, ref.tag)
         return pb.DeleteResponse(ref=f"{ref.name}:{ref.tag}", digest=digest)
+
+    @_handler
+    def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.Topology:
+        nodes = [pb.NodeInfo(url=n.url, endpoint_url=getattr(n, "endpoint_url", None) or "") for n in self.store.nodes]
+        return pb.Topology(nodes=nodes, replicas=self.store.replicas)

@@ -174,3 +174,23 @@ class DeleteResponse(_message.Message):
     ref: str
     digest: str
     def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class GetTopologyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("url", "endpoint_url")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    endpoint_url: str
+    def __init__(self, url: _Optional[str] = ..., endpoint_url: _Optional[str] = ...) -> None: ...
+
+class Topology(_message.Message):
+    __slots__ = ("nodes", "replicas")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    replicas: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., replicas: _Optional[int] = ...) -> None: ...

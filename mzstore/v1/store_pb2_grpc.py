@@ -64,6 +64,11 @@ class StoreStub:
                 request_serializer=mzstore_dot_v1_dot_store__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=mzstore_dot_v1_dot_store__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.GetTopology = channel.unary_unary(
+                '/mzstore.v1.Store/GetTopology',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.Topology.FromString,
+                _registered_method=True)
 
 
 class StoreServicer:
@@ -112,6 +117,14 @@ class StoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTopology(self, request, context):
+        """The storage nodes behind this server, for clients that read blobs
+        straight from them (pull --direct). No credentials are included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_StoreServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=mzstore_dot_v1_dot_store__pb2.DeleteRequest.FromString,
                     response_serializer=mzstore_dot_v1_dot_store__pb2.DeleteResponse.SerializeToString,
+            ),
+            'GetTopology': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTopology,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.Topology.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Store:
             '/mzstore.v1.Store/Delete',
             mzstore_dot_v1_dot_store__pb2.DeleteRequest.SerializeToString,
             mzstore_dot_v1_dot_store__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTopology(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mzstore.v1.Store/GetTopology',
+            mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.Topology.FromString,
             options,
             channel_credentials,
             insecure,

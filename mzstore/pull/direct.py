@@ -1,0 +1,73 @@
+"""Direct reads: the client takes blob bytes straight from the storage nodes.
+
+With ``pull --direct`` the server only resolves the ref and hands out the
+manifest and its node list (``GetTopology``, no credentials); the bulk
+bytes come from the nodes themselves — the same S3 bucket, or a local
+directory the client can see — so the server carries no bulk traffic and
+many clients scale with the object store, not with the server.
+
+Reads follow the same placement as the server (rendezvous ranking over the
+node URLs): the first node that holds the blob serves the range; a node
+that is unreachable or lacks the blob is skipped. Nothing is trusted: every
+chunk is verified by the pull pipeline, and a chunk asked for again after a
+failed check is read from the *next* copy, so one corrupt replica does not
+fail the pull. Direct readers never write to the nodes (repair stays the
+server's job: ``mzstore fsck``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
+from mzstore.storage import placement
+from mzstore.storage.node import Node, open_node
+from mzstore.storage.store import blob_key
+
+
+class DirectReader:
+    """``fetch(blob, offset, length)`` over a list of storage nodes."""
+
+    def __init__(self, nodes: Sequence[Node]) -> None:
+        if not nodes:
+            raise Unavailable("the server reported no storage nodes to read from")
+        self.nodes = list(nodes)
+        self.urls = [n.url for n in self.nodes]
+        self._asked: Counter[tuple[str, int, int]] = Counter()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, nodes: Sequence[tuple[str, str | None]]) -> DirectReader:
+        """Open ``(url, endpoint_url)`` pairs as the server reported them."""
+        return cls([open_node(url, endpoint_url=endpoint or None) for url, endpoint in nodes])
+
+    def fetch(self, digest: str, offset: int, length: int) -> bytes:
+        """Read a range from the first node holding the blob; a repeated request starts one copy further on."""
+        order = placement.rank(self.urls, digest)
+        with self._lock:
+            attempt = self._asked[(digest, offset, length)]
+            self._asked[(digest, offset, length)] += 1
+        order = order[attempt % len(order) :] + order[: attempt % len(order)]
+        problems = []
+        for i in order:
+            node = self.nodes[i]
+            try:
+                data = node.read(blob_key(digest), offset, length)
+            except NotFound:
+                problems.append(f"{node.url}: missing")
+                continue
+            except (Unavailable, MzstoreError, OSError) as exc:
+                problems.append(f"{node.url}: unreachable ({type(exc).__name__})")
+                continue
+            if len(data) != length:
+                problems.append(f"{node.url}: short read")
+                continue
+            return data
+        detail = "; ".join(problems)
+        if all(p.endswith(": missing") for p in problems):
+            raise NotFound(f"blob {digest} is on none of the storage nodes ({detail})")
+        if all("unreachable" in p for p in problems):
+            raise Unavailable(f"no storage node holding blob {digest} is reachable directly ({detail})")
+        raise IntegrityError(f"no node has a readable copy of blob {digest} ({detail})")
