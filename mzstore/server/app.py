@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mzstore.server.service import StoreService
+from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
 from mzstore.settings import MAX_MESSAGE_BYTES, Settings
 from mzstore.storage.node import LocalNode, open_node
 from mzstore.storage.store import Store
@@ -65,6 +66,8 @@ def build_server(
     listen: str = "127.0.0.1:0",
     settings: Settings | None = None,
     max_workers: int = 16,
+    upstream: str | None = None,
+    upstream_ttl: float = DEFAULT_TTL_S,
 ) -> RunningServer:
     """Create and start a server over storage nodes.
 
@@ -73,6 +76,11 @@ def build_server(
             URLs (one replica per blob), or a configured :class:`Store`.
         listen: ``HOST:PORT``; port 0 picks a free port.
         settings: chunk and shard sizes; defaults from :class:`Settings`.
+        upstream: ``HOST:PORT`` of another server: serve as its read-only
+            pull-through cache (see :mod:`mzstore.server.upstream`), filling
+            ``root``'s nodes on first pull. A :class:`PullThroughStore` given
+            as ``root`` is one already.
+        upstream_ttl: seconds a tag resolved upstream is trusted.
 
     Returns:
         The started server and the port it bound.
@@ -84,6 +92,8 @@ def build_server(
         store = Store([open_node(u) for u in root])
     else:
         store = Store(open_node(root))
+    if upstream is not None and not isinstance(store, PullThroughStore):
+        store = PullThroughStore(store.nodes, upstream, replicas=store.replicas, ttl=upstream_ttl, settings=settings)
     local = [n for n in store.nodes if isinstance(n, LocalNode)]
     # Shards are spooled on a local node's disk when there is one (staging there is a rename).
     spool = local[0].tempdir() if local else None
@@ -97,7 +107,12 @@ def build_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"), options=options
     )
-    store_pb2_grpc.add_StoreServicer_to_server(StoreService(store, settings, spool), server)
+    service = (
+        PullThroughService(store, settings)
+        if isinstance(store, PullThroughStore)
+        else StoreService(store, settings, spool)
+    )
+    store_pb2_grpc.add_StoreServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -116,14 +131,23 @@ def serve(
     settings: Settings | None = None,
     ready: threading.Event | None = None,
     grace: float = 10.0,
+    upstream: str | None = None,
+    upstream_ttl: float = DEFAULT_TTL_S,
 ) -> None:
-    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
-    running = build_server(root, listen, settings)
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully.
+
+    With ``upstream``, the server is a read-only pull-through cache of that server (see :func:`build_server`).
+    """
+    running = build_server(root, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl)
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)
     copies = f" ({running.store.replicas} replicas)" if len(running.store.nodes) > 1 else ""
-    log.info("mzstore serving %s%s on %s:%d", where, copies, host, running.port)
-    print(f"mzstore serving {where}{copies} on {host}:{running.port}", flush=True)
+    cache = running.store if isinstance(running.store, PullThroughStore) else None
+    fronts = (
+        f" as a pull-through cache of {cache.upstream_address} (tags rechecked every {cache.ttl:g} s)" if cache else ""
+    )
+    log.info("mzstore serving %s%s on %s:%d%s", where, copies, host, running.port, fronts)
+    print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -139,3 +163,5 @@ def serve(
             signal.signal(sig, handler)
         print("mzstore: shutting down", flush=True)
         running.stop(grace)
+        if cache:
+            cache.close()
