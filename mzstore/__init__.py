@@ -13,8 +13,18 @@ sink), ``mzstore.codecs`` and ``mzstore.format`` (pure), ``mzstore.storage``
 ``mzstore.cli``.
 """
 
-from mzstore.client import Client, PullInfo, PushInfo, load_state_dict, pull, push
+from mzstore.client import Client, PullInfo, PushInfo, load_into, load_state_dict, pull, push
 from mzstore.errors import MzstoreError
 
 __version__ = "0.1.0"
-__all__ = ["Client", "MzstoreError", "PullInfo", "PushInfo", "__version__", "load_state_dict", "pull", "push"]
+__all__ = [
+    "Client",
+    "MzstoreError",
+    "PullInfo",
+    "PushInfo",
+    "__version__",
+    "load_into",
+    "load_state_dict",
+    "pull",
+    "push",
+]

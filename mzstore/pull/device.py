@@ -1,15 +1,42 @@
 """Device placement: compact chunks cross to the device and are expanded there.
 
 How it works, for a target such as ``cuda:1``: every tensor is allocated on
-the device. A lossless chunk is decoded on the host into a reused scratch
-buffer, its sha256 checked, and copied over. A quantized chunk is verified
-on the host by the sha256 of its *stored* bytes (``params.payload_sha256``,
-recorded at ingest), unpacked there (zstd), and only the compact form —
-codes, scales, zero points, mask — is copied to the device, where
+the device. A lossless chunk is decoded on the host into a staging buffer,
+its sha256 checked, and copied over. A quantized chunk is verified on the
+host by the sha256 of its *stored* bytes (``params.payload_sha256``, recorded
+at ingest), unpacked there (zstd), and only the compact form — codes,
+scales, zero points, mask — is copied to the device, where
 :func:`torch_expand` computes ``y = (q - z) · s`` in f32 and casts to the
 tensor's dtype. That formula gives the same bits as the host decoder (one
 exact subtraction, one correctly rounded multiply, round-to-nearest-even
 cast), which the tests check on the CPU device.
+
+Pinned staging (CUDA targets, :class:`PinnedStaging`): each pull thread
+owns one reusable page-locked host buffer and one CUDA stream per device.
+The decoded chunk (or the packed compact sections) is written into the
+buffer and copied with ``copy_(non_blocking=True)`` on the thread's stream;
+an event recorded after the copy is waited on before that thread writes
+into the buffer again, so a buffer is never reused while its copy may be in
+flight. The thread's next fetch overlaps the copy. Destination tensors are
+marked as used by the stream (``record_stream``), and ``result()``
+synchronizes every stream before the tensors are handed out. Other devices
+(and the CPU, where tests force the device path) copy synchronously from a
+per-thread scratch buffer.
+
+:class:`DeviceMapSink` serves ``load_into``: one sub-sink per device of a
+placement (:mod:`mzstore.pull.device_map`). CPU tensors are decoded straight
+into their memory (:class:`HostTensorSink`); other devices use
+:class:`DeviceStateDictSink`. The pipeline decides per *sink* whether a
+codec's chunks arrive compact (``compact_codecs``); when a map mixes the CPU
+with a GPU, the CPU sub-sink takes compact chunks too and decodes them on the
+host with the same verified decoder the pipeline uses, so the pipeline needs
+no per-task hook.
+
+:func:`plan_load` and :func:`apply_loaded` are the model side of
+``load_into``: names, tied weights, strictness and shapes are checked before
+anything is fetched; the tensors then go in with
+``model.load_state_dict(..., assign=True)``, which also materializes a model
+built on the ``meta`` device.
 
 The torch import stays in this adapter; codecs remain numpy-only.
 """
@@ -17,6 +44,9 @@ The torch import stays in this adapter; codecs remain numpy-only.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,9 +54,14 @@ import numpy as np
 from mzstore.codecs.quant import E4M3_TABLE, S_CODES, S_SCALES, S_ZEROS, Compact, expand, unpack
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.dtypes import get_dtype
-from mzstore.format.manifest import Manifest
+from mzstore.format.manifest import Manifest, TensorEntry
+from mzstore.pull.device_map import BALANCED, NameMapping, device_totals, few_names, name_mapping, plan_devices
+from mzstore.pull.pipeline import decode_verified
 from mzstore.pull.plan import ChunkTask
 from mzstore.pull.sinks import ScratchBuffers, select_tensors, torch_dtype
+
+#: Sends host arrays to the device: returns one device tensor per array, same dtype and shape.
+Upload = Callable[[Sequence[np.ndarray]], list[Any]]
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -34,31 +69,52 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return np.require(a, requirements=["C", "W"])
 
 
-def torch_expand(c: Compact, dtype_name: str, device: Any) -> Any:
-    """Expand a compact chunk on ``device``; returns the decoded bytes as a 1-D uint8 tensor there."""
+def _plain_upload(device: Any) -> Upload:
     import torch
 
+    def send(arrays: Sequence[np.ndarray]) -> list[Any]:
+        return [torch.from_numpy(_writable(a)).to(device, non_blocking=True) for a in arrays]
+
+    return send
+
+
+def torch_expand(c: Compact, dtype_name: str, device: Any, upload: Upload | None = None) -> Any:
+    """Expand a compact chunk on ``device``; returns the decoded bytes as a 1-D uint8 tensor there.
+
+    Args:
+        upload: how host arrays reach the device (default: one ``.to(device)`` each);
+            :meth:`PinnedStaging.upload` packs them into one pinned copy.
+    """
+    import torch
+
+    send = upload or _plain_upload(device)
     target = torch_dtype(dtype_name)
     if c.method == "none":  # pruned, not quantized: the kept values are lossless bytes, decoded on the host
-        host = expand(c, get_dtype(dtype_name))
-        return torch.from_numpy(host).to(device)
-    codes = torch.from_numpy(_writable(c.sections[S_CODES])).to(device, non_blocking=True)
-    scale = torch.from_numpy(_writable(c.sections[S_SCALES])).to(device, non_blocking=True)
+        (dense,) = send([expand(c, get_dtype(dtype_name))])
+        return dense
+    if c.method not in ("int8", "fp8", "int4"):
+        raise InvalidArgument(f"unknown quantization method {c.method}")
+    arrays = [c.sections[S_CODES], c.sections[S_SCALES]]
+    if c.method == "int4":
+        arrays.append(c.sections[S_ZEROS])
+    if c.method == "fp8":
+        arrays.append(E4M3_TABLE)
     if c.mask is not None:
-        mask = torch.from_numpy(c.mask).to(device, non_blocking=True)
-        rows_idx, cols_idx = mask.nonzero(as_tuple=True)
+        arrays.append(c.mask)
+    sent = send(arrays)
+    codes, scale = sent[0], sent[1]
+    if c.mask is not None:
+        rows_idx, cols_idx = sent[-1].nonzero(as_tuple=True)
     if c.method == "int8":
         vals = codes.view(torch.int8).to(torch.float32)
     elif c.method == "fp8":
-        vals = torch.from_numpy(E4M3_TABLE).to(device)[codes.long()]
-    elif c.method == "int4":
-        vals = codes.to(torch.float32)
+        vals = sent[2][codes.long()]
     else:
-        raise InvalidArgument(f"unknown quantization method {c.method}")
+        vals = codes.to(torch.float32)
     if c.method == "int4":
         groups = -(-c.cols // c.group)
         scale = scale.reshape(c.rows, groups)
-        zero = torch.from_numpy(_writable(c.sections[S_ZEROS])).to(device).reshape(c.rows, groups).float()
+        zero = sent[2].reshape(c.rows, groups).float()
         if c.mask is None:
             gi = torch.arange(c.cols, device=device) // c.group
             y = (vals.reshape(c.rows, c.cols) - zero[:, gi]) * scale[:, gi]
@@ -76,34 +132,186 @@ def torch_expand(c: Compact, dtype_name: str, device: Any) -> Any:
     return y.to(target).reshape(-1).view(torch.uint8)
 
 
+# --- pinned staging -----------------------------------------------------------
+
+_ALIGN = 64  # section offsets in a packed upload: any element view is aligned
+
+
+def _grow(size: int) -> int:
+    """Pinned allocations are slow: round up to a power of two, at least 1 MiB."""
+    return max(1 << 20, 1 << max(size - 1, 0).bit_length())
+
+
+@dataclass
+class _Slot:
+    """One pull thread's staging state."""
+
+    buf: Any = None  # pinned uint8 tensor
+    pending: Any = None  # CUDA event recorded after the last copy out of ``buf``
+    streams: dict[Any, Any] = field(default_factory=dict)  # torch.device → torch.cuda.Stream
+
+
+class PinnedStaging:
+    """Per-thread page-locked host buffers and CUDA streams for host → device copies.
+
+    The rule that makes reuse safe: :meth:`buffer` waits for the event of the
+    last asynchronous copy out of the calling thread's buffer before handing
+    it out again. Shared by every CUDA sub-sink of a load, so a thread holds
+    one pinned buffer whatever the number of GPUs.
+    """
+
+    #: Page-locked buffers (a test turns this off to run the bookkeeping without a GPU).
+    pin = True
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._streams: list[Any] = []
+
+    def _slot(self) -> _Slot:
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Slot()
+        return slot
+
+    def stream(self, device: Any) -> Any:
+        """The calling thread's stream on ``device``."""
+        import torch
+
+        slot = self._slot()
+        stream = slot.streams.get(device)
+        if stream is None:
+            stream = torch.cuda.Stream(device=device)
+            # Work already queued on the default stream (the destination buffers' allocation) comes first.
+            stream.wait_stream(torch.cuda.current_stream(device))
+            slot.streams[device] = stream
+            with self._lock:
+                self._streams.append(stream)
+        return stream
+
+    def buffer(self, size: int) -> Any:
+        """The calling thread's pinned buffer, ``size`` bytes, once no copy out of it is in flight."""
+        import torch
+
+        slot = self._slot()
+        if slot.pending is not None:
+            slot.pending.synchronize()
+            slot.pending = None
+        if slot.buf is None or slot.buf.numel() < size:
+            slot.buf = None
+            slot.buf = torch.empty(_grow(size), dtype=torch.uint8, pin_memory=self.pin)
+        return slot.buf[:size]
+
+    def holds(self, data: np.ndarray) -> bool:
+        """Whether ``data`` is the start of the calling thread's buffer (as :meth:`buffer` gave it)."""
+        buf = self._slot().buf
+        return buf is not None and data.size <= buf.numel() and data.ctypes.data == buf.data_ptr()
+
+    def copy(self, dest: Any, size: int, stream: Any) -> None:
+        """Copy the first ``size`` bytes of the thread's buffer into ``dest`` asynchronously on ``stream``."""
+        import torch
+
+        slot = self._slot()
+        with torch.cuda.stream(stream):
+            dest.copy_(slot.buf[:size], non_blocking=True)
+            dest.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        slot.pending = event
+
+    def upload(self, arrays: Sequence[np.ndarray], device: Any, stream: Any) -> list[Any]:
+        """Pack ``arrays`` into the thread's buffer and send them in one asynchronous copy.
+
+        Returns device tensors (views of one allocation, made on ``stream``) with
+        the arrays' dtypes and shapes. Callers run their kernels on ``stream`` too.
+        """
+        import torch
+
+        offsets, pos = [], 0
+        flat = []
+        for a in arrays:
+            pos = -(-pos // _ALIGN) * _ALIGN
+            offsets.append(pos)
+            b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            flat.append(b)
+            pos += b.size
+        host = self.buffer(pos).numpy()
+        for off, b in zip(offsets, flat, strict=True):
+            host[off : off + b.size] = b
+        with torch.cuda.stream(stream):
+            dev = torch.empty(pos, dtype=torch.uint8, device=device)
+        self.copy(dev, pos, stream)
+        out = []
+        for a, off, b in zip(arrays, offsets, flat, strict=True):
+            kind = torch.from_numpy(np.empty(0, dtype=a.dtype)).dtype
+            out.append(dev[off : off + b.size].view(kind).reshape(a.shape))
+        return out
+
+    def finish(self) -> None:
+        """Wait for every copy and kernel queued so far on the staging streams."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.synchronize()
+
+
+# --- sinks --------------------------------------------------------------------
+
+
 class DeviceStateDictSink:
-    """Builds ``{name: tensor}`` directly on ``device``, expanding quantized chunks there."""
+    """Builds ``{name: tensor}`` directly on ``device``, expanding quantized chunks there.
+
+    Args:
+        entries: the tensors to build (default: every tensor of ``files``).
+        staging: pinned staging to share (CUDA only; one is made when not given).
+    """
 
     #: The pipeline hands chunks of these codecs over as verified stored bytes (see ``write_payload``).
     compact_codecs = frozenset({"quant"})
 
-    def __init__(self, manifest: Manifest, device: Any, files: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: Any,
+        files: list[str] | None = None,
+        *,
+        entries: list[TensorEntry] | None = None,
+        staging: PinnedStaging | None = None,
+    ) -> None:
         import torch
 
         self.device = torch.device(device)
-        self.entries = select_tensors(manifest, files)
+        self.entries = entries if entries is not None else select_tensors(manifest, files)
         self.buffers: dict[str, Any] = {}
         for t in self.entries:
             self.buffers[t.name] = torch.empty(
                 t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=self.device
             )
         self._scratch = ScratchBuffers()
+        self._staging = staging
+        if self.device.type == "cuda" and staging is None:
+            self._staging = PinnedStaging()
+        elif self.device.type != "cuda":
+            self._staging = None
 
     def target(self, task: ChunkTask) -> np.ndarray:
-        """Lossless chunks decode into a per-thread host scratch buffer first."""
+        """Lossless chunks decode into a per-thread host buffer first (pinned for CUDA)."""
+        if self._staging is not None:
+            return self._staging.buffer(task.chunk.raw_length).numpy()
         return self._scratch.get(task.chunk.raw_length)
+
+    def _dest(self, task: ChunkTask, size: int) -> Any:
+        assert task.tensor is not None
+        return self.buffers[task.tensor][task.tensor_offset : task.tensor_offset + size]
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
         import torch
 
-        assert task.tensor is not None
-        dest = self.buffers[task.tensor][task.tensor_offset : task.tensor_offset + len(data)]
-        dest.copy_(torch.from_numpy(data))
+        dest = self._dest(task, len(data))
+        if self._staging is not None and self._staging.holds(data):
+            self._staging.copy(dest, len(data), self._staging.stream(self.device))
+        else:
+            dest.copy_(torch.from_numpy(data))
 
     def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
         """A quantized chunk: check the stored bytes' sha256, send the compact form over, expand there."""
@@ -112,11 +320,333 @@ class DeviceStateDictSink:
         if not isinstance(expected, str) or hashlib.sha256(payload).hexdigest() != expected:
             raise IntegrityError(f"chunk rows {task.chunk.rows} of {task.tensor}: stored bytes fail their sha256 check")
         compact = unpack(payload, task.chunk.raw_length, get_dtype(task.dtype))
-        expanded = torch_expand(compact, task.dtype, self.device)
-        self.buffers[task.tensor][task.tensor_offset : task.tensor_offset + task.chunk.raw_length].copy_(expanded)
+        dest = self._dest(task, task.chunk.raw_length)
+        if self._staging is None:
+            dest.copy_(torch_expand(compact, task.dtype, self.device))
+            return
+        import torch
+
+        staging, device = self._staging, self.device
+        stream = staging.stream(device)
+        with torch.cuda.stream(stream):
+            expanded = torch_expand(compact, task.dtype, device, lambda arrays: staging.upload(arrays, device, stream))
+            dest.copy_(expanded)
+            dest.record_stream(stream)
+
+    def close(self) -> None:
+        """Wait for every asynchronous copy (also after a failed pull)."""
+        if self._staging is not None:
+            self._staging.finish()
 
     def result(self) -> dict[str, Any]:
+        self.close()
         out = {}
         for t in self.entries:
             out[t.name] = self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape)
         return out
+
+
+class HostTensorSink:
+    """CPU tensors for ``entries``: chunks decode straight into the tensors' memory.
+
+    Also takes compact chunks (``write_payload``), which it decodes on the host
+    with the pipeline's verified decoder: a :class:`DeviceMapSink` that mixes
+    the CPU with a GPU receives them compact for every tensor.
+    """
+
+    def __init__(self, entries: list[TensorEntry]) -> None:
+        import torch
+
+        self.entries = entries
+        self.buffers = {t.name: torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8) for t in entries}
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        assert task.tensor is not None
+        buf = self.buffers[task.tensor].numpy()
+        return buf[task.tensor_offset : task.tensor_offset + task.chunk.raw_length]
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        """Nothing to do: the verified bytes are already in place."""
+
+    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+        decode_verified(task.chunk, task.dtype, task.tensor or task.file, payload, self.target(task))
+
+    def close(self) -> None:
+        pass
+
+    def result(self) -> dict[str, Any]:
+        return {t.name: self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape) for t in self.entries}
+
+
+def _torch_device(label: str) -> Any:
+    """``torch.device(label)``, refusing what this process cannot allocate on before anything is fetched."""
+    import torch
+
+    try:
+        device = torch.device(label)
+    except RuntimeError:
+        raise InvalidArgument(f"{label!r} is not a torch device") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidArgument(f"device {label}: CUDA is not available")
+        if device.index is not None and device.index >= count:
+            raise InvalidArgument(f"device {label}: only {count} CUDA device(s) visible")
+    return device
+
+
+class DeviceMapSink:
+    """Builds ``{name: tensor}`` with every tensor on its own device (see :mod:`mzstore.pull.device_map`).
+
+    Args:
+        placement: ``{tensor name: device}`` for the tensors to build; other tensors are not wanted.
+        expand_on_device: use the device path (compact chunks expanded by torch) for CPU
+            targets too (default: only for other devices), as ``load_state_dict`` does.
+
+    Raises:
+        InvalidArgument: a placed name that is not a tensor of the selected files.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        placement: Mapping[str, Any],
+        files: list[str] | None = None,
+        *,
+        expand_on_device: bool | None = None,
+    ) -> None:
+
+        entries = [t for t in select_tensors(manifest, files) if t.name in placement]
+        absent = set(placement) - {t.name for t in entries}
+        if absent:
+            raise InvalidArgument(f"not tensors of this model: {few_names(sorted(absent))}")
+        groups: dict[str, list[TensorEntry]] = {}
+        for t in entries:
+            groups.setdefault(str(placement[t.name]), []).append(t)
+        devices = {label: _torch_device(label) for label in groups}
+        self._staging = PinnedStaging() if any(d.type == "cuda" for d in devices.values()) else None
+        self.sinks: dict[str, DeviceStateDictSink | HostTensorSink] = {}
+        self._route: dict[str, DeviceStateDictSink | HostTensorSink] = {}
+        for label, group in groups.items():
+            device = devices[label]
+            on_device = expand_on_device if expand_on_device is not None else device.type != "cpu"
+            sink: DeviceStateDictSink | HostTensorSink
+            if on_device:
+                sink = DeviceStateDictSink(manifest, device, entries=group, staging=self._staging)
+            else:
+                sink = HostTensorSink(group)
+            self.sinks[label] = sink
+            self._route.update(dict.fromkeys((t.name for t in group), sink))
+        wants_compact = any(isinstance(s, DeviceStateDictSink) for s in self.sinks.values())
+        self.compact_codecs = DeviceStateDictSink.compact_codecs if wants_compact else frozenset()
+        self.placement = {t.name: str(placement[t.name]) for t in entries}
+
+    def wants(self, task: ChunkTask) -> bool:
+        return task.tensor in self._route
+
+    def _sink(self, task: ChunkTask) -> DeviceStateDictSink | HostTensorSink:
+        assert task.tensor is not None
+        return self._route[task.tensor]
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        return self._sink(task).target(task)
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        self._sink(task).write(task, data)
+
+    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+        self._sink(task).write_payload(task, payload)
+
+    def close(self) -> None:
+        """Wait for every asynchronous copy (also after a failed pull)."""
+        if self._staging is not None:
+            self._staging.finish()
+
+    def result(self) -> dict[str, Any]:
+        self.close()
+        out: dict[str, Any] = {}
+        for sink in self.sinks.values():
+            out.update(sink.result())
+        return out
+
+
+# --- the model side of load_into --------------------------------------------
+
+
+@dataclass
+class LoadPlan:
+    """What ``load_into`` will fetch and where it goes; made before any byte is fetched.
+
+    Attributes:
+        placement: checkpoint name → device label, for every tensor to fetch.
+        model_name: checkpoint name → the model's name for it.
+        missing: model state-dict keys the checkpoint does not provide.
+        unexpected: checkpoint names the model has no place for (not fetched).
+        tied: model name → the name it shares its tensor with, for tied names
+            that are not fetched themselves.
+        names: the name mapping used (see :func:`~mzstore.pull.device_map.name_mapping`).
+        sizes: checkpoint name → bytes.
+    """
+
+    placement: dict[str, str]
+    model_name: dict[str, str]
+    missing: list[str]
+    unexpected: list[str]
+    tied: dict[str, str]
+    names: NameMapping
+    sizes: dict[str, int]
+    state_keys: set[str] = field(default_factory=set)
+
+
+def _model_slots(model: Any) -> dict[str, Any]:
+    """Every parameter and buffer of ``model`` by every name it has, in model order (tied ones repeat)."""
+    out: dict[str, Any] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        pre = f"{mod_name}." if mod_name else ""
+        for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                out.setdefault(pre + attr, t)
+    return out
+
+
+def _owner(model: Any, name: str) -> tuple[Any, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def _set_slot(model: Any, name: str, value: Any) -> None:
+    module, attr = _owner(model, name)
+    if attr in module._parameters:
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+
+
+def _get_slot(model: Any, name: str) -> Any:
+    module, attr = _owner(model, name)
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def default_devices() -> list[str]:
+    """The devices ``"balanced"`` spreads over when none are named: every visible GPU, else the CPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def plan_load(
+    model: Any,
+    manifest: Manifest,
+    *,
+    device_map: Any = None,
+    devices: Sequence[Any] | None = None,
+    strict: bool = True,
+    prefix: str | None = None,
+    files: list[str] | None = None,
+) -> LoadPlan:
+    """Match the checkpoint to ``model`` and place every tensor (see :meth:`Client.load_into`).
+
+    Raises:
+        InvalidArgument: with ``strict``, model keys the checkpoint lacks or checkpoint
+            tensors the model has no place for; in any mode, shape mismatches and
+            device-map errors. Nothing has been fetched yet.
+    """
+    entries = select_tensors(manifest, files)
+    by_name = {t.name: t for t in entries}
+    slots = _model_slots(model)
+    state_order = list(model.state_dict(keep_vars=True))
+    state_keys = set(state_order)
+    names = name_mapping([t.name for t in entries], slots, prefix)
+
+    heads: dict[int, str] = {}  # id(tensor) → its first name in model order
+    group_of: dict[str, str] = {}
+    for name, t in slots.items():
+        group_of[name] = heads.setdefault(id(t), name)
+    unexpected: list[str] = []
+    provided: dict[str, str] = {}  # model name → checkpoint name
+    for t in entries:
+        m = names(t.name)
+        if m is None or (m not in slots and m not in state_keys):
+            unexpected.append(t.name)
+        else:
+            provided[m] = t.name
+    order = [*slots, *(k for k in state_order if k not in slots)]  # a module may save extra keys
+    source: dict[str, str] = {}  # group head → the model name it is loaded through
+    for name in order:
+        if name in provided:
+            source.setdefault(group_of.get(name, name), name)
+    tied = {n: source[g] for n, g in group_of.items() if g in source and source[g] != n}
+    missing = [k for k in state_order if group_of.get(k, k) not in source]
+    mismatched = []
+    for m in source.values():
+        if m not in slots:
+            continue
+        want, have = tuple(slots[m].shape), tuple(by_name[provided[m]].shape)
+        if want != have:
+            mismatched.append(f"{m} (model {list(want)}, checkpoint {list(have)})")
+    if mismatched:
+        raise InvalidArgument(f"shapes differ for {len(mismatched)} tensor(s): {few_names(mismatched, 3)}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {few_names(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {few_names(unexpected)}")
+        raise InvalidArgument(
+            f"checkpoint does not match the model ({names.describe()}): {'; '.join(parts)};"
+            " pass prefix=... to rename, or strict=False to load what matches"
+        )
+    loaded = set(source.values())
+    order = [m for m in order if m in loaded]
+    sizes = {provided[m]: by_name[provided[m]].data_offsets[1] - by_name[provided[m]].data_offsets[0] for m in order}
+    if device_map is None:  # where each tensor is now; the CPU for the meta device
+        device_map = {"": "cpu"} | {m: "cpu" if slots[m].is_meta else str(slots[m].device) for m in order if m in slots}
+    elif isinstance(device_map, str) and device_map == BALANCED and devices is None:
+        devices = default_devices()
+    by_model = plan_devices([(m, sizes[provided[m]]) for m in order], device_map, devices)
+    return LoadPlan(
+        placement={provided[m]: label for m, label in by_model.items()},
+        model_name={provided[m]: m for m in order},
+        missing=missing,
+        unexpected=unexpected,
+        tied=tied,
+        names=names,
+        sizes=sizes,
+        state_keys=state_keys,
+    )
+
+
+def apply_loaded(model: Any, plan: LoadPlan, tensors: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    """Put the fetched ``{checkpoint name: tensor}`` into ``model``; return the load report.
+
+    State-dict keys go through ``model.load_state_dict(..., assign=True)`` (module
+    hooks run; parameters keep ``requires_grad``; tensors keep the checkpoint's
+    dtype and their mapped device). Non-persistent buffers the checkpoint holds
+    (e.g. an old ``position_ids``) are set directly. Tied names then point at the
+    one tensor again: ``assign`` would otherwise leave each name its own parameter.
+    """
+    state: dict[str, Any] = {}
+    direct: dict[str, Any] = {}
+    for ckpt, tensor in tensors.items():
+        m = plan.model_name[ckpt]
+        (state if m in plan.state_keys else direct)[m] = tensor
+    by_model = {**state, **direct}
+    for alias, src in plan.tied.items():
+        if alias in plan.state_keys:
+            state[alias] = by_model[src]
+    model.load_state_dict(state, strict=strict, assign=True)
+    for name, tensor in direct.items():
+        _set_slot(model, name, tensor)
+    for alias, src in plan.tied.items():
+        _set_slot(model, alias, _get_slot(model, src))
+    meta = [name for name, t in _model_slots(model).items() if t.is_meta]
+    placed = {plan.model_name[c]: label for c, label in plan.placement.items()}
+    return {
+        "devices": device_totals(placed, {plan.model_name[c]: s for c, s in plan.sizes.items()}),
+        "missing": plan.missing,
+        "unexpected": plan.unexpected,
+        "tied": plan.tied,
+        "names": plan.names.describe(),
+        "meta": meta,
+    }
