@@ -82,13 +82,13 @@ server_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
-def _client(ctx: click.Context, server: str | None) -> Any:
+def _client(ctx: click.Context, server: str | None, cache: bool | None = None, direct: bool = False) -> Any:
     from mzstore.client import Client
 
     settings = _settings()
     address = server or settings.server
     ctx.meta["mzstore.server"] = address
-    return ctx.with_resource(Client(address, settings=settings))
+    return ctx.with_resource(Client(address, settings=settings, cache=cache, direct=direct))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,19 +158,41 @@ def _open_store(root: str | None, nodes: tuple[str, ...], replicas: int, s3_endp
 @main.command()
 @storage_options
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option(
+    "--upstream",
+    metavar="HOST:PORT",
+    help="Serve as a read-only pull-through cache of this server: the first pull fills the local store.",
+)
+@click.option(
+    "--upstream-ttl",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a tag resolved upstream is trusted before asking again (0: every time).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
-    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, listen: str, verbose: bool
+    root: str | None,
+    nodes: tuple[str, ...],
+    replicas: int,
+    s3_endpoint_url: str | None,
+    listen: str,
+    upstream: str | None,
+    upstream_ttl: float,
+    verbose: bool,
 ) -> None:
-    """Run a server over a local directory or over storage nodes."""
+    """Run a server over a local directory or over storage nodes (or a cache of another server)."""
     from mzstore.server.app import serve as run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = _settings()
+    if upstream is not None and not upstream.rpartition(":")[2].isdigit():
+        raise click.UsageError(f"--upstream must be HOST:PORT, got {upstream!r}")
     store = _open_store(root, nodes, replicas, s3_endpoint_url)
     _check_port_free(listen)
     try:
-        run(store, listen, settings)
+        run(store, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl)
     except OSError as exc:
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
 
@@ -310,28 +332,59 @@ def push(
     is_flag=True,
     help="Write quantized weights in the compressed-tensors layout (vLLM) instead of dequantizing them.",
 )
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel ranks.")
+@click.option(
+    "--tp-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Write only this rank's slices."
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Parallel fetch/decode streams [env MZSTORE_PULL_WORKERS].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor fill the local chunk cache.")
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Read blobs straight from the storage nodes (same S3 / local disk); the server only sends the manifest.",
+)
 @server_option
 @json_option
 @click.pass_context
 def pull(
-    ctx: click.Context, ref: str, out: str | None, keep_quantized: bool, server: str | None, as_json: bool
+    ctx: click.Context,
+    ref: str,
+    out: str | None,
+    keep_quantized: bool,
+    tp_size: int,
+    tp_rank: int,
+    workers: int | None,
+    no_cache: bool,
+    direct: bool,
+    server: str | None,
+    as_json: bool,
 ) -> None:
-    """Pull REF into a directory in its source layout, verified."""
+    """Pull REF into a directory in its source layout, verified.
+
+    Chunks already in the local cache ($MZSTORE_HOME/cache) are not fetched
+    again, so a repeated, resumed or new-version pull moves only what is missing.
+    """
     from mzstore.format.refs import parse_ref
 
     parsed = parse_ref(ref)
-    client = _client(ctx, server)
+    if tp_rank >= tp_size:
+        raise click.UsageError(f"--tp-rank {tp_rank} must be below --tp-size {tp_size}")
+    client = _client(ctx, server, cache=False if no_cache else None, direct=direct)
     out = out or parsed.name.rsplit("/", 1)[-1]
-    total = client.manifest(ref)[2].bytes_raw if not as_json and sys.stderr.isatty() else 0
-    with _progress(total, "pull", not as_json) as bar:
-        info = client.pull(ref, out, progress=bar, keep_quantized=keep_quantized)
+    total = client.manifest(ref)[2].bytes_raw if not as_json and sys.stderr.isatty() and tp_size == 1 else 0
+    with _progress(total, "pull", not as_json and tp_size == 1) as bar:
+        info = client.pull(
+            ref, out, progress=bar, keep_quantized=keep_quantized, tp_size=tp_size, tp_rank=tp_rank, workers=workers
+        )
     if as_json:
         _emit(asdict(info) | {"output": str(out)})
         return
-    click.echo(f"pulled {info.ref} {info.digest} → {out}")
+    rank = f" (tensor-parallel rank {tp_rank} of {tp_size})" if tp_size > 1 else ""
+    click.echo(f"pulled {info.ref} {info.digest} → {out}{rank}")
+    cached = f", {_human(info.bytes_cached)} from cache" if info.bytes_cached else ""
     click.echo(
-        f"  {len(info.files)} files, {_human(info.bytes_raw)} written, {_human(info.bytes_transferred)} transferred, "
-        f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s), verified"
+        f"  {len(info.files)} files, {_human(info.bytes_raw)} written, {_human(info.bytes_transferred)} transferred"
+        f"{cached}, {info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s), verified"
     )
 
 
@@ -435,6 +488,89 @@ def tag(ctx: click.Context, source: str, target: str, server: str | None, as_jso
         _emit({"ref": name, "digest": digest})
     else:
         click.echo(f"tagged {name} → {digest}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and trim the local chunk cache ($MZSTORE_HOME/cache, else ~/.cache/mzstore)."""
+
+
+def _cache() -> Any:
+    from mzstore.pull.cache import ChunkCache
+
+    return ChunkCache(_settings().cache_dir)
+
+
+@cache.command(name="ls")
+@json_option
+def cache_ls(as_json: bool) -> None:
+    """Models whose manifests are cached, and how much of each is present."""
+    c = _cache()
+    models = c.ls()
+    if as_json:
+        _emit({"root": str(c.root), "bytes": c.size(), "models": [asdict(m) for m in models]})
+        return
+    click.echo(f"cache {c.root}: {_human(c.size())} of chunks")
+    for m in models:
+        share = m.bytes_present / m.bytes_stored if m.bytes_stored else 1.0
+        click.echo(
+            f"  {m.ref:<32} {m.digest[:19]}  {_human(m.bytes_raw):>9} model, "
+            f"{_human(m.bytes_present):>9} cached ({share:.0%}, {m.chunks_present}/{m.chunks} chunks)  {m.server}"
+        )
+
+
+@cache.command(name="verify")
+@json_option
+@click.pass_context
+def cache_verify(ctx: click.Context, as_json: bool) -> None:
+    """Decode and check every cached chunk; remove bad ones (exit 1 if any)."""
+    report = _cache().verify()
+    if as_json:
+        _emit(asdict(report))
+    else:
+        for problem in report.problems:
+            click.echo(f"  removed {problem}")
+        click.echo(f"cache verify: {report.checked} chunks checked, {len(report.removed)} bad removed")
+    if report.removed:
+        ctx.exit(1)
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        return int(float(num) * units[t[len(num) :].strip()])
+    except (KeyError, ValueError):
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 500M, 20G)") from None
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise click.BadParameter(f"not a duration: {text!r} (e.g. 90s, 12h, 7d)") from None
+
+
+@cache.command(name="prune")
+@click.option("--max-size", help="Drop least recently used chunks until the cache fits (e.g. 20G).")
+@click.option("--older-than", help="Drop models and chunks unused for this long (e.g. 7d).")
+@click.option("--all", "everything", is_flag=True, help="Empty the cache.")
+@json_option
+def cache_prune(max_size: str | None, older_than: str | None, everything: bool, as_json: bool) -> None:
+    """Free space: always drops chunks no cached model names and leftovers of dead pulls."""
+    report = _cache().prune(
+        max_bytes=_size(max_size) if max_size else None,
+        older_than=_duration(older_than) if older_than else None,
+        everything=everything,
+    )
+    if as_json:
+        _emit(asdict(report))
+    else:
+        click.echo(f"cache prune: removed {len(report.removed)} entries, {_human(report.bytes_removed)} freed")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,10 +18,11 @@ from typing import Any
 import grpc
 
 from mzstore.codecs.policy import parse_policy
-from mzstore.errors import ERROR_FOR_CODE, IntegrityError, MzstoreError, Unavailable
+from mzstore.errors import ERROR_FOR_CODE, IntegrityError, InvalidArgument, MzstoreError, Unavailable
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest
 from mzstore.format.refs import parse_ref
-from mzstore.pull.pipeline import run_pull
+from mzstore.pull.cache import ChunkCache
+from mzstore.pull.pipeline import Fetch, PullStats, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink, StateDictSink, TensorParallelSink
 from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
@@ -78,6 +79,8 @@ class PullInfo:
     seconds: float
     files: list[str]
     chunks: int
+    bytes_cached: int = 0
+    chunks_cached: int = 0
 
 
 def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.PushRequest]:
@@ -110,12 +113,27 @@ class Client:
         server: ``HOST:PORT``; default from ``MZSTORE_SERVER`` or ``127.0.0.1:50051``.
         settings: defaults for everything else (see :class:`~mzstore.settings.Settings`).
         timeout: per-call deadline in seconds for short calls.
+        cache: use the local chunk cache (:mod:`mzstore.pull.cache`); default ``settings.cache``.
+        direct: read blob bytes straight from the storage nodes the server reports
+            (:mod:`mzstore.pull.direct`) instead of through the server.
     """
 
-    def __init__(self, server: str | None = None, *, settings: Settings | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        settings: Settings | None = None,
+        timeout: float = 30.0,
+        cache: bool | None = None,
+        direct: bool = False,
+    ) -> None:
         self.settings = settings or load_settings()
+        self.direct = direct
+        self._direct: Any = None
         self.server = server or self.settings.server
         self.timeout = timeout
+        use_cache = self.settings.cache if cache is None else cache
+        self.cache = ChunkCache(self.settings.cache_dir) if use_cache else None
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -187,11 +205,21 @@ class Client:
 
     # -- reading ----------------------------------------------------------
     def manifest(self, ref: str) -> tuple[str, str, Manifest]:
-        """Return ``(ref, digest, manifest)``; the manifest bytes are checked against the digest."""
+        """Return ``(ref, digest, manifest)``; the manifest bytes are checked against the digest.
+
+        A ``name@sha256:…`` ref found in the local cache needs no server (digests are immutable).
+        """
+        parsed = parse_ref(ref)
+        if parsed.digest and self.cache is not None:
+            cached = self.cache.get_manifest(parsed.digest)
+            if cached is not None:
+                return str(parsed), parsed.digest, cached
         with _rpc():
             resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
         if digest_of(resp.manifest) != resp.digest:
             raise IntegrityError(f"manifest of {ref} does not match its digest {resp.digest}")
+        if self.cache is not None:
+            self.cache.put_manifest(resp.ref, self.server, resp.digest, resp.manifest)
         return resp.ref, resp.digest, parse_manifest(resp.manifest)
 
     def fetch(self, digest: str, offset: int, length: int) -> bytearray:
@@ -210,9 +238,33 @@ class Client:
             raise IntegrityError(f"blob {digest}: got {pos} of {length} bytes")
         return buf
 
-    def _run(self, tasks: list[Any], sink: Any, workers: int | None = None, progress: ProgressFn | None = None) -> Any:
+    def topology(self) -> tuple[list[tuple[str, str | None]], int]:
+        """The server's storage nodes ``[(url, endpoint_url)]`` and replica count."""
+        with _rpc():
+            resp = self._stub.GetTopology(pb.GetTopologyRequest(), timeout=self.timeout)
+        return [(n.url, n.endpoint_url or None) for n in resp.nodes], resp.replicas
+
+    def _reader(self) -> Fetch:
+        """The direct reader's fetch, opened once from the server's topology."""
+        if self._direct is None:
+            from mzstore.pull.direct import DirectReader
+
+            self._direct = DirectReader.open(self.topology()[0])
+        return self._direct.fetch  # type: ignore[no-any-return]
+
+    def _run(
+        self, tasks: list[Any], sink: Any, workers: int | None = None, progress: ProgressFn | None = None
+    ) -> PullStats:
         """Run the pull pipeline for ``tasks`` into ``sink`` (every pull path goes through here)."""
-        return run_pull(tasks, self.fetch, sink, workers=workers or self.settings.pull_workers, on_bytes=progress)
+        return run_pull(
+            tasks,
+            self._reader() if self.direct else self.fetch,
+            sink,
+            workers=workers or self.settings.pull_workers,
+            on_bytes=progress,
+            cache=self.cache,
+            inflight_bytes=self.settings.pull_inflight_bytes,
+        )
 
     def pull(
         self,
@@ -222,6 +274,9 @@ class Client:
         progress: ProgressFn | None = None,
         workers: int | None = None,
         keep_quantized: bool = False,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        tp_rules: list[tuple[str, int | None]] | None = None,
     ) -> PullInfo:
         """Pull ``ref`` into ``out_dir`` in its source layout.
 
@@ -230,14 +285,24 @@ class Client:
         Args:
             keep_quantized: write quantized weights in the compressed-tensors layout vLLM
                 serves (see :mod:`mzstore.pull.compressed_tensors`) instead of dequantizing.
+            tp_size, tp_rank: write only this tensor-parallel rank's slice of every tensor
+                (same file names, sliced tensors; see :meth:`load_state_dict`).
         """
         start = time.perf_counter()
         name, digest, manifest = self.manifest(ref)
+        if tp_size > 1 or tp_rank:
+            if keep_quantized:
+                raise InvalidArgument("--keep-quantized and tensor-parallel slices cannot be combined")
+            return self._pull_tp(name, digest, manifest, out_dir, tp_size, tp_rank, tp_rules, workers, start)
         if keep_quantized:
             from mzstore.pull.compressed_tensors import export_keep_quantized
 
             finals = export_keep_quantized(
-                manifest, self.fetch, out_dir, workers=workers or self.settings.pull_workers, progress=progress
+                manifest,
+                self._reader() if self.direct else self.fetch,
+                out_dir,
+                workers=workers or self.settings.pull_workers,
+                progress=progress,
             )
             return PullInfo(
                 ref=name,
@@ -267,6 +332,74 @@ class Client:
             seconds=time.perf_counter() - start,
             files=[str(p) for p in finals],
             chunks=stats.chunks,
+            bytes_cached=stats.bytes_cached,
+            chunks_cached=stats.chunks_cached,
+        )
+
+    def _load_tp(
+        self,
+        manifest: Manifest,
+        tp_size: int,
+        tp_rank: int,
+        tp_rules: list[tuple[str, int | None]] | None,
+        files: list[str] | None,
+        workers: int | None,
+    ) -> tuple[dict[str, Any], PullStats]:
+        sink = TensorParallelSink(manifest, tp_size, tp_rank, tp_rules, files)
+        tasks = [t for t in plan_pull(manifest, files, tensors_only=True) if sink.wants(t)]
+        stats = self._run(tasks, sink, workers)
+        return sink.result(), stats
+
+    def _pull_tp(
+        self,
+        name: str,
+        digest: str,
+        manifest: Manifest,
+        out_dir: str | os.PathLike[str],
+        tp_size: int,
+        tp_rank: int,
+        tp_rules: list[tuple[str, int | None]] | None,
+        workers: int | None,
+        start: float,
+    ) -> PullInfo:
+        """One rank's slices written as safetensors files under their source names, plus the other files."""
+        import json
+
+        from safetensors.torch import save_file
+
+        plain = [f for f in manifest.files if f.kind != "safetensors"]
+        sink = DirectorySink(out_dir, manifest, plain)
+        sink.open()
+        try:
+            stats = self._run(plan_pull(manifest, [f.path for f in plain]), sink, workers)
+            tensors, tp_stats = self._load_tp(manifest, tp_size, tp_rank, tp_rules, None, workers)
+            for f in manifest.files:
+                if f.kind != "safetensors":
+                    continue
+                header = json.loads(f.header or "{}")
+                metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+                metadata.update({"mzstore.tp_size": str(tp_size), "mzstore.tp_rank": str(tp_rank), "mzstore.ref": name})
+                part = {t.name: tensors.pop(t.name).contiguous() for t in manifest.tensors if t.file == f.path}
+                path = sink.stage / f.path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(part, str(path), metadata=metadata)
+                del part
+                sink.adopt(f.path)
+            finals = sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        return PullInfo(
+            ref=name,
+            digest=digest,
+            bytes_raw=sum(p.stat().st_size for p in finals),
+            bytes_stored=manifest.stored_total,
+            bytes_transferred=stats.bytes_transferred + tp_stats.bytes_transferred,
+            seconds=time.perf_counter() - start,
+            files=[str(p) for p in finals],
+            chunks=stats.chunks + tp_stats.chunks,
+            bytes_cached=stats.bytes_cached + tp_stats.bytes_cached,
+            chunks_cached=stats.chunks_cached + tp_stats.chunks_cached,
         )
 
     def load_state_dict(
@@ -294,10 +427,7 @@ class Client:
         """
         _, _, manifest = self.manifest(ref)
         if tp_size > 1 or tp_rank:
-            tp_sink = TensorParallelSink(manifest, tp_size, tp_rank, tp_rules, files)
-            tasks = [t for t in plan_pull(manifest, files, tensors_only=True) if tp_sink.wants(t)]
-            self._run(tasks, tp_sink, workers)
-            result = tp_sink.result()
+            result, _ = self._load_tp(manifest, tp_size, tp_rank, tp_rules, files, workers)
             return result if str(device) == "cpu" else {k: v.to(device) for k, v in result.items()}
         if expand_on_device is None:
             expand_on_device = str(device) != "cpu"
@@ -310,6 +440,76 @@ class Client:
         sink = StateDictSink(manifest, files)
         self._run(plan_pull(manifest, files, tensors_only=True), sink, workers)
         return sink.result(device)
+
+    def load_into(
+        self,
+        model: Any,
+        ref: str,
+        *,
+        device_map: Any = None,
+        devices: list[Any] | None = None,
+        strict: bool = True,
+        prefix: str | None = None,
+        files: list[str] | None = None,
+        workers: int | None = None,
+        expand_on_device: bool | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Load the tensors of ``ref`` into ``model``, each straight onto its device.
+
+        The checkpoint is matched to the model and placed before anything is
+        fetched; then every tensor is pulled onto its device (GPU targets get
+        quantized chunks in compact form and expand them there) and put in with
+        ``model.load_state_dict(..., assign=True)``, so a model built under
+        ``torch.device("meta")`` ends up materialized on the mapped devices, and a
+        normal model's parameters move there. Tensors keep the checkpoint's dtype.
+        Tied parameters (``lm_head`` sharing the embeddings) stay one tensor,
+        loaded through the first of their names the checkpoint holds.
+        Non-persistent buffers are set when the checkpoint holds them; those it
+        lacks keep their value, and on a meta model stay on ``meta``
+        (listed in the report's ``meta``).
+
+        Args:
+            model: a ``torch.nn.Module``.
+            device_map: ``None`` (each tensor where the model's tensor is now, the
+                CPU for ``meta``), one device (``"cuda:1"``, ``1``),
+                ``{module prefix: device}`` (longest dotted prefix wins, ``""`` for
+                the rest) or ``"balanced"`` (whole layers, in order, spread by bytes
+                over ``devices``, default every visible GPU); see
+                :mod:`mzstore.pull.device_map`.
+            strict: the checkpoint must provide every state-dict key of the model
+                and nothing else; ``strict=False`` loads what matches and fetches
+                nothing else.
+            prefix: added to every checkpoint name to give the model's name;
+                default: the names as stored, or one prefix added or removed when
+                that matches more (``0.model.`` for a sentence-transformers model).
+            files: only the tensors of these source files.
+            expand_on_device: force the device path for CPU targets too (tests).
+
+        Returns:
+            A report: ``devices`` (``{device: {"tensors", "bytes"}}``), ``missing``
+            and ``unexpected`` keys, ``tied`` (name → the name it shares a tensor
+            with), ``names`` (the name mapping used) and ``meta`` (what is still on
+            the meta device).
+
+        Raises:
+            InvalidArgument: names or shapes that do not match (with ``strict``),
+                or a bad ``device_map``; raised before any byte is fetched.
+        """
+        from mzstore.pull.device import DeviceMapSink, apply_loaded, plan_load
+
+        _, _, manifest = self.manifest(ref)
+        plan = plan_load(
+            model, manifest, device_map=device_map, devices=devices, strict=strict, prefix=prefix, files=files
+        )
+        sink = DeviceMapSink(manifest, plan.placement, files, expand_on_device=expand_on_device)
+        try:
+            tasks = [t for t in plan_pull(manifest, files, tensors_only=True) if sink.wants(t)]
+            self._run(tasks, sink, workers, progress)
+            tensors = sink.result()
+        finally:
+            sink.close()
+        return apply_loaded(model, plan, tensors, strict=strict)
 
     # -- admin ------------------------------------------------------------
     def ls(self, name: str | None = None) -> list[tuple[str, str, str]]:
@@ -336,6 +536,24 @@ def load_state_dict(
         return client.load_state_dict(ref, device=device, files=files)
 
 
+def load_into(
+    model: Any,
+    ref: str,
+    *,
+    device_map: Any = None,
+    devices: list[Any] | None = None,
+    strict: bool = True,
+    prefix: str | None = None,
+    server: str | None = None,
+    files: list[str] | None = None,
+) -> dict[str, Any]:
+    """Load the tensors of ``ref`` into ``model`` on the mapped devices (see :meth:`Client.load_into`)."""
+    with Client(server) as client:
+        return client.load_into(
+            model, ref, device_map=device_map, devices=devices, strict=strict, prefix=prefix, files=files
+        )
+
+
 def pull(ref: str, out_dir: str | os.PathLike[str], *, server: str | None = None) -> PullInfo:
     """Pull ``ref`` into ``out_dir`` (see :meth:`Client.pull`)."""
     with Client(server) as client:
@@ -355,4 +573,4 @@ def push(
         return client.push(source, ref, codec=codec, keep=keep)
 
 
-__all__ = ["Client", "PullInfo", "PushInfo", "load_state_dict", "pull", "push"]
+__all__ = ["Client", "PullInfo", "PushInfo", "load_into", "load_state_dict", "pull", "push"]

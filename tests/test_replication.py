@@ -219,7 +219,11 @@ def test_admin_commands_from_the_cli(tmp_path: Path) -> None:
 
     nodes = [f"file://{tmp_path / f'node{i}'}" for i in range(3)]
     flags = [x for url in nodes[:2] for x in ("--node", url)] + ["--replicas", "2"]
-    address, proc = start_serve(None, args=tuple(flags))
+    import os
+
+    # Small shards: many blobs, so adding a node surely moves some (with one blob, a third of the time none).
+    env = {**os.environ, "MZSTORE_SHARD_BYTES": str(128 * 1024), "MZSTORE_CHUNK_BYTES": str(32 * 1024)}
+    address, proc = start_serve(None, env=env, args=tuple(flags))
     try:
         with Client(address) as client:
             client.push(_model(tmp_path), "cli/m:v1")
@@ -238,7 +242,14 @@ def test_admin_commands_from_the_cli(tmp_path: Path) -> None:
     assert mz("fsck", *flags, "--repair").returncode == 0
     assert mz("fsck", *flags).returncode == 0
     three = [x for url in nodes for x in ("--node", url)] + ["--replicas", "2"]
+    blobs = [p.name for p in (tmp_path / "node0" / "blobs").rglob("*") if p.is_file()]
+    blobs += [p.name for p in (tmp_path / "node1" / "blobs").rglob("*") if p.is_file()]
+    digests = {"sha256:" + name for name in blobs}
+    assert len(digests) >= 6
+    urls = [Path(u[len("file://") :]).as_uri() for u in nodes]
+    expected = sum(2 in place(urls, d, 2) for d in digests)  # copies the new node must take
     moved = json.loads(mz("rebalance", *three, "--json").stdout)
+    assert moved["moved"] == expected
     assert 0 < moved["moved"] < moved["copies"]
     assert mz("fsck", *three).returncode == 0
     gc_run = json.loads(mz("gc", *three, "--grace", "3600", "--json").stdout)

@@ -1,4 +1,4 @@
-"""Scale: memory stays bounded on a ~1 GB checkpoint (marked slow; `make test-slow`).
+"""Scale: memory stays bounded on 1 GiB and 3 GiB checkpoints (marked slow; `make test-slow`).
 
 Peak memory is read from ``VmHWM`` in ``/proc`` of separate processes (a
 server process and client processes), which, unlike ``ru_maxrss``, starts
@@ -8,6 +8,7 @@ afresh at ``exec``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,60 @@ def test_memory_stays_bounded_on_a_1gb_checkpoint(
 
     mem_peak = _child_peak("memory", address, tmp_path / "unused")
     assert mem_peak < 1.5 * size, f"load_state_dict peak {mem_peak / MiB:.0f} MiB for a {size / MiB:.0f} MiB model"
+
+
+CLI_CHILD = """
+import json, sys
+from mzstore.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print(json.dumps({"peak": int(line.split()[1]) * 1024}))
+"""
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_pull_to_disk_stays_flat_on_a_3gb_checkpoint(
+    serve_process: tuple[str, subprocess.Popen], tmp_path: Path
+) -> None:
+    """3 GiB bf16 through the CLI, cold and then from the local cache: the client stays under 512 MiB."""
+    from mzstore.client import Client
+
+    address, _ = serve_process
+    src = tmp_path / "src" / "model.safetensors"
+    src.parent.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    save_file(
+        {f"blocks.{i}.w": (torch.randn(4096, 8192, generator=gen) * 0.02).to(torch.bfloat16) for i in range(48)},
+        str(src),
+    )
+    size = src.stat().st_size
+    assert size > 3 * 1024 * MiB
+    with Client(address) as client:
+        client.push(src, "scale/huge:v1")
+    want = _file_sha(src)
+    for run in ("cold", "cached"):
+        out = tmp_path / run
+        result = subprocess.run(
+            [sys.executable, "-c", CLI_CHILD, "pull", "scale/huge:v1", "-o", str(out), "--server", address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        info, peak = json.loads(lines[0]), json.loads(lines[-1])["peak"]
+        assert peak < 512 * MiB, f"{run} pull to disk peaked at {peak / MiB:.0f} MiB for a {size / MiB:.0f} MiB model"
+        assert _file_sha(out / "model.safetensors") == want
+        if run == "cached":
+            assert info["bytes_transferred"] == 0
+        os.remove(out / "model.safetensors")

@@ -62,6 +62,25 @@ def select_tensors(manifest: Manifest, files: list[str] | None) -> list[TensorEn
     return entries
 
 
+#: Files are staged under ``OUT/.mzstore-partial-<pid>-<random>/`` until verified.
+PARTIAL_PREFIX = ".mzstore-partial-"
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Drop staging directories left by pulls whose process is gone (killed, crashed)."""
+    for stage in out.glob(f"{PARTIAL_PREFIX}*"):
+        pid_text = stage.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running: another pull into the same directory
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 class DirectorySink:
     """Writes the selected files of a manifest under ``out_dir``."""
 
@@ -70,8 +89,9 @@ class DirectorySink:
     ) -> None:
         self.out = Path(out_dir)
         self.files = files if files is not None else manifest.files
-        self.stage = self.out / f".mzstore-partial-{uuid.uuid4().hex[:12]}"
+        self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
+        self._adopted: list[str] = []
         self._scratch = ScratchBuffers()
 
     def target(self, task: ChunkTask) -> np.ndarray:
@@ -80,6 +100,7 @@ class DirectorySink:
 
     def open(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        _remove_dead_partials(self.out)
         self.stage.mkdir()
         for f in self.files:
             path = self.stage / f.path
@@ -96,6 +117,10 @@ class DirectorySink:
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
         pwrite_all(self._fds[task.file], data.data, task.file_offset)
 
+    def adopt(self, path: str) -> None:
+        """Commit a file the caller wrote itself at ``self.stage / path`` along with the others."""
+        self._adopted.append(path)
+
     def commit(self) -> list[Path]:
         """fsync and move every file into place; return the final paths."""
         finals = []
@@ -103,10 +128,16 @@ class DirectorySink:
             fd = self._fds.pop(f.path)
             os.fsync(fd)
             os.close(fd)
-        for f in self.files:
-            final = self.out / f.path
+        for path in self._adopted:
+            fd = os.open(self.stage / path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for rel in [f.path for f in self.files] + self._adopted:
+            final = self.out / rel
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.stage / f.path, final)
+            os.replace(self.stage / rel, final)
             finals.append(final)
         shutil.rmtree(self.stage, ignore_errors=True)
         return finals
