@@ -76,9 +76,26 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-server_option = click.option(
-    "--server", "server", metavar="HOST:PORT", help="Server address [env MZSTORE_SERVER, default 127.0.0.1:50051]."
-)
+def _remember_tls_ca(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta["mzstore.tls_ca"] = value
+
+
+def server_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--server`` (passed to the command) and ``--tls-ca`` (kept in ``ctx.meta`` for :func:`_client`)."""
+    fn = click.option(
+        "--tls-ca",
+        metavar="PEM",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_remember_tls_ca,
+        help="Speak TLS, trusting this CA bundle [env MZSTORE_TLS_CA; client cert: MZSTORE_TLS_CERT/_KEY].",
+    )(fn)
+    return click.option(
+        "--server", "server", metavar="HOST:PORT", help="Server address [env MZSTORE_SERVER, default 127.0.0.1:50051]."
+    )(fn)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
@@ -88,7 +105,8 @@ def _client(ctx: click.Context, server: str | None, cache: bool | None = None, d
     settings = _settings()
     address = server or settings.server
     ctx.meta["mzstore.server"] = address
-    return ctx.with_resource(Client(address, settings=settings, cache=cache, direct=direct))
+    tls_ca = ctx.meta.get("mzstore.tls_ca")
+    return ctx.with_resource(Client(address, settings=settings, cache=cache, direct=direct, tls_ca=tls_ca))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,6 +189,19 @@ def _open_store(root: str | None, nodes: tuple[str, ...], replicas: int, s3_endp
     metavar="SECONDS",
     help="How long a tag resolved upstream is trusted before asking again (0: every time).",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Require tokens (see `mzstore token add`); re-read when it changes.",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), metavar="PEM", help="Serve TLS: certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), metavar="PEM", help="Serve TLS: private key.")
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="PEM",
+    help="Mutual TLS: clients must present a certificate issued by this CA.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
     root: str | None,
@@ -180,21 +211,74 @@ def serve(
     listen: str,
     upstream: str | None,
     upstream_ttl: float,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
     verbose: bool,
 ) -> None:
-    """Run a server over a local directory or over storage nodes (or a cache of another server)."""
+    """Run a server over a local directory or over storage nodes (or a cache of another server).
+
+    A pull-through cache (--upstream) reaches its upstream with MZSTORE_TOKEN and MZSTORE_TLS_CA
+    (MZSTORE_TLS_CERT/_KEY) from its own environment.
+    """
+    from pathlib import Path
+
+    from mzstore.server.app import TlsConfig
     from mzstore.server.app import serve as run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = _settings()
     if upstream is not None and not upstream.rpartition(":")[2].isdigit():
         raise click.UsageError(f"--upstream must be HOST:PORT, got {upstream!r}")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = (
+        TlsConfig(Path(tls_cert), Path(tls_key), Path(tls_client_ca) if tls_client_ca else None)
+        if tls_cert and tls_key
+        else None
+    )
     store = _open_store(root, nodes, replicas, s3_endpoint_url)
     _check_port_free(listen)
     try:
-        run(store, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl)
+        run(store, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=token_file, tls=tls)
     except OSError as exc:
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
+
+
+@main.group()
+def token() -> None:
+    """Manage the server's token file (stores sha256 hashes, never tokens)."""
+
+
+@token.command(name="add")
+@click.argument("name")
+@click.option(
+    "--scope", "scopes", default="read", show_default=True, help="read, write or admin (admin ⊇ write ⊇ read)."
+)
+@click.option(
+    "--prefix", "prefixes", multiple=True, metavar="NAME/", help="Only write models under this prefix. Repeatable."
+)
+@click.option("--token-file", type=click.Path(dir_okay=False), required=True, help="File to append to (created 0600).")
+def token_add(name: str, scopes: str, prefixes: tuple[str, ...], token_file: str) -> None:
+    """Create a token NAME, append its hash to the token file and print the token (shown once)."""
+    import os
+
+    from mzstore.server.auth import new_token, parse_token_file, token_line
+
+    secret = new_token()
+    try:
+        line = token_line(name, secret, scopes, prefixes)
+    except MzstoreError as exc:
+        raise click.UsageError(str(exc)) from None
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+    with open(token_file) as f:
+        parse_token_file(f.read(), token_file)  # fail now, not at the server's next start
+    click.echo(secret)
 
 
 def _admin_report(report: Any, as_json: bool, summary: str) -> None:

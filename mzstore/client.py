@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from mzstore.pull.sinks import DirectorySink, StateDictSink, TensorParallelSink
 from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
 from mzstore.push.source import Source, check_policy_applies, open_source
 from mzstore.push.upload import begin_for, iter_events
-from mzstore.settings import MAX_MESSAGE_BYTES, Settings, load_settings
+from mzstore.settings import MAX_MESSAGE_BYTES, Settings, is_loopback, load_settings
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -101,6 +102,47 @@ def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.Push
             yield pb.PushRequest(end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
 
 
+def _tls_credentials(
+    ca: str | os.PathLike[str], cert: os.PathLike[str] | None, key: os.PathLike[str] | None
+) -> grpc.ChannelCredentials:
+    """TLS trusting ``ca``; with ``cert`` and ``key``, also a client certificate (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise InvalidArgument("a client certificate needs both MZSTORE_TLS_CERT and MZSTORE_TLS_KEY")
+    try:
+        pem = [Path(p).read_bytes() if p is not None else None for p in (ca, key, cert)]
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=pem[0], private_key=pem[1], certificate_chain=pem[2])
+
+
+class _TokenMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (works on TLS and loopback plaintext alike)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        # grpc hands interceptors a namedtuple of the call's details
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 def _cosine(fidelity: dict[str, Any] | None) -> float:
     value = (fidelity or {}).get("cosine")
     return float(value) if value is not None else 1.0
@@ -116,6 +158,13 @@ class Client:
         cache: use the local chunk cache (:mod:`mzstore.pull.cache`); default ``settings.cache``.
         direct: read blob bytes straight from the storage nodes the server reports
             (:mod:`mzstore.pull.direct`) instead of through the server.
+        token: bearer token sent as ``authorization`` metadata on every call; default ``settings.token``.
+        tls_ca: PEM CA bundle to verify the server with; given (or ``settings.tls_ca``), the channel is TLS,
+            with ``settings.tls_cert``/``tls_key`` as the client certificate for mutual TLS.
+
+    Raises:
+        InvalidArgument: a token with a plaintext, non-loopback server (it would cross the network in
+            clear text); an unreadable TLS file.
     """
 
     def __init__(
@@ -126,6 +175,8 @@ class Client:
         timeout: float = 30.0,
         cache: bool | None = None,
         direct: bool = False,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.direct = direct
@@ -138,8 +189,19 @@ class Client:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._channel = grpc.insecure_channel(self.server, options=options)
-        self._stub = pb_grpc.StoreStub(self._channel)
+        token = token or self.settings.token
+        ca = tls_ca or self.settings.tls_ca
+        if token and ca is None and not is_loopback(self.server):
+            raise InvalidArgument(
+                f"refusing to send a token in clear text to {self.server}: set MZSTORE_TLS_CA (--tls-ca) for TLS"
+            )
+        if ca is not None:
+            creds = _tls_credentials(ca, self.settings.tls_cert, self.settings.tls_key)
+            self._channel = grpc.secure_channel(self.server, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.server, options=options)
+        channel = grpc.intercept_channel(self._channel, _TokenMetadata(token)) if token else self._channel
+        self._stub = pb_grpc.StoreStub(channel)
 
     def close(self) -> None:
         self._channel.close()

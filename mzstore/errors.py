@@ -81,6 +81,18 @@ class DeadlineExceeded(MzstoreError, TimeoutError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(MzstoreError, PermissionError):
+    """The server wants a token and got none, or one it does not know."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MzstoreError, PermissionError):
+    """The token is known but lacks the scope or name prefix the call needs."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 #: gRPC status code name → the error class a client raises for it.
 ERROR_FOR_CODE: dict[str, type[MzstoreError]] = {
     "INVALID_ARGUMENT": InvalidArgument,
@@ -93,4 +105,6 @@ ERROR_FOR_CODE: dict[str, type[MzstoreError]] = {
     "CANCELLED": Cancelled,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "OUT_OF_RANGE": InvalidArgument,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
 }

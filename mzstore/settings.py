@@ -7,6 +7,7 @@ explicit arguments always win over what is found here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,45 @@ DEFAULT_PULL_INFLIGHT_BYTES = 256 * 1024 * 1024
 TRANSFER_BYTES = 1024 * 1024
 #: gRPC message cap; payloads are ~1 MiB so 8 MiB leaves room for headers.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+#: Deadlines, keepalive and concurrency (issue #6; see docs/architecture.md, "Deadlines and faults").
+#: Short calls (manifest, ls, tag, rm, topology), in seconds (``MZSTORE_TIMEOUT``).
+DEFAULT_TIMEOUT_S = 30.0
+#: A whole push, in seconds (``MZSTORE_PUSH_TIMEOUT``): a hang guard, generous enough for 100s of GB.
+DEFAULT_PUSH_TIMEOUT_S = 6 * 3600.0
+#: One ranged blob read (a chunk, ≤ 16 MiB decoded) on pull, in seconds (``MZSTORE_FETCH_TIMEOUT``); retried.
+DEFAULT_FETCH_TIMEOUT_S = 300.0
+#: Idle seconds before a keepalive ping, client and server (``MZSTORE_KEEPALIVE``); a peer must answer in
+#: :data:`KEEPALIVE_TIMEOUT_S` or the connection is dropped and its calls fail with UNAVAILABLE.
+DEFAULT_KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+#: Calls a server runs or queues at once; more get RESOURCE_EXHAUSTED (``MZSTORE_MAX_CONCURRENT_RPCS``).
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+#: The longest any call may run on a server, whatever deadline the client sent (``MZSTORE_MAX_DEADLINE``).
+DEFAULT_MAX_DEADLINE_S = 24 * 3600.0
+
+#: Input limits on a push (issue #6), each overridable with its ``MZSTORE_MAX_*`` variable (see :class:`Limits`).
+DEFAULT_MAX_HEADER_BYTES = 100_000_000
+DEFAULT_MAX_TENSORS = 1_000_000
+DEFAULT_MAX_FILES = 10_000
+DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one push may declare; the server refuses more before storing anything.
+
+    Attributes:
+        header_bytes: safetensors JSON header (``MZSTORE_MAX_HEADER_BYTES``; the reference crate's 100 MB).
+        tensors: tensors per file and per push (``MZSTORE_MAX_TENSORS``).
+        files: files per push (``MZSTORE_MAX_FILES``).
+        upload_bytes: sum of the declared file sizes of a push (``MZSTORE_MAX_UPLOAD_BYTES``).
+    """
+
+    header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    tensors: int = DEFAULT_MAX_TENSORS
+    files: int = DEFAULT_MAX_FILES
+    upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 
 
 def default_pull_workers() -> int:
@@ -51,6 +91,15 @@ class Settings:
         pull_inflight_bytes: cap on stored + decoded bytes of chunks in flight on pull.
         cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
         cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
+        tls_ca: PEM CA bundle the client trusts; set means the client speaks TLS (``MZSTORE_TLS_CA``).
+        tls_cert: client certificate (PEM) for mutual TLS (``MZSTORE_TLS_CERT``).
+        tls_key: its private key (PEM) (``MZSTORE_TLS_KEY``).
+        timeout: client deadline in seconds for short calls (``MZSTORE_TIMEOUT``).
+        push_timeout: client deadline in seconds for a whole push (``MZSTORE_PUSH_TIMEOUT``).
+        fetch_timeout: client deadline in seconds for one blob range read on pull (``MZSTORE_FETCH_TIMEOUT``).
+        keepalive_s: idle seconds between keepalive pings, client and server (``MZSTORE_KEEPALIVE``).
+        max_concurrent_rpcs: server: calls at once before RESOURCE_EXHAUSTED (``MZSTORE_MAX_CONCURRENT_RPCS``).
+        max_deadline_s: server: the longest a call may run, whatever the client asked (``MZSTORE_MAX_DEADLINE``).
     """
 
     server: str = DEFAULT_SERVER
@@ -62,6 +111,16 @@ class Settings:
     pull_inflight_bytes: int = DEFAULT_PULL_INFLIGHT_BYTES
     cache: bool = True
     cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
+    limits: Limits = field(default_factory=Limits)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
+    push_timeout: float = DEFAULT_PUSH_TIMEOUT_S
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    max_deadline_s: float = DEFAULT_MAX_DEADLINE_S
 
     @property
     def cache_dir(self) -> Path:
@@ -72,6 +131,19 @@ class Settings:
     def default_root(self) -> Path:
         """Where ``mzstore serve`` keeps data when no ``--root`` is given."""
         return self.home / "data" if self.home else Path(DEFAULT_ROOT)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` (or ``unix:…``) only reaches this machine (tokens may travel there in plaintext)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -91,6 +163,27 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return parsed
 
 
+def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
+    """A positive, finite number of seconds (``2.5`` allowed)."""
+    value = env.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = float(value)
+    except ValueError:
+        parsed = float("nan")
+    if not 0 < parsed < float("inf"):
+        from mzstore.errors import InvalidArgument
+
+        raise InvalidArgument(f"{key} must be a positive number of seconds, got {value!r}")
+    return parsed
+
+
+def _path(env: Mapping[str, str], key: str) -> Path | None:
+    value = env.get(key)
+    return Path(value).expanduser() if value else None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from an environment mapping (default ``os.environ``)."""
     env = os.environ if env is None else env
@@ -105,4 +198,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pull_inflight_bytes=_int(env, "MZSTORE_PULL_INFLIGHT", DEFAULT_PULL_INFLIGHT_BYTES),
         cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
         cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
+        limits=load_limits(env),
+        tls_ca=_path(env, "MZSTORE_TLS_CA"),
+        tls_cert=_path(env, "MZSTORE_TLS_CERT"),
+        tls_key=_path(env, "MZSTORE_TLS_KEY"),
+        timeout=_seconds(env, "MZSTORE_TIMEOUT", DEFAULT_TIMEOUT_S),
+        push_timeout=_seconds(env, "MZSTORE_PUSH_TIMEOUT", DEFAULT_PUSH_TIMEOUT_S),
+        fetch_timeout=_seconds(env, "MZSTORE_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT_S),
+        keepalive_s=_seconds(env, "MZSTORE_KEEPALIVE", DEFAULT_KEEPALIVE_S),
+        max_concurrent_rpcs=_int(env, "MZSTORE_MAX_CONCURRENT_RPCS", DEFAULT_MAX_CONCURRENT_RPCS),
+        max_deadline_s=_seconds(env, "MZSTORE_MAX_DEADLINE", DEFAULT_MAX_DEADLINE_S),
+    )
+
+
+def load_limits(env: Mapping[str, str]) -> Limits:
+    """:class:`Limits` from ``MZSTORE_MAX_*`` (positive integers)."""
+    return Limits(
+        header_bytes=_int(env, "MZSTORE_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
+        tensors=_int(env, "MZSTORE_MAX_TENSORS", DEFAULT_MAX_TENSORS),
+        files=_int(env, "MZSTORE_MAX_FILES", DEFAULT_MAX_FILES),
+        upload_bytes=_int(env, "MZSTORE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
     )

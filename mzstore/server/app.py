@@ -6,6 +6,10 @@
 SIGINT/SIGTERM, then stops accepting RPCs and gives running ones a grace
 period (graceful shutdown). Servers hold no state of their own: any number
 of them can serve the same root.
+
+Security (issue #6): ``auth`` (a token file, see :mod:`mzstore.server.auth`)
+adds the token interceptor; ``tls`` serves TLS, and mutual TLS when it names
+a client CA. Tokens over plaintext are refused unless ``listen`` is loopback.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +25,35 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mzstore.errors import InvalidArgument
+from mzstore.server.auth import TokenFile, TokenInterceptor
 from mzstore.server.service import StoreService
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
-from mzstore.settings import MAX_MESSAGE_BYTES, Settings
-from mzstore.storage.node import LocalNode, open_node
+from mzstore.settings import MAX_MESSAGE_BYTES, Settings, is_loopback
+from mzstore.storage.node import LocalNode, open_node, sweep_temp
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("mzstore.server")
 SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["Store"].full_name
 SPOOL_MAX_AGE_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and key (PEM files); with ``client_ca``, clients must present a certificate it issued."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        try:
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+            ca = self.client_ca.read_bytes() if self.client_ca else None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 @dataclass
@@ -51,14 +73,9 @@ class RunningServer:
 
 
 def _clean_spool(node: LocalNode) -> None:
-    """Remove spool and temp files left behind by dead pushes."""
-    cutoff = time.time() - SPOOL_MAX_AGE_S
-    for path in node.tempdir().iterdir():
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except OSError:
-            pass
+    """Remove spool and temp files left behind by dead pushes (see :func:`sweep_temp`)."""
+    for path in sweep_temp(node.tempdir(), SPOOL_MAX_AGE_S):
+        log.info("removed %s, left by a dead upload", path.name)
 
 
 def build_server(
@@ -68,6 +85,8 @@ def build_server(
     max_workers: int = 16,
     upstream: str | None = None,
     upstream_ttl: float = DEFAULT_TTL_S,
+    auth: str | Path | TokenFile | None = None,
+    tls: TlsConfig | None = None,
 ) -> RunningServer:
     """Create and start a server over storage nodes.
 
@@ -81,11 +100,22 @@ def build_server(
             ``root``'s nodes on first pull. A :class:`PullThroughStore` given
             as ``root`` is one already.
         upstream_ttl: seconds a tag resolved upstream is trusted.
+        auth: a token file (path or :class:`TokenFile`): every Store call needs a token with the right scope.
+        tls: serve TLS (mutual TLS with a client CA) instead of plaintext.
 
     Returns:
         The started server and the port it bound.
+
+    Raises:
+        InvalidArgument: tokens over plaintext on a non-loopback address; an unreadable token or TLS file.
     """
     settings = settings or Settings()
+    if auth is not None and tls is None and not is_loopback(listen):
+        raise InvalidArgument(
+            f"refusing to accept tokens over plaintext on {listen}: give --tls-cert/--tls-key or listen on loopback"
+        )
+    tokens = auth if isinstance(auth, TokenFile) or auth is None else TokenFile(auth)
+    credentials = tls.credentials() if tls else None
     if isinstance(root, Store):
         store = root
     elif isinstance(root, list):
@@ -105,7 +135,9 @@ def build_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"), options=options
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"),
+        options=options,
+        interceptors=[TokenInterceptor(tokens)] if tokens else None,
     )
     service = (
         PullThroughService(store, settings)
@@ -116,7 +148,7 @@ def build_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
@@ -133,12 +165,15 @@ def serve(
     grace: float = 10.0,
     upstream: str | None = None,
     upstream_ttl: float = DEFAULT_TTL_S,
+    auth: str | Path | TokenFile | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully.
 
-    With ``upstream``, the server is a read-only pull-through cache of that server (see :func:`build_server`).
+    With ``upstream``, the server is a read-only pull-through cache of that server; ``auth`` and ``tls``
+    as in :func:`build_server`.
     """
-    running = build_server(root, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl)
+    running = build_server(root, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=auth, tls=tls)
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)
     copies = f" ({running.store.replicas} replicas)" if len(running.store.nodes) > 1 else ""
@@ -146,8 +181,10 @@ def serve(
     fronts = (
         f" as a pull-through cache of {cache.upstream_address} (tags rechecked every {cache.ttl:g} s)" if cache else ""
     )
-    log.info("mzstore serving %s%s on %s:%d%s", where, copies, host, running.port, fronts)
-    print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}", flush=True)
+    security = (" over mutual TLS" if tls.client_ca else " over TLS") if tls else ""
+    security += " with tokens" if auth is not None else ""
+    log.info("mzstore serving %s%s on %s:%d%s%s", where, copies, host, running.port, fronts, security)
+    print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}{security}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
