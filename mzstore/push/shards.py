@@ -26,6 +26,7 @@ from typing import Any
 
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
+from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Staged, Store
 
 
@@ -62,7 +63,7 @@ class ShardWriter:
         """Add one encoded chunk. ``chunk.blob``/``chunk.offset`` are set when its shard is sealed."""
         if self._spool is None:
             self._spool = tempfile.NamedTemporaryFile(
-                prefix="shard-", suffix=".spool", dir=self.spool_dir, delete=False
+                prefix=temp_prefix("shard"), suffix=".spool", dir=self.spool_dir, delete=False
             )
         self._spool.write(payload)
         key = f"{len(self._entries):06d}:{key_hint}"

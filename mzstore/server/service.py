@@ -8,6 +8,7 @@ server never decodes stored data on pull; it streams blob bytes.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -33,6 +34,9 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, MzstoreError):
         code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
         context.abort(code, str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Spool and temp files on the server's own disk: the store's nodes map this themselves.
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server's disk is full ({exc.strerror})")
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}")
 

@@ -65,7 +65,7 @@ from mzstore.format.manifest import digest_of, parse_manifest
 from mzstore.format.refs import Ref, parse_ref, validate_digest
 from mzstore.server.service import StoreService, _handler
 from mzstore.settings import Settings
-from mzstore.storage.node import LocalNode, Node
+from mzstore.storage.node import LocalNode, Node, temp_prefix
 from mzstore.storage.store import RefEntry, Staged, Store, blob_key
 from mzstore.v1 import store_pb2 as pb
 
@@ -327,7 +327,7 @@ class PullThroughStore(Store):
         """
         validate_digest(digest)
         start = time.perf_counter()
-        fd, name = tempfile.mkstemp(prefix="pull-", suffix=".part", dir=self._spool_dir())
+        fd, name = tempfile.mkstemp(prefix=temp_prefix("pull"), suffix=".part", dir=self._spool_dir())
         spool: Path | None = Path(name)
         try:
             with os.fdopen(fd, "wb") as fh:

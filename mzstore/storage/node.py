@@ -19,6 +19,8 @@ import contextlib
 import copy
 import errno
 import os
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +29,45 @@ from typing import Any, Protocol
 from mzstore.errors import Conflict, InvalidArgument, MzstoreError, NotFound, ResourceExhausted, Unavailable
 
 TMP_DIR = "tmp"
+#: Temp files older than this are swept whoever wrote them (a writer on another host, say).
+TEMP_MAX_AGE_S = 24 * 3600
+
+
+def temp_prefix(stem: str) -> str:
+    """``stem~HOST~PID~``: temp files name their writer, so a restarted server can sweep the dead ones."""
+    return f"{stem}~{socket.gethostname()}~{os.getpid()}~"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """True for a temp file written by a process of this host that no longer runs."""
+    parts = name.split("~")
+    if len(parts) < 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_temp(directory: Path, max_age: float = TEMP_MAX_AGE_S) -> list[Path]:
+    """Remove temp files of dead writers on this host, and any older than ``max_age``; return them.
+
+    Several servers may share one root, so a young file of a live process
+    (here or on another host) is left alone.
+    """
+    removed = []
+    cutoff = time.time() - max_age
+    for path in directory.iterdir() if directory.exists() else []:
+        try:
+            if _writer_is_dead(path.name) or path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 class Node(Protocol):
@@ -88,7 +129,7 @@ class LocalNode:
 
     def stage(self, key: str, chunks: Iterable[bytes | memoryview]) -> Path:
         """Write ``chunks`` durably to a temp file for ``key``; :meth:`publish` makes it visible."""
-        tmp = self.root / TMP_DIR / f"{Path(key).name}.{uuid.uuid4().hex}.part"
+        tmp = self.root / TMP_DIR / f"{temp_prefix(Path(key).name)}{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
                 for chunk in chunks:

@@ -1,0 +1,152 @@
+"""Crash safety: kill -9 the server at many points of a push, restart, check nothing is half-visible.
+
+Each run starts ``mzstore serve`` over the same root, pushes a fresh model
+from a CLI process, and SIGKILLs the server at a different moment across the
+push (from before the first byte to after the acknowledgement). After a
+restart:
+
+* every push that was acknowledged pulls back byte-identical;
+* an unacknowledged push is either absent or (killed between the ref write
+  and the reply) complete;
+* every file under ``blobs/`` and ``manifests/`` has the content its name
+  promises (nothing half-written under a final name), every ref points at
+  a manifest whose blobs exist, the temp area is cleaned, and ``fsck`` is clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import start_serve, stop_serve
+from safetensors.torch import save_file
+
+from mzstore.client import Client
+from mzstore.format.manifest import parse_manifest
+from mzstore.storage import Store
+from mzstore.storage.admin import fsck
+
+RUNS = int(os.environ.get("MZSTORE_CRASH_RUNS", "20"))
+ENV = {"MZSTORE_SHARD_BYTES": str(256 * 1024), "MZSTORE_CHUNK_BYTES": str(64 * 1024), "MZSTORE_CACHE": "0"}
+
+
+def _model(path: Path, seed: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    save_file(
+        {f"layers.{i}.weight": torch.randn(512, 512, generator=gen).to(torch.bfloat16) for i in range(12)},
+        str(path / "model.safetensors"),
+    )
+    (path / "config.json").write_text(json.dumps({"seed": seed}))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_visible_state(root: Path) -> list[str]:
+    """Every durable object is whole; every ref resolves to a manifest whose blobs exist."""
+    problems = []
+    for blob in (root / "blobs").rglob("*") if (root / "blobs").exists() else []:
+        if blob.is_file() and _sha(blob) != blob.name:
+            problems.append(f"half-written blob {blob.name}")
+    manifests = {}
+    for m in (root / "manifests").rglob("*") if (root / "manifests").exists() else []:
+        if m.is_file():
+            if _sha(m) != m.name:
+                problems.append(f"half-written manifest {m.name}")
+            else:
+                manifests[m.name] = parse_manifest(m.read_bytes())
+    for ref in (root / "refs").rglob("*") if (root / "refs").exists() else []:
+        if not ref.is_file():
+            continue
+        digest = ref.read_text().strip().split(":", 1)[-1]
+        if digest not in manifests:
+            problems.append(f"ref {ref} points at a missing manifest")
+            continue
+        for blob in manifests[digest].blobs():
+            h = blob.split(":", 1)[1]
+            if not (root / "blobs" / "sha256" / h[:2] / h).exists():
+                problems.append(f"ref {ref} needs missing blob {h}")
+    return problems
+
+
+def test_kill_9_during_pushes_never_exposes_half_written_state(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    env = {**os.environ, **ENV}
+    acked: dict[str, Path] = {}
+    outcomes: list[str] = []
+
+    # Calibrate: how long a push takes from the client's start to its reply.
+    address, server = start_serve(root, env=env)
+    src = _model(tmp_path / "calib", 1000)
+    start = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "mzstore.cli", "push", str(src), "crash/calib:v1", "--server", address, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    full = time.monotonic() - start
+    assert r.returncode == 0, r.stderr
+    acked["crash/calib:v1"] = src
+    stop_serve(server)
+
+    for run in range(RUNS):
+        src = _model(tmp_path / f"m{run}", run)
+        ref = f"crash/m{run}:v1"
+        address, server = start_serve(root, env=env)
+        client = subprocess.Popen(
+            [sys.executable, "-m", "mzstore.cli", "push", str(src), ref, "--server", address, "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Spread the kills from "before the upload" to "after the reply".
+        time.sleep(full * 1.2 * (run + 0.5) / RUNS)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        client.communicate(timeout=120)
+        if client.returncode == 0:
+            acked[ref] = src
+            outcomes.append("acked")
+        else:
+            outcomes.append("failed")
+
+        problems = _check_visible_state(root)
+        assert problems == [], f"run {run}: {problems}"
+
+        address, server = start_serve(root, env=env)
+        try:
+            with Client(address, cache=False) as c:
+                names = {f"{n}:{t}" for n, t, _ in c.ls("crash/m" + str(run))} if client.returncode else set()
+                for name, path in acked.items() if run == RUNS - 1 else [(ref, src)] if ref in acked else []:
+                    out_dir = tmp_path / "pulled" / f"{run}-{name.replace('/', '_')}"
+                    c.pull(name, out_dir)
+                    for f in ("model.safetensors", "config.json"):
+                        assert (out_dir / f).read_bytes() == (path / f).read_bytes(), f"run {run}: {name} {f}"
+                if ref not in acked and names:
+                    # Killed after the ref was written but before the reply: the model must be whole.
+                    outcomes[-1] = "committed-unacked"
+                    out_dir = tmp_path / "pulled" / f"{run}-unacked"
+                    c.pull(ref, out_dir)
+                    assert (out_dir / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+        finally:
+            stop_serve(server)
+        # The restarted server swept the dead upload's spool.
+        assert [p for p in (root / "tmp").rglob("*") if p.is_file()] == [], f"run {run}: temp files left"
+
+    report = fsck(Store(root))
+    assert report.ok, report.to_dict()
+    # The kills really landed across the write path, not all before or all after it.
+    assert "failed" in outcomes and "acked" in outcomes, outcomes
