@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos bench clean
+.PHONY: setup demo test test-slow fuzz lint protos bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The parser fuzz tests run bounded in `make test`; this runs them long (override MZSTORE_FUZZ_EXAMPLES).
+fuzz: setup
+	MZSTORE_FUZZ_EXAMPLES=$${MZSTORE_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m fuzz tests/test_fuzz.py
 
 protos: setup
 	$(PY) scripts/gen_protos.py

@@ -47,7 +47,7 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from mzstore.codecs.lossless import LosslessCodec, _check_declared_size, _exponent_cctx
+from mzstore.codecs.lossless import LosslessCodec, _exponent_cctx, _zstd_decompress
 from mzstore.codecs.policy import Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
@@ -425,7 +425,6 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
     if len(view) < pos:
         raise CodecError("quantized payload is truncated in its section table")
     out = Compact(method, rows, cols, group, None)
-    dctx = zstandard.ZstdDecompressor()
     for i in range(nsec):
         sid, coding, stored, raw = _SECTION.unpack_from(view, _HEAD.size + i * _SECTION.size)
         if sid not in limits or raw > limits[sid]:
@@ -435,11 +434,9 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
             raise CodecError("quantized payload is truncated")
         pos += stored
         if coding == _ZSTD:
-            _check_declared_size(body, raw)
-            try:
-                data = dctx.decompress(body, max_output_size=raw)
-            except zstandard.ZstdError as exc:
-                raise CodecError(f"corrupt zstd section: {exc}") from None
+            # Bounded by the section's recorded size, itself bounded by raw_len above; a frame that
+            # claims or produces more (a zstd bomb), or carries a second frame, is a CodecError.
+            data = bytes(_zstd_decompress(body, raw))
         elif coding == _RAW:
             data = bytes(body)
         else:

@@ -29,10 +29,20 @@ from typing import Any
 from mzstore.errors import FormatError
 from mzstore.format.dtypes import get_dtype, nbytes_for
 from mzstore.format.refs import validate_digest
+from mzstore.format.safetensors import MAX_HEADER_BYTES, parse_header
 
 SCHEMA = "mzstore.manifest.v1"
+#: Limits a parsed manifest must respect (issue #6); a pull never allocates on an unchecked size.
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 MAX_PATH_BYTES = 4096
+MAX_FILES = 100_000
+MAX_TENSORS = 1_000_000
+#: Largest decoded (and stored) chunk: what one pull worker may allocate for one chunk.
+MAX_CHUNK_BYTES = 1024 * 1024 * 1024
+#: Every size and offset fits a signed 64-bit integer (numpy, torch, ftruncate and pwrite take int64).
+MAX_INT = 2**63 - 1
+MAX_RANK = 16
+MAX_CODEC_NAME = 64
 
 
 @dataclass
@@ -171,14 +181,28 @@ def validate_relpath(path: str) -> str:
 # --- parsing -----------------------------------------------------------------
 
 
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
 def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
     if key not in obj:
         raise FormatError(f"manifest: {where} lacks {key!r}")
     value = obj[key]
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise FormatError(f"manifest: {where}.{key} has the wrong type")
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise FormatError(f"manifest: {where}.{key} is negative")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise FormatError(f"manifest: {where}.{key} is negative")
+        if value > MAX_INT:
+            raise FormatError(f"manifest: {where}.{key} is larger than 2**63 - 1")
+    return value
+
+
+def _hex64(obj: dict[str, Any], key: str, where: str) -> str:
+    value = _req(obj, key, str, where)
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise FormatError(f"manifest: {where}.{key} is invalid")
     return value
 
 
@@ -186,37 +210,84 @@ def _chunk(obj: object, where: str) -> Chunk:
     if not isinstance(obj, dict):
         raise FormatError(f"manifest: {where} is not an object")
     rows = _req(obj, "rows", list, where)
-    if (
-        len(rows) != 2
-        or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows)
-        or rows[0] > rows[1]
-    ):
+    if len(rows) != 2 or not all(_is_uint(r) for r in rows) or rows[0] > rows[1]:
         raise FormatError(f"manifest: {where}.rows is invalid")
-    sha = _req(obj, "sha256", str, where)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise FormatError(f"manifest: {where}.sha256 is invalid")
+    sha = _hex64(obj, "sha256", where)
     blob = _req(obj, "blob", str, where)
     try:
         validate_digest(blob)
     except ValueError:
         raise FormatError(f"manifest: {where}.blob is not a digest") from None
-    return Chunk(
+    codec = _req(obj, "codec", str, where)
+    if not codec or len(codec) > MAX_CODEC_NAME:
+        raise FormatError(f"manifest: {where}.codec is invalid")
+    chunk = Chunk(
         blob=blob,
         offset=_req(obj, "offset", int, where),
         length=_req(obj, "length", int, where),
         rows=rows,
         raw_length=_req(obj, "raw_length", int, where),
         sha256=sha,
-        codec=_req(obj, "codec", str, where),
+        codec=codec,
         params=_req(obj, "params", dict, where),
     )
+    if chunk.raw_length > MAX_CHUNK_BYTES or chunk.length > MAX_CHUNK_BYTES:
+        raise FormatError(f"manifest: {where} is larger than the {MAX_CHUNK_BYTES}-byte chunk limit")
+    if chunk.offset + chunk.length > MAX_INT:
+        raise FormatError(f"manifest: {where}.offset + length is larger than 2**63 - 1")
+    return chunk
 
 
-def parse_manifest(data: bytes) -> Manifest:
+def _chunks(obj: dict[str, Any], where: str) -> list[Chunk]:
+    return [_chunk(c, f"{where}.chunks[{j}]") for j, c in enumerate(_req(obj, "chunks", list, where))]
+
+
+def _check_file_chunks(f: FileEntry, where: str) -> None:
+    """A plain file's chunks tile ``[0, size)`` in order; ``rows`` are their byte ranges."""
+    pos = 0
+    for j, c in enumerate(f.chunks):
+        if c.rows != [pos, pos + c.raw_length]:
+            raise FormatError(f"manifest: {where}.chunks[{j}].rows {c.rows} do not continue the file at byte {pos}")
+        pos += c.raw_length
+    if pos != f.size:
+        raise FormatError(f"manifest: chunks of {f.path[:200]!r} do not add up to its size")
+
+
+def _check_tensor_chunks(chunks: list[Chunk], row_bytes: int | None, nrows: int, where: str) -> None:
+    """Tensor chunks tile the tensor's bytes in order and record the rows they touch (see the planner)."""
+    pos = 0
+    for j, c in enumerate(chunks):
+        if c.rows[1] > nrows:
+            raise FormatError(f"manifest: {where}.chunks[{j}].rows {c.rows} exceed the tensor's {nrows} rows")
+        end = pos + c.raw_length
+        if row_bytes and c.raw_length and c.rows != [pos // row_bytes, -(-end // row_bytes)]:
+            raise FormatError(f"manifest: {where}.chunks[{j}].rows {c.rows} do not match its bytes [{pos}, {end})")
+        pos = end
+
+
+def _header_bytes(f: dict[str, Any], where: str) -> bytes:
+    header = f.get("header")
+    if not isinstance(header, str):
+        raise FormatError(f"manifest: {where} lacks its header")
+    try:
+        data = header.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"manifest: {where}.header is not encodable as UTF-8") from None
+    if len(data) > MAX_HEADER_BYTES:
+        raise FormatError(f"manifest: {where}.header is longer than {MAX_HEADER_BYTES} bytes")
+    return data
+
+
+def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: int = MAX_FILES) -> Manifest:
     """Parse and validate manifest bytes.
 
+    Every size is checked before it is used: integers fit 64 bits, chunks
+    are at most :data:`MAX_CHUNK_BYTES` and tile their tensor or file, a
+    safetensors file's header parses and lists exactly the manifest's
+    tensors, and file paths cannot leave the output directory.
+
     Raises:
-        FormatError: if the bytes are not a well-formed v1 manifest.
+        FormatError: if the bytes are not a well-formed v1 manifest or exceed a limit.
     """
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError("manifest is larger than the limit")
@@ -226,54 +297,70 @@ def parse_manifest(data: bytes) -> Manifest:
         raise FormatError(f"manifest is not valid JSON: {exc}") from None
     except FormatError:
         raise
-    except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+    except (RecursionError, ValueError, TypeError) as exc:  # nesting too deep, integers too long, odd input
         raise FormatError(f"manifest is not acceptable JSON: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise FormatError("manifest is not a JSON object")
     if obj.get("schema") != SCHEMA:
         raise FormatError(f"unsupported manifest schema {str(obj.get('schema'))[:60]!r}")
+    file_list = _req(obj, "files", list, "manifest")
+    if len(file_list) > max_files:
+        raise FormatError(f"manifest lists {len(file_list)} files, more than the limit of {max_files}")
+    tensor_list = _req(obj, "tensors", list, "manifest")
+    if len(tensor_list) > max_tensors:
+        raise FormatError(f"manifest lists {len(tensor_list)} tensors, more than the limit of {max_tensors}")
     files = []
-    for i, f in enumerate(_req(obj, "files", list, "manifest")):
+    headers: dict[str, bytes] = {}
+    for i, f in enumerate(file_list):
         where = f"files[{i}]"
         if not isinstance(f, dict):
             raise FormatError(f"manifest: {where} is not an object")
         kind = _req(f, "kind", str, where)
         if kind not in ("safetensors", "file"):
             raise FormatError(f"manifest: {where}.kind {kind[:40]!r} is unknown")
-        header = f.get("header")
-        if kind == "safetensors" and not isinstance(header, str):
-            raise FormatError(f"manifest: {where} lacks its header")
-        files.append(
-            FileEntry(
-                path=validate_relpath(_req(f, "path", str, where)),
-                kind=kind,
-                size=_req(f, "size", int, where),
-                sha256=_req(f, "sha256", str, where),
-                header=header,
-                chunks=[_chunk(c, f"{where}.chunks[{j}]") for j, c in enumerate(_req(f, "chunks", list, where))],
-            )
+        path = validate_relpath(_req(f, "path", str, where))
+        header = _header_bytes(f, where) if kind == "safetensors" else None
+        fentry = FileEntry(
+            path=path,
+            kind=kind,
+            size=_req(f, "size", int, where),
+            sha256=_hex64(f, "sha256", where),
+            header=f["header"] if header is not None else None,
+            chunks=_chunks(f, where),
         )
+        if header is not None:
+            if fentry.chunks:
+                raise FormatError(f"manifest: {where} is a safetensors file with file chunks")
+            if 8 + len(header) > fentry.size:
+                raise FormatError(f"manifest: {where} header lies outside its file")
+            headers[path] = header
+        files.append(fentry)
     paths = {f.path for f in files}
     if len(paths) != len(files):
         raise FormatError("manifest: duplicate file paths")
-    for f in files:
-        if f.kind == "file" and sum(c.raw_length for c in f.chunks) != f.size:
-            raise FormatError(f"manifest: chunks of {f.path[:200]!r} do not add up to its size")
+    _check_path_prefixes(paths)
+    for i, f in enumerate(files):
+        if f.kind == "file":
+            _check_file_chunks(f, f"files[{i}]")
     sizes_by_path = {f.path: f.size for f in files}
     tensors = []
-    for i, t in enumerate(_req(obj, "tensors", list, "manifest")):
+    for i, t in enumerate(tensor_list):
         where = f"tensors[{i}]"
         if not isinstance(t, dict):
             raise FormatError(f"manifest: {where} is not an object")
         shape = _req(t, "shape", list, where)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if len(shape) > MAX_RANK or not all(_is_uint(d) for d in shape):
             raise FormatError(f"manifest: {where}.shape is invalid")
         offsets = _req(t, "data_offsets", list, where)
-        if len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
+        if len(offsets) != 2 or not all(_is_uint(o) for o in offsets) or offsets[0] > offsets[1]:
             raise FormatError(f"manifest: {where}.data_offsets is invalid")
         dtype = _req(t, "dtype", str, where)
         try:
-            nbytes = nbytes_for(get_dtype(dtype), math.prod(shape))
+            dt = get_dtype(dtype)
+            numel = math.prod(shape)
+            if numel * dt.bits > 8 * MAX_INT:
+                raise FormatError(f"shape {str(shape)[:80]} is larger than 2**63 - 1 bytes")
+            nbytes = nbytes_for(dt, numel)
         except FormatError as exc:
             raise FormatError(f"manifest: {where}: {exc}") from None
         if offsets[1] - offsets[0] != nbytes:
@@ -285,7 +372,7 @@ def parse_manifest(data: bytes) -> Manifest:
             shape=shape,
             data_offsets=offsets,
             codec=_req(t, "codec", str, where),
-            chunks=[_chunk(c, f"{where}.chunks[{j}]") for j, c in enumerate(_req(t, "chunks", list, where))],
+            chunks=_chunks(t, where),
         )
         fidelity = t.get("fidelity")
         if fidelity is not None and (
@@ -296,11 +383,16 @@ def parse_manifest(data: bytes) -> Manifest:
         entry.fidelity = fidelity
         if entry.file not in paths:
             raise FormatError(f"manifest: {where} refers to unknown file {entry.file[:200]!r}")
+        if entry.file not in headers:
+            raise FormatError(f"manifest: {where} refers to {entry.file[:200]!r}, which is not a safetensors file")
         if sum(c.raw_length for c in entry.chunks) != nbytes:
             raise FormatError(f"manifest: {where} chunks do not add up to the tensor size")
-        if offsets[1] > sizes_by_path[entry.file]:
+        if 8 + len(headers[entry.file]) + offsets[1] > sizes_by_path[entry.file]:
             raise FormatError(f"manifest: {where} lies outside its file")
+        rb = row_bytes_of(dt.bits, shape)
+        _check_tensor_chunks(entry.chunks, rb, shape[0] if shape else 1, where)
         tensors.append(entry)
+    _check_headers(files, headers, tensors)
     sizes = _req(obj, "sizes", dict, "manifest")
     source = _req(obj, "source", dict, "manifest")
     annotations = _req(obj, "annotations", dict, "manifest")
@@ -316,3 +408,48 @@ def parse_manifest(data: bytes) -> Manifest:
         annotations=annotations,
         manifest_bytes=len(data),
     )
+
+
+def row_bytes_of(bits: int, shape: list[int]) -> int | None:
+    """Bytes per dim-0 row (as :func:`mzstore.push.planner.row_bytes`), or ``None``."""
+    if not shape:
+        return None
+    total = bits * math.prod(shape[1:])
+    return total // 8 if total % 8 == 0 else None
+
+
+def _check_path_prefixes(paths: set[str]) -> None:
+    """No file path is a directory of another (``a`` and ``a/b``): a pull could not write both."""
+    for path in paths:
+        parts = path.split("/")
+        for k in range(1, len(parts)):
+            if "/".join(parts[:k]) in paths:
+                raise FormatError(f"manifest: file {path[:200]!r} lies inside file {'/'.join(parts[:k])[:200]!r}")
+
+
+def _check_headers(files: list[FileEntry], headers: dict[str, bytes], tensors: list[TensorEntry]) -> None:
+    """Each safetensors file's header is valid for its size and lists exactly its tensors."""
+    listed: dict[str, dict[str, TensorEntry]] = {path: {} for path in headers}
+    for t in tensors:
+        if t.name in listed[t.file]:
+            raise FormatError(f"manifest: tensor {t.name[:200]!r} is listed twice for {t.file[:200]!r}")
+        listed[t.file][t.name] = t
+    for i, f in enumerate(files):
+        if f.path not in headers:
+            continue
+        try:
+            header = parse_header(headers[f.path], f.size)
+        except FormatError as exc:
+            raise FormatError(f"manifest: files[{i}].header: {exc}") from None
+        mine = listed[f.path]
+        if len(header.tensors) != len(mine):
+            raise FormatError(f"manifest: files[{i}] header lists {len(header.tensors)} tensors, manifest {len(mine)}")
+        for info in header.tensors:
+            found = mine.get(info.name)
+            if (
+                found is None
+                or found.dtype != info.dtype.name
+                or tuple(found.shape) != info.shape
+                or found.data_offsets != [info.begin, info.end]
+            ):
+                raise FormatError(f"manifest: tensor {info.name[:200]!r} of files[{i}] does not match its header")

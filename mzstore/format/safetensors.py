@@ -27,6 +27,8 @@ from mzstore.format.dtypes import DType, get_dtype, nbytes_for
 
 #: Largest header accepted (the reference implementation's limit).
 MAX_HEADER_BYTES = 100_000_000
+#: Most tensors accepted in one file (a 100 MB header could otherwise list about 2 million).
+MAX_TENSORS = 1_000_000
 #: Largest rank and dimension accepted; guards the arithmetic below.
 MAX_RANK = 16
 MAX_NAME_BYTES = 1024
@@ -117,12 +119,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_header(header_bytes: bytes, file_size: int) -> Header:
+def parse_header(header_bytes: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) -> Header:
     """Parse and validate the JSON header of a file of ``file_size`` bytes.
 
     Args:
         header_bytes: the N bytes after the 8-byte length prefix.
         file_size: total size of the file, to check the data section.
+        max_tensors: most tensors accepted.
 
     Returns:
         The validated :class:`Header`.
@@ -154,6 +157,8 @@ def parse_header(header_bytes: bytes, file_size: int) -> Header:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise FormatError("__metadata__ must map strings to strings")
+    if len(raw) > max_tensors:
+        raise FormatError(f"safetensors header lists {len(raw)} tensors, more than the limit of {max_tensors}")
 
     data_len = file_size - 8 - n
     tensors = []

@@ -34,19 +34,20 @@ from typing import Any
 from mzstore.codecs import get_codec
 from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
 from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
-from mzstore.errors import FormatError, IntegrityError, InvalidArgument
+from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
 from mzstore.format.dtypes import DType, get_dtype
-from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
+from mzstore.format.manifest import MAX_CHUNK_BYTES, MAX_INT, Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
 from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import parse_header, read_header_len
 from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor, row_bytes
 from mzstore.push.shards import ShardWriter
+from mzstore.settings import Limits
 from mzstore.storage.store import Store
 
 #: Codec policies this server can apply on ingest.
 FILE_KINDS = ("safetensors", "file")
 SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
-MAX_FILES = 10_000
+MAX_FILES = Limits().files
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -107,11 +108,16 @@ class PushResult:
     shards: int
 
 
-def validate_begin(begin: UploadBegin) -> None:
+def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
     """Check everything about a push that can be checked before any data.
+
+    Args:
+        begin: the push's first message.
+        limits: the server's limits; ``None`` (the client) checks only the structure.
 
     Raises:
         InvalidArgument: bad ref, policy, kinds, paths or sizes.
+        ResourceExhausted: more files or declared bytes than ``limits`` allow.
     """
     parse_ref(begin.ref)
     if parse_ref(begin.ref).digest:
@@ -121,8 +127,10 @@ def validate_begin(begin: UploadBegin) -> None:
         raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
     if not begin.files:
         raise InvalidArgument("push has no files")
-    if len(begin.files) > MAX_FILES:
-        raise InvalidArgument(f"push has more than {MAX_FILES} files")
+    if limits is not None and len(begin.files) > limits.files:
+        raise ResourceExhausted(
+            f"push has {len(begin.files)} files, more than the limit of {limits.files} (MZSTORE_MAX_FILES)"
+        )
     seen = set()
     for f in begin.files:
         try:
@@ -134,8 +142,13 @@ def validate_begin(begin: UploadBegin) -> None:
         seen.add(f.path)
         if f.kind not in FILE_KINDS:
             raise InvalidArgument(f"file {f.path!r} has unknown kind {f.kind[:40]!r}")
-        if f.size < 0:
-            raise InvalidArgument(f"file {f.path!r} has a negative size")
+        if f.size < 0 or f.size > MAX_INT:
+            raise InvalidArgument(f"file {f.path!r} has an invalid size {f.size}")
+    total = sum(f.size for f in begin.files)
+    if limits is not None and total > limits.upload_bytes:
+        raise ResourceExhausted(
+            f"push declares {total} bytes, more than the limit of {limits.upload_bytes} (MZSTORE_MAX_UPLOAD_BYTES)"
+        )
 
 
 #: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin).
@@ -184,9 +197,20 @@ class Ingest:
     """One push. Feed it events with :meth:`run`."""
 
     def __init__(
-        self, store: Store, *, chunk_bytes: int, shard_bytes: int, spool_dir: Path | None = None, max_inflight: int = 4
+        self,
+        store: Store,
+        *,
+        chunk_bytes: int,
+        shard_bytes: int,
+        spool_dir: Path | None = None,
+        max_inflight: int = 4,
+        limits: Limits | None = None,
     ) -> None:
+        # A pull refuses chunks above MAX_CHUNK_BYTES (stored or decoded); half leaves room for codec overhead.
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES // 2:
+            raise InvalidArgument(f"chunk size {chunk_bytes} must be between 1 and {MAX_CHUNK_BYTES // 2} bytes")
         self.store = store
+        self.limits = limits or Limits()
         self.chunk_bytes = chunk_bytes
         self.writer = ShardWriter(store, shard_bytes, spool_dir)
         self.max_inflight = max_inflight
@@ -260,7 +284,7 @@ class Ingest:
             InvalidArgument / FormatError: the upload is malformed.
             IntegrityError: a file arrived short, long or altered.
         """
-        validate_begin(begin)
+        validate_begin(begin, self.limits)
         ref = parse_ref(begin.ref)
         self.policy = parse_policy(begin.codec, begin.keep)
         try:
@@ -367,7 +391,9 @@ class _SafetensorsSink:
             if self.header_len is None:
                 if len(self.buf) < 8:
                     return
-                self.header_len = read_header_len(bytes(self.buf[:8]), self.upload.size)
+                self.header_len = read_header_len(
+                    bytes(self.buf[:8]), self.upload.size, max_header=self.ingest.limits.header_bytes
+                )
             if len(self.buf) < 8 + self.header_len:
                 return
             self._start(bytes(self.buf[8 : 8 + self.header_len]))
@@ -376,7 +402,12 @@ class _SafetensorsSink:
         self._take(data)
 
     def _start(self, header_bytes: bytes) -> None:
-        header = parse_header(header_bytes, self.upload.size)
+        limit = self.ingest.limits.tensors
+        header = parse_header(header_bytes, self.upload.size, max_tensors=limit)
+        if len(self.ingest.tensors) + len(header.tensors) > limit:
+            raise ResourceExhausted(
+                f"{self.upload.path}: push has more than {limit} tensors, the limit (MZSTORE_MAX_TENSORS)"
+            )
         self.header_text = header_bytes.decode("utf-8")
         for t in header.tensors:
             policy_mode = self.policy.mode_for(t.name, t.dtype.name, t.shape)
