@@ -26,10 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mzstore.errors import InvalidArgument
+from mzstore.push.sessions import UploadSessions
 from mzstore.server.auth import TokenFile, TokenInterceptor
 from mzstore.server.service import StoreService
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
-from mzstore.settings import MAX_MESSAGE_BYTES, Settings, is_loopback
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES, Settings, is_loopback
 from mzstore.storage.node import LocalNode, open_node, sweep_temp
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2, store_pb2_grpc
@@ -129,15 +130,27 @@ def build_server(
     spool = local[0].tempdir() if local else None
     for node in local:
         _clean_spool(node)
+    if spool is not None:
+        UploadSessions(spool / "uploads").sweep()  # sessions idle for a day
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
+        # Keepalive (issue #6): ping an idle client every keepalive_s; one that does not answer within
+        # KEEPALIVE_TIMEOUT_S is gone, and its calls are cancelled (their handlers stop, pushes clean up).
+        ("grpc.keepalive_time_ms", int(settings.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # accept client pings this often (clients ping every keepalive_s; faster pingers get GOAWAY)
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(min(settings.keepalive_s, 5.0) * 1000)),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"),
         options=options,
         interceptors=[TokenInterceptor(tokens)] if tokens else None,
+        # more calls than this at once (running or queued for a worker) get RESOURCE_EXHAUSTED
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     service = (
         PullThroughService(store, settings)
