@@ -367,13 +367,30 @@ def gc(
 @click.option(
     "--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors exact (glob, or re:REGEX). Repeatable."
 )
+@click.option(
+    "--no-resume",
+    is_flag=True,
+    help="Stream straight into the server's ingest instead of a resumable upload session.",
+)
 @server_option
 @json_option
 @click.pass_context
 def push(
-    ctx: click.Context, source: str, ref: str, codec: str, keep: tuple[str, ...], server: str | None, as_json: bool
+    ctx: click.Context,
+    source: str,
+    ref: str,
+    codec: str,
+    keep: tuple[str, ...],
+    no_resume: bool,
+    server: str | None,
+    as_json: bool,
 ) -> None:
-    """Push SOURCE (.safetensors, model directory, .bin/.pt) as REF."""
+    """Push SOURCE (.safetensors, model directory, .bin/.pt) as REF.
+
+    The upload is a resumable session: a dropped connection is resumed
+    automatically, and rerunning a push that was killed sends only what the
+    server does not have yet.
+    """
     from mzstore.codecs.policy import parse_policy
     from mzstore.format.refs import parse_ref
     from mzstore.push.source import open_source
@@ -387,7 +404,7 @@ def push(
     client = _client(ctx, server)
     src = open_source(source)
     with _progress(src.bytes_raw, "push", not as_json) as bar:
-        info = client.push(src, ref, codec=codec, keep=keep, progress=bar)
+        info = client.push(src, ref, codec=codec, keep=keep, progress=bar, resumable=not no_resume, origin=source)
     if as_json:
         _emit(asdict(info))
         return

@@ -8,8 +8,12 @@ module is the one place where ``grpc.RpcError`` becomes a domain error
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +23,18 @@ from typing import Any
 import grpc
 
 from mzstore.codecs.policy import parse_policy
-from mzstore.errors import ERROR_FOR_CODE, IntegrityError, InvalidArgument, MzstoreError, Unavailable
+from mzstore.errors import (
+    ERROR_FOR_CODE,
+    Cancelled,
+    Conflict,
+    DeadlineExceeded,
+    IntegrityError,
+    InvalidArgument,
+    MzstoreError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest
 from mzstore.format.refs import parse_ref
 from mzstore.pull.cache import ChunkCache
@@ -29,30 +44,46 @@ from mzstore.pull.sinks import DirectorySink, StateDictSink, TensorParallelSink
 from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
 from mzstore.push.source import Source, check_policy_applies, open_source
 from mzstore.push.upload import begin_for, iter_events
-from mzstore.settings import MAX_MESSAGE_BYTES, Settings, is_loopback, load_settings
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES, Settings, is_loopback, load_settings
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
 
 ProgressFn = Callable[[int], None]
+log = logging.getLogger("mzstore.client")
 
 
-def _translate(exc: grpc.RpcError) -> MzstoreError:
-    """gRPC status → domain error (the client's one translation point)."""
+#: What gRPC's server says when ``maximum_concurrent_rpcs`` turns a call away.
+_BUSY = "Concurrent RPC limit exceeded"
+
+
+def _translate(exc: grpc.RpcError, call: str | None = None, deadline: float | None = None) -> MzstoreError:
+    """gRPC status → domain error (the client's one translation point).
+
+    ``call`` and ``deadline`` (seconds) name what timed out in a ``DEADLINE_EXCEEDED`` message.
+    """
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     name = code.name if code is not None else "UNKNOWN"
     if name == "UNAVAILABLE":
         return Unavailable(details.split(";")[0])
+    if name == "DEADLINE_EXCEEDED" and call is not None and details == "Deadline Exceeded":
+        # gRPC's own text says neither which call nor how long; a server's message is kept as is
+        limit = f" of {deadline:g} s" if deadline is not None else ""
+        return DeadlineExceeded(f"{call} did not finish within its deadline{limit}")
+    if name == "RESOURCE_EXHAUSTED" and details.startswith(_BUSY):
+        what = call or "the call"
+        return ResourceExhausted(f"the server is at its limit of concurrent calls; {what} was refused, retry later")
     cls = ERROR_FOR_CODE.get(name, MzstoreError)
     return cls(details)
 
 
 @contextmanager
-def _rpc() -> Iterator[None]:
+def _rpc(call: str | None = None, deadline: float | None = None) -> Iterator[None]:
+    """Turn a ``grpc.RpcError`` raised inside into a domain error (see :func:`_translate`)."""
     try:
         yield
     except grpc.RpcError as exc:
-        raise _translate(exc) from None
+        raise _translate(exc, call, deadline) from None
 
 
 @dataclass(frozen=True)
@@ -84,17 +115,41 @@ class PullInfo:
     chunks_cached: int = 0
 
 
-def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.PushRequest]:
-    yield pb.PushRequest(
-        begin=pb.PushBegin(
-            ref=begin.ref,
-            codec=begin.codec,
-            files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind) for f in begin.files],
-            source_kind=begin.source_kind,
-            annotations=begin.annotations,
-            keep=list(begin.keep),
-        )
+def _begin_proto(begin: Any) -> pb.PushBegin:
+    return pb.PushBegin(
+        ref=begin.ref,
+        codec=begin.codec,
+        files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind) for f in begin.files],
+        source_kind=begin.source_kind,
+        annotations=begin.annotations,
+        keep=list(begin.keep),
     )
+
+
+class _counting:
+    """Upload requests of a session from events (an iterator, as gRPC wants), counting the data bytes sent."""
+
+    def __init__(self, session: str, events: Iterator[UploadEvent]) -> None:
+        self.bytes = 0
+        self._requests = self._convert(session, events)
+
+    def __iter__(self) -> _counting:
+        return self
+
+    def __next__(self) -> pb.UploadRequest:
+        return next(self._requests)
+
+    def _convert(self, session: str, events: Iterator[UploadEvent]) -> Iterator[pb.UploadRequest]:
+        for e in events:
+            if isinstance(e, UploadData):
+                self.bytes += len(e.data)
+                yield pb.UploadRequest(session=session, data=pb.FileData(file=e.file, offset=e.offset, data=e.data))
+            else:
+                yield pb.UploadRequest(session=session, end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
+
+
+def _proto_events(begin: Any, events: Iterator[UploadEvent]) -> Iterator[pb.PushRequest]:
+    yield pb.PushRequest(begin=_begin_proto(begin))
     for e in events:
         if isinstance(e, UploadData):
             yield pb.PushRequest(data=pb.FileData(file=e.file, offset=e.offset, data=e.data))
@@ -154,7 +209,10 @@ class Client:
     Args:
         server: ``HOST:PORT``; default from ``MZSTORE_SERVER`` or ``127.0.0.1:50051``.
         settings: defaults for everything else (see :class:`~mzstore.settings.Settings`).
-        timeout: per-call deadline in seconds for short calls.
+        timeout: deadline in seconds for short calls; default ``settings.timeout``. Every call has a
+            finite deadline: a push ``settings.push_timeout``, each blob range read on pull
+            ``settings.fetch_timeout`` (retried like an unreachable server). A call past its deadline
+            raises :class:`~mzstore.errors.DeadlineExceeded` naming the call and the deadline.
         cache: use the local chunk cache (:mod:`mzstore.pull.cache`); default ``settings.cache``.
         direct: read blob bytes straight from the storage nodes the server reports
             (:mod:`mzstore.pull.direct`) instead of through the server.
@@ -172,7 +230,7 @@ class Client:
         server: str | None = None,
         *,
         settings: Settings | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = None,
         cache: bool | None = None,
         direct: bool = False,
         token: str | None = None,
@@ -182,12 +240,18 @@ class Client:
         self.direct = direct
         self._direct: Any = None
         self.server = server or self.settings.server
-        self.timeout = timeout
+        self.timeout = self.settings.timeout if timeout is None else timeout
         use_cache = self.settings.cache if cache is None else cache
         self.cache = ChunkCache(self.settings.cache_dir) if use_cache else None
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Keepalive (issue #6): a dead peer or a silent network path fails the calls on the connection
+            # with UNAVAILABLE within keepalive + timeout, even during a long quiet stream; the server
+            # accepts pings this often (see mzstore.server.app).
+            ("grpc.keepalive_time_ms", int(self.settings.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         token = token or self.settings.token
         ca = tls_ca or self.settings.tls_ca
@@ -222,17 +286,27 @@ class Client:
         keep: tuple[str, ...] | list[str] = (),
         annotations: dict[str, str] | None = None,
         progress: ProgressFn | None = None,
+        resumable: bool = True,
+        retries: int = 5,
+        origin: str | os.PathLike[str] | None = None,
     ) -> PushInfo:
         """Upload ``source`` (file or directory) and store it as ``ref``, encoded with ``codec``.
 
         Args:
             codec: policy (see :mod:`mzstore.codecs.policy`), e.g. ``"int8"`` or ``"auto:cos=0.99"``.
             keep: tensor-name patterns that lossy policies keep exact.
+            resumable: upload through a session (:mod:`mzstore.push.sessions`): a dropped
+                connection is retried up to ``retries`` times, each resuming at the offsets the
+                server holds. ``False`` streams straight into the ingest (one stream, no resume).
+            origin: the path ``source`` was opened from, when ``source`` is an opened
+                :class:`Source`; with it a rerun of a killed push resumes its session.
 
         Raises:
             InvalidArgument: bad source, ref or policy, or a policy with nothing to apply to
                 (raised before anything is uploaded); FormatError: malformed safetensors;
-            IntegrityError: the upload was altered; Unavailable: no server.
+            IntegrityError: the upload was altered; Unavailable: no server, or the connection broke;
+            DeadlineExceeded: the push took longer than ``settings.push_timeout``.
+            A failed push stores no ref; pushing again is safe (content-addressed, nothing duplicated).
         """
         src = source if isinstance(source, Source) else open_source(source)
         begin = begin_for(src, ref, codec, annotations, tuple(keep))
@@ -240,14 +314,21 @@ class Client:
         policy = parse_policy(codec, keep)
         check_policy_applies(src, policy)
         start = time.perf_counter()
-        with _rpc():
-            resp = self._stub.Push(_proto_events(begin, iter_events(src, progress)), timeout=None, wait_for_ready=False)
+        deadline = self.settings.push_timeout
+        if resumable:
+            resp, sent = self._push_session(src, begin, progress, retries, origin=origin or source)
+        else:
+            with _rpc("Push", deadline):
+                resp = self._stub.Push(
+                    _proto_events(begin, iter_events(src, progress)), timeout=deadline, wait_for_ready=False
+                )
+            sent = resp.bytes_received
         return PushInfo(
             ref=resp.ref,
             digest=resp.digest,
             bytes_raw=resp.bytes_raw,
             bytes_stored=resp.bytes_stored,
-            bytes_transferred=resp.bytes_received,
+            bytes_transferred=sent,
             seconds=time.perf_counter() - start,
             tensors=resp.tensors,
             chunks=resp.chunks,
@@ -255,6 +336,94 @@ class Client:
             skipped=src.skipped,
             worst=self._worst(resp.ref, resp.digest) if policy.lossy else None,
         )
+
+    def _session_record(self, begin: Any, origin: object) -> Path | None:
+        """Where this push remembers its upload session, so a rerun after a crash resumes it."""
+        where = str(Path(os.fspath(origin)).resolve()) if isinstance(origin, (str, os.PathLike)) else None
+        if where is None:
+            return None
+        key = json.dumps(
+            [self.server, where, begin.ref, begin.codec, list(begin.keep), [(f.path, f.size) for f in begin.files]]
+        )
+        return self.settings.cache_dir / "uploads" / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+    def _push_session(
+        self, src: Source, begin: Any, progress: ProgressFn | None, retries: int, origin: object = None
+    ) -> tuple[pb.PushResponse, int]:
+        """Upload through a resumable session; return the commit's response and the bytes sent.
+
+        The session id is kept under ``$MZSTORE_HOME/cache/uploads`` until the commit, so a push
+        rerun after its process died resumes where the server's copy ends. Connection failures
+        after the session exists are retried (``retries`` times), each resuming at the offsets the
+        server reports; a session the server no longer has is started afresh.
+        """
+        record = self._session_record(begin, origin)
+        session = uuid.uuid4().hex
+        resumed = False
+        if record is not None:
+            try:
+                session = json.loads(record.read_text())["session"]
+                resumed = True
+            except (OSError, ValueError, KeyError):
+                pass
+        begin_pb = _begin_proto(begin)
+        deadline = self.settings.push_timeout
+        sent = 0
+        attempt = 0
+        started = False
+        while True:
+            try:
+                with _rpc("StartUpload", self.timeout):
+                    status = self._stub.StartUpload(
+                        pb.StartUploadRequest(session=session, begin=begin_pb), timeout=self.timeout
+                    )
+                started = True
+                if record is not None:
+                    record.parent.mkdir(parents=True, exist_ok=True)
+                    record.write_text(json.dumps({"session": session, "ref": begin.ref}))
+                if not all(status.ended):
+                    events = iter_events(src, progress, start=list(status.received), ended=list(status.ended))
+                    counted = _counting(session, events)
+                    try:
+                        with _rpc("Upload", deadline):
+                            self._stub.Upload(counted, timeout=deadline)
+                    finally:
+                        sent += counted.bytes
+                with _rpc("CommitUpload", deadline):
+                    resp = self._stub.CommitUpload(pb.CommitUploadRequest(session=session), timeout=deadline)
+                if record is not None:
+                    record.unlink(missing_ok=True)
+                return resp, sent
+            except (Unavailable, DeadlineExceeded, Cancelled) as exc:
+                attempt += 1
+                if not started or attempt > retries:
+                    raise  # nothing to resume yet (no server), or out of retries: the session stays
+                log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+            except Conflict as exc:
+                if "busy" in str(exc) and attempt < retries:
+                    # The stream of the process that died may still hold the session for a moment.
+                    attempt += 1
+                    time.sleep(1.0)
+                    continue
+                if not resumed or attempt >= retries:
+                    if record is not None:
+                        record.unlink(missing_ok=True)
+                    raise
+                attempt += 1
+                resumed = False
+                session = uuid.uuid4().hex
+            except (NotFound, IntegrityError) as exc:
+                # Gone (swept, another server) or made for other bytes (the source changed since):
+                # a remembered session is dropped once and the upload starts over in a new one.
+                stale = isinstance(exc, NotFound) and "upload session" in str(exc)
+                if not (resumed or stale) or attempt >= retries:
+                    if record is not None:
+                        record.unlink(missing_ok=True)
+                    raise
+                attempt += 1
+                resumed = False
+                session = uuid.uuid4().hex
 
     def _worst(self, ref: str, digest: str) -> dict[str, Any] | None:
         """The lossy tensor with the lowest cosine to its original, from the stored manifest."""
@@ -276,7 +445,7 @@ class Client:
             cached = self.cache.get_manifest(parsed.digest)
             if cached is not None:
                 return str(parsed), parsed.digest, cached
-        with _rpc():
+        with _rpc("GetManifest", self.timeout):
             resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
         if digest_of(resp.manifest) != resp.digest:
             raise IntegrityError(f"manifest of {ref} does not match its digest {resp.digest}")
@@ -285,24 +454,34 @@ class Client:
         return resp.ref, resp.digest, parse_manifest(resp.manifest)
 
     def fetch(self, digest: str, offset: int, length: int) -> bytearray:
-        """Read ``length`` bytes of a blob at ``offset`` (one streamed RPC)."""
+        """Read ``length`` bytes of a blob at ``offset`` (one streamed RPC, deadline ``settings.fetch_timeout``).
+
+        Raises:
+            Unavailable, DeadlineExceeded: transient; the pull pipeline retries them.
+            IntegrityError: the server sent other bytes than asked for.
+        """
         buf = bytearray(length)
         pos = 0
-        with _rpc():
-            for piece in self._stub.ReadBlob(
-                pb.ReadBlobRequest(digest=digest, offset=offset, length=length), timeout=max(self.timeout, 300.0)
-            ):
-                if piece.offset != offset + pos or pos + len(piece.data) > length:
-                    raise IntegrityError(f"blob {digest}: out-of-order or oversized data from server")
-                buf[pos : pos + len(piece.data)] = piece.data
-                pos += len(piece.data)
+        deadline = self.settings.fetch_timeout
+        call: Any = self._stub.ReadBlob(
+            pb.ReadBlobRequest(digest=digest, offset=offset, length=length), timeout=deadline
+        )
+        try:
+            with _rpc("ReadBlob", deadline):
+                for piece in call:
+                    if piece.offset != offset + pos or pos + len(piece.data) > length:
+                        raise IntegrityError(f"blob {digest}: out-of-order or oversized data from server")
+                    buf[pos : pos + len(piece.data)] = piece.data
+                    pos += len(piece.data)
+        finally:
+            call.cancel()  # no-op when complete; on an error the server's handler stops at once
         if pos != length:
             raise IntegrityError(f"blob {digest}: got {pos} of {length} bytes")
         return buf
 
     def topology(self) -> tuple[list[tuple[str, str | None]], int]:
         """The server's storage nodes ``[(url, endpoint_url)]`` and replica count."""
-        with _rpc():
+        with _rpc("GetTopology", self.timeout):
             resp = self._stub.GetTopology(pb.GetTopologyRequest(), timeout=self.timeout)
         return [(n.url, n.endpoint_url or None) for n in resp.nodes], resp.replicas
 
@@ -575,17 +754,17 @@ class Client:
 
     # -- admin ------------------------------------------------------------
     def ls(self, name: str | None = None) -> list[tuple[str, str, str]]:
-        with _rpc():
+        with _rpc("List", self.timeout):
             resp = self._stub.List(pb.ListRequest(name=name or ""), timeout=self.timeout)
         return [(e.name, e.tag, e.digest) for e in resp.refs]
 
     def tag(self, source: str, target: str) -> tuple[str, str]:
-        with _rpc():
+        with _rpc("Tag", self.timeout):
             resp = self._stub.Tag(pb.TagRequest(source=source, target=target), timeout=self.timeout)
         return resp.ref, resp.digest
 
     def rm(self, ref: str) -> tuple[str, str]:
-        with _rpc():
+        with _rpc("Delete", self.timeout):
             resp = self._stub.Delete(pb.DeleteRequest(ref=ref), timeout=self.timeout)
         return resp.ref, resp.digest
 

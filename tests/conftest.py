@@ -91,10 +91,17 @@ def free_port() -> int:
 
 
 def start_serve(
-    root: Path | None, env: dict[str, str] | None = None, args: tuple[str, ...] = (), **popen: object
+    root: Path | None,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
+    **popen: object,
 ) -> tuple[str, subprocess.Popen]:
-    """Start ``mzstore serve`` (``--root root`` and/or extra ``args``) on a free port; return once it listens."""
-    port = free_port()
+    """Start ``mzstore serve`` (``--root root`` and/or extra ``args``) on ``port`` (default: a free one).
+
+    Returns once it listens.
+    """
+    port = port or free_port()
     address = f"127.0.0.1:{port}"
     where = ["--root", str(root)] if root is not None else []
     proc = subprocess.Popen(

@@ -134,18 +134,26 @@ def test_corrupt_blob_is_never_returned_as_data(
     assert info.digest == client.manifest("org/m:v1")[1]
 
 
-def test_killed_pushing_client_leaves_store_unchanged(cli_server: str, tmp_path: Path) -> None:
-    src = tmp_path / "big.safetensors"
-    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
-    env = dict(os.environ, MZSTORE_SERVER=cli_server)
-    proc = subprocess.Popen([sys.executable, "-m", "mzstore.cli", "push", str(src), "org/killed:v1"], env=env)
-    spool = tmp_path / "data" / "tmp"
+def _kill_mid_push(args: list[str], env: dict[str, str], spool: Path, at_least: int = 1) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mzstore.cli", "push", *args], env=env)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(spool.iterdir()):
-        time.sleep(0.01)  # wait until the server is mid-ingest
+
+    def held() -> int:
+        return sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
+
+    while time.monotonic() < deadline and held() < at_least:
+        time.sleep(0.005)  # wait until the server holds some of the upload
     assert proc.poll() is None, "push finished before it could be killed"
     proc.kill()
     proc.wait()
+
+
+def test_killed_streaming_push_leaves_store_unchanged(cli_server: str, tmp_path: Path) -> None:
+    src = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
+    env = dict(os.environ, MZSTORE_SERVER=cli_server)
+    spool = tmp_path / "data" / "tmp"
+    _kill_mid_push([str(src), "org/killed:v1", "--no-resume"], env, spool)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(spool.iterdir()):
         time.sleep(0.05)
@@ -160,6 +168,26 @@ def test_killed_pushing_client_leaves_store_unchanged(cli_server: str, tmp_path:
     out = tmp_path / "o"
     mz("pull", "org/ok:v1", "-o", str(out), server=cli_server, check=True)
     assert torch.equal(load_file(str(out / "small.safetensors"))["x"], torch.ones(3))
+
+
+def test_killed_push_resumes_where_the_server_copy_ends(cli_server: str, tmp_path: Path) -> None:
+    src = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
+    size = src.stat().st_size
+    env = dict(os.environ, MZSTORE_SERVER=cli_server)
+    uploads = tmp_path / "data" / "tmp" / "uploads"
+    _kill_mid_push([str(src), "org/resumed:v1"], env, uploads, at_least=16 * 1024 * 1024)
+    # Nothing is visible: the received bytes wait in the upload session, outside blobs/manifests/refs.
+    visible = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and "tmp" not in p.parts]
+    assert visible == []
+    assert mz("ls", server=cli_server, check=True).stdout == ""
+    rerun = mz("push", str(src), "org/resumed:v1", "--json", server=cli_server, check=True)
+    sent = json.loads(rerun.stdout)["bytes_transferred"]
+    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume"
+    assert not any(p.is_file() for p in uploads.rglob("*")), "the committed session is removed"
+    out = tmp_path / "o"
+    mz("pull", "org/resumed:v1", "-o", str(out), server=cli_server, check=True)
+    assert (out / "big.safetensors").read_bytes() == src.read_bytes()
 
 
 def test_pull_keep_quantized_writes_compressed_tensors_layout(cli_server: str, tmp_path: Path) -> None:

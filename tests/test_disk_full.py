@@ -95,6 +95,13 @@ def _free(filler: Path, mode: str) -> None:
         QuotaNode.quota = 1 << 40
 
 
+def _visible(root: Path) -> list[str]:
+    """Blobs, manifests and refs (the temp area is not part of the store's visible state)."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "tmp" != p.relative_to(root).parts[0]
+    )
+
+
 def test_disk_full_is_resource_exhausted_and_recoverable(small_disk: tuple[Path, str], tmp_path: Path) -> None:
     mnt, mode = small_disk
     root = mnt / "store"
@@ -105,23 +112,29 @@ def test_disk_full_is_resource_exhausted_and_recoverable(small_disk: tuple[Path,
         with Client(running.address, cache=False) as c:
             a = _model(tmp_path / "a", 1, 2)
             c.push(a, "disk/a:v1")
-            before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            before = _visible(root)
 
             filler = _fill(mnt, mode, leave=1 * MiB)
             b = _model(tmp_path / "b", 2, 6)
             with pytest.raises(ResourceExhausted, match=r"full|space"):
                 c.push(b, "disk/b:v1")
-            # Nothing of the failed push is visible, nothing of the old model is lost.
-            after = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-            assert after == before
+            # Nothing of the failed push is visible, nothing of the old model is lost; what arrived
+            # waits in the upload session (tmp/uploads), nothing else is left in tmp.
+            assert _visible(root) == before
+            leftovers = [p.relative_to(root / "tmp").parts[0] for p in (root / "tmp").rglob("*") if p.is_file()]
+            assert set(leftovers) <= {"uploads"}, leftovers
             assert [n for n, _, _ in c.ls()] == ["disk/a"]
             c.pull("disk/a:v1", tmp_path / "out-a")
             assert (tmp_path / "out-a" / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
             assert fsck(Store(root)).ok
 
-            # The server keeps serving and takes the push once space is freed.
+            # The server keeps serving and takes the push once space is freed, resuming the session.
             _free(filler, mode)
-            c.push(b, "disk/b:v1")
+            size_b = sum(p.stat().st_size for p in b.rglob("*") if p.is_file())
+            resumed = c.push(b, "disk/b:v1")
+            assert resumed.bytes_transferred <= size_b
+            if mode == "injected":  # the upload had arrived whole; only the commit ran out of space
+                assert resumed.bytes_transferred == 0
             c.pull("disk/b:v1", tmp_path / "out-b")
             assert (tmp_path / "out-b" / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     finally:

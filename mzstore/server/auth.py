@@ -58,6 +58,10 @@ REQUIRED_SCOPE = {
     "List": "read",
     "GetTopology": "read",
     "Push": "write",
+    "StartUpload": "write",
+    "Upload": "write",
+    "GetUpload": "write",
+    "CommitUpload": "write",
     "Tag": "write",
     "Delete": "admin",
 }
@@ -253,6 +257,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return handler
         if rpc == "Push":
             return _guard_push(handler, grant)
+        if rpc == "StartUpload":  # a session's later calls carry only its (random, unguessable) id
+            return _guard_unary(handler, lambda r: r.begin.ref, grant)
         if rpc == "Tag":
             return _guard_unary(handler, lambda r: r.target, grant)
         if rpc == "Delete":

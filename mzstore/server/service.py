@@ -4,12 +4,23 @@ The only place where domain errors become gRPC status codes
 (:func:`_abort`). Handlers stay short: pushes are handed to
 :class:`~mzstore.push.ingest.Ingest`, reads to the :class:`Store`. The
 server never decodes stored data on pull; it streams blob bytes.
+
+Deadlines and cancellation (issue #6): the long calls, Push and ReadBlob,
+stop as soon as the client cancels, goes away or runs out of its deadline:
+ReadBlob checks ``context.is_active()`` before every message, and Push's
+event stream raises :class:`~mzstore.errors.Cancelled` into the ingest,
+which deletes its spool and staged shards (no ref is written). A call may run
+at most ``settings.max_deadline_s`` whatever the client asked
+(:class:`_DeadlineCap`).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
@@ -17,9 +28,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mzstore.errors import FormatError, InvalidArgument, MzstoreError
+from mzstore.errors import Cancelled, Conflict, DeadlineExceeded, FormatError, InvalidArgument, MzstoreError
 from mzstore.format.refs import parse_ref
-from mzstore.push.ingest import Ingest, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
+from mzstore.push.ingest import (
+    Ingest,
+    PushResult,
+    UploadBegin,
+    UploadData,
+    UploadEnd,
+    UploadEvent,
+    UploadFile,
+    validate_begin,
+)
+from mzstore.push.sessions import SessionStatus, UploadSessions
 from mzstore.settings import TRANSFER_BYTES, Settings
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2 as pb
@@ -31,6 +52,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """Translate a domain error into a gRPC status (the one translation point)."""
+    if isinstance(exc, grpc.RpcError):  # a request stream broke: the client cancelled or went away
+        exc = Cancelled("the client cancelled the call or went away")
     if isinstance(exc, MzstoreError):
         code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
         context.abort(code, str(exc))
@@ -63,8 +86,76 @@ def _stream_handler(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _events(requests: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> Iterator[UploadEvent]:
-    for req in requests:
+class _DeadlineCap:
+    """The server's maximum call duration, ``max_s`` seconds, whatever deadline the client sent.
+
+    A client deadline within the cap is enforced by gRPC itself (the call is cancelled on both sides).
+    A call with no deadline or a longer one gets an expiry: streaming handlers :meth:`check` it per
+    message and fail with ``DEADLINE_EXCEEDED`` and a message; a call still running :data:`GRACE_S`
+    later (stuck waiting for its client's next message, or in a storage read) is cancelled by one
+    watcher thread, which runs only while such calls exist.
+    """
+
+    GRACE_S = 1.0
+
+    def __init__(self, max_s: float) -> None:
+        self.max_s = max_s
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self._watcher: threading.Thread | None = None
+
+    def start(self, context: grpc.ServicerContext) -> float | None:
+        """Watch a call; return its expiry (``time.monotonic()``), or ``None`` when gRPC enforces one already."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= self.max_s:
+            return None
+        expiry = time.monotonic() + self.max_s
+        key = id(context)
+        with self._lock:
+            self._calls[key] = (expiry, context)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="mzstore-deadlines", daemon=True)
+                self._watcher.start()
+        context.add_callback(lambda: self._forget(key))
+        return expiry
+
+    def check(self, expiry: float | None, what: str) -> None:
+        if expiry is not None and time.monotonic() > expiry:
+            raise DeadlineExceeded(f"{what} ran past this server's maximum call time of {self.max_s:g} s")
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._calls.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    self._watcher = None
+                    return
+                now = time.monotonic()
+                late = [k for k, (expiry, _) in self._calls.items() if expiry + self.GRACE_S <= now]
+                contexts = [self._calls.pop(k)[1] for k in late]
+            for context in contexts:
+                context.cancel()  # wakes a handler blocked on the request stream
+            time.sleep(0.1)
+
+
+def _events(
+    requests: Iterator[pb.PushRequest], context: grpc.ServicerContext, check: Callable[[], None] = lambda: None
+) -> Iterator[UploadEvent]:
+    """Upload events from a Push stream; :class:`Cancelled` as soon as the client cancels or goes away."""
+    it = iter(requests)
+    while True:
+        try:
+            req = next(it, None)
+        except grpc.RpcError:  # gRPC's request iterator: the call was cancelled or its deadline passed
+            raise Cancelled("the client cancelled the push or went away") from None
+        if req is None:
+            break
+        if not context.is_active():
+            raise Cancelled("the client cancelled the push or went away")
+        check()
         which = req.WhichOneof("msg")
         if which == "data":
             yield UploadData(req.data.file, req.data.offset, req.data.data)
@@ -76,6 +167,34 @@ def _events(requests: Iterator[pb.PushRequest], context: grpc.ServicerContext) -
         raise InvalidArgument("client went away during the upload")
 
 
+def _begin(b: pb.PushBegin) -> UploadBegin:
+    return UploadBegin(
+        ref=b.ref,
+        codec=b.codec or "lossless",
+        files=[UploadFile(f.path, f.size, f.kind) for f in b.files],
+        source_kind=b.source_kind or "hf-dir",
+        annotations=dict(b.annotations),
+        keep=tuple(b.keep),
+    )
+
+
+def _push_response(r: PushResult) -> pb.PushResponse:
+    return pb.PushResponse(
+        ref=r.ref,
+        digest=r.digest,
+        bytes_raw=r.bytes_raw,
+        bytes_stored=r.bytes_stored,
+        bytes_received=r.bytes_received,
+        tensors=r.tensors,
+        chunks=r.chunks,
+        shards=r.shards,
+    )
+
+
+def _status(s: SessionStatus) -> pb.UploadStatus:
+    return pb.UploadStatus(session=s.session, received=s.received, ended=s.ended, committed=s.committed)
+
+
 class StoreService(pb_grpc.StoreServicer):
     """The ``mzstore.v1.Store`` service over one :class:`Store`."""
 
@@ -83,39 +202,74 @@ class StoreService(pb_grpc.StoreServicer):
         self.store = store
         self.settings = settings
         self.spool_dir = spool_dir
+        self.deadlines = _DeadlineCap(settings.max_deadline_s)
+        #: Upload sessions live on the server's local disk: beside the spool, else in the system temp dir.
+        uploads = spool_dir / "uploads" if spool_dir is not None else Path(tempfile.gettempdir()) / "mzstore-uploads"
+        self.sessions: UploadSessions | None = UploadSessions(uploads)
 
     @_handler
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
+        expiry = self.deadlines.start(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("msg") != "begin":
             raise InvalidArgument("a push must start with a begin message")
-        b = first.begin
-        begin = UploadBegin(
-            ref=b.ref,
-            codec=b.codec or "lossless",
-            files=[UploadFile(f.path, f.size, f.kind) for f in b.files],
-            source_kind=b.source_kind or "hf-dir",
-            annotations=dict(b.annotations),
-            keep=tuple(b.keep),
-        )
-        ingest = Ingest(
+        begin = _begin(first.begin)
+        ingest = self._ingest()
+
+        def check() -> None:
+            self.deadlines.check(expiry, "the push")
+
+        result = ingest.run(begin, _events(request_iterator, context, check))
+        log.info("pushed %s %s (%d → %d bytes)", result.ref, result.digest, result.bytes_raw, result.bytes_stored)
+        return _push_response(result)
+
+    def _ingest(self) -> Ingest:
+        return Ingest(
             self.store,
             chunk_bytes=self.settings.chunk_bytes,
             shard_bytes=self.settings.shard_bytes,
             spool_dir=self.spool_dir,
+            limits=self.settings.limits,
         )
-        result = ingest.run(begin, _events(request_iterator, context))
-        log.info("pushed %s %s (%d → %d bytes)", result.ref, result.digest, result.bytes_raw, result.bytes_stored)
-        return pb.PushResponse(
-            ref=result.ref,
-            digest=result.digest,
-            bytes_raw=result.bytes_raw,
-            bytes_stored=result.bytes_stored,
-            bytes_received=result.bytes_received,
-            tensors=result.tensors,
-            chunks=result.chunks,
-            shards=result.shards,
-        )
+
+    # -- resumable uploads (mzstore.push.sessions) ------------------------------
+    def _sessions(self) -> UploadSessions:
+        if self.sessions is None:
+            raise Conflict("this server has no local disk for upload sessions; push with resumable=False")
+        return self.sessions
+
+    @_handler
+    def StartUpload(self, request: pb.StartUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
+        begin = _begin(request.begin)
+        validate_begin(begin, self.settings.limits)  # refuse before the client sends a byte
+        return _status(self._sessions().start(request.session, begin))
+
+    @_handler
+    def Upload(self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext) -> pb.UploadStatus:
+        expiry = self.deadlines.start(context)
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("an upload stream needs at least one message naming its session")
+
+        def check() -> None:
+            self.deadlines.check(expiry, "the upload")
+
+        def requests() -> Iterator[pb.UploadRequest]:
+            yield first
+            yield from request_iterator
+
+        status = self._sessions().append(first.session, _events(requests(), context, check))
+        return _status(status)
+
+    @_handler
+    def GetUpload(self, request: pb.GetUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
+        return _status(self._sessions().status(request.session))
+
+    @_handler
+    def CommitUpload(self, request: pb.CommitUploadRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+        result = self._sessions().commit(request.session, self._ingest())
+        log.info("pushed %s %s (upload session %s)", result.ref, result.digest, request.session)
+        return _push_response(result)
 
     @_handler
     def GetManifest(self, request: pb.GetManifestRequest, context: grpc.ServicerContext) -> pb.GetManifestResponse:
@@ -130,8 +284,10 @@ class StoreService(pb_grpc.StoreServicer):
             raise InvalidArgument(
                 f"range {request.offset}+{request.length} is outside blob {request.digest} ({size} bytes)"
             )
+        expiry = self.deadlines.start(context)
         offset = request.offset
         while offset < end and context.is_active():
+            self.deadlines.check(expiry, f"reading blob {request.digest}")
             n = min(TRANSFER_BYTES, end - offset)
             data = self.store.read_blob(request.digest, offset, n)
             if len(data) != n:

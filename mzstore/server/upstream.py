@@ -393,6 +393,10 @@ class PullThroughService(StoreService):
         raise self.cache.read_only("push")
 
     @_handler
+    def StartUpload(self, request: pb.StartUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
+        raise self.cache.read_only("push")
+
+    @_handler
     def Tag(self, request: pb.TagRequest, context: grpc.ServicerContext) -> pb.TagResponse:
         raise self.cache.read_only("tag")
 

@@ -194,3 +194,45 @@ class Topology(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     replicas: int
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class StartUploadRequest(_message.Message):
+    __slots__ = ("session", "begin")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    begin: PushBegin
+    def __init__(self, session: _Optional[str] = ..., begin: _Optional[_Union[PushBegin, _Mapping]] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("session", "data", "end")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    data: FileData
+    end: FileEnd
+    def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[FileData, _Mapping]] = ..., end: _Optional[_Union[FileEnd, _Mapping]] = ...) -> None: ...
+
+class GetUploadRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CommitUploadRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class UploadStatus(_message.Message):
+    __slots__ = ("session", "received", "ended", "committed")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    received: _containers.RepeatedScalarFieldContainer[int]
+    ended: _containers.RepeatedScalarFieldContainer[bool]
+    committed: bool
+    def __init__(self, session: _Optional[str] = ..., received: _Optional[_Iterable[int]] = ..., ended: _Optional[_Iterable[bool]] = ..., committed: _Optional[bool] = ...) -> None: ...

@@ -69,6 +69,26 @@ class StoreStub:
                 request_serializer=mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.SerializeToString,
                 response_deserializer=mzstore_dot_v1_dot_store__pb2.Topology.FromString,
                 _registered_method=True)
+        self.StartUpload = channel.unary_unary(
+                '/mzstore.v1.Store/StartUpload',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.StartUploadRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+                _registered_method=True)
+        self.Upload = channel.stream_unary(
+                '/mzstore.v1.Store/Upload',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.UploadRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+                _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/mzstore.v1.Store/GetUpload',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+                _registered_method=True)
+        self.CommitUpload = channel.unary_unary(
+                '/mzstore.v1.Store/CommitUpload',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServicer:
@@ -125,6 +145,33 @@ class StoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartUpload(self, request, context):
+        """Resumable uploads (as OCI registries do): create a session named by the
+        client, send file data in any number of streams (each continuing at the
+        offsets the server reports), then commit. Commit is idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upload(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +209,26 @@ def add_StoreServicer_to_server(servicer, server):
                     servicer.GetTopology,
                     request_deserializer=mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.FromString,
                     response_serializer=mzstore_dot_v1_dot_store__pb2.Topology.SerializeToString,
+            ),
+            'StartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartUpload,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.StartUploadRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.SerializeToString,
+            ),
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.UploadRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.GetUploadRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.SerializeToString,
+            ),
+            'CommitUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitUpload,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +420,114 @@ class Store:
             '/mzstore.v1.Store/GetTopology',
             mzstore_dot_v1_dot_store__pb2.GetTopologyRequest.SerializeToString,
             mzstore_dot_v1_dot_store__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mzstore.v1.Store/StartUpload',
+            mzstore_dot_v1_dot_store__pb2.StartUploadRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mzstore.v1.Store/Upload',
+            mzstore_dot_v1_dot_store__pb2.UploadRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mzstore.v1.Store/GetUpload',
+            mzstore_dot_v1_dot_store__pb2.GetUploadRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mzstore.v1.Store/CommitUpload',
+            mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

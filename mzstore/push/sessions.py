@@ -1,0 +1,264 @@
+"""Resumable upload sessions: a push that survives dropped connections.
+
+As in OCI registries, an upload is a session the client names (a random
+id) and feeds in any number of streams: the server keeps the raw bytes it
+received durably, reports how far each file got, and the client resumes
+from there. When every file has ended, a commit runs the normal ingest
+(:class:`~mzstore.push.ingest.Ingest`) over the kept bytes and removes the
+session. A commit retried after a lost reply finds no session; the client
+then uploads again in a new one, which stores the same digest (pushes are
+content-addressed), so nothing is duplicated.
+
+Layout, on a local disk of the server (``ROOT/tmp/uploads/<session>/``)::
+
+    begin.json      the push's first message (ref, policy, file list)
+    progress.json   durable offsets and file ends, rewritten atomically
+    data/<index>    the bytes of file <index> received so far
+    lock            flock'd by whoever appends or commits
+
+Durability: ``progress.json`` only ever records offsets whose bytes were
+fsync'ed, and a resumed stream first truncates each file back to its
+recorded offset, so a server crash never leaves unverified bytes inside
+an upload. The final sha256 of every file is checked by the ingest at
+commit time, as for a streamed push.
+
+Sessions are bound to the server's disk: a client that resumes on another
+server behind a load balancer finds no session and starts over (the
+session id is its own, so that is safe). Idle sessions are swept after
+``max_age`` seconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
+from mzstore.push.ingest import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
+from mzstore.settings import TRANSFER_BYTES
+
+SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
+#: Received bytes are fsync'ed and recorded at least this often within a stream.
+SYNC_EVERY = 64 * 1024 * 1024
+#: Sessions untouched for this long are removed.
+SESSION_MAX_AGE_S = 24 * 3600
+
+
+@dataclass
+class SessionStatus:
+    """How far an upload got: per file, durable bytes received and whether it ended."""
+
+    session: str
+    received: list[int]
+    ended: list[bool]
+    committed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(self.ended)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class UploadSessions:
+    """Every upload session under one directory."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_age: float = SESSION_MAX_AGE_S) -> None:
+        self.dir = Path(directory)
+        self.max_age = max_age
+
+    def _path(self, session: str) -> Path:
+        if not SESSION_RE.match(session):
+            raise InvalidArgument("an upload session id is 32 lowercase hex characters")
+        return self.dir / session
+
+    @contextmanager
+    def _locked(self, session: str) -> Iterator[Path]:
+        path = self._path(session)
+        if not (path / "begin.json").exists():
+            raise NotFound(f"no upload session {session} on this server (expired, or another server's)")
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(f"upload session {session} is busy with another stream") from None
+            os.utime(path)  # last activity, for the sweep
+            yield path
+        finally:
+            os.close(fd)
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self, session: str, begin: UploadBegin) -> SessionStatus:
+        """Create the session, or return its status if it exists with the same first message."""
+        path = self._path(session)
+        record = asdict(begin)
+        if (path / "begin.json").exists():
+            if json.loads((path / "begin.json").read_text()) != json.loads(json.dumps(record)):
+                raise Conflict(f"upload session {session} exists for another push")
+            return self.status(session)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".new-{session}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "data").mkdir(parents=True)
+        n = len(begin.files)
+        _write_json(tmp / "progress.json", {"received": [0] * n, "ends": [None] * n})
+        _write_json(tmp / "begin.json", record)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "begin.json").exists():
+                raise
+            return self.start(session, begin)  # created meanwhile by a concurrent start
+        return self.status(session)
+
+    def begin_of(self, session: str) -> UploadBegin:
+        raw = json.loads((self._path(session) / "begin.json").read_text())
+        return UploadBegin(
+            ref=raw["ref"],
+            codec=raw["codec"],
+            files=[UploadFile(**f) for f in raw["files"]],
+            source_kind=raw["source_kind"],
+            annotations=raw["annotations"],
+            keep=tuple(raw["keep"]),
+        )
+
+    def status(self, session: str) -> SessionStatus:
+        path = self._path(session)
+        try:
+            progress = json.loads((path / "progress.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no upload session {session} on this server (expired, or another server's)") from None
+        return SessionStatus(session, progress["received"], [e is not None for e in progress["ends"]])
+
+    def append(self, session: str, events: Iterable[UploadEvent]) -> SessionStatus:
+        """Take a stream of data and end events; each file's data must continue at its received offset."""
+        with self._locked(session) as path:
+            begin = self.begin_of(session)
+            progress = json.loads((path / "progress.json").read_text())
+            received: list[int] = progress["received"]
+            ends: list[dict[str, object] | None] = progress["ends"]
+            fds: dict[int, int] = {}
+            unsynced = 0
+
+            def sync() -> None:
+                for fd in fds.values():
+                    os.fsync(fd)
+                _write_json(path / "progress.json", {"received": received, "ends": ends})
+
+            try:
+                for event in events:
+                    i = event.file
+                    if not 0 <= i < len(begin.files):
+                        raise InvalidArgument(f"file index {i} is not in this upload")
+                    if isinstance(event, UploadData):
+                        if ends[i] is not None:
+                            raise InvalidArgument(f"{begin.files[i].path} already ended")
+                        if event.offset != received[i]:
+                            raise InvalidArgument(
+                                f"{begin.files[i].path}: data at offset {event.offset}, expected {received[i]}"
+                            )
+                        if received[i] + len(event.data) > begin.files[i].size:
+                            raise IntegrityError(f"{begin.files[i].path} is longer than its declared size")
+                        if i not in fds:
+                            fds[i] = os.open(path / "data" / str(i), os.O_WRONLY | os.O_CREAT, 0o600)
+                            os.ftruncate(fds[i], received[i])  # drop bytes a crash left unrecorded
+                        os.pwrite(fds[i], event.data, received[i])
+                        received[i] += len(event.data)
+                        unsynced += len(event.data)
+                        if unsynced >= SYNC_EVERY:
+                            sync()
+                            unsynced = 0
+                    else:
+                        if event.size != received[i] or event.size != begin.files[i].size:
+                            raise IntegrityError(
+                                f"{begin.files[i].path}: ended at {event.size} bytes, received {received[i]}"
+                                f" of {begin.files[i].size}"
+                            )
+                        ends[i] = {"size": event.size, "sha256": event.sha256}
+            finally:
+                # Whatever arrived intact is kept, so the client can resume after it.
+                sync()
+                for fd in fds.values():
+                    os.close(fd)
+            return SessionStatus(session, list(received), [e is not None for e in ends])
+
+    def events(self, session: str) -> Iterator[UploadEvent]:
+        """The kept upload as the event stream a streamed push would have sent."""
+        path = self._path(session)
+        progress = json.loads((path / "progress.json").read_text())
+        for i, end in enumerate(progress["ends"]):
+            if end is None:
+                raise InvalidArgument(f"upload session {session}: file {i} has not ended")
+            data = path / "data" / str(i)
+            offset = 0
+            if data.exists():
+                with open(data, "rb") as fh:
+                    while block := fh.read(TRANSFER_BYTES):
+                        yield UploadData(i, offset, block)
+                        offset += len(block)
+            yield UploadEnd(i, int(end["size"]), str(end["sha256"]))
+
+    def commit(self, session: str, ingest: object) -> PushResult:
+        """Ingest the kept upload and remove the session (also when the upload turns out bad)."""
+        with self._locked(session) as path:
+            status = self.status(session)
+            if not status.complete:
+                missing = [self.begin_of(session).files[i].path for i, e in enumerate(status.ended) if not e]
+                raise InvalidArgument(f"upload session {session} is incomplete: {', '.join(missing[:3])} not ended")
+            try:
+                result: PushResult = ingest.run(self.begin_of(session), self.events(session))  # type: ignore[attr-defined]
+            except (IntegrityError, InvalidArgument):
+                shutil.rmtree(path, ignore_errors=True)  # bad bytes: resuming cannot fix them
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            return result
+
+    def sweep(self) -> list[str]:
+        """Remove sessions idle for longer than ``max_age`` (and half-created ones)."""
+        removed = []
+        cutoff = time.time() - self.max_age
+        for path in self.dir.iterdir() if self.dir.exists() else []:
+            try:
+                if path.name.startswith(".new-") and _dead(path.name.rsplit("-", 1)[-1]):
+                    shutil.rmtree(path, ignore_errors=True)  # a start that died before its rename
+                    removed.append(path.name)
+                elif path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+            except OSError:
+                pass
+        return removed
+
+
+def _dead(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

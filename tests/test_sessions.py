@@ -1,0 +1,128 @@
+"""Resumable upload sessions at the library level: resume at the reported offsets, commit once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
+from mzstore.push.ingest import Ingest, UploadData, UploadEnd
+from mzstore.push.sessions import UploadSessions
+from mzstore.push.source import open_source
+from mzstore.push.upload import begin_for, iter_events
+from mzstore.storage import Store
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"a": 1}))
+    return src
+
+
+def _ingest(store: Store) -> Ingest:
+    return Ingest(store, chunk_bytes=64 * 1024, shard_bytes=256 * 1024)
+
+
+def test_interrupted_upload_resumes_at_reported_offsets_and_commits_once(model: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    sessions = UploadSessions(tmp_path / "uploads")
+    src = open_source(model)
+    begin = begin_for(src, "s/m:v1", "lossless")
+    sid = uuid.uuid4().hex
+    assert sessions.start(sid, begin).received == [0, 0]
+    assert sessions.start(sid, begin).received == [0, 0]  # idempotent
+
+    events = list(iter_events(src, block=64 * 1024))
+
+    def cut(after: int):  # the stream breaks after `after` events
+        for i, e in enumerate(events):
+            if i == after:
+                raise ConnectionError("stream broke")
+            yield e
+
+    with pytest.raises(ConnectionError):
+        sessions.append(sid, cut(5))
+    status = sessions.status(sid)
+    sent = sum(len(e.data) for e in events[:5] if isinstance(e, UploadData))
+    assert sum(status.received) == sent > 0 and not status.complete
+    # Resending from the start is refused: data must continue at the reported offset.
+    with pytest.raises(InvalidArgument, match=r"expected|already ended"):
+        sessions.append(sid, iter(events))
+    rest = [
+        e
+        for e in events
+        if not status.ended[e.file] and (isinstance(e, UploadEnd) or e.offset >= status.received[e.file])
+    ]
+    status = sessions.append(sid, iter(rest))
+    assert status.complete
+
+    result = sessions.commit(sid, _ingest(store))
+    assert not (tmp_path / "uploads" / sid).exists()  # a committed session is gone
+    with pytest.raises(NotFound):
+        sessions.commit(sid, _ingest(store))
+    # The committed model is exactly what a streamed push stores.
+    direct = _ingest(Store(tmp_path / "other")).run(begin, iter_events(src))
+    assert direct.digest == result.digest
+
+
+def test_sessions_refuse_bad_input_and_keep_what_arrived(model: Path, tmp_path: Path) -> None:
+    sessions = UploadSessions(tmp_path / "uploads")
+    src = open_source(model)
+    begin = begin_for(src, "s/m:v1", "lossless")
+    sid = uuid.uuid4().hex
+    with pytest.raises(InvalidArgument, match="32 lowercase hex"):
+        sessions.start("../../etc", begin)
+    with pytest.raises(NotFound):
+        sessions.status(uuid.uuid4().hex)
+    sessions.start(sid, begin)
+    with pytest.raises(Conflict, match="another push"):
+        sessions.start(sid, begin_for(src, "s/other:v1", "lossless"))
+    w = next(i for i, f in enumerate(begin.files) if f.path == "model.safetensors")
+    size = begin.files[w].size
+    with pytest.raises(IntegrityError, match="longer"):
+        sessions.append(sid, iter([UploadData(w, 0, b"x" * (size + 1))]))
+    sessions.append(sid, iter([UploadData(w, 0, b"y" * 100)]))
+    with pytest.raises(IntegrityError, match="ended at"):
+        sessions.append(sid, iter([UploadEnd(w, 100, hashlib.sha256(b"y" * 100).hexdigest())]))
+    assert sessions.status(sid).received[w] == 100
+    with pytest.raises(InvalidArgument, match="incomplete"):
+        sessions.commit(sid, _ingest(Store(tmp_path / "store")))
+
+
+def test_altered_bytes_fail_the_commit_and_store_nothing(model: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    sessions = UploadSessions(tmp_path / "uploads")
+    src = open_source(model)
+    begin = begin_for(src, "s/m:v1", "lossless")
+    sid = uuid.uuid4().hex
+    sessions.start(sid, begin)
+    sessions.append(sid, iter_events(src))
+    w = next(i for i, f in enumerate(begin.files) if f.path == "model.safetensors")
+    data = tmp_path / "uploads" / sid / "data" / str(w)
+    raw = bytearray(data.read_bytes())
+    raw[-10] ^= 0xFF  # bit rot on the server's disk between the upload and the commit
+    data.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        sessions.commit(sid, _ingest(Store(store_dir)))
+    assert not (tmp_path / "uploads" / sid).exists()
+    assert not (store_dir / "refs").exists() or not any((store_dir / "refs").rglob("*"))
+
+
+def test_sweep_removes_idle_sessions(model: Path, tmp_path: Path) -> None:
+    sessions = UploadSessions(tmp_path / "uploads", max_age=0)
+    src = open_source(model)
+    sid = uuid.uuid4().hex
+    sessions.start(sid, begin_for(src, "s/m:v1", "lossless"))
+    assert sessions.sweep() == [sid]
+    with pytest.raises(NotFound):
+        sessions.status(sid)
