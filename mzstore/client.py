@@ -252,6 +252,11 @@ class Client:
             ("grpc.keepalive_time_ms", int(self.settings.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
+            # Reconnect soon after a dropped connection, so the pull/push retries (backoff 0.2 s,
+            # 0.4 s, …) meet a live channel instead of gRPC's default 1 s (growing) backoff.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         token = token or self.settings.token
         ca = tls_ca or self.settings.tls_ca
@@ -396,8 +401,14 @@ class Client:
                 return resp, sent
             except (Unavailable, DeadlineExceeded, Cancelled) as exc:
                 attempt += 1
-                if not started or attempt > retries:
-                    raise  # nothing to resume yet (no server), or out of retries: the session stays
+                if not started:
+                    # No session yet: a stale connection gets two quick, quiet retries; no server fails fast.
+                    if attempt > 2 or isinstance(exc, DeadlineExceeded):
+                        raise
+                    time.sleep(0.2 * attempt)
+                    continue
+                if attempt > retries:
+                    raise  # out of retries: the session stays on the server for a later rerun
                 log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
                 time.sleep(min(5.0, 0.2 * 2**attempt))
             except Conflict as exc:

@@ -87,3 +87,29 @@ def test_workers_are_concurrent_streams(small_client: Client, pushed: Path, tmp_
     run_pull(tasks, fetch, sink, workers=4)
     sink.commit()
     assert most[0] == 4
+
+
+def test_busy_and_unavailable_fetches_are_retried_then_give_up() -> None:
+    from mzstore.errors import ResourceExhausted, Unavailable
+    from mzstore.format.manifest import Chunk
+    from mzstore.pull.pipeline import fetch_checked
+
+    chunk = Chunk(blob="sha256:" + "0" * 64, offset=0, length=3, rows=[0, 3], raw_length=3, sha256="x", codec="zstd")
+    calls: list[int] = []
+
+    def flaky(blob: str, offset: int, length: int) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ResourceExhausted("the server is at its limit of concurrent calls")
+        if len(calls) == 2:
+            raise Unavailable("connection reset")
+        return b"abc"
+
+    assert fetch_checked(flaky, chunk, bytes, retries=3) == (b"abc", 3)
+    assert len(calls) == 3
+
+    def down(blob: str, offset: int, length: int) -> bytes:
+        raise Unavailable("no server")
+
+    with pytest.raises(Unavailable):
+        fetch_checked(down, chunk, bytes, retries=1)

@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from mzstore.codecs import get_codec
-from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, Unavailable
+from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, ResourceExhausted, Unavailable
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
@@ -127,9 +127,10 @@ def fetch_checked(
 ) -> tuple[T, int]:
     """Fetch a chunk's stored bytes and hand them to ``use`` (which decodes and verifies them).
 
-    A transient fetch failure (:class:`Unavailable`, or :class:`DeadlineExceeded`
-    while a pull-through cache fills a shard) is retried with backoff up to
-    ``retries`` times; a chunk that ``use`` rejects with
+    A transient fetch failure (:class:`Unavailable`; :class:`DeadlineExceeded`
+    while a pull-through cache fills a shard; :class:`ResourceExhausted` from a
+    server at its concurrency limit) is retried with backoff up to ``retries``
+    times; a chunk that ``use`` rejects with
     :class:`IntegrityError` is fetched once more before the error stands.
 
     Returns:
@@ -141,7 +142,7 @@ def fetch_checked(
         try:
             payload = fetch(chunk.blob, chunk.offset, chunk.length)
             return use(payload), len(payload)
-        except (Unavailable, DeadlineExceeded):
+        except (Unavailable, DeadlineExceeded, ResourceExhausted):
             attempt += 1
             if attempt > retries or (stop is not None and stop.is_set()):
                 raise
