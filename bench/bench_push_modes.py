@@ -1,0 +1,73 @@
+"""What a resumable push costs: upload session (default) vs a streamed push (``--no-resume``).
+
+A resumable push keeps the raw upload on the server's disk and replays it
+through the ingest at commit; a streamed push encodes as bytes arrive. Both
+store the same manifest. This prints the median push time of each over
+``--runs`` rounds (a fresh server and store per push, client and server on
+this machine) and their ratio.
+
+    .venv/bin/python bench/bench_push_modes.py [--size-mib 512] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import start_serve, stop_serve
+
+from mzstore.client import Client
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=512, help="bf16 checkpoint size (default 512)")
+    ap.add_argument("--runs", type=int, default=3, help="rounds; medians are reported (default 3)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mzstore-bench-push-"))
+    try:
+        src = work / "model.safetensors"
+        gen = torch.Generator().manual_seed(0)
+        n = max(1, args.size_mib // 64)
+        save_file(
+            {f"l{i}": (torch.randn(4096, 8192, generator=gen) * 0.02).to(torch.bfloat16) for i in range(n)}, str(src)
+        )
+        size = src.stat().st_size
+        times: dict[str, list[float]] = {"streamed (--no-resume)": [], "resumable session": []}
+        digests = set()
+        for r in range(args.runs):
+            for mode in times:
+                root = work / f"root-{r}"
+                address, proc = start_serve(root, env=dict(os.environ), stdout=open(os.devnull, "w"))
+                try:
+                    with Client(address, cache=False) as c:
+                        t = time.perf_counter()
+                        info = c.push(src, "bench/m:v1", resumable=mode.startswith("resumable"))
+                        times[mode].append(time.perf_counter() - t)
+                        digests.add(info.digest)
+                finally:
+                    stop_serve(proc)
+                    shutil.rmtree(root, ignore_errors=True)
+        print(f"push of a {size / 2**20:.0f} MiB bf16 checkpoint, median of {args.runs} (MB = 10^6 B)")
+        med = {m: statistics.median(v) for m, v in times.items()}
+        base = med["streamed (--no-resume)"]
+        for mode, m in med.items():
+            runs = ", ".join(f"{x:.2f}" for x in times[mode])
+            print(f"  {mode:<24} {m:6.2f} s  {size / m / 1e6:5.0f} MB/s  x{m / base:.2f} of streamed  ({runs})")
+        print(f"  same digest either way: {'yes' if len(digests) == 1 else 'NO'}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
