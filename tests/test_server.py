@@ -133,3 +133,15 @@ def test_second_server_on_a_taken_port_fails_clearly(server: RunningServer, tmp_
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot serve on")
     assert "Traceback" not in result.stderr
+
+
+def test_server_caps_malloc_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the cap, per-thread glibc arenas made server RSS creep under load (bench_load)."""
+    import sys
+
+    from mzstore.server.app import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas() is sys.platform.startswith("linux")

@@ -14,8 +14,11 @@ a client CA. Tokens over plaintext are refused unless ``listen`` is loopback.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -170,6 +173,29 @@ def build_server(
     return RunningServer(server, port, health_servicer, store)
 
 
+#: glibc malloc arenas for a server process (``MALLOC_ARENA_MAX`` in the environment wins).
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's per-thread malloc arenas; return whether the cap was set.
+
+    Every gRPC and encoder thread otherwise gets its own arena, and the
+    1 MiB message buffers they free stay cached per arena: measured with
+    ``bench/bench_load.py`` (4 clients, 70/30 pull/push), server RSS grew
+    from 157 to 194 MiB over 240 s; with 2 arenas it stayed at 103–112 MiB
+    over 90 s, at the same throughput. A no-op off glibc.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_arena_max = -8  # from glibc's malloc.h
+    return bool(libc.mallopt(m_arena_max, arenas))
+
+
 def serve(
     root: str | Path | Store | list[str],
     listen: str,
@@ -186,6 +212,7 @@ def serve(
     With ``upstream``, the server is a read-only pull-through cache of that server; ``auth`` and ``tls``
     as in :func:`build_server`.
     """
+    limit_malloc_arenas()
     running = build_server(root, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=auth, tls=tls)
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)
