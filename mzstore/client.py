@@ -78,7 +78,7 @@ def _translate(exc: grpc.RpcError, call: str | None = None, deadline: float | No
 
 
 @contextmanager
-def _rpc(call: str | None = None, deadline: float | None = None) -> Iterator[None]:
+def rpc_errors(call: str | None = None, deadline: float | None = None) -> Iterator[None]:
     """Turn a ``grpc.RpcError`` raised inside into a domain error (see :func:`_translate`)."""
     try:
         yield
@@ -323,7 +323,7 @@ class Client:
         if resumable:
             resp, sent = self._push_session(src, begin, progress, retries, origin=origin or source)
         else:
-            with _rpc("Push", deadline):
+            with rpc_errors("Push", deadline):
                 resp = self._stub.Push(
                     _proto_events(begin, iter_events(src, progress)), timeout=deadline, wait_for_ready=False
                 )
@@ -378,7 +378,7 @@ class Client:
         started = False
         while True:
             try:
-                with _rpc("StartUpload", self.timeout):
+                with rpc_errors("StartUpload", self.timeout):
                     status = self._stub.StartUpload(
                         pb.StartUploadRequest(session=session, begin=begin_pb), timeout=self.timeout
                     )
@@ -390,11 +390,11 @@ class Client:
                     events = iter_events(src, progress, start=list(status.received), ended=list(status.ended))
                     counted = _counting(session, events)
                     try:
-                        with _rpc("Upload", deadline):
+                        with rpc_errors("Upload", deadline):
                             self._stub.Upload(counted, timeout=deadline)
                     finally:
                         sent += counted.bytes
-                with _rpc("CommitUpload", deadline):
+                with rpc_errors("CommitUpload", deadline):
                     resp = self._stub.CommitUpload(pb.CommitUploadRequest(session=session), timeout=deadline)
                 if record is not None:
                     record.unlink(missing_ok=True)
@@ -456,7 +456,7 @@ class Client:
             cached = self.cache.get_manifest(parsed.digest)
             if cached is not None:
                 return str(parsed), parsed.digest, cached
-        with _rpc("GetManifest", self.timeout):
+        with rpc_errors("GetManifest", self.timeout):
             resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
         if digest_of(resp.manifest) != resp.digest:
             raise IntegrityError(f"manifest of {ref} does not match its digest {resp.digest}")
@@ -478,7 +478,7 @@ class Client:
             pb.ReadBlobRequest(digest=digest, offset=offset, length=length), timeout=deadline
         )
         try:
-            with _rpc("ReadBlob", deadline):
+            with rpc_errors("ReadBlob", deadline):
                 for piece in call:
                     if piece.offset != offset + pos or pos + len(piece.data) > length:
                         raise IntegrityError(f"blob {digest}: out-of-order or oversized data from server")
@@ -492,7 +492,7 @@ class Client:
 
     def topology(self) -> tuple[list[tuple[str, str | None]], int]:
         """The server's storage nodes ``[(url, endpoint_url)]`` and replica count."""
-        with _rpc("GetTopology", self.timeout):
+        with rpc_errors("GetTopology", self.timeout):
             resp = self._stub.GetTopology(pb.GetTopologyRequest(), timeout=self.timeout)
         return [(n.url, n.endpoint_url or None) for n in resp.nodes], resp.replicas
 
@@ -765,17 +765,17 @@ class Client:
 
     # -- admin ------------------------------------------------------------
     def ls(self, name: str | None = None) -> list[tuple[str, str, str]]:
-        with _rpc("List", self.timeout):
+        with rpc_errors("List", self.timeout):
             resp = self._stub.List(pb.ListRequest(name=name or ""), timeout=self.timeout)
         return [(e.name, e.tag, e.digest) for e in resp.refs]
 
     def tag(self, source: str, target: str) -> tuple[str, str]:
-        with _rpc("Tag", self.timeout):
+        with rpc_errors("Tag", self.timeout):
             resp = self._stub.Tag(pb.TagRequest(source=source, target=target), timeout=self.timeout)
         return resp.ref, resp.digest
 
     def rm(self, ref: str) -> tuple[str, str]:
-        with _rpc("Delete", self.timeout):
+        with rpc_errors("Delete", self.timeout):
             resp = self._stub.Delete(pb.DeleteRequest(ref=ref), timeout=self.timeout)
         return resp.ref, resp.digest
 

@@ -22,7 +22,7 @@ import torch
 from faultproxy import FaultProxy
 from safetensors.torch import save_file
 
-from mzstore.client import Client, _proto_events, _rpc
+from mzstore.client import Client, _proto_events, rpc_errors
 from mzstore.errors import DeadlineExceeded, MzstoreError, ResourceExhausted, Unavailable
 from mzstore.push.source import open_source
 from mzstore.push.upload import begin_for, iter_events
@@ -327,7 +327,7 @@ def test_server_caps_call_duration(src: Path, big: Path, tmp_path: Path) -> None
             blob = c.manifest(f"org/big@{digest}")[2].tensors[0].chunks[0].blob
             store.delay = 0.6
             start = time.monotonic()
-            with pytest.raises(DeadlineExceeded, match="maximum call time of 1 s"), _rpc("ReadBlob", 30):
+            with pytest.raises(DeadlineExceeded, match="maximum call time of 1 s"), rpc_errors("ReadBlob", 30):
                 list(c._stub.ReadBlob(pb.ReadBlobRequest(digest=blob), timeout=30))
             assert time.monotonic() - start < 2.5
             store.delay = 0.0

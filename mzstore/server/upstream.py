@@ -51,7 +51,7 @@ from typing import Any
 
 import grpc
 
-from mzstore.client import Client, _rpc
+from mzstore.client import Client, rpc_errors
 from mzstore.errors import (
     Conflict,
     DeadlineExceeded,
@@ -98,7 +98,7 @@ class UpstreamClient(Client):
             IntegrityError: the bytes do not match the digest; FormatError: not a manifest;
             NotFound, Unavailable…: as the upstream answers.
         """
-        with _rpc():
+        with rpc_errors():
             resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
         digest = validate_digest(resp.digest)
         data = bytes(resp.manifest)
@@ -113,7 +113,7 @@ class UpstreamClient(Client):
             pb.ReadBlobRequest(digest=digest, offset=offset, length=0), timeout=BLOB_STREAM_TIMEOUT_S
         )
         try:
-            with _rpc():
+            with rpc_errors():
                 for piece in call:
                     yield piece.offset, piece.data
         finally:
