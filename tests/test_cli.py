@@ -139,7 +139,10 @@ def _kill_mid_push(args: list[str], env: dict[str, str], spool: Path, at_least: 
     deadline = time.monotonic() + 60
 
     def held() -> int:
-        return sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
+        try:
+            return sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
+        except FileNotFoundError:  # renamed or removed under the scan
+            return 0
 
     while time.monotonic() < deadline and held() < at_least:
         time.sleep(0.005)  # wait until the server holds some of the upload

@@ -84,9 +84,16 @@ def _check_visible_state(root: Path) -> list[str]:
 
 def _await_contact(root: Path, client: subprocess.Popen) -> float:
     """Wait until the push has reached the server (a spool file or upload session exists, or it ended)."""
-    while client.poll() is None and not any(p.is_file() for p in (root / "tmp").rglob("*")):
+    while client.poll() is None and not _has_files(root / "tmp"):
         time.sleep(0.002)
     return time.monotonic()
+
+
+def _has_files(directory: Path) -> bool:
+    try:
+        return any(p.is_file() for p in directory.rglob("*"))
+    except FileNotFoundError:  # a directory renamed under the scan (a session being created): activity
+        return True
 
 
 def test_kill_9_during_pushes_never_exposes_half_written_state(tmp_path: Path) -> None:

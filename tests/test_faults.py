@@ -98,8 +98,11 @@ def _spool_empty(store_root: Path, within: float = 3.0) -> bool:
     deadline = time.monotonic() + within
     while True:
         tmp = store_root / "tmp"
-        if not tmp.exists() or not any(p.is_file() for p in tmp.rglob("*")):
-            return True
+        try:
+            if not tmp.exists() or not any(p.is_file() for p in tmp.rglob("*")):
+                return True
+        except FileNotFoundError:  # removed under the scan: look again
+            pass
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

@@ -5,7 +5,10 @@ id) and feeds in any number of streams: the server keeps the raw bytes it
 received durably, reports how far each file got, and the client resumes
 from there. When every file has ended, a commit runs the normal ingest
 (:class:`~mzstore.push.ingest.Ingest`) over the kept bytes and removes the
-session. A commit retried after a lost reply finds no session; the client
+session. A fresh session's first stream is also fed to the ingest as it
+arrives (:meth:`UploadSessions.stream`), so an unbroken upload is encoded
+while it streams, as a streamed push is, and its commit only returns the
+recorded result; the kept bytes serve a resume after a break. A commit retried after a lost reply finds no session; the client
 then uploads again in a new one, which stores the same digest (pushes are
 content-addressed), so nothing is duplicated.
 
@@ -39,7 +42,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,6 +155,9 @@ class UploadSessions:
 
     def status(self, session: str) -> SessionStatus:
         path = self._path(session)
+        if (path / "result.json").exists():
+            files = self.begin_of(session).files
+            return SessionStatus(session, [f.size for f in files], [True] * len(files), committed=True)
         try:
             progress = json.loads((path / "progress.json").read_text())
         except FileNotFoundError:
@@ -160,6 +166,16 @@ class UploadSessions:
 
     def append(self, session: str, events: Iterable[UploadEvent]) -> SessionStatus:
         """Take a stream of data and end events; each file's data must continue at its received offset."""
+        for _ in self.stream(session, events):
+            pass
+        return self.status(session)
+
+    def stream(self, session: str, events: Iterable[UploadEvent]) -> Generator[UploadEvent, None, None]:
+        """Record each event, then yield it (so an ingest can run on the upload as it arrives).
+
+        The session is locked while the generator runs; whatever arrived intact is recorded when
+        it ends, also when the stream (or its consumer) fails, so the client can resume after it.
+        """
         with self._locked(session) as path:
             begin = self.begin_of(session)
             progress = json.loads((path / "progress.json").read_text())
@@ -201,12 +217,21 @@ class UploadSessions:
                                 f" of {begin.files[i].size}"
                             )
                         ends[i] = {"size": event.size, "sha256": event.sha256}
+                    yield event
             finally:
-                # Whatever arrived intact is kept, so the client can resume after it.
                 sync()
                 for fd in fds.values():
                     os.close(fd)
-            return SessionStatus(session, list(received), [e is not None for e in ends])
+
+    def record_result(self, session: str, result: PushResult) -> None:
+        """The upload was ingested as it arrived: keep the result for the commit, drop the bytes."""
+        path = self._path(session)
+        _write_json(path / "result.json", asdict(result))
+        shutil.rmtree(path / "data", ignore_errors=True)
+
+    def drop(self, session: str) -> None:
+        """Remove a session whose bytes are bad (a resume cannot fix them)."""
+        shutil.rmtree(self._path(session), ignore_errors=True)
 
     def events(self, session: str) -> Iterator[UploadEvent]:
         """The kept upload as the event stream a streamed push would have sent."""
@@ -227,6 +252,10 @@ class UploadSessions:
     def commit(self, session: str, ingest: object) -> PushResult:
         """Ingest the kept upload and remove the session (also when the upload turns out bad)."""
         with self._locked(session) as path:
+            if (path / "result.json").exists():  # already ingested while it streamed in
+                done = PushResult(**json.loads((path / "result.json").read_text()))
+                shutil.rmtree(path, ignore_errors=True)
+                return done
             status = self.status(session)
             if not status.complete:
                 missing = [self.begin_of(session).files[i].path for i, e in enumerate(status.ended) if not e]

@@ -28,7 +28,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mzstore.errors import Cancelled, Conflict, DeadlineExceeded, FormatError, InvalidArgument, MzstoreError
+from mzstore.errors import (
+    Cancelled,
+    Conflict,
+    DeadlineExceeded,
+    FormatError,
+    IntegrityError,
+    InvalidArgument,
+    MzstoreError,
+    ResourceExhausted,
+)
 from mzstore.format.refs import parse_ref
 from mzstore.push.ingest import (
     Ingest,
@@ -258,8 +267,26 @@ class StoreService(pb_grpc.StoreServicer):
             yield first
             yield from request_iterator
 
-        status = self._sessions().append(first.session, _events(requests(), context, check))
-        return _status(status)
+        sessions = self._sessions()
+        events = _events(requests(), context, check)
+        status = sessions.status(first.session)
+        if any(status.received) or any(status.ended):
+            return _status(sessions.append(first.session, events))  # a resume: the commit replays
+        # A fresh upload is ingested as it arrives, as a streamed push is; the bytes are kept
+        # meanwhile so that a break can be resumed (the commit then replays them).
+        stream = sessions.stream(first.session, events)
+        try:
+            result = self._ingest().run(sessions.begin_of(first.session), stream)
+        except (FormatError, IntegrityError, InvalidArgument, ResourceExhausted) as exc:
+            stream.close()  # records what arrived and releases the session
+            if not isinstance(exc, ResourceExhausted):
+                sessions.drop(first.session)  # malformed or altered: resuming cannot fix it
+            raise
+        finally:
+            stream.close()
+        sessions.record_result(first.session, result)
+        log.info("pushed %s %s (upload session %s)", result.ref, result.digest, first.session)
+        return _status(sessions.status(first.session))
 
     @_handler
     def GetUpload(self, request: pb.GetUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
