@@ -561,11 +561,10 @@ class Client:
                 digest=digest,
                 bytes_raw=manifest.bytes_raw,
                 bytes_stored=manifest.stored_total,
-                bytes_transferred=sum(c.length for t in manifest.tensors for c in t.chunks)
-                + sum(c.length for f in manifest.files for c in f.chunks),
+                bytes_transferred=sum(c.length for c in manifest.chunks()),
                 seconds=time.perf_counter() - start,
                 files=[str(p) for p in finals],
-                chunks=sum(len(t.chunks) for t in manifest.tensors) + sum(len(f.chunks) for f in manifest.files),
+                chunks=len(manifest.chunks()),
             )
         sink = DirectorySink(out_dir, manifest)
         sink.open()
@@ -631,7 +630,7 @@ class Client:
                 header = json.loads(f.header or "{}")
                 metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
                 metadata.update({"mzstore.tp_size": str(tp_size), "mzstore.tp_rank": str(tp_rank), "mzstore.ref": name})
-                part = {t.name: tensors.pop(t.name).contiguous() for t in manifest.tensors if t.file == f.path}
+                part = {t.name: tensors.pop(t.name).contiguous() for t in manifest.tensors_of(f.path)}
                 path = sink.stage / f.path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file(part, str(path), metadata=metadata)

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from mzstore.client import Client
 from mzstore.errors import Unavailable
-from mzstore.format.manifest import Manifest
 from mzstore.pull.cache import ChunkCache, chunk_key
 from mzstore.server.app import build_server
 from mzstore.settings import Settings, load_settings
@@ -73,10 +72,6 @@ def _model(path: Path, seed: int, n: int = 8, changed: tuple[int, ...] = ()) -> 
     return tensors
 
 
-def _chunks(manifest: Manifest) -> list[Any]:
-    return [c for t in manifest.tensors for c in t.chunks] + [c for f in manifest.files for c in f.chunks]
-
-
 def _same_files(a: Path, b: Path) -> None:
     for name in ("model.safetensors", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -91,7 +86,7 @@ def test_repeat_pull_transfers_nothing(counted: Any, tmp_path: Path) -> None:
         read_after_first = store.bytes_read
         second = c.pull("m:1", tmp_path / "b")
     with Client(running.address) as c:
-        stored = sum(ch.length for ch in _chunks(c.manifest("m:1")[2]))
+        stored = sum(ch.length for ch in c.manifest("m:1")[2].chunks())
     assert first.bytes_transferred == stored > 0
     assert first.bytes_cached == 0
     assert second.bytes_transferred == 0
@@ -124,14 +119,14 @@ def test_delta_pull_moves_only_changed_chunks(counted: Any, tmp_path: Path) -> N
         c.pull("m:1", tmp_path / "out1")
         info = c.pull("m:2", tmp_path / "out2")
     changed = {t.name for t in v2.tensors} - {"layers.3.weight", "layers.7.weight"}
-    old_keys = {chunk_key(ch) for ch in _chunks(v1)}
-    new_chunks = [ch for ch in _chunks(v2) if chunk_key(ch) not in old_keys]
+    old_keys = {chunk_key(ch) for ch in v1.chunks()}
+    new_chunks = [ch for ch in v2.chunks() if chunk_key(ch) not in old_keys]
     changed_bytes = sum(ch.length for t in v2.tensors if t.name not in changed for ch in t.chunks)
     assert new_chunks, "v2 shares every chunk with v1: the test model did not change"
     assert info.bytes_transferred == sum(ch.length for ch in new_chunks)
     # Only the two changed tensors (and nothing of the ten unchanged ones) came over the wire.
     assert info.bytes_transferred == changed_bytes
-    assert info.bytes_transferred < 0.25 * sum(ch.length for ch in _chunks(v2))
+    assert info.bytes_transferred < 0.25 * sum(ch.length for ch in v2.chunks())
     _same_files(tmp_path / "v2", tmp_path / "out2")
 
 
@@ -150,7 +145,7 @@ def test_kill_9_mid_pull_then_resume_transfers_the_remainder(counted: Any, tmp_p
         c.push(tmp_path / "src", "m:1")
         manifest = c.manifest("m:1")[2]
     cache = ChunkCache(home / "cache")
-    chunks = _chunks(manifest)
+    chunks = manifest.chunks()
     store.delay = 0.02  # ~70 chunks at 20 ms each: time to kill the pull halfway
     proc = subprocess.Popen(
         [sys.executable, "-m", "mzstore.cli", "pull", "m:1", "-o", str(tmp_path / "out"), "--server", running.address],
@@ -187,10 +182,10 @@ def test_dropped_connection_then_resume(counted: Any, tmp_path: Path) -> None:
         with pytest.raises(Unavailable):
             c.pull("m:1", tmp_path / "out", workers=1)
         assert not (tmp_path / "out" / "model.safetensors").exists()
-        missing = sum(ch.length for ch in _chunks(manifest) if not c.cache.path(ch).exists())  # type: ignore[union-attr]
+        missing = sum(ch.length for ch in manifest.chunks() if not c.cache.path(ch).exists())  # type: ignore[union-attr]
         store.fail_after = None
         info = c.pull("m:1", tmp_path / "out")
-    assert 0 < info.bytes_transferred == missing < sum(ch.length for ch in _chunks(manifest))
+    assert 0 < info.bytes_transferred == missing < sum(ch.length for ch in manifest.chunks())
     _same_files(tmp_path / "src", tmp_path / "out")
 
 

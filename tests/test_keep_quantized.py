@@ -215,7 +215,7 @@ def test_transformers_loads_the_export(client: Client, tiny_llama: Path, tmp_pat
     out = tmp_path / "exported"
     done: list[int] = []
     export_keep_quantized(manifest, client.fetch, out, workers=2, progress=done.append)
-    chunks = [c for t in manifest.tensors for c in t.chunks] + [c for f in manifest.files for c in f.chunks]
+    chunks = manifest.chunks()
     assert sorted(done) == sorted(c.raw_length for c in chunks)
     config = transformers.utils.quantization_config.CompressedTensorsConfig(dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, quantization_config=config, dtype=torch.bfloat16)

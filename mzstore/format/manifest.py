@@ -139,11 +139,13 @@ class Manifest:
     def digest(self) -> str:
         return digest_of(self.to_json())
 
+    def chunks(self) -> list[Chunk]:
+        """Every chunk: the tensors' first, then the plain files'."""
+        return [c for t in self.tensors for c in t.chunks] + [c for f in self.files for c in f.chunks]
+
     def blobs(self) -> set[str]:
         """Every blob digest this manifest references."""
-        out = {c.blob for t in self.tensors for c in t.chunks}
-        out.update(c.blob for f in self.files for c in f.chunks)
-        return out
+        return {c.blob for c in self.chunks()}
 
     def tensors_of(self, path: str) -> list[TensorEntry]:
         return [t for t in self.tensors if t.file == path]

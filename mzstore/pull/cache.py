@@ -188,7 +188,7 @@ class ChunkCache:
         """Every cached manifest with how many of its chunks are here."""
         out = []
         for digest, manifest, info, used in self._manifests():
-            chunks = _all_chunks(manifest)
+            chunks = manifest.chunks()
             present = [c for c in chunks if self.path(c).exists()]
             out.append(
                 CachedModel(
@@ -261,7 +261,7 @@ class ChunkCache:
                 report.removed.append(digest)
             else:
                 kept_manifests.append(manifest)
-        wanted = {chunk_key(c) for m in kept_manifests for c in _all_chunks(m)}
+        wanted = {chunk_key(c) for m in kept_manifests for c in m.chunks()}
         entries = []
         for path in self.chunks.glob("*/*") if self.chunks.exists() else []:
             try:
@@ -286,7 +286,3 @@ class ChunkCache:
                 report.bytes_removed += size
                 total -= size
         return report
-
-
-def _all_chunks(manifest: Manifest) -> list[Chunk]:
-    return [c for t in manifest.tensors for c in t.chunks] + [c for f in manifest.files for c in f.chunks]
