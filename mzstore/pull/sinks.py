@@ -27,6 +27,7 @@ import numpy as np
 from mzstore.errors import InvalidArgument
 from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
 from mzstore.pull.plan import ChunkTask, safetensors_data_start
+from mzstore.storage.node import process_gone
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -69,16 +70,9 @@ PARTIAL_PREFIX = ".mzstore-partial-"
 def _remove_dead_partials(out: Path) -> None:
     """Drop staging directories left by pulls whose process is gone (killed, crashed)."""
     for stage in out.glob(f"{PARTIAL_PREFIX}*"):
-        pid_text = stage.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # still running: another pull into the same directory
-        except ProcessLookupError:
+        # A live process's stage is another pull into the same directory: left alone.
+        if process_gone(stage.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]):
             shutil.rmtree(stage, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 class DirectorySink:

@@ -50,6 +50,7 @@ from pathlib import Path
 from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
 from mzstore.push.ingest import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
 from mzstore.settings import TRANSFER_BYTES
+from mzstore.storage.node import process_gone
 
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 #: Received offsets are recorded at least this often within a stream.
@@ -274,7 +275,7 @@ class UploadSessions:
         cutoff = time.time() - self.max_age
         for path in self.dir.iterdir() if self.dir.exists() else []:
             try:
-                if path.name.startswith(".new-") and _dead(path.name.rsplit("-", 1)[-1]):
+                if path.name.startswith(".new-") and process_gone(path.name.rsplit("-", 1)[-1]):
                     shutil.rmtree(path, ignore_errors=True)  # a start that died before its rename
                     removed.append(path.name)
                 elif path.stat().st_mtime < cutoff:
@@ -283,15 +284,3 @@ class UploadSessions:
             except OSError:
                 pass
         return removed
-
-
-def _dead(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

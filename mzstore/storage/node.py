@@ -38,18 +38,23 @@ def temp_prefix(stem: str) -> str:
     return f"{stem}~{socket.gethostname()}~{os.getpid()}~"
 
 
+def process_gone(pid: str) -> bool:
+    """True when ``pid`` (decimal text) names no running process on this host; False if unsure."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # running, as another user
+        return False
+    return False
+
+
 def _writer_is_dead(name: str) -> bool:
     """True for a temp file written by a process of this host that no longer runs."""
     parts = name.split("~")
-    if len(parts) < 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return len(parts) >= 4 and parts[1] == socket.gethostname() and process_gone(parts[2])
 
 
 def sweep_temp(directory: Path, max_age: float = TEMP_MAX_AGE_S) -> list[Path]:
