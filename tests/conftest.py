@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +20,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mzstore.client import Client
+from mzstore.errors import Unavailable
 from mzstore.server.app import RunningServer, build_server
 from mzstore.settings import Settings
+from mzstore.storage.store import Store
+
+
+class CountingStore(Store):
+    """A store that counts the blob bytes a server reads from it for clients (count on the server).
+
+    ``delay`` slows every read; after ``fail_after`` reads, reads fail as an unreachable node would.
+    """
+
+    def __init__(self, nodes: Any, replicas: int = 1) -> None:
+        super().__init__(nodes, replicas)
+        self.bytes_read = 0
+        self.reads = 0
+        self.delay = 0.0
+        self.fail_after: int | None = None
+        self._count_lock = threading.Lock()
+
+    def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._count_lock:
+            self.reads += 1
+            if self.fail_after is not None and self.reads > self.fail_after:
+                raise Unavailable("storage node went away")
+        if self.delay:
+            time.sleep(self.delay)
+        data = super().read_blob(digest, offset, length)
+        with self._count_lock:
+            self.bytes_read += len(data)
+        return data
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import CountingStore
 from safetensors.torch import load_file, save_file
 
 from mzstore.client import Client
@@ -22,34 +22,9 @@ from mzstore.errors import Unavailable
 from mzstore.pull.cache import ChunkCache, chunk_key
 from mzstore.server.app import build_server
 from mzstore.settings import Settings, load_settings
-from mzstore.storage.store import Store
 
 PULL = (sys.executable, "-m", "mzstore.cli", "pull")
 SMALL = Settings(chunk_bytes=64 * 1024, shard_bytes=512 * 1024)
-
-
-class CountingStore(Store):
-    """Counts blob bytes the server reads for clients; can slow down or fail reads."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.bytes_read = 0
-        self.reads = 0
-        self.delay = 0.0
-        self.fail_after: int | None = None
-        self._count_lock = threading.Lock()
-
-    def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
-        with self._count_lock:
-            self.reads += 1
-            if self.fail_after is not None and self.reads > self.fail_after:
-                raise Unavailable("storage node went away")
-        if self.delay:
-            time.sleep(self.delay)
-        data = super().read_blob(digest, offset, length)
-        with self._count_lock:
-            self.bytes_read += len(data)
-        return data
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from conftest import CountingStore
 from s3 import moto_server, s3_bucket_url, s3_client, s3_env  # noqa: F401
 from safetensors.torch import save_file
 
@@ -20,24 +19,9 @@ from mzstore.errors import Unavailable
 from mzstore.server.app import build_server
 from mzstore.settings import Settings
 from mzstore.storage.node import open_node
-from mzstore.storage.store import Store, blob_key
+from mzstore.storage.store import blob_key
 
 SMALL = Settings(chunk_bytes=64 * 1024, shard_bytes=512 * 1024)
-
-
-class CountingStore(Store):
-    """Counts the blob bytes the server itself reads for clients."""
-
-    def __init__(self, nodes: Any, replicas: int = 1) -> None:
-        super().__init__(nodes, replicas)
-        self.bytes_read = 0
-        self._count = threading.Lock()
-
-    def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = super().read_blob(digest, offset, length)
-        with self._count:
-            self.bytes_read += len(data)
-        return data
 
 
 def _model(path: Path) -> None:

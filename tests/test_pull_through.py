@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_serve, stop_serve, store_files
+from conftest import CountingStore, start_serve, stop_serve, store_files
 from safetensors.torch import save_file
 
 from mzstore.client import Client
@@ -31,21 +31,6 @@ from mzstore.storage.store import Store, blob_key
 
 #: 1 MiB chunks and 4 MiB shards: several shards per model, each streamed in several messages.
 SETTINGS = Settings(chunk_bytes=1 << 20, shard_bytes=4 << 20)
-
-
-class CountingStore(Store):
-    """The upstream's store: counts the blob bytes it hands out."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.bytes_read = 0
-        self._count = threading.Lock()
-
-    def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = super().read_blob(digest, offset, length)
-        with self._count:
-            self.bytes_read += len(data)
-        return data
 
 
 class CorruptingStore(CountingStore):
