@@ -24,7 +24,7 @@ How it works, per chunk (a run of rows of one weight matrix, viewed as
 Decoding reconstructs ``y = (q - z) · s`` in f32 (one exact subtraction, one
 correctly rounded multiply) and casts to the original dtype with
 round-to-nearest-even. The same formula gives the same bits in numpy and in
-torch on any device, so the sha256 of the decoded bytes recorded in the
+torch on any device, so the hash of the decoded bytes recorded in the
 manifest holds wherever the chunk is expanded.
 
 Payload (little-endian)::
@@ -516,7 +516,7 @@ class Encoded:
         payload: the stored bytes.
         params: recorded in the manifest (``{"spec": "int4:g128"}``).
         stats: decoded vs original values.
-        decoded: the decoded bytes, exactly what a pull produces (their sha256 goes in the manifest).
+        decoded: the decoded bytes, exactly what a pull produces (their BLAKE3 goes in the manifest).
     """
 
     codec: str

@@ -9,7 +9,8 @@ the sha256 of those bytes. It records:
   zstd chunks.
 * ``tensors``: per tensor, dtype, shape, codec policy and its ``chunks``;
   each chunk names its blob digest, offset and length in that blob, the row
-  range it covers, its codec parameters and the sha256 of its decoded bytes.
+  range it covers, its codec parameters and the hash of its decoded bytes
+  (``blake3``; manifests written before it carry ``sha256``, still read).
 * ``sizes``: raw and stored bytes; ``annotations``: free lineage notes.
 
 :func:`parse_manifest` validates structure, types and bounds before any
@@ -28,6 +29,7 @@ from typing import Any
 
 from mzstore.errors import FormatError
 from mzstore.format.dtypes import get_dtype, nbytes_for
+from mzstore.format.hashing import Buffer, blake3_hex
 from mzstore.format.refs import validate_digest
 from mzstore.format.safetensors import MAX_HEADER_BYTES, parse_header
 
@@ -55,9 +57,13 @@ class Chunk:
         length: encoded (stored) length.
         rows: ``[start, end)`` along dim 0 (for files: byte range).
         raw_length: decoded length in bytes.
-        sha256: hex sha256 of the decoded bytes.
+        sha256: hex sha256 of the decoded bytes (manifests written before BLAKE3), else ``None``.
         codec: codec name.
         params: codec parameters chosen at encode time.
+        blake3: hex BLAKE3 of the decoded bytes (what new manifests carry), else ``None``.
+
+    Exactly one of ``sha256`` and ``blake3`` is set; the other is left out of
+    the JSON, so a manifest written with sha256 re-serializes byte for byte.
     """
 
     blob: str
@@ -65,9 +71,25 @@ class Chunk:
     length: int
     rows: list[int]
     raw_length: int
-    sha256: str
+    sha256: str | None
     codec: str
     params: dict[str, Any] = field(default_factory=dict)
+    blake3: str | None = None
+
+    @property
+    def decoded_hash(self) -> str:
+        """``<algorithm>:<hex>`` of the decoded bytes."""
+        return f"blake3:{self.blake3}" if self.blake3 is not None else f"sha256:{self.sha256}"
+
+    @property
+    def hash_name(self) -> str:
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    def matches(self, decoded: Buffer) -> bool:
+        """Whether ``decoded`` hashes to this chunk's decoded hash."""
+        if self.blake3 is not None:
+            return blake3_hex(decoded) == self.blake3
+        return hashlib.sha256(decoded).hexdigest() == self.sha256
 
 
 @dataclass
@@ -152,7 +174,11 @@ class Manifest:
 
 
 def _strip(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
+    """Drop ``None`` fields, the entry's own and its chunks' (a chunk has one decoded hash)."""
+    out = {k: v for k, v in d.items() if v is not None}
+    if "chunks" in out:
+        out["chunks"] = [{k: v for k, v in c.items() if v is not None} for c in out["chunks"]]
+    return out
 
 
 def digest_of(data: bytes | memoryview) -> str:
@@ -214,7 +240,10 @@ def _chunk(obj: object, where: str) -> Chunk:
     rows = _req(obj, "rows", list, where)
     if len(rows) != 2 or not all(_is_uint(r) for r in rows) or rows[0] > rows[1]:
         raise FormatError(f"manifest: {where}.rows is invalid")
-    sha = _hex64(obj, "sha256", where)
+    if ("sha256" in obj) == ("blake3" in obj):
+        raise FormatError(f"manifest: {where} needs exactly one of blake3 and sha256")
+    sha = _hex64(obj, "sha256", where) if "sha256" in obj else None
+    b3 = _hex64(obj, "blake3", where) if "blake3" in obj else None
     blob = _req(obj, "blob", str, where)
     try:
         validate_digest(blob)
@@ -232,6 +261,7 @@ def _chunk(obj: object, where: str) -> Chunk:
         sha256=sha,
         codec=codec,
         params=_req(obj, "params", dict, where),
+        blake3=b3,
     )
     if chunk.raw_length > MAX_CHUNK_BYTES or chunk.length > MAX_CHUNK_BYTES:
         raise FormatError(f"manifest: {where} is larger than the {MAX_CHUNK_BYTES}-byte chunk limit")

@@ -14,7 +14,7 @@ things from one mechanism:
 
 What is stored is the chunk's *stored* (compressed) bytes, so the cache
 costs the compressed size, not the model size. Entries are never trusted:
-a cached payload goes through the same decode + sha256 check as fetched
+a cached payload goes through the same decode + hash check as fetched
 bytes, and one that fails is evicted and fetched again.
 
 Layout under ``root`` (``$MZSTORE_HOME/cache``, else ``~/.cache/mzstore``)::
@@ -55,7 +55,13 @@ STALE_TMP_SECONDS = 3600.0
 def chunk_key(chunk: Chunk) -> str:
     """The content key of a chunk: what its stored bytes decode to, and how."""
     ident = json.dumps(
-        [chunk.codec, chunk.params, chunk.sha256, chunk.raw_length, chunk.length],
+        [
+            chunk.codec,
+            chunk.params,
+            chunk.decoded_hash if chunk.blake3 else chunk.sha256,
+            chunk.raw_length,
+            chunk.length,
+        ],
         sort_keys=True,
         separators=(",", ":"),
     )

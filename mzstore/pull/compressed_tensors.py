@@ -97,7 +97,6 @@ every tensor is aligned to its element size; a top-level
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -543,12 +542,12 @@ def _pwrite(fd: int, data: bytes | bytearray | memoryview | np.ndarray, offset: 
 
 
 def _check_sha(data: np.ndarray, c: Chunk, what: str) -> None:
-    if hashlib.sha256(_bytes_of(data)).hexdigest() != c.sha256:
-        raise IntegrityError(f"chunk rows {c.rows} of {what}: decoded bytes fail their sha256 check")
+    if not c.matches(_bytes_of(data)):
+        raise IntegrityError(f"chunk rows {c.rows} of {what}: decoded bytes fail their {c.hash_name} check")
 
 
 def _decode_exact(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str) -> np.ndarray:
-    """Decoded bytes of a chunk, as a plain pull writes them, sha256-checked."""
+    """Decoded bytes of a chunk, as a plain pull writes them, hash-checked."""
     return decode_verified(c, dtype.name, what, payload, np.empty(c.raw_length, dtype=np.uint8))
 
 

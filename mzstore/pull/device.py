@@ -2,9 +2,9 @@
 
 How it works, for a target such as ``cuda:1``: every tensor is allocated on
 the device. A lossless chunk is decoded on the host into a staging buffer,
-its sha256 checked, and copied over. A quantized chunk is verified on the
-host by the sha256 of its *stored* bytes (``params.payload_sha256``, recorded
-at ingest), unpacked there (zstd), and only the compact form — codes,
+its hash checked, and copied over. A quantized chunk is verified on the
+host by the hash of its *stored* bytes (``params.payload_blake3``, recorded
+at ingest; ``payload_sha256`` in older manifests), unpacked there (zstd), and only the compact form — codes,
 scales, zero points, mask — is copied to the device, where
 :func:`torch_expand` computes ``y = (q - z) · s`` in f32 and casts to the
 tensor's dtype. That formula gives the same bits as the host decoder (one
@@ -54,6 +54,7 @@ import numpy as np
 from mzstore.codecs.quant import E4M3_TABLE, S_CODES, S_SCALES, S_ZEROS, Compact, expand, unpack
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.dtypes import get_dtype
+from mzstore.format.hashing import blake3_hex
 from mzstore.format.manifest import Manifest, TensorEntry
 from mzstore.pull.device_map import BALANCED, NameMapping, device_totals, few_names, name_mapping, plan_devices
 from mzstore.pull.pipeline import decode_verified
@@ -140,6 +141,15 @@ _ALIGN = 64  # section offsets in a packed upload: any element view is aligned
 def _grow(size: int) -> int:
     """Pinned allocations are slow: round up to a power of two, at least 1 MiB."""
     return max(1 << 20, 1 << max(size - 1, 0).bit_length())
+
+
+def payload_matches(params: Mapping[str, Any], payload: bytes | bytearray) -> bool:
+    """Whether a quantized chunk's stored bytes match the hash ingest recorded for them."""
+    b3 = params.get("payload_blake3")
+    if isinstance(b3, str):
+        return blake3_hex(payload) == b3
+    sha = params.get("payload_sha256")
+    return isinstance(sha, str) and hashlib.sha256(payload).hexdigest() == sha
 
 
 @dataclass
@@ -314,11 +324,10 @@ class DeviceStateDictSink:
             dest.copy_(torch.from_numpy(data))
 
     def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
-        """A quantized chunk: check the stored bytes' sha256, send the compact form over, expand there."""
+        """A quantized chunk: check the stored bytes' hash, send the compact form over, expand there."""
         assert task.tensor is not None
-        expected = task.chunk.params.get("payload_sha256")
-        if not isinstance(expected, str) or hashlib.sha256(payload).hexdigest() != expected:
-            raise IntegrityError(f"chunk rows {task.chunk.rows} of {task.tensor}: stored bytes fail their sha256 check")
+        if not payload_matches(task.chunk.params, payload):
+            raise IntegrityError(f"chunk rows {task.chunk.rows} of {task.tensor}: stored bytes fail their hash check")
         compact = unpack(payload, task.chunk.raw_length, get_dtype(task.dtype))
         dest = self._dest(task, task.chunk.raw_length)
         if self._staging is None:

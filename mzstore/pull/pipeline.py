@@ -4,8 +4,9 @@ How it works: tasks (one per chunk) run on a pool of ``workers`` threads.
 Each worker fetches the chunk's stored bytes with the ``fetch`` callable,
 checks their length, decodes them with the chunk's codec straight into the
 buffer the sink names (the tensor's own memory, or a reused per-thread
-scratch buffer), checks the sha256 of the decoded bytes, and only then tells
-the sink the chunk is good. zstd, hashlib, numpy copies and file
+scratch buffer), checks the hash of the decoded bytes (BLAKE3; sha256 for
+older manifests), and only then tells the sink the chunk is good. zstd, the
+hashes, numpy copies and file
 writes release the GIL, so workers overlap on several cores. Memory is
 bounded by ``workers`` chunks in flight, independent of model size.
 
@@ -17,7 +18,6 @@ handed to the sink.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +42,7 @@ class Sink(Protocol):
 
     ``target`` returns the ``uint8`` array a chunk is decoded into (its final
     place in a tensor buffer, or a per-thread scratch buffer); ``write`` is
-    called with that array once its sha256 has been checked.
+    called with that array once its decoded hash has been checked.
     """
 
     def target(self, task: ChunkTask) -> np.ndarray: ...
@@ -99,7 +99,7 @@ class PullStats:
 
 
 def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
-    """Decode a chunk's stored bytes into ``out`` and check the sha256 of the result.
+    """Decode a chunk's stored bytes into ``out`` and check the hash of the result.
 
     Raises:
         IntegrityError: wrong length, undecodable payload, or a hash mismatch.
@@ -112,8 +112,8 @@ def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytear
         get_codec(chunk.codec).decode_into(payload, get_dtype(dtype), out)
     except CodecError as exc:
         raise IntegrityError(f"chunk of {what} does not decode: {exc}") from None
-    if hashlib.sha256(out.data).hexdigest() != chunk.sha256:
-        raise IntegrityError(f"chunk rows {chunk.rows} of {what}: decoded bytes fail their sha256 check")
+    if not chunk.matches(out.data):
+        raise IntegrityError(f"chunk rows {chunk.rows} of {what}: decoded bytes fail their {chunk.hash_name} check")
     return out
 
 

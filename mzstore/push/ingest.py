@@ -36,6 +36,7 @@ from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
 from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
 from mzstore.format.dtypes import DType, get_dtype
+from mzstore.format.hashing import blake3_hex
 from mzstore.format.manifest import MAX_CHUNK_BYTES, MAX_INT, Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
 from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import parse_header, read_header_len
@@ -183,14 +184,14 @@ def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Enc
     """Encode one chunk in a worker thread."""
     if isinstance(mode, str):
         payload, params = get_codec(mode).encode(memoryview(raw), dtype)
-        return mode, payload, params, hashlib.sha256(raw).hexdigest(), None
+        return mode, payload, params, blake3_hex(raw), None
     enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, *mode)
     params = dict(enc.params)
     if enc.codec == "quant":
         # Lets a device target verify the compact bytes before expanding them there.
-        params["payload_sha256"] = hashlib.sha256(enc.payload).hexdigest()
+        params["payload_blake3"] = blake3_hex(enc.payload)
     # A chunk's hash is of its decoded bytes: exactly what a host-side pull verifies.
-    return enc.codec, enc.payload, params, hashlib.sha256(enc.decoded.data).hexdigest(), enc.stats
+    return enc.codec, enc.payload, params, blake3_hex(enc.decoded.data), enc.stats
 
 
 class Ingest:
@@ -250,15 +251,16 @@ class Ingest:
             length=len(payload),
             rows=job.rows,
             raw_length=meta["raw_length"],
-            sha256=sha,
+            sha256=None,
             codec=codec,
             params=params,
+            blake3=sha,
         )
         if stats is not None and job.entry is not None:
             self.fidelity.setdefault(id(job.entry), Stats()).merge(stats)
         job.chunk_list.append(chunk)
         self.n_chunks += 1
-        self.writer.append(job.key, payload, chunk, meta | {"rows": job.rows, "params": params, "sha256": sha})
+        self.writer.append(job.key, payload, chunk, meta | {"rows": job.rows, "params": params, "blake3": sha})
 
     def _drain_all(self) -> None:
         while self._jobs:
