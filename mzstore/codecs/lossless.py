@@ -192,10 +192,9 @@ class LosslessCodec:
         pos = _HEAD.size + nplanes * _PLANE.size
         if len(view) < pos:
             raise CodecError("lossless payload is truncated in its plane table")
-        # Planes are written straight into their strided columns of the
-        # output: measured 7x faster than building (k, n) planes and
-        # transposing afterwards.
-        columns = out.reshape(n, k)
+        # Every coded plane is decoded into a per-thread scratch buffer first;
+        # then the planes are put together into ``out`` (see _assemble).
+        planes: list[np.ndarray] = []
         for i in range(nplanes):
             method, length = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)
             body = view[pos : pos + length]
@@ -205,17 +204,49 @@ class LosslessCodec:
             if method == _RAW:
                 if length != n:
                     raise CodecError(f"raw plane is {length} bytes, expected {n}")
-                columns[:, i] = np.frombuffer(body, dtype=np.uint8)
+                planes.append(np.frombuffer(body, dtype=np.uint8))
             elif method == _ZSTD:
-                columns[:, i] = _zstd_decompress_scratch(body, n)
+                planes.append(_zstd_decompress_scratch(body, n, slot=i))
             elif method == _PAIRS:
-                columns[:, i] = _decode_pairs(body, n)
+                planes.append(_decode_pairs(body, n, slot=i))
             else:
                 raise CodecError(f"unknown plane method {method}")
         if pos != len(view):
             raise CodecError("lossless payload has trailing bytes")
+        if k == 1:
+            out[:] = planes[0]
+            return
+        _assemble(planes, out.view(_UINT[k]), bool(rotate))
+
+
+def _assemble(planes: list[np.ndarray], words: np.ndarray, rotate: bool) -> None:
+    """``words[j]`` = the bytes ``planes[i][j]`` (plane ``i`` is byte ``i``), rotated right by one bit if ``rotate``.
+
+    Done with shifts and ors on whole words, block by block with one reused
+    temporary, so every step works in cache: measured 1.6x faster on bf16
+    than writing each plane into its strided byte column.
+    """
+    uint = words.dtype.type
+    k = words.dtype.itemsize
+    bits = 8 * k
+    n = len(words)
+    step = _BLOCK_WORDS
+    tmp = _scratch(min(n, step) * k, _TMP_SLOT).view(words.dtype)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        block = words[start:end]
+        t = tmp[: end - start]
+        np.left_shift(planes[k - 1][start:end], bits - 8, out=block, dtype=words.dtype)
+        for i in range(k - 1):
+            if i == 0:
+                np.bitwise_or(block, planes[0][start:end], out=block, dtype=words.dtype)
+            else:
+                np.left_shift(planes[i][start:end], 8 * i, out=t, dtype=words.dtype)
+                block |= t
         if rotate:
-            _unrotate(out.view(_UINT[k]), 8 * k)
+            np.left_shift(block, uint(bits - 1), out=t)
+            block >>= uint(1)
+            block |= t
 
 
 def _encode_pairs(plane: np.ndarray) -> bytes:
@@ -246,8 +277,11 @@ def _encode_pairs(plane: np.ndarray) -> bytes:
     return b"".join([_PAIRS_HEAD.pack(len(table), len(packed_ranks)), table.tobytes(), packed_ranks, packed_escapes])
 
 
-def _decode_pairs(body: memoryview, n: int) -> np.ndarray:
-    """Inverse of :func:`_encode_pairs`, bounded by the plane length ``n``."""
+def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
+    """Inverse of :func:`_encode_pairs`, bounded by the plane length ``n``.
+
+    The result lives in a per-thread scratch buffer (valid until the next call with this ``slot``).
+    """
     if len(body) < _PAIRS_HEAD.size:
         raise CodecError("pair-coded plane is truncated")
     ntable, ranks_len = _PAIRS_HEAD.unpack_from(body, 0)
@@ -255,14 +289,17 @@ def _decode_pairs(body: memoryview, n: int) -> np.ndarray:
     if ntable > 255 or pos + ranks_len > len(body):
         raise CodecError("pair-coded plane has a bad table")
     npairs = (n + 1) // 2
-    table = np.zeros(256, dtype=np.uint16)
-    table[:ntable] = np.frombuffer(body[_PAIRS_HEAD.size : pos], dtype=np.uint16)
-    ranks = np.frombuffer(_zstd_decompress(body[pos : pos + ranks_len], npairs), dtype=np.uint8)
-    if ntable < 255 and ((ranks >= ntable) & (ranks != 255)).any():
-        raise CodecError("pair-coded plane has ranks outside its table")
+    table = np.zeros(256, dtype=">u2")
     # A pair is (first << 8) | second; stored big-endian, the uint16 array *is* the byte plane,
     # so one gather writes the output (3x faster than splitting the pairs into bytes afterwards).
-    pairs = table.astype(">u2")[ranks]
+    table[:ntable] = np.frombuffer(body[_PAIRS_HEAD.size : pos], dtype=np.uint16)
+    ranks = _zstd_decompress_scratch(body[pos : pos + ranks_len], npairs, slot=_RANKS_SLOT)
+    if ntable < 255 and ((ranks >= ntable) & (ranks != 255)).any():
+        raise CodecError("pair-coded plane has ranks outside its table")
+    pairs = _scratch(2 * npairs, slot).view(">u2")
+    # np.take converts its index to intp first; in blocks that temporary stays in cache (2x faster).
+    for start in range(0, npairs, _GATHER_BLOCK):
+        np.take(table, ranks[start : start + _GATHER_BLOCK], out=pairs[start : start + _GATHER_BLOCK])
     escaped = np.flatnonzero(ranks == 255)
     rest = body[pos + ranks_len :]
     if len(escaped):
@@ -272,31 +309,36 @@ def _decode_pairs(body: memoryview, n: int) -> np.ndarray:
     return pairs.view(np.uint8)[:n]
 
 
-#: Elements per block when undoing the rotation, so temporaries stay small.
-_ROTATE_BLOCK = 1 << 20
+#: Words assembled per block in :func:`_assemble` (with its planes and temporary, about L2-sized).
+_BLOCK_WORDS = 256 * 1024
+#: Ranks gathered per :func:`numpy.take` call in :func:`_decode_pairs`.
+_GATHER_BLOCK = 64 * 1024
+#: Scratch slots of a pair-coded plane's ranks and of :func:`_assemble`'s temporary (planes use 0..7).
+_RANKS_SLOT = 8
+_TMP_SLOT = 9
 
 
-def _unrotate(words: np.ndarray, bits: int) -> None:
-    """Rotate every word right by one bit, in place, with block-sized temporaries."""
-    t = words.dtype.type
-    for start in range(0, len(words), _ROTATE_BLOCK):
-        block = words[start : start + _ROTATE_BLOCK]
-        high = block << t(bits - 1)
-        block >>= t(1)
-        block |= high
+def _scratch(size: int, slot: int) -> np.ndarray:
+    """A per-thread reusable buffer of at least ``size`` bytes (valid until the next call with ``slot``).
 
-
-def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int) -> np.ndarray:
-    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (valid until the next call).
-
-    Reusing the buffer keeps a pull's memory flat: freed multi-MiB buffers
-    otherwise pile up in glibc's per-thread arenas.
+    Reusing buffers keeps a pull's memory flat: freed multi-MiB buffers
+    otherwise pile up in glibc's per-thread arenas, and fresh ones cost a
+    page fault per 4 KiB.
     """
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or len(scratch) < size:
-        scratch = _local.scratch = np.empty(max(size, 1 << 20), dtype=np.uint8)
-    _zstd_read_into(data, scratch.data[:size])
-    return scratch[:size]
+    buffers: dict[int, np.ndarray] | None = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = {}
+    buf = buffers.get(slot)
+    if buf is None or len(buf) < size:
+        buf = buffers[slot] = np.empty(max(size, 1 << 20), dtype=np.uint8)
+    return buf[:size]
+
+
+def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int, slot: int = 0) -> np.ndarray:
+    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (see :func:`_scratch`)."""
+    out = _scratch(size, slot)
+    _zstd_read_into(data, out.data)
+    return out
 
 
 class ZstdCodec:
@@ -315,4 +357,4 @@ class ZstdCodec:
     def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         if len(out) == 0 and len(payload) == 0:
             return
-        out[:] = _zstd_decompress_scratch(payload, len(out))
+        _zstd_read_into(payload, out.data)
