@@ -41,7 +41,7 @@ from mzstore.codecs.quant import (
     unpack,
 )
 from mzstore.errors import CodecError, InvalidArgument
-from mzstore.format.dtypes import DTYPES
+from mzstore.format.dtypes import DTYPES, get_dtype
 
 # Payload layout, written down from the format's documentation (not imported from the codec).
 HEAD = struct.Struct("<4sBBHQQB3x")
@@ -935,3 +935,45 @@ def test_int4_keeps_precision_for_weights_f16_scales_cannot_hold(scale):
     enc = encode_spec(x.tobytes(), DTYPES["F32"], 16, Spec(quant=Quant("int4", 128)))
     assert enc.stats.cosine > 0.99
     assert QuantCodec().decode(enc.payload, DTYPES["F32"], x.nbytes).tobytes() == np.asarray(enc.decoded).tobytes()
+
+
+# --- the fast decode paths give the reference bits ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_cast_into_rounds_like_numpy_and_ml_dtypes(dtype: str) -> None:
+    from mzstore.codecs.quant import _cast_into
+
+    rng = np.random.default_rng(5)
+    # Random bit patterns cover ties, subnormals and the largest finite values; NaN and inf are excluded
+    # (a quantized chunk never decodes to them: encode refuses non-finite tensors).
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    y = bits.view(np.float32)
+    y = y[np.isfinite(y)]
+    ties = (np.arange(1, 5000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly half-way for bf16
+    y = np.concatenate([y, ties, -ties, np.float32([0.0, -0.0, 3.4e38, -3.4e38, 1e-45])])
+    ref = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}[dtype]
+    with np.errstate(over="ignore"):
+        want = y.astype(ref).view(np.uint8)
+    out = np.empty(len(want), np.uint8)
+    _cast_into(y, get_dtype(dtype), out)
+    assert np.array_equal(out, want)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 10), (7, 3), (300, 513), (3, 200_000)])
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_blocked_int8_expand_matches_the_reference_dequantize(rows: int, cols: int, dtype: str) -> None:
+    from mzstore.codecs.quant import _cast_into, dequantize, expand, unpack
+
+    rng = np.random.default_rng(rows * cols)
+    x = (rng.standard_normal((rows, cols)) * rng.lognormal(0, 1, (rows, 1)) * 0.02).astype(np.float32)
+    dt = get_dtype(dtype)
+    raw = np.ascontiguousarray(x.astype({"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}[dtype]))
+    enc = encode_spec(raw.reshape(-1).view(np.uint8).data, dt, rows, parse_policy("int8").spec)
+    c = unpack(enc.payload, raw.nbytes, dt)
+    # Reference: the whole-chunk dequantize, then the cast, in one pass each.
+    y = dequantize(c.method, c.sections, c.rows, c.cols, c.group, c.mask)
+    want = np.empty(raw.nbytes, np.uint8)
+    _cast_into(y.reshape(-1), dt, want)
+    assert np.array_equal(expand(c, dt), want)
+    assert np.array_equal(np.asarray(enc.decoded), want)

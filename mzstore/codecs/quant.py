@@ -393,7 +393,7 @@ class Compact:
     group: int
     mask: np.ndarray | None
     sections: dict[int, np.ndarray] = field(default_factory=dict)
-    values: bytes | None = None  # prune-only: lossless payload of kept values
+    values: bytes | bytearray | memoryview | None = None  # prune-only: lossless payload of kept values
 
 
 _SECTION_DTYPES = {S_SCALES: np.float32, S_ZEROS: np.uint8, S_CODES: np.uint8}
@@ -436,9 +436,9 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
         if coding == _ZSTD:
             # Bounded by the section's recorded size, itself bounded by raw_len above; a frame that
             # claims or produces more (a zstd bomb), or carries a second frame, is a CodecError.
-            data = bytes(_zstd_decompress(body, raw))
+            data: bytes | bytearray | memoryview = _zstd_decompress(body, raw)
         elif coding == _RAW:
-            data = bytes(body)
+            data = body
         else:
             raise CodecError(f"unknown section coding {coding}")
         if len(data) != raw:
@@ -482,18 +482,73 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
 
 def expand(c: Compact, dtype: DType) -> np.ndarray:
     """Compact form → decoded bytes (uint8) of the original dtype."""
+    out = np.empty(c.rows * c.cols * (dtype.bits // 8), dtype=np.uint8)
+    expand_into(c, dtype, out)
+    return out
+
+
+#: f32 elements dequantized per block by :func:`expand_into` (its temporary stays in L2).
+_EXPAND_BLOCK = 128 * 1024
+
+
+def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
+    """Compact form → decoded bytes of the original dtype, written into ``out`` (uint8).
+
+    Encode computes a chunk's decoded bytes (whose hash goes in the manifest)
+    with this same function, so a pull reproduces them bit for bit. Plain int8
+    runs block by block: ``codes · scale`` into a cache-sized f32 temporary,
+    cast into ``out`` (measured 2.4x faster than whole-chunk passes).
+    """
     if c.method == "none":
         assert c.values is not None
         assert c.mask is not None  # unpack guarantees a mask for prune-only payloads
         itemsize = dtype.bits // 8
         kept = int(c.mask.sum())
         vals = _lossless.decode(c.values, dtype, kept * itemsize)
-        dense = np.zeros((c.rows, c.cols, itemsize), dtype=np.uint8)
+        dense = out.reshape(c.rows, c.cols, itemsize)
+        dense[...] = 0
         if kept:
             dense[c.mask] = vals.reshape(kept, itemsize)
-        return dense.reshape(-1)
+        return
+    if c.method == "int8" and c.mask is None:
+        codes = c.sections[S_CODES].view(np.int8).reshape(c.rows, c.cols)
+        scale = c.sections[S_SCALES][:, None]
+        itemsize = dtype.bits // 8
+        step = max(1, _EXPAND_BLOCK // max(1, c.cols))
+        tmp = _f32_scratch(min(c.rows, step) * c.cols)
+        for r0 in range(0, c.rows, step):
+            r1 = min(c.rows, r0 + step)
+            y = tmp[: (r1 - r0) * c.cols].reshape(r1 - r0, c.cols)
+            np.multiply(codes[r0:r1], scale[r0:r1], out=y)  # int8 → f32 exactly, then one f32 multiply
+            _cast_into(y.reshape(-1), dtype, out[r0 * c.cols * itemsize : r1 * c.cols * itemsize])
+        return
     y = dequantize(c.method, c.sections, c.rows, c.cols, c.group, c.mask)
-    return from_f32(y, dtype)
+    _cast_into(y.reshape(-1), dtype, out)
+
+
+def _f32_scratch(n: int) -> np.ndarray:
+    buf: np.ndarray | None = getattr(_local, "f32", None)
+    if buf is None or len(buf) < n:
+        buf = _local.f32 = np.empty(n, dtype=np.float32)
+    return buf[:n]
+
+
+def _cast_into(y: np.ndarray, dtype: DType, out: np.ndarray) -> None:
+    """Cast f32 values to ``dtype`` (round to nearest even) into the bytes ``out``.
+
+    bf16 goes through torch's vectorized cast (4x ml_dtypes' here); the tests
+    check it gives ml_dtypes' bits (both round to nearest even).
+    """
+    if dtype.name == "F32":
+        out.view(np.float32)[:] = y
+    elif dtype.name == "F16":
+        out.view(np.float16)[:] = y
+    elif dtype.name == "BF16":
+        import torch
+
+        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(y))
+    else:
+        raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
 
 
 # --- the codec ---------------------------------------------------------------
@@ -609,7 +664,7 @@ class QuantCodec:
         return expand(unpack(payload, raw_len, dtype), dtype)
 
     def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
-        out[:] = self.decode(payload, dtype, len(out))
+        expand_into(unpack(payload, len(out), dtype), dtype, out)
 
 
-__all__ = ["Compact", "Encoded", "QuantCodec", "Stats", "encode_auto", "encode_spec", "expand", "unpack"]
+__all__ = ["Compact", "Encoded", "QuantCodec", "Stats", "encode_auto", "encode_spec", "expand", "expand_into", "unpack"]
