@@ -113,3 +113,36 @@ def test_busy_and_unavailable_fetches_are_retried_then_give_up() -> None:
 
     with pytest.raises(Unavailable):
         fetch_checked(down, chunk, bytes, retries=1)
+
+
+def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
+    small_client: Client, pushed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from mzstore.pull import sinks
+
+    monkeypatch.setattr(sinks, "FLUSH_BYTES", 64 * 1024)
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(sinks.os, "fdatasync", counting)
+    small_client.pull("p:1", tmp_path / "out")
+    # 8 tensors of 256 KiB: several background syncs ran before the commit's fsync.
+    assert len(synced) >= 3
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = load_file(str(pushed / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sinks.os, "fdatasync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        small_client.pull("p:1", tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    assert not list((tmp_path / "bad").glob(".mzstore-partial-*"))

@@ -3,7 +3,10 @@
 :class:`DirectorySink` stages every file under ``OUT/.mzstore-partial-<id>/``
 (same file system), writes chunks with ``pwrite`` at their final offsets, and
 only after every chunk is verified fsyncs and renames the files into place:
-nothing appears under a final name until it is complete and verified.
+nothing appears under a final name until it is complete and verified. While
+the pull runs, a background thread fdatasyncs each file every
+``FLUSH_BYTES`` (:class:`_Flusher`), so the disk writes overlap fetch and
+decode instead of all waiting for the final fsync.
 Safetensors files are rebuilt from the original header bytes kept in the
 manifest, so they come back byte-identical to what was pushed.
 
@@ -19,6 +22,7 @@ import shutil
 import struct
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,60 @@ def _remove_dead_partials(out: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+#: Bytes written to one output file between background fdatasyncs.
+FLUSH_BYTES = 64 * 1024 * 1024
+
+
+class _Flusher:
+    """Gets pulled bytes onto the disk while the pull goes on.
+
+    Linux keeps dirty pages in memory until a share of RAM (10 % by default)
+    is dirty, so a pull of a 1 GB model into a 24 GiB machine used to write
+    all of it in its final fsync, after every chunk was decoded: measured
+    here, 2.1 s of pulling, then 1.4 s of fsync. After every ``FLUSH_BYTES``
+    written to a file, one background thread fdatasyncs it (one sync per file
+    in flight at a time); the commit's fsync has only the tail left.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirty: dict[int, int] = {}
+        self._pending: dict[int, Future[None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def wrote(self, fd: int, n: int) -> None:
+        with self._lock:
+            dirty = self._dirty.get(fd, 0) + n
+            busy = fd in self._pending and not self._pending[fd].done()
+            if dirty < FLUSH_BYTES or busy:
+                self._dirty[fd] = dirty
+                return
+            self._dirty[fd] = 0
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-flush")
+            self._pending[fd] = self._pool.submit(os.fdatasync, fd)
+
+    def wait(self) -> None:
+        """Wait for every background sync; an I/O error of one is raised here (the pull fails)."""
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def drain(self) -> None:
+        """Wait for every background sync, ignoring errors (before closing the files of an aborted pull)."""
+        try:
+            self.wait()
+        except OSError:
+            pass
+
+
 class DirectorySink:
     """Writes the selected files of a manifest under ``out_dir``."""
 
@@ -87,6 +145,7 @@ class DirectorySink:
         self._fds: dict[str, int] = {}
         self._adopted: list[str] = []
         self._scratch = ScratchBuffers()
+        self._flusher = _Flusher()
 
     def target(self, task: ChunkTask) -> np.ndarray:
         """A per-thread scratch buffer, reused so memory stays flat over the pull."""
@@ -109,7 +168,9 @@ class DirectorySink:
                 assert safetensors_data_start(f) == 8 + len(header)
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        pwrite_all(self._fds[task.file], data.data, task.file_offset)
+        fd = self._fds[task.file]
+        pwrite_all(fd, data.data, task.file_offset)
+        self._flusher.wrote(fd, len(data))
 
     def adopt(self, path: str) -> None:
         """Commit a file the caller wrote itself at ``self.stage / path`` along with the others."""
@@ -118,6 +179,7 @@ class DirectorySink:
     def commit(self) -> list[Path]:
         """fsync and move every file into place; return the final paths."""
         finals = []
+        self._flusher.wait()
         for f in self.files:
             fd = self._fds.pop(f.path)
             os.fsync(fd)
@@ -137,6 +199,7 @@ class DirectorySink:
         return finals
 
     def abort(self) -> None:
+        self._flusher.drain()
         for fd in self._fds.values():
             try:
                 os.close(fd)
