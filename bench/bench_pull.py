@@ -134,10 +134,12 @@ def client_has_cache() -> bool:
     return "cache" in inspect.signature(Client.__init__).parameters
 
 
-def make_client(address: str, home: Path, cache: bool | None = None) -> Any:
+def make_client(address: str, home: Path, cache: bool | None = None, direct: bool = False) -> Any:
     """A Client whose ``MZSTORE_HOME`` (and so its chunk cache) is ``home``; it counts fetched bytes.
 
-    ``cache=False`` turns the local cache off where the client has one.
+    ``cache=False`` turns the local cache off where the client has one; ``direct=True`` reads
+    blobs straight from the server's storage directory (``pull --direct``; nothing is fetched
+    from the server, so the count stays 0).
     """
     from mzstore.client import Client
     from mzstore.settings import load_settings
@@ -151,7 +153,9 @@ def make_client(address: str, home: Path, cache: bool | None = None) -> Any:
             return data
 
     settings = dataclasses.replace(load_settings(), home=home)
-    kwargs = {"cache": cache} if cache is not None and client_has_cache() else {}
+    kwargs: dict[str, Any] = {"cache": cache} if cache is not None and client_has_cache() else {}
+    if direct:
+        kwargs["direct"] = True
     return CountingClient(address, settings=settings, **kwargs)
 
 
@@ -359,6 +363,9 @@ for _codec in CODECS:
     ROW_LABELS[f"dir:{_codec}:warm"] = ("mzstore", f"pull -> dir {_codec}", "warm cache")
 ROW_LABELS["sd:lossless:nocache"] = ("mzstore", "load_state_dict lossless", "cache off")
 ROW_LABELS["dir:lossless:nocache"] = ("mzstore", "pull -> dir lossless", "cache off")
+for _codec in CODECS:
+    ROW_LABELS[f"sd:{_codec}:direct"] = ("mzstore", f"load_state_dict {_codec}", "--direct")
+    ROW_LABELS[f"dir:{_codec}:direct"] = ("mzstore", f"pull -> dir {_codec}", "--direct")
 
 
 @dataclass
@@ -459,6 +466,20 @@ def bench_throughput(m: ModelBench, server: Server, work: Path, runs: int, cache
                                 f"a repeat pull of {m.name} {codec} with the same MZSTORE_HOME fetched "
                                 f"{info.bytes_transferred / MB:.1f} MB of {info.bytes_stored / MB:.1f} MB stored"
                             )
+            # Co-located: the client reads the server's storage directory itself (pull --direct).
+            with temp_dir(work, "home-") as home:
+                with make_client(server.address, home, direct=True) as client:
+                    s, n, sd = mz_load(client, ref)
+                    record(m.row(f"sd:{codec}:direct"), s, n, client.fetched)
+                    if r == 0:  # the same tensors as the source (lossless) or as a pull through the server
+                        with make_client(server.address, home, cache=False) as via_server:
+                            want = load_file(str(m.path)) if codec == "lossless" else mz_load(via_server, ref)[2]
+                        m.checks[f"sd:{codec}:direct"] = state_dicts_equal(sd, want)
+                        del want
+                    del sd
+                with temp_dir(work, "pull-") as out, make_client(server.address, home, direct=True) as client:
+                    s, info = mz_pull(client, ref, out)
+                    record(m.row(f"dir:{codec}:direct"), s, info.bytes_raw, client.fetched)
     if cache.present is False:  # no cache: the warm rows only repeat the cold ones
         for key in [k for k in m.rows if k.endswith(":warm")]:
             del m.rows[key]
@@ -899,14 +920,21 @@ def target_rows(models: list[ModelBench]) -> list[list[str]]:
         runai = m.rows["runai"].mbps() if "runai" in m.rows else None
         buf = m.rows["runai_buffered"].mbps() if "runai_buffered" in m.rows else None
         for kind, label in (("sd", "load_state_dict"), ("dir", "pull -> dir")):
-            for codec, target in (("lossless", LOSSLESS_VS_RUNAI), ("int8", INT8_VS_RUNAI)):
-                r = m.rows.get(f"{kind}:{codec}")
+            for codec, target, mode in (
+                ("lossless", LOSSLESS_VS_RUNAI, ""),
+                ("int8", INT8_VS_RUNAI, ""),
+                ("lossless", LOSSLESS_VS_RUNAI, ":direct"),
+                ("int8", INT8_VS_RUNAI, ":direct"),
+            ):
+                r = m.rows.get(f"{kind}:{codec}{mode}")
+                if r is None and mode:
+                    continue
                 x = ratio(r.mbps() if r else None, runai)
                 op = ">=" if codec == "lossless" else ">"
                 met = None if x is None else (x >= target if codec == "lossless" else x > target)
                 rows.append(
                     [
-                        f"{m.name} {label} {codec} / Run:ai",
+                        f"{m.name} {label} {codec}{' --direct' if mode else ''} / Run:ai",
                         f"{op} {target:.2f}",
                         fmt(x, ".2f"),
                         {True: "yes", False: "NO", None: "-"}[met],
