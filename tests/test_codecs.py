@@ -470,3 +470,52 @@ def test_corrupt_pair_plane_is_a_codec_error(lossless):
         bad = payload[:cut] + payload[end:]
         with pytest.raises(CodecError):
             lossless.decode(bad, DTYPES["BF16"], len(raw))
+
+
+# --- the fused bf16/f16 decode (pair-coded exponents straight into the output) --------------------
+
+
+def _planes(payload: bytes) -> list[tuple[int, memoryview]]:
+    view = memoryview(payload)
+    pos = _HEAD.size + 2 * _PLANE.size
+    out = []
+    for i in range(2):
+        method, length = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)
+        out.append((method, view[pos : pos + length]))
+        pos += length
+    return out
+
+
+@pytest.mark.parametrize("name,tdtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
+@pytest.mark.parametrize("n", [PAIRS_MIN_BYTES * 2, PAIRS_MIN_BYTES * 2 + 1, 300_001])
+@pytest.mark.parametrize("escapes", [False, True])
+def test_fused_half_float_decode_matches_the_generic_path(
+    lossless, name: str, tdtype: torch.dtype, n: int, escapes: bool
+) -> None:
+    from mzstore.codecs.lossless import _assemble, _decode_pairs, _pair_parts
+
+    # Bit patterns with few distinct top bytes, so the pair coder wins; with ``escapes``, 3 % of the
+    # exponents are uniform, which makes more than 255 distinct pairs (the rare ones are escaped).
+    rng = np.random.default_rng(n + escapes)
+    exp_bits, exp_shift, mant_bits = (8, 7, 7) if name == "BF16" else (5, 10, 7)
+    centre = (1 << (exp_bits - 1)) - 4
+    exps = np.clip(centre - rng.geometric(0.5, n), 1, (1 << exp_bits) - 2)
+    if escapes:
+        wild = rng.random(n) < 0.03
+        exps[wild] = rng.integers(1, (1 << exp_bits) - 1, int(wild.sum()))
+    bits = (rng.integers(0, 2, n) << 15) | (exps << exp_shift) | rng.integers(0, 1 << mant_bits, n)
+    bits[-1] = 0xBFC0 if name == "BF16" else 0xBE00  # -1.5: the last element's sign and exponent are checked
+    raw = bits.astype(np.uint16).tobytes()
+    dtype = DTYPES[name]
+    payload, _ = lossless.encode(raw, dtype)
+    (m0, low_body), (m1, pair_body) = _planes(payload)
+    assert m0 == _RAW and m1 == _PAIRS, "the exponent plane must be pair-coded for this test to mean anything"
+    escaped = _pair_parts(pair_body, n)[2]
+    assert (len(escaped) > 0) == escapes
+
+    got = lossless.decode(payload, dtype, len(raw))
+    assert got.tobytes() == raw
+    generic = np.empty(len(raw), np.uint8)
+    high = _decode_pairs(pair_body, n).copy()
+    _assemble([np.frombuffer(low_body, np.uint8), high], generic.view(np.uint16), True)
+    assert np.array_equal(got, generic)

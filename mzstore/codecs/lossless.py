@@ -195,13 +195,16 @@ class LosslessCodec:
         # Every coded plane is decoded into a per-thread scratch buffer first;
         # then the planes are put together into ``out`` (see _assemble).
         planes: list[np.ndarray] = []
+        fused: memoryview | None = None
         for i in range(nplanes):
             method, length = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)
             body = view[pos : pos + length]
             if len(body) != length:
                 raise CodecError("lossless payload is truncated")
             pos += length
-            if method == _RAW:
+            if method == _PAIRS and k == 2 and rotate and i == 1:
+                fused = body  # bf16/f16 exponents: decoded straight into ``out`` below
+            elif method == _RAW:
                 if length != n:
                     raise CodecError(f"raw plane is {length} bytes, expected {n}")
                 planes.append(np.frombuffer(body, dtype=np.uint8))
@@ -216,35 +219,38 @@ class LosslessCodec:
         if k == 1:
             out[:] = planes[0]
             return
+        if fused is not None:
+            _decode_half_floats(fused, planes[0], out.view(np.uint16))
+            return
         _assemble(planes, out.view(_UINT[k]), bool(rotate))
 
 
 def _assemble(planes: list[np.ndarray], words: np.ndarray, rotate: bool) -> None:
     """``words[j]`` = the bytes ``planes[i][j]`` (plane ``i`` is byte ``i``), rotated right by one bit if ``rotate``.
 
-    Done with shifts and ors on whole words, block by block with one reused
-    temporary, so every step works in cache: measured 1.6x faster on bf16
-    than writing each plane into its strided byte column.
+    Done with multiplies and ors on whole words, block by block with one
+    reused temporary, so every step works in cache: measured 1.6x faster on
+    bf16 than writing each plane into its strided byte column. Shifts left
+    are multiplies by powers of two (wrapping in the word type): numpy's
+    ``left_shift`` checks every shift count and runs 1.5-2.5x slower.
     """
     uint = words.dtype.type
     k = words.dtype.itemsize
-    bits = 8 * k
     n = len(words)
     step = _BLOCK_WORDS
     tmp = _scratch(min(n, step) * k, _TMP_SLOT).view(words.dtype)
+    top = uint(1 << (8 * k - 1))
     for start in range(0, n, step):
         end = min(n, start + step)
         block = words[start:end]
         t = tmp[: end - start]
-        np.left_shift(planes[k - 1][start:end], bits - 8, out=block, dtype=words.dtype)
-        for i in range(k - 1):
-            if i == 0:
-                np.bitwise_or(block, planes[0][start:end], out=block, dtype=words.dtype)
-            else:
-                np.left_shift(planes[i][start:end], 8 * i, out=t, dtype=words.dtype)
-                block |= t
+        np.multiply(planes[k - 1][start:end], uint(1 << (8 * (k - 1))), out=block, dtype=words.dtype)
+        np.bitwise_or(block, planes[0][start:end], out=block, dtype=words.dtype)
+        for i in range(1, k - 1):
+            np.multiply(planes[i][start:end], uint(1 << (8 * i)), out=t, dtype=words.dtype)
+            block |= t
         if rotate:
-            np.left_shift(block, uint(bits - 1), out=t)
+            np.multiply(block, top, out=t)  # the low bit, moved to the top
             block >>= uint(1)
             block |= t
 
@@ -277,10 +283,12 @@ def _encode_pairs(plane: np.ndarray) -> bytes:
     return b"".join([_PAIRS_HEAD.pack(len(table), len(packed_ranks)), table.tobytes(), packed_ranks, packed_escapes])
 
 
-def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
-    """Inverse of :func:`_encode_pairs`, bounded by the plane length ``n``.
+def _pair_parts(body: memoryview, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse a pair-coded plane of ``n`` bytes (see :func:`_encode_pairs`).
 
-    The result lives in a per-thread scratch buffer (valid until the next call with this ``slot``).
+    Returns the 256-entry pair table, the ranks (a per-thread scratch
+    buffer), the indices of escaped pairs and their pair values; a pair
+    value is ``(first << 8) | second``.
     """
     if len(body) < _PAIRS_HEAD.size:
         raise CodecError("pair-coded plane is truncated")
@@ -289,24 +297,80 @@ def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
     if ntable > 255 or pos + ranks_len > len(body):
         raise CodecError("pair-coded plane has a bad table")
     npairs = (n + 1) // 2
-    table = np.zeros(256, dtype=">u2")
-    # A pair is (first << 8) | second; stored big-endian, the uint16 array *is* the byte plane,
-    # so one gather writes the output (3x faster than splitting the pairs into bytes afterwards).
+    table = np.zeros(256, dtype=np.uint16)
     table[:ntable] = np.frombuffer(body[_PAIRS_HEAD.size : pos], dtype=np.uint16)
     ranks = _zstd_decompress_scratch(body[pos : pos + ranks_len], npairs, slot=_RANKS_SLOT)
     if ntable < 255 and ((ranks >= ntable) & (ranks != 255)).any():
         raise CodecError("pair-coded plane has ranks outside its table")
-    pairs = _scratch(2 * npairs, slot).view(">u2")
-    # np.take converts its index to intp first; in blocks that temporary stays in cache (2x faster).
-    for start in range(0, npairs, _GATHER_BLOCK):
-        np.take(table, ranks[start : start + _GATHER_BLOCK], out=pairs[start : start + _GATHER_BLOCK])
     escaped = np.flatnonzero(ranks == 255)
     rest = body[pos + ranks_len :]
     if len(escaped):
-        pairs[escaped] = np.frombuffer(_zstd_decompress(rest, 2 * len(escaped)), dtype=np.uint16)
+        values = np.frombuffer(_zstd_decompress(rest, 2 * len(escaped)), dtype=np.uint16)
     elif len(rest):
         raise CodecError("pair-coded plane has trailing bytes")
+    else:
+        values = np.empty(0, dtype=np.uint16)
+    return table, ranks, escaped, values
+
+
+def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
+    """Inverse of :func:`_encode_pairs`, bounded by the plane length ``n``.
+
+    The result lives in a per-thread scratch buffer (valid until the next call with this ``slot``).
+    """
+    table, ranks, escaped, values = _pair_parts(body, n)
+    # Stored big-endian, the uint16 pair values *are* the byte plane, so one gather writes it.
+    table = table.astype(">u2")
+    npairs = len(ranks)
+    pairs = _scratch(2 * npairs, slot).view(">u2")
+    # np.take converts its index to intp first; in blocks that temporary stays in cache (2x faster).
+    for start in range(0, npairs, _GATHER_BLOCK):
+        end = start + _GATHER_BLOCK
+        np.take(table, ranks[start:end], out=pairs[start:end], mode="wrap")
+    pairs[escaped] = values
     return pairs.view(np.uint8)[:n]
+
+
+def _spread(pairs: np.ndarray) -> np.ndarray:
+    """Pair values ``(e0 << 8) | e1`` → the two words' exponent bits, ``e0 << 7 | e1 << 23``, as uint32."""
+    v = pairs.astype(np.uint32)
+    return ((v >> np.uint32(8)) << np.uint32(7)) | ((v & np.uint32(255)) << np.uint32(23))
+
+
+def _decode_half_floats(body: memoryview, low: np.ndarray, words: np.ndarray) -> None:
+    """Decode a rotated 2-byte float chunk (bf16, f16) whose exponent plane is pair-coded.
+
+    A word is the rotated ``(e << 8) | m`` turned back, ``e << 7 | m >> 1 |
+    (m & 1) << 15``: the exponent part and the mantissa part have no bit in
+    common. So one gather per pair writes both words' exponent bits straight
+    into ``out`` (a pair-rank table of uint32), then two passes or in the
+    mantissa bytes, block by block in cache. Measured on a 16 MiB bf16 chunk:
+    11.2 ms against 12.4 ms for decoding the plane, then assembling.
+    """
+    n = len(words)
+    table, ranks, escaped, values = _pair_parts(body, n)
+    spread = _spread(table)
+    half = n // 2
+    w32 = words[: 2 * half].view(np.uint32)
+    tmp = _scratch(2 * min(2 * half, 2 * _GATHER_BLOCK), _TMP_SLOT).view(np.uint16)
+    u16 = np.uint16
+    for start in range(0, half, _GATHER_BLOCK):
+        end = min(half, start + _GATHER_BLOCK)
+        np.take(spread, ranks[start:end], out=w32[start:end], mode="wrap")
+        block = words[2 * start : 2 * end]
+        m = low[2 * start : 2 * end]
+        t = tmp[: len(block)]
+        np.multiply(m, u16(1 << 15), out=t, dtype=u16)  # the sign bit, from the bottom to the top
+        block |= t
+        np.right_shift(m, np.uint8(1), out=t, dtype=u16)
+        block |= t
+    inside = escaped[escaped < half]
+    if len(inside):
+        w32[inside] |= _spread(values[: len(inside)])
+    if n % 2:  # the last word's pair has a padding second half
+        last = int(values[-1]) if len(escaped) and escaped[-1] == half else int(table[ranks[half]])
+        mant = int(low[n - 1])
+        words[n - 1] = ((last >> 8) << 7) | (mant >> 1) | ((mant & 1) << 15)
 
 
 #: Words assembled per block in :func:`_assemble` (with its planes and temporary, about L2-sized).
