@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Decode and verify speed of one chunk: what a pull spends its CPU on (issue #5).
+
+For a 16 MiB chunk (the default chunk size) of Gaussian weights in bf16,
+fp16 and fp32, and of the same bf16 weights quantized to int8, it prints
+the median time of ``decode_into`` on one thread and the rate on two
+threads, beside same-run baselines: a plain ``numpy.copyto`` of the chunk
+(what reading an uncompressed file costs at best) and the decoded-chunk
+hashes, BLAKE3 (what new manifests carry) and sha256 (older ones).
+
+Usage::
+
+    .venv/bin/python bench/bench_decode.py [--runs 15] [--mib 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+import numpy as np
+import torch
+
+from mzstore.codecs.lossless import LosslessCodec
+from mzstore.codecs.policy import parse_policy
+from mzstore.codecs.quant import QuantCodec, encode_spec
+from mzstore.format.dtypes import get_dtype
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def two_thread_rate(fn: Callable[[int], object], nbytes: int, jobs: int) -> float:
+    """Decoded bytes per second with two threads each running ``fn`` (one buffer per thread)."""
+    fn(0)
+    fn(1)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(fn, [i % 2 for i in range(jobs)]))
+    return jobs * nbytes / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=15, help="timed runs per figure (median reported)")
+    p.add_argument("--mib", type=int, default=16, help="chunk size in MiB (decoded)")
+    args = p.parse_args()
+    size = args.mib << 20
+    rows = size // (2048 * 2)
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(rows, 2048, generator=gen) * 0.02
+
+    print(f"decode of one {args.mib} MiB chunk, median of {args.runs}; 2-thread rate over {4 * args.runs} chunks")
+    header = f"{'what':34s} {'ms':>7s} {'GB/s 1 thread':>14s} {'GB/s 2 threads':>15s} {'x copyto':>9s}"
+    print(header)
+    print("-" * len(header))
+    src = weights.to(torch.bfloat16).view(torch.uint8).numpy().reshape(-1)[:size].copy()
+    outs = [np.empty(size, np.uint8), np.empty(size, np.uint8)]
+    copy_s = median_seconds(lambda: np.copyto(outs[0], src), args.runs)
+
+    def line(what: str, one: Callable[[], object], per_thread: Callable[[int], object], nbytes: int) -> None:
+        s = median_seconds(one, args.runs)
+        rate2 = two_thread_rate(per_thread, nbytes, 4 * args.runs)
+        print(f"{what:34s} {s * 1e3:7.2f} {nbytes / s / 1e9:14.2f} {rate2 / 1e9:15.2f} {copy_s / s:9.2f}")
+
+    line("baseline: numpy.copyto", lambda: np.copyto(outs[0], src), lambda i: np.copyto(outs[i], src), size)
+    line("hash: blake3", lambda: blake3.blake3(src).digest(), lambda i: blake3.blake3(src).digest(), size)
+    line("hash: sha256", lambda: hashlib.sha256(src).digest(), lambda i: hashlib.sha256(src).digest(), size)
+
+    lossless = LosslessCodec()
+    for name, tdtype in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
+        raw = weights.to(tdtype).view(torch.uint8).numpy().reshape(-1)[:size].copy()
+        dtype = get_dtype(name)
+        payload, _ = lossless.encode(raw.data, dtype)
+        lossless.decode_into(payload, dtype, outs[0])
+        assert np.array_equal(outs[0], raw), f"{name} did not round-trip"
+        line(
+            f"lossless {name} (stored {len(payload) / size:.3f})",
+            lambda p=payload, d=dtype: lossless.decode_into(p, d, outs[0]),
+            lambda i, p=payload, d=dtype: lossless.decode_into(p, d, outs[i]),
+            size,
+        )
+
+    quant = QuantCodec()
+    dtype = get_dtype("BF16")
+    enc = encode_spec(src.data, dtype, rows, parse_policy("int8").spec)
+    quant.decode_into(enc.payload, dtype, outs[0])
+    assert np.array_equal(outs[0], np.asarray(enc.decoded)), "int8 decode differs from what encode recorded"
+    line(
+        f"int8 -> BF16 (stored {len(enc.payload) / size:.3f})",
+        lambda: quant.decode_into(enc.payload, dtype, outs[0]),
+        lambda i: quant.decode_into(enc.payload, dtype, outs[i]),
+        size,
+    )
+
+
+if __name__ == "__main__":
+    main()
