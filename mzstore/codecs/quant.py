@@ -488,7 +488,7 @@ def expand(c: Compact, dtype: DType) -> np.ndarray:
 
 
 #: f32 elements dequantized per block by :func:`expand_into` (its temporary stays in L2).
-_EXPAND_BLOCK = 128 * 1024
+_EXPAND_BLOCK = 512 * 1024
 
 
 def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
