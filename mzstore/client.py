@@ -8,6 +8,7 @@ module is the one place where ``grpc.RpcError`` becomes a domain error
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -113,6 +114,36 @@ class PullInfo:
     chunks: int
     bytes_cached: int = 0
     chunks_cached: int = 0
+
+    @classmethod
+    def of(
+        cls, name: str, digest: str, manifest: Manifest, start: float, finals: list[Path], stats: PullStats
+    ) -> PullInfo:
+        """What a pull that wrote ``finals`` reports, from its pipeline counts."""
+        return cls(
+            ref=name,
+            digest=digest,
+            bytes_raw=manifest.bytes_raw,
+            bytes_stored=manifest.stored_total,
+            bytes_transferred=stats.bytes_transferred,
+            seconds=time.perf_counter() - start,
+            files=[str(p) for p in finals],
+            chunks=stats.chunks,
+            bytes_cached=stats.bytes_cached,
+            chunks_cached=stats.chunks_cached,
+        )
+
+
+@contextmanager
+def _staged(out_dir: str | os.PathLike[str], manifest: Manifest, files: Any = None) -> Iterator[DirectorySink]:
+    """An open :class:`DirectorySink`; anything raised inside aborts it (nothing under final names)."""
+    sink = DirectorySink(out_dir, manifest, files)
+    sink.open()
+    try:
+        yield sink
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _begin_proto(begin: Any) -> pb.PushBegin:
@@ -564,36 +595,13 @@ class Client:
                 workers=workers or self.settings.pull_workers,
                 progress=progress,
             )
-            return PullInfo(
-                ref=name,
-                digest=digest,
-                bytes_raw=manifest.bytes_raw,
-                bytes_stored=manifest.stored_total,
-                bytes_transferred=sum(c.length for c in manifest.chunks()),
-                seconds=time.perf_counter() - start,
-                files=[str(p) for p in finals],
-                chunks=len(manifest.chunks()),
-            )
-        sink = DirectorySink(out_dir, manifest)
-        sink.open()
-        try:
+            chunks = manifest.chunks()
+            counts = PullStats(chunks=len(chunks), bytes_transferred=sum(c.length for c in chunks))
+            return PullInfo.of(name, digest, manifest, start, finals, counts)
+        with _staged(out_dir, manifest) as sink:
             stats = self._run(plan_pull(manifest), sink, workers, progress)
             finals = sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-        return PullInfo(
-            ref=name,
-            digest=digest,
-            bytes_raw=manifest.bytes_raw,
-            bytes_stored=manifest.stored_total,
-            bytes_transferred=stats.bytes_transferred,
-            seconds=time.perf_counter() - start,
-            files=[str(p) for p in finals],
-            chunks=stats.chunks,
-            bytes_cached=stats.bytes_cached,
-            chunks_cached=stats.chunks_cached,
-        )
+        return PullInfo.of(name, digest, manifest, start, finals, stats)
 
     def _load_tp(
         self,
@@ -627,9 +635,7 @@ class Client:
         from safetensors.torch import save_file
 
         plain = [f for f in manifest.files if f.kind != "safetensors"]
-        sink = DirectorySink(out_dir, manifest, plain)
-        sink.open()
-        try:
+        with _staged(out_dir, manifest, plain) as sink:
             stats = self._run(plan_pull(manifest, [f.path for f in plain]), sink, workers)
             tensors, tp_stats = self._load_tp(manifest, tp_size, tp_rank, tp_rules, None, workers)
             for f in manifest.files:
@@ -645,21 +651,8 @@ class Client:
                 del part
                 sink.adopt(f.path)
             finals = sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-        return PullInfo(
-            ref=name,
-            digest=digest,
-            bytes_raw=sum(p.stat().st_size for p in finals),
-            bytes_stored=manifest.stored_total,
-            bytes_transferred=stats.bytes_transferred + tp_stats.bytes_transferred,
-            seconds=time.perf_counter() - start,
-            files=[str(p) for p in finals],
-            chunks=stats.chunks + tp_stats.chunks,
-            bytes_cached=stats.bytes_cached + tp_stats.bytes_cached,
-            chunks_cached=stats.chunks_cached + tp_stats.chunks_cached,
-        )
+        info = PullInfo.of(name, digest, manifest, start, finals, stats.plus(tp_stats))
+        return dataclasses.replace(info, bytes_raw=sum(p.stat().st_size for p in finals))  # the slices' size
 
     def load_state_dict(
         self,

@@ -97,6 +97,17 @@ class PullStats:
     bytes_decoded: int = 0
     peak_inflight: int = 0
 
+    def plus(self, other: PullStats) -> PullStats:
+        """The counts of two pulls together (peak: the larger)."""
+        return PullStats(
+            chunks=self.chunks + other.chunks,
+            chunks_cached=self.chunks_cached + other.chunks_cached,
+            bytes_transferred=self.bytes_transferred + other.bytes_transferred,
+            bytes_cached=self.bytes_cached + other.bytes_cached,
+            bytes_decoded=self.bytes_decoded + other.bytes_decoded,
+            peak_inflight=max(self.peak_inflight, other.peak_inflight),
+        )
+
 
 def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
     """Decode a chunk's stored bytes into ``out`` and check the hash of the result.
