@@ -12,19 +12,15 @@ this machine) and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_lossless import serve
 from safetensors.torch import save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import start_serve, stop_serve
 
 from mzstore.client import Client
 
@@ -48,15 +44,13 @@ def main() -> None:
         for r in range(args.runs):
             for mode in times:
                 root = work / f"root-{r}"
-                address, proc = start_serve(root, env=dict(os.environ), stdout=open(os.devnull, "w"))
                 try:
-                    with Client(address, cache=False) as c:
+                    with serve(root, "process") as server, Client(server.address, cache=False) as c:
                         t = time.perf_counter()
                         info = c.push(src, "bench/m:v1", resumable=mode.startswith("resumable"))
                         times[mode].append(time.perf_counter() - t)
                         digests.add(info.digest)
                 finally:
-                    stop_serve(proc)
                     shutil.rmtree(root, ignore_errors=True)
         print(f"push of a {size / 2**20:.0f} MiB bf16 checkpoint, median of {args.runs} (MB = 10^6 B)")
         med = {m: statistics.median(v) for m, v in times.items()}
