@@ -297,6 +297,12 @@ class Row:
     def mbps(self) -> float | None:
         return self.decoded / MB / statistics.median(self.seconds) if self.seconds else None
 
+    def spread(self) -> str:
+        """Slowest and fastest run in MB/s (the Run:ai rows read the disk and vary from run to run)."""
+        if not self.seconds:
+            return "-"
+        return f"{self.decoded / MB / max(self.seconds):.0f}-{self.decoded / MB / min(self.seconds):.0f}"
+
 
 @dataclass
 class ModelBench:
@@ -938,7 +944,8 @@ def target_rows(models: list[ModelBench]) -> list[list[str]]:
                         f"{op} {target:.2f}",
                         fmt(x, ".2f"),
                         {True: "yes", False: "NO", None: "-"}[met],
-                        f"vs Run:ai {RUNAI_BUFFERED}: {fmt(ratio(r.mbps() if r else None, buf), '.2f')}",
+                        f"vs Run:ai {RUNAI_BUFFERED}: {fmt(ratio(r.mbps() if r else None, buf), '.2f')}; "
+                        f"Run:ai runs {m.rows['runai'].spread() if 'runai' in m.rows else '-'} MB/s",
                     ]
                 )
         for codec in CODECS:
