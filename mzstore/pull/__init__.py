@@ -5,7 +5,7 @@ Data flow::
     manifest        GetManifest → canonical JSON, sha256 checked → parse_manifest
     plan.py         (pure) manifest → chunk tasks (what to fetch, where it lands)
     cache.py        local chunk cache: a hit is verified like fetched bytes
-    pipeline.py     worker pool under a byte budget: fetch(blob, offset, length) → decode → verify sha256
+    pipeline.py     worker pool under a byte budget: fetch(blob, offset, length) → decode → verify BLAKE3
     direct.py       (--direct) fetch = ranged reads straight from the storage nodes
     sinks.py        DirectorySink (source layout, staged then renamed into place)
                     StateDictSink (tensors) | TensorParallelSink (one rank's slices)
