@@ -359,14 +359,17 @@ def test_every_client_call_has_a_deadline(monkeypatch: pytest.MonkeyPatch, src: 
     try:
         with _client(server.address) as c:
             stub = c._stub
-            for name in CALLS:
-                real = getattr(stub, name)
+            # ReadBlob goes through the client's raw-reply callable (see mzstore.client.blob_piece).
+            targets = [(stub, name) for name in CALLS if name != "ReadBlob"] + [(c, "_read_blob")]
+            for obj, attr in targets:
+                real = getattr(obj, attr)
+                name = "ReadBlob" if attr == "_read_blob" else attr
 
                 def spy(*args: Any, _name: str = name, _real: Any = real, **kw: Any) -> Any:
                     seen.append((_name, kw.get("timeout")))
                     return _real(*args, **kw)
 
-                monkeypatch.setattr(stub, name, spy)
+                monkeypatch.setattr(obj, attr, spy)
             c.push(src, "org/m:v1")
             c.push(src, "org/m:v1", resumable=False)
             c.pull("org/m:v1", tmp_path / "out")

@@ -282,3 +282,45 @@ def test_codec_decode_random_payloads(codec: str, dtype: str, raw_len: int, payl
     decoded = _only_own_errors(get_codec(codec).decode, payload, dt, raw_len)
     if decoded is not None:
         assert len(decoded) == raw_len
+
+
+# --- ReadBlob replies, read in place by the client --------------------------------------------------
+
+
+@fuzz
+@given(st.integers(0, 2**64 - 1), st.binary(max_size=3000))
+def test_blob_piece_reads_what_protobuf_wrote(offset: int, data: bytes) -> None:
+    from mzstore.client import blob_piece
+    from mzstore.v1 import store_pb2 as pb
+
+    got_offset, got = blob_piece(pb.BlobChunk(offset=offset, data=data).SerializeToString())
+    assert (got_offset, bytes(got)) == (offset, data)
+
+
+def test_blob_piece_other_encodings_go_through_protobuf() -> None:
+    from mzstore.client import blob_piece
+    from mzstore.errors import IntegrityError
+    from mzstore.v1 import store_pb2 as pb
+
+    wire = pb.BlobChunk(offset=300, data=b"payload").SerializeToString()
+    # Fields in the other order, and an unknown field (number 3, varint 7), which protobuf skips.
+    reordered = wire[3:] + wire[:3]
+    assert wire[:3] == b"\x08\xac\x02"
+    assert (blob_piece(reordered)[0], bytes(blob_piece(reordered)[1])) == (300, b"payload")
+    assert (blob_piece(wire + b"\x18\x07")[0], bytes(blob_piece(wire + b"\x18\x07")[1])) == (300, b"payload")
+    for bad in (wire[:-1], b"\x12\x05ab", b"\x08", b"\xff\xff"):
+        with pytest.raises(IntegrityError, match="malformed ReadBlob reply"):
+            blob_piece(bad)
+
+
+@fuzz
+@given(st.binary(max_size=64))
+def test_blob_piece_random_bytes(message: bytes) -> None:
+    from mzstore.client import blob_piece
+    from mzstore.errors import IntegrityError
+
+    try:
+        offset, data = blob_piece(message)
+    except IntegrityError:
+        return
+    assert offset >= 0 and len(data) <= len(message)
