@@ -51,7 +51,7 @@ from typing import Any
 
 import grpc
 
-from mzstore.client import Client, rpc_errors
+from mzstore.client import Client, blob_piece, rpc_errors
 from mzstore.errors import (
     Conflict,
     DeadlineExceeded,
@@ -107,15 +107,15 @@ class UpstreamClient(Client):
         parse_manifest(data)  # never store what a client could not read
         return digest, data
 
-    def stream_blob(self, digest: str, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    def stream_blob(self, digest: str, offset: int = 0) -> Iterator[tuple[int, memoryview]]:
         """``(offset, data)`` pieces of a blob from ``offset`` to its end, one gRPC message at a time."""
-        call: Any = self._stub.ReadBlob(
+        call: Any = self._read_blob(
             pb.ReadBlobRequest(digest=digest, offset=offset, length=0), timeout=BLOB_STREAM_TIMEOUT_S
         )
         try:
             with rpc_errors():
-                for piece in call:
-                    yield piece.offset, piece.data
+                for message in call:
+                    yield blob_piece(message)
         finally:
             call.cancel()  # a consumer that stops early must not leave the stream running
 
