@@ -78,10 +78,46 @@ def test_corrupt_or_missing_copy_fails_over_and_is_repaired(two_copy, tmp_path: 
     assert (
         hashlib.sha256((out / "model.safetensors").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     )
-    # Both copies were repaired by the reads.
+    # Both copies were repaired after the reads (in the background).
+    assert store.wait_repairs(30)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == blobs[0][7:]
     assert (Path(second.root) / blob_key(blobs[1])).exists()  # type: ignore[attr-defined]
     assert fsck(store).ok
+
+
+def test_a_read_does_not_wait_for_a_slow_repair(two_copy, tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time
+
+    store, client = two_copy
+    src = _model(tmp_path)
+    client.push(src, "rep/m:v1")
+    _, _, manifest = client.manifest("rep/m:v1")
+    blob = sorted(manifest.blobs())[0]
+    first = store.preference(blob)[0]
+    (Path(first.root) / blob_key(blob)).unlink()  # type: ignore[attr-defined]
+    release = threading.Event()
+    writes: list[str] = []
+    real_write = type(first).write
+
+    def slow_write(self, key, chunks):  # the node being repaired takes its time
+        writes.append(key)
+        release.wait(30)
+        return real_write(self, key, chunks)
+
+    monkeypatch.setattr(type(first), "write", slow_write)
+    start = time.monotonic()
+    client.pull("rep/m:v1", tmp_path / "out")
+    took = time.monotonic() - start
+    try:
+        assert took < 10, f"the pull waited {took:.1f} s for the repair"
+        assert (tmp_path / "out" / "model.safetensors").read_bytes() == src.read_bytes()
+        assert not store.wait_repairs(0.2)  # the repair is still running, held by the slow node
+    finally:
+        release.set()
+    assert store.wait_repairs(30)
+    assert writes.count(blob_key(blob)) == 1  # many reads of the blob queued one repair
+    assert (Path(first.root) / blob_key(blob)).exists()  # type: ignore[attr-defined]
 
 
 def test_all_copies_gone_is_a_clear_data_loss_error(two_copy, tmp_path: Path) -> None:

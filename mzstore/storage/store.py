@@ -20,7 +20,10 @@ How it works:
   checks the whole blob's sha256 on that node once (blobs are immutable, so
   the answer is cached per process). A missing, corrupt or unreachable copy
   makes the read fail over to the next node in preference order; the copies
-  found missing or corrupt are then repaired from the good one. When no
+  found missing or corrupt are then repaired from the good one, in a
+  background thread (one repair per blob at a time), so the read is served
+  at once rather than after a whole-blob copy: a 1 GiB copy to a slow node
+  could otherwise outlast the client's deadline. When no
   intact copy is left the read fails with a data-loss error, never with
   wrong bytes.
 * **Commit order** is blobs → manifest → ref (:meth:`Store.commit` checks
@@ -40,6 +43,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +119,8 @@ class Store:
         self.replicas = replicas
         self._verified: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._repairs: dict[str, Future[None]] = {}  # digest → its repair in flight
+        self._repair_pool: ThreadPoolExecutor | None = None
 
     @property
     def node(self) -> Node:
@@ -243,13 +249,36 @@ class Store:
             except (Unavailable, MzstoreError, OSError) as exc:
                 problems.append((node, f"unreachable ({type(exc).__name__})"))
                 continue
-            if problems:
-                self._repair(digest, node, [n for n, why in problems if not why.startswith("unreachable")])
+            broken = [n for n, why in problems if not why.startswith("unreachable")]
+            if broken:
+                self._repair_later(digest, node, broken)
             return node
         detail = "; ".join(f"{n.url}: {why}" for n, why in problems)
         if all(why.startswith("unreachable") for _, why in problems):
             raise Unavailable(f"no node holding blob {digest} is reachable ({detail})")
         raise IntegrityError(f"data loss: no intact copy of blob {digest} is left ({detail})")
+
+    def _repair_later(self, digest: str, source: Node, broken: list[Node]) -> None:
+        """Queue :meth:`_repair` on the background thread, unless this blob's repair is already queued."""
+        with self._lock:
+            if digest in self._repairs:
+                return
+            if self._repair_pool is None:
+                self._repair_pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-repair")
+            future = self._repair_pool.submit(self._repair, digest, source, broken)
+            self._repairs[digest] = future
+        future.add_done_callback(lambda _: self._repair_done(digest, future))
+
+    def _repair_done(self, digest: str, future: Future[None]) -> None:
+        with self._lock:
+            if self._repairs.get(digest) is future:
+                del self._repairs[digest]
+
+    def wait_repairs(self, timeout: float | None = None) -> bool:
+        """Wait for the repairs reads have queued; ``False`` if some are still running after ``timeout``."""
+        with self._lock:
+            pending = list(self._repairs.values())
+        return not wait(pending, timeout=timeout).not_done
 
     def _repair(self, digest: str, source: Node, broken: list[Node]) -> None:
         """Rewrite missing or corrupt copies on target nodes from an intact one."""
