@@ -1,9 +1,16 @@
-"""Helpers shared by the benchmark scripts (plain-text tables, logging, hashing)."""
+"""Helpers shared by the benchmark scripts (tables, logging, hashing, the machine, a server's address)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
+import selectors
+import subprocess
 import sys
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +47,53 @@ def table(title: str, headers: list[str], rows: list[list[str]]) -> str:
 
 def log(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def meminfo_total_kib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    return None
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each package, ``?`` for one that is not installed."""
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "?"
+    return versions
+
+
+def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Wait for ``mzstore serving <root> on HOST:PORT[ over TLS]`` on the server's stdout."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise RuntimeError(f"mzstore serve did not start (exit {proc.poll()}); output so far: {buf!r}")
+        if sel.select(left):
+            data = os.read(proc.stdout.fileno(), 4096)
+            if data:
+                buf += data
+    sel.close()
+    found = re.findall(r" on (\S+:\d+)", buf.split(b"\n", 1)[0].decode())
+    if not found:
+        raise RuntimeError(f"cannot find the address in {buf!r}")
+    return found[-1]

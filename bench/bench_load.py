@@ -34,8 +34,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import re
-import selectors
 import shutil
 import signal
 import statistics
@@ -48,12 +46,11 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, log, table
+from _common import fmt, log, package_versions, read_address, table
 
 MB = 1_000_000  # throughput unit (raw bytes)
 MIB = 1024 * 1024
@@ -242,28 +239,6 @@ def make_certs(directory: Path) -> tuple[Path, Path, Path]:
     return cert, key, ca_pem
 
 
-def _read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """Wait for ``mzstore serving <root> on HOST:PORT[ over TLS]`` on the server's stdout."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.poll() is not None:
-            raise RuntimeError(f"mzstore serve did not start (exit {proc.poll()}); output so far: {buf!r}")
-        if sel.select(left):
-            data = os.read(proc.stdout.fileno(), 4096)
-            if data:
-                buf += data
-    sel.close()
-    found = re.findall(r" on (\S+:\d+)", buf.split(b"\n", 1)[0].decode())
-    if not found:
-        raise RuntimeError(f"cannot find the address in {buf!r}")
-    return found[-1]
-
-
 @contextlib.contextmanager
 def serve(work: Path, tls: bool) -> Iterator[Server]:
     """``mzstore serve`` over a new temp store on 127.0.0.1 (TLS with fresh certificates if asked)."""
@@ -284,7 +259,7 @@ def serve(work: Path, tls: bool) -> Iterator[Server]:
         )
     try:
         try:
-            address = _read_address(proc, timeout=60)
+            address = read_address(proc, timeout=60)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\nserver stderr:\n{errlog.read_text()[-4000:]}") from None
         yield Server(address, proc.pid, ca)
@@ -659,12 +634,7 @@ def report_summary(results: list[Result]) -> str:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    versions = {}
-    for pkg in ("mzstore", "grpcio", "numpy", "trustme"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "?"
+    versions = package_versions(("mzstore", "grpcio", "numpy", "trustme"))
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

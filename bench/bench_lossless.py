@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import resource
-import selectors
 import shutil
 import signal
 import statistics
@@ -42,11 +41,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, log, sha256_file, table
+from _common import cpu_model, fmt, log, meminfo_total_kib, package_versions, read_address, sha256_file, table
 
 # Heavy imports (torch, mzstore, safetensors) stay inside functions so that
 # child processes measure only what their operation needs.
@@ -188,27 +186,6 @@ class Server:
         return proc_status_kib(self.pid, "VmHWM") if self.pid else None
 
 
-def _read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """Wait for ``mzstore serving <url> on HOST:PORT`` on the server's stdout."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.poll() is not None:
-            raise RuntimeError(f"mzstore serve did not start (exit {proc.poll()}); output so far: {buf!r}")
-        if sel.select(left):
-            data = os.read(proc.stdout.fileno(), 4096)
-            if not data:
-                continue
-            buf += data
-    sel.close()
-    line = buf.split(b"\n", 1)[0].decode()
-    return line.rsplit(" on ", 1)[1].strip()
-
-
 @contextlib.contextmanager
 def serve(root: Path, mode: str) -> Iterator[Server]:
     """A fresh mzstore server over ``root``: ``process`` (mzstore serve) or ``thread`` (build_server)."""
@@ -230,7 +207,7 @@ def serve(root: Path, mode: str) -> Iterator[Server]:
         )
     try:
         try:
-            address = _read_address(proc, timeout=60)
+            address = read_address(proc, timeout=60)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\nserver stderr:\n{errlog.read_text()[-4000:]}") from None
         yield Server(address, proc.pid)
@@ -485,24 +462,13 @@ def environment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from mzstore.codecs import lossless
     from mzstore.settings import load_settings
 
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     mem_total = meminfo_total_kib()
-    versions = {}
-    for pkg in ("mzstore", "torch", "safetensors", "zstandard", "grpcio", "protobuf", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "?"
+    versions = package_versions(("mzstore", "torch", "safetensors", "zstandard", "grpcio", "protobuf", "numpy"))
     settings = load_settings()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mem_total_gib": mem_total / 1024 / 1024 if mem_total else None,
@@ -516,14 +482,6 @@ def environment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "runs": args.runs,
         "quick": args.quick,
     }
-
-
-def meminfo_total_kib() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1])
-    return None
 
 
 def print_env(env: dict[str, Any]) -> None:

@@ -46,12 +46,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import fmt, log, sha256_file, table
+from _common import cpu_model, fmt, log, meminfo_total_kib, package_versions, sha256_file, table
 
 MB = 1_000_000  # throughput unit (raw bytes)
 MIB = 1024 * 1024
@@ -575,38 +574,25 @@ def environment(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[s
 
     from mzstore.settings import load_settings
 
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_total = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1])
-    versions = {}
-    for pkg in (
-        "mzstore",
-        "torch",
-        "sentence-transformers",
-        "transformers",
-        "safetensors",
-        "numpy",
-        "ml_dtypes",
-        "zstandard",
-        "grpcio",
-    ):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "?"
+    mem_total = meminfo_total_kib()
+    versions = package_versions(
+        (
+            "mzstore",
+            "torch",
+            "sentence-transformers",
+            "transformers",
+            "safetensors",
+            "numpy",
+            "ml_dtypes",
+            "zstandard",
+            "grpcio",
+        )
+    )
     settings = load_settings()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mem_total_gib": mem_total / 1024 / 1024 if mem_total else None,

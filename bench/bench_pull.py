@@ -49,11 +49,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, log, sha256_file, table
+from _common import cpu_model, fmt, log, package_versions, sha256_file, table
 
 # The server, the synthetic checkpoint and the launcher trick are bench_lossless's, so that the
 # two benchmarks measure the same checkpoint the same way. Heavy imports stay inside functions.
@@ -590,23 +589,17 @@ def bench_delta(m: ModelBench, server: Server, work: Path) -> dict[str, Any]:
         "push_v2_bytes_transferred": pushed.bytes_transferred,
     }
     with temp_dir(work, "home-") as home:
-        with temp_dir(work, "pull-") as d, make_client(server.address, home) as client:
-            log(f"{m.name}: delta: pull v1 (fills the cache)")
-            s, info = mz_pull(client, ref1, d)
-            out |= {
-                "v1_seconds": s,
-                "v1_bytes_transferred": info.bytes_transferred,
-                "v1_bytes_stored": info.bytes_stored,
-            }
-        with temp_dir(work, "pull-") as d, make_client(server.address, home) as client:
-            log(f"{m.name}: delta: pull v2 with the same MZSTORE_HOME")
-            s, info = mz_pull(client, ref2, d)
-            out |= {
-                "v2_seconds": s,
-                "v2_bytes_transferred": info.bytes_transferred,
-                "v2_bytes_stored": info.bytes_stored,
-                "v2_identical": sha256_file(Path(info.files[0])) == sha256_file(v2),
-            }
+        for version, ref, what in (("v1", ref1, "fills the cache"), ("v2", ref2, "with the same MZSTORE_HOME")):
+            with temp_dir(work, "pull-") as d, make_client(server.address, home) as client:
+                log(f"{m.name}: delta: pull {version} ({what})")
+                s, info = mz_pull(client, ref, d)
+                out |= {
+                    f"{version}_seconds": s,
+                    f"{version}_bytes_transferred": info.bytes_transferred,
+                    f"{version}_bytes_stored": info.bytes_stored,
+                }
+                if version == "v2":
+                    out["v2_identical"] = sha256_file(Path(info.files[0])) == sha256_file(v2)
     shutil.rmtree(v2.parent, ignore_errors=True)
     return out
 
@@ -689,24 +682,15 @@ def environment(args: argparse.Namespace, work: Path, probe_file: Path) -> dict[
 
     from mzstore.settings import load_settings
 
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for pkg in ("mzstore", "torch", "safetensors", "runai-model-streamer", "zstandard", "grpcio", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "?"
+    versions = package_versions(
+        ("mzstore", "torch", "safetensors", "runai-model-streamer", "zstandard", "grpcio", "numpy")
+    )
     settings = load_settings()
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
