@@ -500,22 +500,14 @@ class Client:
                     raise  # out of retries: the session stays on the server for a later rerun
                 log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
                 time.sleep(min(5.0, 0.2 * 2**attempt))
-            except Conflict as exc:
-                if "busy" in str(exc) and attempt < retries:
+            except (Conflict, NotFound, IntegrityError) as exc:
+                if isinstance(exc, Conflict) and "busy" in str(exc) and attempt < retries:
                     # The stream of the process that died may still hold the session for a moment.
                     attempt += 1
                     time.sleep(1.0)
                     continue
-                if not resumed or attempt >= retries:
-                    if record is not None:
-                        record.unlink(missing_ok=True)
-                    raise
-                attempt += 1
-                resumed = False
-                session = uuid.uuid4().hex
-            except (NotFound, IntegrityError) as exc:
-                # Gone (swept, another server) or made for other bytes (the source changed since):
-                # a remembered session is dropped once and the upload starts over in a new one.
+                # Taken, gone (swept, another server) or made for other bytes (the source changed
+                # since): a remembered session is dropped once and the upload starts over in a new one.
                 stale = isinstance(exc, NotFound) and "upload session" in str(exc)
                 if not (resumed or stale) or attempt >= retries:
                     if record is not None:
