@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,3 +44,23 @@ class Codec(Protocol):
             CodecError: as :meth:`decode`.
         """
         ...
+
+
+_local = threading.local()
+
+
+def scratch(size: int, slot: int) -> np.ndarray:
+    """A per-thread reusable ``uint8`` buffer of at least ``size`` bytes, valid until the next call with ``slot``.
+
+    Reusing buffers keeps a pull's memory flat: freed multi-MiB buffers
+    otherwise pile up in glibc's per-thread arenas, and fresh ones cost a
+    page fault per 4 KiB. Slots: 0-9 the lossless decoder's planes and
+    temporaries, 10 the quantized decoder's f32 block.
+    """
+    buffers: dict[int, np.ndarray] | None = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = {}
+    buf = buffers.get(slot)
+    if buf is None or len(buf) < size:
+        buf = buffers[slot] = np.empty(max(size, 1 << 20), dtype=np.uint8)
+    return buf[:size]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from mzstore.codecs.base import scratch
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
 
@@ -238,7 +239,7 @@ def _assemble(planes: list[np.ndarray], words: np.ndarray, rotate: bool) -> None
     k = words.dtype.itemsize
     n = len(words)
     step = _BLOCK_WORDS
-    tmp = _scratch(min(n, step) * k, _TMP_SLOT).view(words.dtype)
+    tmp = scratch(min(n, step) * k, _TMP_SLOT).view(words.dtype)
     top = uint(1 << (8 * k - 1))
     for start in range(0, n, step):
         end = min(n, start + step)
@@ -322,7 +323,7 @@ def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
     # Stored big-endian, the uint16 pair values *are* the byte plane, so one gather writes it.
     table = table.astype(">u2")
     npairs = len(ranks)
-    pairs = _scratch(2 * npairs, slot).view(">u2")
+    pairs = scratch(2 * npairs, slot).view(">u2")
     # np.take converts its index to intp first; in blocks that temporary stays in cache (2x faster).
     for start in range(0, npairs, _GATHER_BLOCK):
         end = start + _GATHER_BLOCK
@@ -352,7 +353,7 @@ def _decode_half_floats(body: memoryview, low: np.ndarray, words: np.ndarray) ->
     spread = _spread(table)
     half = n // 2
     w32 = words[: 2 * half].view(np.uint32)
-    tmp = _scratch(2 * min(2 * half, 2 * _GATHER_BLOCK), _TMP_SLOT).view(np.uint16)
+    tmp = scratch(2 * min(2 * half, 2 * _GATHER_BLOCK), _TMP_SLOT).view(np.uint16)
     u16 = np.uint16
     for start in range(0, half, _GATHER_BLOCK):
         end = min(half, start + _GATHER_BLOCK)
@@ -382,25 +383,9 @@ _RANKS_SLOT = 8
 _TMP_SLOT = 9
 
 
-def _scratch(size: int, slot: int) -> np.ndarray:
-    """A per-thread reusable buffer of at least ``size`` bytes (valid until the next call with ``slot``).
-
-    Reusing buffers keeps a pull's memory flat: freed multi-MiB buffers
-    otherwise pile up in glibc's per-thread arenas, and fresh ones cost a
-    page fault per 4 KiB.
-    """
-    buffers: dict[int, np.ndarray] | None = getattr(_local, "scratch", None)
-    if buffers is None:
-        buffers = _local.scratch = {}
-    buf = buffers.get(slot)
-    if buf is None or len(buf) < size:
-        buf = buffers[slot] = np.empty(max(size, 1 << 20), dtype=np.uint8)
-    return buf[:size]
-
-
 def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int, slot: int = 0) -> np.ndarray:
-    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (see :func:`_scratch`)."""
-    out = _scratch(size, slot)
+    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (see :func:`~mzstore.codecs.base.scratch`)."""
+    out = scratch(size, slot)
     _zstd_read_into(data, out.data)
     return out
 

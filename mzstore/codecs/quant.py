@@ -47,6 +47,7 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
+from mzstore.codecs.base import scratch
 from mzstore.codecs.lossless import LosslessCodec, _exponent_cctx, _zstd_decompress
 from mzstore.codecs.policy import Prune, Quant, Spec
 from mzstore.errors import CodecError
@@ -489,6 +490,8 @@ def expand(c: Compact, dtype: DType) -> np.ndarray:
 
 #: f32 elements dequantized per block by :func:`expand_into` (its temporary stays in L2).
 _EXPAND_BLOCK = 512 * 1024
+#: Scratch slot of that block (see :func:`~mzstore.codecs.base.scratch`).
+_F32_SLOT = 10
 
 
 def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
@@ -515,7 +518,7 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
         scale = c.sections[S_SCALES][:, None]
         itemsize = dtype.bits // 8
         step = max(1, _EXPAND_BLOCK // max(1, c.cols))
-        tmp = _f32_scratch(min(c.rows, step) * c.cols)
+        tmp = scratch(4 * min(c.rows, step) * c.cols, _F32_SLOT).view(np.float32)
         for r0 in range(0, c.rows, step):
             r1 = min(c.rows, r0 + step)
             y = tmp[: (r1 - r0) * c.cols].reshape(r1 - r0, c.cols)
@@ -524,13 +527,6 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
         return
     y = dequantize(c.method, c.sections, c.rows, c.cols, c.group, c.mask)
     _cast_into(y.reshape(-1), dtype, out)
-
-
-def _f32_scratch(n: int) -> np.ndarray:
-    buf: np.ndarray | None = getattr(_local, "f32", None)
-    if buf is None or len(buf) < n:
-        buf = _local.f32 = np.empty(n, dtype=np.float32)
-    return buf[:n]
 
 
 def _cast_into(y: np.ndarray, dtype: DType, out: np.ndarray) -> None:

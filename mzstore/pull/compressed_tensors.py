@@ -541,7 +541,7 @@ def _pwrite(fd: int, data: bytes | bytearray | memoryview | np.ndarray, offset: 
     pwrite_all(fd, _bytes_of(data) if isinstance(data, np.ndarray) else data, offset)
 
 
-def _check_sha(data: np.ndarray, c: Chunk, what: str) -> None:
+def _check_hash(data: np.ndarray, c: Chunk, what: str) -> None:
     if not c.matches(_bytes_of(data)):
         raise IntegrityError(f"chunk rows {c.rows} of {what}: decoded bytes fail their {c.hash_name} check")
 
@@ -562,7 +562,7 @@ def _decode_codes(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str,
         expanded = expand(compact, dtype)
     except ValueError as exc:  # CodecError, or numpy refusing a malformed section
         raise IntegrityError(f"chunk rows {c.rows} of {what} does not decode: {exc}") from None
-    _check_sha(expanded, c, what)
+    _check_hash(expanded, c, what)
     rows = c.rows[1] - c.rows[0]
     if (
         compact.method != scheme.kind
