@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mzstore.client import Client
-from mzstore.errors import IntegrityError
+from mzstore.errors import IntegrityError, MzstoreError
 from mzstore.server.app import build_server
 from mzstore.settings import Settings
 from mzstore.storage import Store, open_node
@@ -118,6 +118,71 @@ def test_a_read_does_not_wait_for_a_slow_repair(two_copy, tmp_path: Path, monkey
     assert store.wait_repairs(30)
     assert writes.count(blob_key(blob)) == 1  # many reads of the blob queued one repair
     assert (Path(first.root) / blob_key(blob)).exists()  # type: ignore[attr-defined]
+
+
+def _concurrent_reads(store: Store, digest: str, n: int) -> list[bytes | MzstoreError]:
+    """``n`` threads read the start of ``digest`` at the same moment."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    out: list[bytes | MzstoreError] = [b""] * n
+
+    def read(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = store.read_blob(digest, 0, 100)
+        except MzstoreError as exc:  # collected for the asserts
+            out[i] = exc
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_first_reads_of_a_blob_hash_it_once(tmp_path: Path, monkeypatch) -> None:
+    """A fresh server verifies a blob on its first read; reads arriving meanwhile wait, not re-hash."""
+    import time
+
+    src = tmp_path / "blob.bin"
+    src.write_bytes(
+        torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        .numpy()
+        .tobytes()
+    )
+    digest, staged = Store(tmp_path / "node").stage_blob(src)
+    Store(tmp_path / "node").publish_blob(staged)
+    store = Store(tmp_path / "node")  # a new process's store: nothing verified yet
+    node = store.nodes[0]
+    read_bytes = 0
+    real_read = type(node).read
+
+    def slow_read(self, key, offset=0, length=None):  # a slow disk: every read overlaps the others
+        nonlocal read_bytes
+        time.sleep(0.02)
+        data = real_read(self, key, offset, length)
+        read_bytes += len(data)
+        return data
+
+    monkeypatch.setattr(type(node), "read", slow_read)
+    results = _concurrent_reads(store, digest, 8)
+    assert results == [src.read_bytes()[:100]] * 8
+    size = src.stat().st_size
+    assert read_bytes <= size + 8 * 100, f"read {read_bytes} bytes of a {size}-byte blob: it was hashed more than once"
+
+    # A corrupt blob fails every concurrent reader, and is checked again by later reads.
+    digest2, staged2 = store.stage_blob(tmp_path / "blob.bin", prefix=b"x")
+    store.publish_blob(staged2)
+    path = Path(node.root) / blob_key(digest2)  # type: ignore[attr-defined]
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    fresh = Store(tmp_path / "node")
+    failed = _concurrent_reads(fresh, digest2, 4)
+    assert all(isinstance(r, IntegrityError) and "data loss" in str(r) for r in failed), failed
+    path.write_bytes(good)
+    assert fresh.read_blob(digest2, 0, 5) == good[:5]
 
 
 def test_all_copies_gone_is_a_clear_data_loss_error(two_copy, tmp_path: Path) -> None:

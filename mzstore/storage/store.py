@@ -118,6 +118,7 @@ class Store:
             raise InvalidArgument(f"--replicas {replicas} needs between 1 and {len(self.nodes)} nodes")
         self.replicas = replicas
         self._verified: set[tuple[str, str]] = set()
+        self._verifying: dict[tuple[str, str], Future[None]] = {}  # (node url, digest) → its check in flight
         self._lock = threading.Lock()
         self._repairs: dict[str, Future[None]] = {}  # digest → its repair in flight
         self._repair_pool: ThreadPoolExecutor | None = None
@@ -214,11 +215,36 @@ class Store:
     def _verify_on(self, node: Node, digest: str) -> None:
         """Check the whole blob's sha256 on ``node`` once per process.
 
+        Reads that arrive while the check runs wait for it instead of hashing the
+        blob again: a client pulling with 8 streams would otherwise make a fresh
+        server hash a 1 GB shard 8 times before its first byte.
+
         Raises:
             NotFound, Unavailable, IntegrityError.
         """
-        if (node.url, digest) in self._verified:
+        item = (node.url, digest)
+        with self._lock:
+            if item in self._verified:
+                return
+            running = self._verifying.get(item)
+            if running is None:
+                mine: Future[None] = Future()
+                self._verifying[item] = mine
+        if running is not None:
+            running.result()  # the first reader's outcome: returns, or raises its error
             return
+        try:
+            self._hash_check(node, digest)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        else:
+            mine.set_result(None)
+        finally:
+            with self._lock:
+                del self._verifying[item]
+
+    def _hash_check(self, node: Node, digest: str) -> None:
         key = blob_key(digest)
         size = node.size(key)
         hasher = hashlib.sha256()
