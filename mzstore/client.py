@@ -465,6 +465,7 @@ class Client:
         sent = 0
         attempt = 0
         started = False
+        busy_until: float | None = None
         while True:
             try:
                 with rpc_errors("StartUpload", self.timeout):
@@ -501,11 +502,14 @@ class Client:
                 log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
                 time.sleep(min(5.0, 0.2 * 2**attempt))
             except (Conflict, NotFound, IntegrityError) as exc:
-                if isinstance(exc, Conflict) and "busy" in str(exc) and attempt < retries:
-                    # The stream of the process that died may still hold the session for a moment.
-                    attempt += 1
-                    time.sleep(1.0)
-                    continue
+                if isinstance(exc, Conflict) and "busy" in str(exc):
+                    # The stream of the process that died may still hold the session until the server
+                    # sees its connection close (at once, or a keepalive later on a silent network).
+                    if busy_until is None:
+                        busy_until = time.monotonic() + self.settings.keepalive_s + KEEPALIVE_TIMEOUT_S
+                    if time.monotonic() < busy_until:
+                        time.sleep(0.5)
+                        continue
                 # Taken, gone (swept, another server) or made for other bytes (the source changed
                 # since): a remembered session is dropped once and the upload starts over in a new one.
                 stale = isinstance(exc, NotFound) and "upload session" in str(exc)

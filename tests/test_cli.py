@@ -193,6 +193,33 @@ def test_killed_push_resumes_where_the_server_copy_ends(cli_server: str, tmp_pat
     assert (out / "big.safetensors").read_bytes() == src.read_bytes()
 
 
+def test_a_rerun_waits_while_the_dead_push_still_holds_its_session(cli_server: str, tmp_path: Path) -> None:
+    """The server may see the killed push's stream end late (a loaded machine, a silent network):
+    the rerun waits for the session instead of giving up or uploading everything again."""
+    import fcntl
+    import threading
+
+    src = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
+    size = src.stat().st_size
+    env = dict(os.environ, MZSTORE_SERVER=cli_server)
+    uploads = tmp_path / "data" / "tmp" / "uploads"
+    _kill_mid_push([str(src), "org/held:v1"], env, uploads, at_least=16 * 1024 * 1024)
+    (session,) = [p for p in uploads.iterdir() if p.is_dir()]
+    fd = os.open(session / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as the dead push's stream would, until the server notices
+    hold = 7.0  # longer than the 5 one-second retries the client used to give a busy session
+    threading.Timer(hold, os.close, args=(fd,)).start()
+    start = time.monotonic()
+    rerun = mz("push", str(src), "org/held:v1", "--json", server=cli_server, check=True)
+    assert time.monotonic() - start >= hold
+    sent = json.loads(rerun.stdout)["bytes_transferred"]
+    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume"
+    out = tmp_path / "o"
+    mz("pull", "org/held:v1", "-o", str(out), server=cli_server, check=True)
+    assert (out / "big.safetensors").read_bytes() == src.read_bytes()
+
+
 def test_pull_keep_quantized_writes_compressed_tensors_layout(cli_server: str, tmp_path: Path) -> None:
     src = tmp_path / "llm"
     src.mkdir()

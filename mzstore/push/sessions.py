@@ -126,7 +126,8 @@ class UploadSessions:
         if (path / "begin.json").exists():
             if json.loads((path / "begin.json").read_text()) != json.loads(json.dumps(record)):
                 raise Conflict(f"upload session {session} exists for another push")
-            return self.status(session)
+            with self._locked(session):  # a stream still running (a dead client's, not yet noticed): busy
+                return self.status(session)  # and its offsets are final, not a checkpoint behind
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".new-{session}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
