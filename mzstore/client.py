@@ -608,6 +608,7 @@ class Client:
             on_bytes=progress,
             cache=self._chunk_cache(),
             inflight_bytes=self.settings.pull_inflight_bytes,
+            coalesce_bytes=self.settings.pull_coalesce_bytes,
         )
 
     def pull(

@@ -23,6 +23,9 @@ DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_SHARD_BYTES = 1024 * 1024 * 1024
 #: Stored + decoded bytes of the chunks a pull holds in flight (several chunks per worker).
 DEFAULT_PULL_INFLIGHT_BYTES = 256 * 1024 * 1024
+#: pull: small adjacent chunks are fetched with one range read of up to this many stored +
+#: decoded bytes (``MZSTORE_PULL_COALESCE``; 0 fetches every chunk alone)
+DEFAULT_PULL_COALESCE_BYTES = 8 * 1024 * 1024
 #: Payload bytes per gRPC message for uploads and blob reads (about 1 MiB).
 TRANSFER_BYTES = 1024 * 1024
 #: gRPC message cap; payloads are ~1 MiB so 8 MiB leaves room for headers.
@@ -89,6 +92,8 @@ class Settings:
         shard_bytes: target shard size on ingest.
         pull_workers: parallel range reads / decoders on pull.
         pull_inflight_bytes: cap on stored + decoded bytes of chunks in flight on pull.
+        pull_coalesce_bytes: small adjacent chunks are fetched together, up to this many stored +
+            decoded bytes per range read (``MZSTORE_PULL_COALESCE``; 0: each chunk alone).
         cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
         cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
         tls_ca: PEM CA bundle the client trusts; set means the client speaks TLS (``MZSTORE_TLS_CA``).
@@ -109,6 +114,7 @@ class Settings:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     pull_workers: int = field(default_factory=lambda: default_pull_workers())
     pull_inflight_bytes: int = DEFAULT_PULL_INFLIGHT_BYTES
+    pull_coalesce_bytes: int = DEFAULT_PULL_COALESCE_BYTES
     cache: bool = True
     cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
     limits: Limits = field(default_factory=Limits)
@@ -146,7 +152,7 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
+def _int(env: Mapping[str, str], key: str, default: int, *, allow_zero: bool = False) -> int:
     value = env.get(key)
     if value is None or value == "":
         return default
@@ -156,10 +162,10 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         from mzstore.errors import InvalidArgument
 
         raise InvalidArgument(f"{key} must be an integer, got {value!r}") from None
-    if parsed <= 0:
+    if parsed < 0 or (parsed == 0 and not allow_zero):
         from mzstore.errors import InvalidArgument
 
-        raise InvalidArgument(f"{key} must be positive, got {value!r}")
+        raise InvalidArgument(f"{key} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
     return parsed
 
 
@@ -196,6 +202,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shard_bytes=_int(env, "MZSTORE_SHARD_BYTES", DEFAULT_SHARD_BYTES),
         pull_workers=_int(env, "MZSTORE_PULL_WORKERS", default_pull_workers()),
         pull_inflight_bytes=_int(env, "MZSTORE_PULL_INFLIGHT", DEFAULT_PULL_INFLIGHT_BYTES),
+        pull_coalesce_bytes=_int(env, "MZSTORE_PULL_COALESCE", DEFAULT_PULL_COALESCE_BYTES, allow_zero=True),
         cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
         cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
         limits=load_limits(env),

@@ -150,7 +150,9 @@ def test_kill_9_mid_pull_then_resume_transfers_the_remainder(counted: Any, tmp_p
 def test_dropped_connection_then_resume(counted: Any, tmp_path: Path) -> None:
     running, store = counted
     _model(tmp_path / "src", 4, n=8)
-    with Client(running.address) as c:
+    # every chunk its own range read, so the connection drops between chunks
+    one_by_one = replace(load_settings(), pull_coalesce_bytes=0)
+    with Client(running.address, settings=one_by_one) as c:
         c.push(tmp_path / "src", "m:1")
         manifest = c.manifest("m:1")[2]
         store.fail_after = store.reads + 10

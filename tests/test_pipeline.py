@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mzstore.client import Client
-from mzstore.pull.pipeline import run_pull
+from mzstore.pull.pipeline import coalesce, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink
 
@@ -52,7 +53,8 @@ def test_inflight_budget_bounds_concurrent_chunks(
 
     sink = DirectorySink(tmp_path / "out", manifest)
     sink.open()
-    stats = run_pull(tasks, slow_fetch, sink, workers=8, inflight_bytes=budget)
+    # one chunk per fetch here (no coalescing), so the count above sees every chunk
+    stats = run_pull(tasks, slow_fetch, sink, workers=8, inflight_bytes=budget, coalesce_bytes=0)
     sink.commit()
     assert stats.chunks == len(tasks) > 8
     if budget_chunks <= 1:
@@ -84,7 +86,7 @@ def test_workers_are_concurrent_streams(small_client: Client, pushed: Path, tmp_
 
     sink = DirectorySink(tmp_path / "out", manifest)
     sink.open()
-    run_pull(tasks, fetch, sink, workers=4)
+    run_pull(tasks, fetch, sink, workers=4, coalesce_bytes=0)
     sink.commit()
     assert most[0] == 4
 
@@ -146,3 +148,100 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
         small_client.pull("p:1", tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()
     assert not list((tmp_path / "bad").glob(".mzstore-partial-*"))
+
+
+@pytest.fixture
+def many_small(small_client: Client, tmp_path: Path) -> Path:
+    """Like a transformer checkpoint: many tensors of a few KiB (norms, biases) between large ones."""
+    gen = torch.Generator().manual_seed(1)
+    src = tmp_path / "small-src"
+    src.mkdir()
+    tensors = {}
+    for i in range(4):
+        tensors[f"layers.{i}.weight"] = torch.randn(256, 256, generator=gen)
+        for part in ("bias", "norm.weight", "norm.bias", "scale"):
+            tensors[f"layers.{i}.{part}"] = torch.randn(256, generator=gen)
+    save_file(tensors, str(src / "model.safetensors"))
+    small_client.push(src, "small:1")
+    return src
+
+
+def _counting(fetch):  # type: ignore[no-untyped-def]
+    calls: list[tuple[str, int, int]] = []
+
+    def counted(blob: str, offset: int, length: int) -> bytearray:
+        calls.append((blob, offset, length))
+        return fetch(blob, offset, length)
+
+    return counted, calls
+
+
+def _pull_and_check(manifest, fetch, out: Path, src: Path, **kw):  # type: ignore[no-untyped-def]
+    sink = DirectorySink(out, manifest)
+    sink.open()
+    stats = run_pull(plan_pull(manifest), fetch, sink, workers=2, **kw)
+    sink.commit()
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    return stats
+
+
+def test_small_adjacent_chunks_are_fetched_in_one_range_read(
+    small_client: Client, many_small: Path, tmp_path: Path
+) -> None:
+    _, _, manifest = small_client.manifest("small:1")
+    tasks = plan_pull(manifest)
+    fetch, calls = _counting(small_client.fetch)
+    stats = _pull_and_check(manifest, fetch, tmp_path / "a", many_small)
+    groups = coalesce(tasks)
+    assert len(calls) == len(groups) < len(tasks) // 2  # the 4-KiB tensors ride along with their neighbours
+    assert stats.chunks == len(tasks)
+    assert stats.bytes_transferred == sum(t.chunk.length for t in tasks) == sum(n for _, _, n in calls)
+    # every group is adjacent chunks of one blob, within the limit
+    for g in groups:
+        assert all(b.chunk.offset == a.chunk.offset + a.chunk.length for a, b in itertools.pairwise(g))
+        assert len(g) == 1 or sum(t.chunk.length + t.chunk.raw_length for t in g) <= 8 * 1024 * 1024
+
+    fetch, calls = _counting(small_client.fetch)
+    _pull_and_check(manifest, fetch, tmp_path / "b", many_small, coalesce_bytes=0)
+    assert len(calls) == len(tasks)  # off: one fetch per chunk
+
+
+def test_a_bad_chunk_in_a_range_read_is_fetched_again_alone(
+    small_client: Client, many_small: Path, tmp_path: Path
+) -> None:
+    _, _, manifest = small_client.manifest("small:1")
+    tasks = plan_pull(manifest)
+    group = next(g for g in coalesce(tasks) if len(g) > 2)
+    victim = group[1].chunk
+    fetch, calls = _counting(small_client.fetch)
+
+    def corrupting(blob: str, offset: int, length: int) -> bytearray:
+        data = fetch(blob, offset, length)
+        if blob == victim.blob and length > victim.length and offset <= victim.offset < offset + length:
+            data[victim.offset - offset] ^= 0xFF  # in the group's range read only
+        return data
+
+    stats = _pull_and_check(manifest, corrupting, tmp_path / "out", many_small)
+    assert calls.count((victim.blob, victim.offset, victim.length)) == 1  # refetched alone, once, and good
+    assert stats.bytes_transferred == sum(n for _, _, n in calls)
+
+
+def test_a_failed_range_read_falls_back_to_one_fetch_per_chunk(
+    small_client: Client, many_small: Path, tmp_path: Path
+) -> None:
+    from mzstore.errors import Unavailable
+
+    _, _, manifest = small_client.manifest("small:1")
+    tasks = plan_pull(manifest)
+    single = {(t.chunk.blob, t.chunk.offset, t.chunk.length) for t in tasks}
+    fetch, calls = _counting(small_client.fetch)
+
+    def no_ranges(blob: str, offset: int, length: int) -> bytearray:
+        if (blob, offset, length) not in single:
+            raise Unavailable("this node serves one chunk at a time")
+        return fetch(blob, offset, length)
+
+    stats = _pull_and_check(manifest, no_ranges, tmp_path / "out", many_small)
+    assert sorted(calls) == sorted(single)
+    assert stats.bytes_transferred == sum(t.chunk.length for t in tasks)

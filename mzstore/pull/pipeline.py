@@ -32,6 +32,7 @@ from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, Resourc
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
+from mzstore.settings import DEFAULT_PULL_COALESCE_BYTES
 
 Fetch = Callable[[str, int, int], "bytes | bytearray"]
 T = TypeVar("T")
@@ -164,6 +165,46 @@ def fetch_checked(
                 raise
 
 
+#: Small chunks stored next to each other in one blob are fetched with one range read (a
+#: layer norm or a bias is a few KiB, and one RPC or S3 GET each costs far more than its
+#: bytes). A group holds at most this many stored plus decoded bytes, so it weighs on the
+#: in-flight budget no more than one ordinary chunk; larger chunks are fetched alone.
+COALESCE_BYTES = DEFAULT_PULL_COALESCE_BYTES
+
+
+def coalesce(tasks: list[ChunkTask], limit: int = COALESCE_BYTES) -> list[list[ChunkTask]]:
+    """Group consecutive tasks whose chunks are adjacent in the same blob, up to ``limit`` bytes.
+
+    A task weighs its chunk's stored plus decoded bytes; the order of the tasks is kept,
+    and ``limit`` 0 gives every task a group of its own.
+    """
+    groups: list[list[ChunkTask]] = []
+    weight = 0
+    for task in tasks:
+        c = task.chunk
+        w = c.length + c.raw_length
+        last = groups[-1][-1].chunk if groups else None
+        if last is not None and c.blob == last.blob and c.offset == last.offset + last.length and weight + w <= limit:
+            groups[-1].append(task)
+            weight += w
+        else:
+            groups.append([task])
+            weight = w
+    return groups
+
+
+def _runs(tasks: list[ChunkTask]) -> list[list[ChunkTask]]:
+    """Split tasks (in blob order) into runs of adjacent chunks."""
+    runs: list[list[ChunkTask]] = []
+    for task in tasks:
+        last = runs[-1][-1].chunk if runs else None
+        if last is not None and task.chunk.blob == last.blob and task.chunk.offset == last.offset + last.length:
+            runs[-1].append(task)
+        else:
+            runs.append([task])
+    return runs
+
+
 def run_pull(
     tasks: Iterable[ChunkTask],
     fetch: Fetch,
@@ -174,6 +215,7 @@ def run_pull(
     on_bytes: Callable[[int], None] | None = None,
     cache: Cache | None = None,
     inflight_bytes: int | None = None,
+    coalesce_bytes: int = COALESCE_BYTES,
 ) -> PullStats:
     """Fetch, decode, verify and place every task.
 
@@ -184,6 +226,9 @@ def run_pull(
     ``workers`` chunks are fetched and decoded concurrently (each worker is
     one fetch stream); ``inflight_bytes`` caps the stored plus decoded bytes
     of the chunks in flight, so memory stays bounded whatever the model size.
+    Small adjacent chunks are fetched together, in groups of up to
+    ``coalesce_bytes`` (:func:`coalesce`; 0: never); one that fails its check
+    there is fetched again alone.
 
     Raises:
         IntegrityError: a chunk failed verification twice.
@@ -194,19 +239,49 @@ def run_pull(
     stop = threading.Event()
     budget = ByteBudget(inflight_bytes) if inflight_bytes else None
 
-    def one(task: ChunkTask) -> None:
+    def one(group: list[ChunkTask]) -> None:
         if stop.is_set():
             return
-        cost = task.chunk.length + task.chunk.raw_length
+        cost = sum(t.chunk.length + t.chunk.raw_length for t in group)
         if budget is not None and not budget.acquire(cost, stop):
             return
         try:
-            place(task)
+            if len(group) == 1:
+                place(group[0])
+            else:
+                place_group(group)
         finally:
             if budget is not None:
                 budget.release(cost)
 
-    def place(task: ChunkTask) -> None:
+    def place_group(group: list[ChunkTask]) -> None:
+        """Cache hits first, then one range read per run of the chunks still missing."""
+        looked = [(t, cache.get(t.chunk) if cache is not None else None) for t in group]
+        prefetched: dict[int, memoryview] = {}
+        for run in _runs([t for t, hit in looked if hit is None]):
+            start = run[0].chunk.offset
+            end = run[-1].chunk.offset + run[-1].chunk.length
+            try:
+                data = fetch(run[0].chunk.blob, start, end - start)
+            except (Unavailable, DeadlineExceeded, ResourceExhausted):
+                continue  # each chunk is fetched alone, with retries
+            if len(data) != end - start:
+                continue
+            view = memoryview(data)
+            for t in run:
+                prefetched[id(t)] = view[t.chunk.offset - start : t.chunk.offset - start + t.chunk.length]
+        for t, hit in looked:
+            if stop.is_set():
+                return
+            place(t, hit, prefetched.get(id(t)), looked_up=True)
+
+    def place(
+        task: ChunkTask,
+        hit: bytes | None = None,
+        prefetched: memoryview | None = None,
+        *,
+        looked_up: bool = False,
+    ) -> None:
         what = task.tensor or task.file
         compact = task.chunk.codec in getattr(sink, "compact_codecs", ())
 
@@ -220,7 +295,7 @@ def run_pull(
             return decode_verified(task.chunk, task.dtype, what, payload, sink.target(task))
 
         data: np.ndarray | None = None
-        cached = cache.get(task.chunk) if cache is not None else None
+        cached = hit if looked_up else cache.get(task.chunk) if cache is not None else None
         if cached is not None:
             try:
                 data = use(cached)
@@ -237,7 +312,16 @@ def run_pull(
                 kept.append(payload)
                 return result
 
-            data, fetched = fetch_checked(fetch, task.chunk, use_and_keep, retries=retries, stop=stop)
+            verified = False
+            if prefetched is not None:  # this chunk's part of a range read for its group
+                fetched = len(prefetched)
+                try:
+                    data, verified = use_and_keep(bytearray(prefetched)), True
+                except IntegrityError:
+                    pass  # fetched again alone below, as any chunk that fails its check
+            if not verified:
+                data, more = fetch_checked(fetch, task.chunk, use_and_keep, retries=retries, stop=stop)
+                fetched += more
             if cache is not None:
                 cache.put(task.chunk, kept[-1])
         if data is not None:
@@ -252,9 +336,9 @@ def run_pull(
         if on_bytes:
             on_bytes(task.chunk.raw_length)
 
-    task_list = list(tasks)
+    groups = coalesce(list(tasks), coalesce_bytes)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mzstore-pull") as pool:
-        futures = [pool.submit(one, t) for t in task_list]
+        futures = [pool.submit(one, g) for g in groups]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
