@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from mzstore.codecs.policy import parse_policy
 from mzstore.errors import (
@@ -49,6 +48,7 @@ from mzstore.push.upload import begin_for, iter_events
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES, Settings, is_loopback, load_settings
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
+from mzstore.wire import blob_piece
 
 ProgressFn = Callable[[int], None]
 log = logging.getLogger("mzstore.client")
@@ -150,54 +150,6 @@ def _staged(out_dir: str | os.PathLike[str], manifest: Manifest, files: Any = No
 _READ_BLOB_PATH = "/{}/{}".format(
     *pb.DESCRIPTOR.services_by_name["Store"].methods_by_name["ReadBlob"].full_name.rsplit(".", 1)
 )
-
-
-def _varint(view: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = view[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def blob_piece(message: bytes) -> tuple[int, memoryview]:
-    """``(offset, data)`` of one serialized ``BlobChunk``, ``data`` a view into ``message``.
-
-    A pull's bytes arrive in these messages. Reading the two fields in place
-    (``offset = 1`` varint, ``data = 2`` bytes, in the proto3 wire format)
-    skips building the message object and its copy of the data: a cold pull
-    runs 10 % faster on 2 cores (562 → 616 MB/s, 1 GB bf16, median of 7).
-    Anything else (another field, another encoding) goes through protobuf.
-
-    Raises:
-        IntegrityError: the message does not parse.
-    """
-    view = memoryview(message)
-    offset, data, i = 0, view[:0], 0
-    try:
-        while i < len(view):
-            tag = view[i]
-            if tag == 0x08:
-                offset, i = _varint(view, i + 1)
-            elif tag == 0x12:
-                n, i = _varint(view, i + 1)
-                if i + n > len(view):
-                    raise ValueError("truncated")
-                data, i = view[i : i + n], i + n
-            else:
-                raise ValueError("another field")
-        return offset, data
-    except (ValueError, IndexError):
-        try:
-            piece = pb.BlobChunk.FromString(message)
-        except DecodeError as exc:
-            raise IntegrityError(f"malformed ReadBlob reply from the server: {exc}") from None
-        return piece.offset, memoryview(piece.data)
 
 
 def _begin_proto(begin: Any) -> pb.PushBegin:

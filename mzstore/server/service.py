@@ -54,6 +54,7 @@ from mzstore.settings import TRANSFER_BYTES, Settings
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
+from mzstore.wire import blob_chunk
 
 log = logging.getLogger("mzstore.server")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -304,7 +305,8 @@ class StoreService(pb_grpc.StoreServicer):
         return pb.GetManifestResponse(ref=str(ref), digest=digest, manifest=self.store.get_manifest(digest))
 
     @_stream_handler
-    def ReadBlob(self, request: pb.ReadBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+    def ReadBlob(self, request: pb.ReadBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The range as serialized ``BlobChunk`` messages (see :func:`mzstore.wire.blob_chunk`)."""
         size = self.store.blob_size(request.digest)
         end = size if request.length == 0 else request.offset + request.length
         if request.offset > size or end > size:
@@ -319,7 +321,7 @@ class StoreService(pb_grpc.StoreServicer):
             data = self.store.read_blob(request.digest, offset, n)
             if len(data) != n:
                 raise FormatError(f"blob {request.digest} is shorter than expected")
-            yield pb.BlobChunk(offset=offset, data=data)
+            yield blob_chunk(offset, data)
             offset += n
 
     @_handler

@@ -51,7 +51,7 @@ from typing import Any
 
 import grpc
 
-from mzstore.client import Client, blob_piece, rpc_errors
+from mzstore.client import Client, rpc_errors
 from mzstore.errors import (
     Conflict,
     DeadlineExceeded,
@@ -68,6 +68,7 @@ from mzstore.settings import Settings
 from mzstore.storage.node import LocalNode, Node, temp_prefix
 from mzstore.storage.store import RefEntry, Staged, Store, blob_key
 from mzstore.v1 import store_pb2 as pb
+from mzstore.wire import blob_piece
 
 log = logging.getLogger("mzstore.server.upstream")
 
