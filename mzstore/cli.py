@@ -472,7 +472,12 @@ def pull(
         raise click.UsageError(f"--tp-rank {tp_rank} must be below --tp-size {tp_size}")
     client = _client(ctx, server, cache=False if no_cache else None, direct=direct)
     out = out or parsed.name.rsplit("/", 1)[-1]
-    total = client.manifest(ref)[2].bytes_raw if not as_json and sys.stderr.isatty() and tp_size == 1 else 0
+    shown, total = None, 0
+    if not as_json and tp_size == 1 and sys.stderr.isatty():
+        # The bar's total comes from the manifest; the pull is pinned to its digest, so a tag
+        # moved meanwhile cannot make the bar count one version and the pull fetch another.
+        shown, digest, manifest = client.manifest(ref)
+        ref, total = f"{parsed.name}@{digest}", manifest.bytes_raw
     with _progress(total, "pull", not as_json and tp_size == 1) as bar:
         info = client.pull(
             ref, out, progress=bar, keep_quantized=keep_quantized, tp_size=tp_size, tp_rank=tp_rank, workers=workers
@@ -481,7 +486,7 @@ def pull(
         _emit(asdict(info) | {"output": str(out)})
         return
     rank = f" (tensor-parallel rank {tp_rank} of {tp_size})" if tp_size > 1 else ""
-    click.echo(f"pulled {info.ref} {info.digest} → {out}{rank}")
+    click.echo(f"pulled {shown or info.ref} {info.digest} → {out}{rank}")
     cached = f", {_human(info.bytes_cached)} from cache" if info.bytes_cached else ""
     click.echo(
         f"  {len(info.files)} files, {_human(info.bytes_raw)} written, {_human(info.bytes_transferred)} transferred"

@@ -220,6 +220,78 @@ def test_a_rerun_waits_while_the_dead_push_still_holds_its_session(cli_server: s
     assert (out / "big.safetensors").read_bytes() == src.read_bytes()
 
 
+def test_pull_on_a_terminal_pulls_the_manifest_its_bar_counts(model_file: Path, tmp_path: Path) -> None:
+    """With stderr on a terminal the CLI reads the manifest for the bar's total; the pull is pinned to
+    that manifest, so a tag moved right after (a push of v2 landing) cannot swap the bytes under it."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    from tqdm import tqdm
+
+    from mzstore.server.app import build_server
+    from mzstore.storage.store import Store
+
+    class MovingTag(Store):  # the tag moves to v2 right after its first resolve
+        moved: str | None = None
+
+        def resolve(self, ref):  # type: ignore[no-untyped-def]
+            parsed, digest = super().resolve(ref)
+            if self.moved and not parsed.digest:
+                self.set_ref("org/tty", "latest", self.moved)
+                self.moved = None
+            return parsed, digest
+
+    store = MovingTag(tmp_path / "data")
+    running = build_server(store, "127.0.0.1:0")
+    try:
+        v1 = json.loads(mz("push", str(model_file), "org/tty", "--json", server=running.address, check=True).stdout)
+        v2_file = tmp_path / "v2" / "model.safetensors"
+        v2_file.parent.mkdir()
+        save_file({"w": torch.ones(256, 64), "b": torch.ones(64)}, str(v2_file))
+        v2 = json.loads(mz("push", str(v2_file), "org/tty:v2", "--json", server=running.address, check=True).stdout)
+        store.moved = v2["digest"]
+
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a width, or tqdm draws nothing
+        shown = bytearray()
+
+        def read_terminal() -> None:
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the terminal's other side is closed
+                    return
+                if not data:
+                    return
+                shown.extend(data)
+
+        reader = threading.Thread(target=read_terminal)
+        reader.start()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "mzstore.cli", "pull", "org/tty", "-o", str(tmp_path / "out")],
+                env=dict(os.environ, MZSTORE_SERVER=running.address),
+                stdout=subprocess.PIPE,
+                stderr=slave,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(slave)
+            reader.join(10)
+            os.close(master)
+    finally:
+        running.stop(1)
+    assert store.moved is None, "the tag was resolved"
+    assert proc.returncode == 0, bytes(shown).decode(errors="replace")
+    assert f"/{tqdm.format_sizeof(v1['bytes_raw'])} ".encode() in shown, bytes(shown)  # the bar counts v1
+    assert proc.stdout.startswith(f"pulled org/tty:latest {v1['digest']} → ")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == model_file.read_bytes()  # and v1 is pulled
+
+
 def test_pull_keep_quantized_writes_compressed_tensors_layout(cli_server: str, tmp_path: Path) -> None:
     src = tmp_path / "llm"
     src.mkdir()
