@@ -18,6 +18,7 @@ handed to the sink.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -193,18 +194,6 @@ def coalesce(tasks: list[ChunkTask], limit: int = COALESCE_BYTES) -> list[list[C
     return groups
 
 
-def _runs(tasks: list[ChunkTask]) -> list[list[ChunkTask]]:
-    """Split tasks (in blob order) into runs of adjacent chunks."""
-    runs: list[list[ChunkTask]] = []
-    for task in tasks:
-        last = runs[-1][-1].chunk if runs else None
-        if last is not None and task.chunk.blob == last.blob and task.chunk.offset == last.offset + last.length:
-            runs[-1].append(task)
-        else:
-            runs.append([task])
-    return runs
-
-
 def run_pull(
     tasks: Iterable[ChunkTask],
     fetch: Fetch,
@@ -258,7 +247,8 @@ def run_pull(
         """Cache hits first, then one range read per run of the chunks still missing."""
         looked = [(t, cache.get(t.chunk) if cache is not None else None) for t in group]
         prefetched: dict[int, memoryview] = {}
-        for run in _runs([t for t, hit in looked if hit is None]):
+        # runs of adjacent chunks among the missing ones (a group's runs already fit its limit)
+        for run in coalesce([t for t, hit in looked if hit is None], sys.maxsize):
             start = run[0].chunk.offset
             end = run[-1].chunk.offset + run[-1].chunk.length
             try:
