@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import re
+import resource
 import selectors
 import subprocess
 import sys
@@ -97,3 +98,21 @@ def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
     if not found:
         raise RuntimeError(f"cannot find the address in {buf!r}")
     return found[-1]
+
+
+def cpu_self() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_pid(pid: int | None) -> float | None:
+    """User + system CPU seconds of another process, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 
 from _common import fmt, log, table
 from bench_lossless import fresh_store
+from bench_pull import make_client
 
 
 def main() -> int:
@@ -43,13 +43,6 @@ def main() -> int:
 
     from mzstore.client import Client
     from mzstore.settings import load_settings
-
-    class CountingClient(Client):
-        reads = 0
-
-        def fetch(self, digest: str, offset: int, length: int) -> bytearray:
-            self.reads += 1
-            return super().fetch(digest, offset, length)
 
     model = Path(get_model_path())
     rows: list[list[str]] = []
@@ -71,10 +64,7 @@ def main() -> int:
                     for direct in (False, True):
                         for mode, limit in modes.items():
                             home = Path(tempfile.mkdtemp(dir=work, prefix="home-"))
-                            settings = dataclasses.replace(
-                                load_settings({"MZSTORE_HOME": str(home)}), pull_coalesce_bytes=limit
-                            )
-                            client = CountingClient(server.address, settings=settings, direct=direct)
+                            client = make_client(server.address, home, direct=direct, coalesce_bytes=limit)
                             start = time.perf_counter()
                             with client:
                                 sd = client.load_state_dict(f"minilm:{codec}")

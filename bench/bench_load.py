@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, log, package_versions, read_address, table
+from _common import cpu_pid, fmt, log, package_versions, read_address, table
 
 MB = 1_000_000  # throughput unit (raw bytes)
 MIB = 1024 * 1024
@@ -208,15 +208,6 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -433,7 +424,7 @@ def run_config(clients: int, tls: bool, duration: float, work: Path, seed: int) 
                     raise RuntimeError(f"client {i} failed to start:\n{msg[1]}")
             res.setup_s = time.monotonic() - setup_start
             log(f"[{res.name}] {clients} clients ready; running {duration:g} s")
-            cpu0 = cpu_seconds(server.pid)
+            cpu0 = cpu_pid(server.pid)
             t0 = time.monotonic()
             sampler = RssSampler(server.pid, t0)
             sampler.start()
@@ -452,7 +443,7 @@ def run_config(clients: int, tls: bool, duration: float, work: Path, seed: int) 
                 pushed.extend(pushed_by)
             t_end = time.monotonic()
             res.wall = t_end - t0
-            cpu1 = cpu_seconds(server.pid)
+            cpu1 = cpu_pid(server.pid)
             res.server_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
             load = [s for s in sampler.samples if s[0] <= res.wall]
             res.rss_start = load[0][1] if load else None

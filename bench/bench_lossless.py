@@ -44,7 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, fmt, log, meminfo_total_kib, package_versions, read_address, sha256_file, table
+from _common import (
+    cpu_model,
+    cpu_pid,
+    cpu_self,
+    fmt,
+    log,
+    meminfo_total_kib,
+    package_versions,
+    read_address,
+    sha256_file,
+    table,
+)
 
 # Heavy imports (torch, mzstore, safetensors) stay inside functions so that
 # child processes measure only what their operation needs.
@@ -78,24 +89,6 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def cpu_self() -> float:
-    """User + system CPU seconds of this process (all its threads)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def cpu_pid(pid: int | None) -> float | None:
-    """User + system CPU seconds of another process, from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- child mode

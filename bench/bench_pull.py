@@ -133,25 +133,31 @@ def client_has_cache() -> bool:
     return "cache" in inspect.signature(Client.__init__).parameters
 
 
-def make_client(address: str, home: Path, cache: bool | None = None, direct: bool = False) -> Any:
-    """A Client whose ``MZSTORE_HOME`` (and so its chunk cache) is ``home``; it counts fetched bytes.
+def make_client(
+    address: str, home: Path, cache: bool | None = None, direct: bool = False, coalesce_bytes: int | None = None
+) -> Any:
+    """A Client whose ``MZSTORE_HOME`` (and so its chunk cache) is ``home``; it counts fetched bytes and reads.
 
     ``cache=False`` turns the local cache off where the client has one; ``direct=True`` reads
     blobs straight from the server's storage directory (``pull --direct``; nothing is fetched
-    from the server, so the count stays 0).
+    from the server, so the counts stay 0); ``coalesce_bytes`` sets ``pull_coalesce_bytes``.
     """
     from mzstore.client import Client
     from mzstore.settings import load_settings
 
     class CountingClient(Client):
         fetched = 0
+        reads = 0
 
         def fetch(self, digest: str, offset: int, length: int) -> bytearray:
             data = super().fetch(digest, offset, length)
             self.fetched += len(data)  # += on an int under the GIL: workers may race, fine for a count
+            self.reads += 1
             return data
 
     settings = dataclasses.replace(load_settings(), home=home)
+    if coalesce_bytes is not None:
+        settings = dataclasses.replace(settings, pull_coalesce_bytes=coalesce_bytes)
     kwargs: dict[str, Any] = {"cache": cache} if cache is not None and client_has_cache() else {}
     if direct:
         kwargs["direct"] = True

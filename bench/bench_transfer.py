@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -29,20 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import fmt, log, table
+from _common import cpu_pid, cpu_self, fmt, log, table
 from bench_lossless import fresh_store, make_synthetic
 
 RANGE = 16 << 20
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -75,11 +64,12 @@ def main() -> int:
             pread_rates: list[float] = []
             for r in range(1, args.rounds + 1):
                 log(f"round {r}/{args.rounds}")
-                s0, c0, t0 = proc_cpu_seconds(server.pid), self_cpu_seconds(), time.perf_counter()
+                s0, c0, t0 = cpu_pid(server.pid), cpu_self(), time.perf_counter()
                 with Client(server.address) as c, ThreadPoolExecutor(args.workers) as pool:
                     got = sum(pool.map(lambda rg: len(c.fetch(*rg)), ranges))
                 took = time.perf_counter() - t0
-                s1, c1 = proc_cpu_seconds(server.pid), self_cpu_seconds()
+                s1, c1 = cpu_pid(server.pid), cpu_self()
+                assert s0 is not None and s1 is not None, "the server process is gone"
                 assert got == int(mb * 1e6 + 0.5)
 
                 def pread(rg: tuple[str, int, int]) -> int:
