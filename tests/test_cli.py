@@ -173,13 +173,18 @@ def test_killed_streaming_push_leaves_store_unchanged(cli_server: str, tmp_path:
     assert torch.equal(load_file(str(out / "small.safetensors"))["x"], torch.ones(3))
 
 
-def test_killed_push_resumes_where_the_server_copy_ends(cli_server: str, tmp_path: Path) -> None:
+def _big_push_killed(cli_server: str, tmp_path: Path, ref: str) -> tuple[Path, int, Path]:
+    """Kill a push of a ~100 MB file once the server holds 16 MiB of it; ``(file, size, uploads dir)``."""
     src = tmp_path / "big.safetensors"
     save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
-    size = src.stat().st_size
     env = dict(os.environ, MZSTORE_SERVER=cli_server)
     uploads = tmp_path / "data" / "tmp" / "uploads"
-    _kill_mid_push([str(src), "org/resumed:v1"], env, uploads, at_least=16 * 1024 * 1024)
+    _kill_mid_push([str(src), ref], env, uploads, at_least=16 * 1024 * 1024)
+    return src, src.stat().st_size, uploads
+
+
+def test_killed_push_resumes_where_the_server_copy_ends(cli_server: str, tmp_path: Path) -> None:
+    src, size, uploads = _big_push_killed(cli_server, tmp_path, "org/resumed:v1")
     # Nothing is visible: the received bytes wait in the upload session, outside blobs/manifests/refs.
     visible = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and "tmp" not in p.parts]
     assert visible == []
@@ -199,12 +204,7 @@ def test_a_rerun_waits_while_the_dead_push_still_holds_its_session(cli_server: s
     import fcntl
     import threading
 
-    src = tmp_path / "big.safetensors"
-    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(src))  # ~100 MB
-    size = src.stat().st_size
-    env = dict(os.environ, MZSTORE_SERVER=cli_server)
-    uploads = tmp_path / "data" / "tmp" / "uploads"
-    _kill_mid_push([str(src), "org/held:v1"], env, uploads, at_least=16 * 1024 * 1024)
+    src, size, uploads = _big_push_killed(cli_server, tmp_path, "org/held:v1")
     (session,) = [p for p in uploads.iterdir() if p.is_dir()]
     fd = os.open(session / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as the dead push's stream would, until the server notices
