@@ -27,6 +27,17 @@ def pushed(small_client: Client, tmp_path: Path) -> Path:
     return src
 
 
+def _pull_and_check(manifest, fetch, out: Path, src: Path, workers: int = 2, **kw):  # type: ignore[no-untyped-def]
+    """Pull every chunk of ``manifest`` with ``fetch`` into ``out``; check it holds ``src``'s tensors."""
+    sink = DirectorySink(out, manifest)
+    sink.open()
+    stats = run_pull(plan_pull(manifest), fetch, sink, workers=workers, **kw)
+    sink.commit()
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    return stats
+
+
 @pytest.mark.parametrize("budget_chunks", [0, 1, 3])
 def test_inflight_budget_bounds_concurrent_chunks(
     small_client: Client, pushed: Path, tmp_path: Path, budget_chunks: int
@@ -51,19 +62,16 @@ def test_inflight_budget_bounds_concurrent_chunks(
             with lock:
                 inflight[0] -= costs[(blob, offset)]
 
-    sink = DirectorySink(tmp_path / "out", manifest)
-    sink.open()
     # one chunk per fetch here (no coalescing), so the count above sees every chunk
-    stats = run_pull(tasks, slow_fetch, sink, workers=8, inflight_bytes=budget, coalesce_bytes=0)
-    sink.commit()
+    stats = _pull_and_check(
+        manifest, slow_fetch, tmp_path / "out", pushed, workers=8, inflight_bytes=budget, coalesce_bytes=0
+    )
     assert stats.chunks == len(tasks) > 8
     if budget_chunks <= 1:
         assert peak[0] <= biggest  # one chunk at a time (an oversized chunk runs alone)
     else:
         assert biggest < peak[0] <= budget  # several streams, never over the budget
     assert stats.peak_inflight <= max(budget, biggest)
-    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(pushed / "model.safetensors"))
-    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_workers_are_concurrent_streams(small_client: Client, pushed: Path, tmp_path: Path) -> None:
@@ -174,16 +182,6 @@ def _counting(fetch):  # type: ignore[no-untyped-def]
         return fetch(blob, offset, length)
 
     return counted, calls
-
-
-def _pull_and_check(manifest, fetch, out: Path, src: Path, **kw):  # type: ignore[no-untyped-def]
-    sink = DirectorySink(out, manifest)
-    sink.open()
-    stats = run_pull(plan_pull(manifest), fetch, sink, workers=2, **kw)
-    sink.commit()
-    got, want = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    return stats
 
 
 def test_small_adjacent_chunks_are_fetched_in_one_range_read(
