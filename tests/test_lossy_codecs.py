@@ -960,6 +960,29 @@ def test_cast_into_rounds_like_numpy_and_ml_dtypes(dtype: str) -> None:
     assert np.array_equal(out, want)
 
 
+def test_bf16_cast_of_nan_inf_and_overflow_matches_ml_dtypes() -> None:
+    """The numpy cast keeps IEEE's answers where a payload's scales could lead: inf, NaN, overflow."""
+    from mzstore.codecs.floats import BLOCK, f32_to_bf16_into
+
+    rng = np.random.default_rng(6)
+    specials = np.uint32([0x7F800000, 0xFF800000, 0x7F800001, 0x7FFFFFFF, 0xFFC00001, 0xFFFF8000, 0x7F7FFFFF])
+    specials = np.concatenate([specials, np.uint32([0x7F7F8000, 0xFF7F8000, 0x7FBFFFFF])])
+    noise = rng.integers(0, 2**32, BLOCK + 1000, dtype=np.uint64).astype(np.uint32)  # spans two blocks
+    bits = np.concatenate([noise, specials, noise[:5] | 0x7F800000])
+    out = np.empty(len(bits), np.uint16)
+    f32_to_bf16_into(bits.view(np.float32), out)
+    with np.errstate(all="ignore"):
+        want = bits.view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.array_equal(out, want)
+
+
+def test_e4m3_table_is_ml_dtypes_widening() -> None:
+    from mzstore.codecs.floats import E4M3_TABLE
+
+    want = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert np.array_equal(E4M3_TABLE.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 10), (7, 3), (300, 513), (3, 200_000)])
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_blocked_int8_expand_matches_the_reference_dequantize(rows: int, cols: int, dtype: str) -> None:

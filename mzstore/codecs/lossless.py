@@ -65,7 +65,7 @@ def _cctx() -> zstandard.ZstdCompressor:
 EXPONENT_PARAMS = {"window_log": 17, "min_match": 7, "hash_log": 12, "chain_log": 12, "search_log": 1}
 
 
-def _exponent_cctx() -> zstandard.ZstdCompressor:
+def exponent_cctx() -> zstandard.ZstdCompressor:
     ctx = getattr(_local, "ecctx", None)
     if ctx is None:
         params = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **EXPONENT_PARAMS)
@@ -98,7 +98,7 @@ def _check_declared_size(data: bytes | bytearray | memoryview, size: int) -> Non
         raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
 
 
-def _zstd_decompress(data: bytes | bytearray | memoryview, size: int) -> bytearray:
+def zstd_decompress(data: bytes | bytearray | memoryview, size: int) -> bytearray:
     """Decompress one zstd frame of exactly ``size`` bytes, never allocating more.
 
     A frame that declares another size (a 22-byte frame may claim 2**62
@@ -155,7 +155,7 @@ class LosslessCodec:
         cctx = _cctx()
         for i, plane in enumerate(planes):
             exponent = rotate and i == k - 1
-            coder = _exponent_cctx() if exponent else cctx
+            coder = exponent_cctx() if exponent else cctx
             packed = coder.compress(plane.data) if len(plane) else b""
             method = _ZSTD
             if exponent and len(plane) >= PAIRS_MIN_BYTES:
@@ -278,7 +278,7 @@ def _encode_pairs(plane: np.ndarray) -> bytes:
     lut[table] = np.arange(len(table), dtype=np.uint8)
     ranks = lut[pairs]
     escapes = pairs[ranks == 255]
-    coder = _exponent_cctx()
+    coder = exponent_cctx()
     packed_ranks = coder.compress(ranks.data)
     packed_escapes = coder.compress(escapes.data) if len(escapes) else b""
     return b"".join([_PAIRS_HEAD.pack(len(table), len(packed_ranks)), table.tobytes(), packed_ranks, packed_escapes])
@@ -306,7 +306,7 @@ def _pair_parts(body: memoryview, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
     escaped = np.flatnonzero(ranks == 255)
     rest = body[pos + ranks_len :]
     if len(escaped):
-        values = np.frombuffer(_zstd_decompress(rest, 2 * len(escaped)), dtype=np.uint16)
+        values = np.frombuffer(zstd_decompress(rest, 2 * len(escaped)), dtype=np.uint16)
     elif len(rest):
         raise CodecError("pair-coded plane has trailing bytes")
     else:
@@ -384,7 +384,7 @@ _TMP_SLOT = 9
 
 
 def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int, slot: int = 0) -> np.ndarray:
-    """Like :func:`_zstd_decompress`, into a per-thread scratch buffer (see :func:`~mzstore.codecs.base.scratch`)."""
+    """Like :func:`zstd_decompress`, into a per-thread scratch buffer (see :func:`~mzstore.codecs.base.scratch`)."""
     out = scratch(size, slot)
     _zstd_read_into(data, out.data)
     return out
@@ -401,7 +401,7 @@ class ZstdCodec:
     def decode(self, payload: bytes | bytearray | memoryview, dtype: DType, raw_len: int) -> np.ndarray:
         if raw_len == 0 and len(payload) == 0:
             return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(_zstd_decompress(payload, raw_len), dtype=np.uint8)
+        return np.frombuffer(zstd_decompress(payload, raw_len), dtype=np.uint8)
 
     def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         if len(out) == 0 and len(payload) == 0:

@@ -43,12 +43,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import zstandard
 
 from mzstore.codecs.base import scratch
-from mzstore.codecs.lossless import LosslessCodec, _exponent_cctx, _zstd_decompress
+from mzstore.codecs.floats import E4M3_TABLE, bf16_to_f32, f32_to_bf16_into, f32_to_e4m3
+from mzstore.codecs.lossless import LosslessCodec, exponent_cctx, zstd_decompress
 from mzstore.codecs.policy import Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
@@ -65,8 +65,6 @@ INT4_SEARCH = tuple(1.0 - 0.05 * i for i in range(10))
 #: Least-squares refinement steps after the grid search.
 INT4_REFINE_STEPS = 3
 FP8_MAX = 448.0
-#: e4m3 code → value (the 256 bit patterns of float8_e4m3fn as f32).
-E4M3_TABLE = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 _local = threading.local()
 _lossless = LosslessCodec()
 
@@ -89,21 +87,8 @@ def to_f32(raw: bytes | bytearray | memoryview | np.ndarray, dtype: DType) -> np
     if dtype.name == "F16":
         return buf.view(np.float16).astype(np.float32)
     if dtype.name == "BF16":
-        return buf.view(ml_dtypes.bfloat16).astype(np.float32)
+        return bf16_to_f32(buf.view(np.uint16))
     raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
-
-
-def from_f32(y: np.ndarray, dtype: DType) -> np.ndarray:
-    """Cast f32 values to ``dtype`` (round to nearest even) and return their bytes as uint8."""
-    if dtype.name == "F32":
-        out = y.astype(np.float32, copy=False)
-    elif dtype.name == "F16":
-        out = y.astype(np.float16)
-    elif dtype.name == "BF16":
-        out = y.astype(ml_dtypes.bfloat16)
-    else:
-        raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
-    return np.ascontiguousarray(out).reshape(-1).view(np.uint8)
 
 
 # --- fidelity ----------------------------------------------------------------
@@ -218,7 +203,7 @@ def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, 
         return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
     if quant.kind == "fp8":
         scale = _safe_scale(_row_absmax(xm) / np.float32(FP8_MAX))
-        q = (xm / scale[:, None]).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+        q = f32_to_e4m3(xm / scale[:, None])
         codes = q if mask is None else q[mask]
         return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
     if quant.kind == "int4":
@@ -372,7 +357,7 @@ def _pack(
         raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
         # Codes take few values and rarely repeat in runs: literal-heavy parameters
         # code them near their entropy (int4 g128: 3.70 bits vs 4.08 at level 3).
-        coder = _exponent_cctx() if sid == S_CODES else _cctx()
+        coder = exponent_cctx() if sid == S_CODES else _cctx()
         packed = coder.compress(raw) if raw else b""
         if len(packed) < len(raw):
             heads.append(_SECTION.pack(sid, _ZSTD, len(packed), len(raw)))
@@ -437,7 +422,7 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
         if coding == _ZSTD:
             # Bounded by the section's recorded size, itself bounded by raw_len above; a frame that
             # claims or produces more (a zstd bomb), or carries a second frame, is a CodecError.
-            data: bytes | bytearray | memoryview = _zstd_decompress(body, raw)
+            data: bytes | bytearray | memoryview = zstd_decompress(body, raw)
         elif coding == _RAW:
             data = body
         else:
@@ -532,17 +517,15 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
 def _cast_into(y: np.ndarray, dtype: DType, out: np.ndarray) -> None:
     """Cast f32 values to ``dtype`` (round to nearest even) into the bytes ``out``.
 
-    bf16 goes through torch's vectorized cast (4x ml_dtypes' here); the tests
-    check it gives ml_dtypes' bits (both round to nearest even).
+    bf16 rounds with :func:`~mzstore.codecs.floats.f32_to_bf16_into`; the tests
+    check it gives ml_dtypes' bits.
     """
     if dtype.name == "F32":
         out.view(np.float32)[:] = y
     elif dtype.name == "F16":
         out.view(np.float16)[:] = y
     elif dtype.name == "BF16":
-        import torch
-
-        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(y))
+        f32_to_bf16_into(y, out.view(np.uint16))
     else:
         raise CodecError(f"lossy codecs take F32, F16 or BF16 tensors, not {dtype.name}")
 
