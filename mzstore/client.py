@@ -26,6 +26,8 @@ import grpc
 from mzstore.codecs.policy import parse_policy
 from mzstore.errors import (
     ERROR_FOR_CODE,
+    ERROR_FOR_REASON,
+    REASON_KEY,
     Cancelled,
     Conflict,
     DeadlineExceeded,
@@ -34,18 +36,21 @@ from mzstore.errors import (
     MzstoreError,
     NotFound,
     ResourceExhausted,
+    SessionBusy,
+    SessionNotFound,
     Unavailable,
 )
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest
 from mzstore.format.refs import parse_ref
+from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.pull.cache import ChunkCache
 from mzstore.pull.pipeline import Fetch, PullStats, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink, StateDictSink, TensorParallelSink
-from mzstore.push.ingest import UploadData, UploadEvent, validate_begin
+from mzstore.push.protocol import UploadData, UploadEvent, validate_begin
 from mzstore.push.source import Source, check_policy_applies, open_source
 from mzstore.push.upload import begin_for, iter_events
-from mzstore.settings import KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES, Settings, is_loopback, load_settings
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback, load_settings
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
 from mzstore.wire import blob_piece
@@ -75,7 +80,9 @@ def _translate(exc: grpc.RpcError, call: str | None = None, deadline: float | No
     if name == "RESOURCE_EXHAUSTED" and details.startswith(_BUSY):
         what = call or "the call"
         return ResourceExhausted(f"the server is at its limit of concurrent calls; {what} was refused, retry later")
-    cls = ERROR_FOR_CODE.get(name, MzstoreError)
+    metadata = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    reason = next((str(v) for k, v in metadata or () if k == REASON_KEY), None)
+    cls = ERROR_FOR_REASON.get(reason or "") or ERROR_FOR_CODE.get(name, MzstoreError)
     return cls(details)
 
 
@@ -454,7 +461,7 @@ class Client:
                 log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
                 time.sleep(min(5.0, 0.2 * 2**attempt))
             except (Conflict, NotFound, IntegrityError) as exc:
-                if isinstance(exc, Conflict) and "busy" in str(exc):
+                if isinstance(exc, SessionBusy):
                     # The stream of the process that died may still hold the session until the server
                     # sees its connection close (at once, or a keepalive later on a silent network).
                     if busy_until is None:
@@ -464,7 +471,7 @@ class Client:
                         continue
                 # Taken, gone (swept, another server) or made for other bytes (the source changed
                 # since): a remembered session is dropped once and the upload starts over in a new one.
-                stale = isinstance(exc, NotFound) and "upload session" in str(exc)
+                stale = isinstance(exc, SessionNotFound)
                 if not (resumed or stale) or attempt >= retries:
                     if record is not None:
                         record.unlink(missing_ok=True)

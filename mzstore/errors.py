@@ -3,13 +3,20 @@
 Every failure mzstore reports is a :class:`MzstoreError`. Each subclass also
 derives from the builtin exception a Python user would catch for that kind
 of failure (``FileNotFoundError``, ``ValueError``…), in the manner of
-huggingface_hub's ``errors.py``. There are exactly two translation points:
-domain → ``grpc.StatusCode`` in the server (``mzstore.server.service``) and
-``grpc.RpcError`` → domain in the client (``mzstore.client``). Both use the
-table at the bottom of this module, so the mapping is defined once.
+huggingface_hub's ``errors.py``. On the gRPC wire an error is its status
+code plus, for the errors a client must tell apart from others of the same
+code (a busy upload session from another conflict), a machine-readable
+``reason`` sent as ``mzstore-reason`` trailing metadata, as huggingface_hub
+sends ``X-Error-Code``. Each side translates in one place: domain → status in
+the server (:func:`mzstore.server.service.abort_with`), status → domain in
+the client (:func:`mzstore.transport.grpc.translate`). Both use the tables at
+the bottom of this module, so the mapping is defined once; nothing branches
+on an error's text.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 
 class MzstoreError(Exception):
@@ -17,6 +24,8 @@ class MzstoreError(Exception):
 
     #: gRPC status code name used when this error crosses the wire.
     grpc_code: str = "INTERNAL"
+    #: Machine-readable reason sent beside the code (``mzstore-reason``), for errors a client acts on.
+    reason: str | None = None
 
 
 class InvalidArgument(MzstoreError, ValueError):
@@ -92,6 +101,52 @@ class PermissionDenied(MzstoreError, PermissionError):
 
     grpc_code = "PERMISSION_DENIED"
 
+
+class SessionBusy(Conflict):
+    """Another stream holds the upload session (a dead client's, not yet noticed): wait and ask again."""
+
+    reason = "session-busy"
+
+
+class SessionMismatch(Conflict):
+    """The upload session id exists for another push (other ref, policy or files)."""
+
+    reason = "session-mismatch"
+
+
+class SessionNotFound(NotFound):
+    """No such upload session on this server: swept, committed, or another server's."""
+
+    reason = "session-not-found"
+
+
+class MissingDependency(MzstoreError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra to install."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+def requires(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` for ``feature``, or fail in one line naming the pip extra that provides it.
+
+    Raises:
+        MissingDependency: ``module`` is not installed.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{feature} needs {module}: pip install 'mzstore[{extra}]'") from None
+
+
+#: Name of the gRPC trailing-metadata entry that carries :attr:`MzstoreError.reason`.
+REASON_KEY = "mzstore-reason"
+
+#: ``reason`` → the error class a client raises for it (wins over the status code).
+ERROR_FOR_REASON: dict[str, type[MzstoreError]] = {
+    cls.reason: cls for cls in (SessionBusy, SessionMismatch, SessionNotFound) if cls.reason is not None
+}
 
 #: gRPC status code name → the error class a client raises for it.
 ERROR_FOR_CODE: dict[str, type[MzstoreError]] = {

@@ -13,6 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mzstore.errors import InvalidArgument
+from mzstore.limits import (
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_TENSORS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_MANIFEST_FILES,
+    MAX_TENSORS,
+)
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ROOT = "./mzstore-data"
@@ -26,10 +37,6 @@ DEFAULT_PULL_INFLIGHT_BYTES = 256 * 1024 * 1024
 #: pull: small adjacent chunks are fetched with one range read of up to this many stored +
 #: decoded bytes (``MZSTORE_PULL_COALESCE``; 0 fetches every chunk alone)
 DEFAULT_PULL_COALESCE_BYTES = 8 * 1024 * 1024
-#: Payload bytes per gRPC message for uploads and blob reads (about 1 MiB).
-TRANSFER_BYTES = 1024 * 1024
-#: gRPC message cap; payloads are ~1 MiB so 8 MiB leaves room for headers.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 #: Deadlines, keepalive and concurrency (issue #6; see docs/architecture.md, "Deadlines and faults").
 #: Short calls (manifest, ls, tag, rm, topology), in seconds (``MZSTORE_TIMEOUT``).
@@ -46,12 +53,6 @@ KEEPALIVE_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 #: The longest any call may run on a server, whatever deadline the client sent (``MZSTORE_MAX_DEADLINE``).
 DEFAULT_MAX_DEADLINE_S = 24 * 3600.0
-
-#: Input limits on a push (issue #6), each overridable with its ``MZSTORE_MAX_*`` variable (see :class:`Limits`).
-DEFAULT_MAX_HEADER_BYTES = 100_000_000
-DEFAULT_MAX_TENSORS = 1_000_000
-DEFAULT_MAX_FILES = 10_000
-DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**4
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,8 @@ def _int(env: Mapping[str, str], key: str, default: int, *, allow_zero: bool = F
     try:
         parsed = int(value)
     except ValueError:
-        from mzstore.errors import InvalidArgument
-
         raise InvalidArgument(f"{key} must be an integer, got {value!r}") from None
     if parsed < 0 or (parsed == 0 and not allow_zero):
-        from mzstore.errors import InvalidArgument
-
         raise InvalidArgument(f"{key} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
     return parsed
 
@@ -179,8 +176,6 @@ def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
     except ValueError:
         parsed = float("nan")
     if not 0 < parsed < float("inf"):
-        from mzstore.errors import InvalidArgument
-
         raise InvalidArgument(f"{key} must be a positive number of seconds, got {value!r}")
     return parsed
 
@@ -218,11 +213,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+def _at_most(env: Mapping[str, str], key: str, default: int, ceiling: int) -> int:
+    """A positive integer no larger than the parsers' hard ``ceiling`` (see :mod:`mzstore.limits`)."""
+    value = _int(env, key, default)
+    if value > ceiling:
+        raise InvalidArgument(f"{key} must be at most {ceiling} (what every client can parse), got {value}")
+    return value
+
+
 def load_limits(env: Mapping[str, str]) -> Limits:
-    """:class:`Limits` from ``MZSTORE_MAX_*`` (positive integers)."""
+    """:class:`Limits` from ``MZSTORE_MAX_*`` (positive integers, within the hard ceilings of :mod:`mzstore.limits`)."""
     return Limits(
-        header_bytes=_int(env, "MZSTORE_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
-        tensors=_int(env, "MZSTORE_MAX_TENSORS", DEFAULT_MAX_TENSORS),
-        files=_int(env, "MZSTORE_MAX_FILES", DEFAULT_MAX_FILES),
+        header_bytes=_at_most(env, "MZSTORE_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES, MAX_HEADER_BYTES),
+        tensors=_at_most(env, "MZSTORE_MAX_TENSORS", DEFAULT_MAX_TENSORS, MAX_TENSORS),
+        files=_at_most(env, "MZSTORE_MAX_FILES", DEFAULT_MAX_FILES, MAX_MANIFEST_FILES),
         upload_bytes=_int(env, "MZSTORE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
     )

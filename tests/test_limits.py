@@ -27,9 +27,11 @@ from mzstore.format import manifest as manifest_mod
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from mzstore.format.safetensors import build_header, parse_header, read_header_len
+from mzstore.limits import DEFAULT_MAX_UPLOAD_BYTES
 from mzstore.pull.pipeline import decode_verified
-from mzstore.push.ingest import Ingest, UploadBegin, UploadData, UploadEnd, UploadFile, validate_begin
-from mzstore.settings import DEFAULT_MAX_UPLOAD_BYTES, Limits, load_settings
+from mzstore.push.ingest import Ingest
+from mzstore.push.protocol import UploadBegin, UploadData, UploadEnd, UploadFile, validate_begin
+from mzstore.settings import Limits, load_settings
 from mzstore.storage.store import Store
 
 MiB = 1024 * 1024

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
-from mzstore.push.ingest import Ingest, UploadData, UploadEnd
+from mzstore.push.ingest import Ingest
+from mzstore.push.protocol import UploadData, UploadEnd
 from mzstore.push.sessions import UploadSessions
 from mzstore.push.source import open_source
 from mzstore.push.upload import begin_for, iter_events
@@ -66,10 +67,10 @@ def test_interrupted_upload_resumes_at_reported_offsets_and_commits_once(model: 
     status = sessions.append(sid, iter(rest))
     assert status.complete
 
-    result = sessions.commit(sid, _ingest(store))
+    result = sessions.commit(sid, _ingest(store).run)
     assert not (tmp_path / "uploads" / sid).exists()  # a committed session is gone
     with pytest.raises(NotFound):
-        sessions.commit(sid, _ingest(store))
+        sessions.commit(sid, _ingest(store).run)
     # The committed model is exactly what a streamed push stores.
     direct = _ingest(Store(tmp_path / "other")).run(begin, iter_events(src))
     assert direct.digest == result.digest
@@ -96,7 +97,7 @@ def test_sessions_refuse_bad_input_and_keep_what_arrived(model: Path, tmp_path: 
         sessions.append(sid, iter([UploadEnd(w, 100, hashlib.sha256(b"y" * 100).hexdigest())]))
     assert sessions.status(sid).received[w] == 100
     with pytest.raises(InvalidArgument, match="incomplete"):
-        sessions.commit(sid, _ingest(Store(tmp_path / "store")))
+        sessions.commit(sid, _ingest(Store(tmp_path / "store")).run)
 
 
 def test_altered_bytes_fail_the_commit_and_store_nothing(model: Path, tmp_path: Path) -> None:
@@ -113,7 +114,7 @@ def test_altered_bytes_fail_the_commit_and_store_nothing(model: Path, tmp_path: 
     raw[-10] ^= 0xFF  # bit rot on the server's disk between the upload and the commit
     data.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError):
-        sessions.commit(sid, _ingest(Store(store_dir)))
+        sessions.commit(sid, _ingest(Store(store_dir)).run)
     assert not (tmp_path / "uploads" / sid).exists()
     assert not (store_dir / "refs").exists() or not any((store_dir / "refs").rglob("*"))
 

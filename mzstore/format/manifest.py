@@ -31,20 +31,20 @@ from mzstore.errors import FormatError
 from mzstore.format.dtypes import get_dtype, nbytes_for
 from mzstore.format.hashing import Buffer, blake3_hex
 from mzstore.format.refs import validate_digest
-from mzstore.format.safetensors import MAX_HEADER_BYTES, parse_header
+from mzstore.format.safetensors import parse_header
+from mzstore.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_CODEC_NAME,
+    MAX_HEADER_BYTES,
+    MAX_INT,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_FILES,
+    MAX_PATH_BYTES,
+    MAX_RANK,
+    MAX_TENSORS,
+)
 
 SCHEMA = "mzstore.manifest.v1"
-#: Limits a parsed manifest must respect (issue #6); a pull never allocates on an unchecked size.
-MAX_MANIFEST_BYTES = 512 * 1024 * 1024
-MAX_PATH_BYTES = 4096
-MAX_FILES = 100_000
-MAX_TENSORS = 1_000_000
-#: Largest decoded (and stored) chunk: what one pull worker may allocate for one chunk.
-MAX_CHUNK_BYTES = 1024 * 1024 * 1024
-#: Every size and offset fits a signed 64-bit integer (numpy, torch, ftruncate and pwrite take int64).
-MAX_INT = 2**63 - 1
-MAX_RANK = 16
-MAX_CODEC_NAME = 64
 
 
 @dataclass
@@ -310,7 +310,7 @@ def _header_bytes(f: dict[str, Any], where: str) -> bytes:
     return data
 
 
-def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: int = MAX_FILES) -> Manifest:
+def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: int = MAX_MANIFEST_FILES) -> Manifest:
     """Parse and validate manifest bytes.
 
     Every size is checked before it is used: integers fit 64 bits, chunks

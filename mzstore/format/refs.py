@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 
 from mzstore.errors import InvalidName
+from mzstore.limits import MAX_NAME_LENGTH
 
-MAX_NAME_LENGTH = 255
 DEFAULT_TAG = "latest"
 
 _COMPONENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")

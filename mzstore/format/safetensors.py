@@ -24,14 +24,8 @@ from typing import Any
 
 from mzstore.errors import FormatError
 from mzstore.format.dtypes import DType, get_dtype, nbytes_for
+from mzstore.limits import MAX_HEADER_BYTES, MAX_NAME_BYTES, MAX_RANK, MAX_TENSORS
 
-#: Largest header accepted (the reference implementation's limit).
-MAX_HEADER_BYTES = 100_000_000
-#: Most tensors accepted in one file (a 100 MB header could otherwise list about 2 million).
-MAX_TENSORS = 1_000_000
-#: Largest rank and dimension accepted; guards the arithmetic below.
-MAX_RANK = 16
-MAX_NAME_BYTES = 1024
 METADATA_KEY = "__metadata__"
 
 

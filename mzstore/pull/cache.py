@@ -37,12 +37,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mzstore.durable import write_file
 from mzstore.errors import IntegrityError
 from mzstore.format.manifest import Chunk, Manifest, digest_of, parse_manifest
 
@@ -140,16 +140,8 @@ class ChunkCache:
         self.path(chunk).unlink(missing_ok=True)
 
     def _write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Atomic, not flushed: every entry is checked when read, and a lost one is fetched again.
+        write_file(path, data, durable=False, tmp_dir=self.tmp)
 
     # -- manifests --------------------------------------------------------
     def put_manifest(self, ref: str, server: str, digest: str, data: bytes) -> None:

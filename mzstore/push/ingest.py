@@ -7,7 +7,7 @@ How it works::
                       safetensors: 8-byte prefix → strict header parse →
                                    plan row chunks → fill one chunk at a time
                       other files: fixed-size byte chunks
-                    each full chunk → worker pool: sha256(raw) + codec.encode
+                    each full chunk → worker pool: BLAKE3(raw) + codec.encode
                     results drained in order → ShardWriter (spool → sealed shard blobs)
     UploadEnd   ──▶ size and sha256 of the file checked against what arrived
     end of stream ─▶ seal last shard → manifest → ref (Store.commit)
@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +37,23 @@ from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
 from mzstore.format.dtypes import DType, get_dtype
 from mzstore.format.hashing import blake3_hex
-from mzstore.format.manifest import MAX_CHUNK_BYTES, MAX_INT, Chunk, FileEntry, Manifest, TensorEntry, validate_relpath
+from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
 from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import parse_header, read_header_len
+from mzstore.limits import MAX_CHUNK_BYTES
 from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor, row_bytes
+from mzstore.push.protocol import (
+    PushResult,
+    UploadBegin,
+    UploadData,
+    UploadEvent,
+    UploadFile,
+    UploadState,
+    validate_begin,
+)
 from mzstore.push.shards import ShardWriter
 from mzstore.settings import Limits
 from mzstore.storage.store import Store
-
-#: Codec policies this server can apply on ingest.
-FILE_KINDS = ("safetensors", "file")
-SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
-MAX_FILES = Limits().files
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -58,98 +63,6 @@ def _encode_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="mzstore-encode")
     return _pool
-
-
-# --- upload events (transport-agnostic; the gRPC layer translates protos into these)
-
-
-@dataclass(frozen=True)
-class UploadFile:
-    path: str
-    size: int
-    kind: str
-
-
-@dataclass(frozen=True)
-class UploadBegin:
-    ref: str
-    codec: str
-    files: list[UploadFile]
-    source_kind: str = "hf-dir"
-    annotations: dict[str, str] = field(default_factory=dict)
-    keep: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class UploadData:
-    file: int
-    offset: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class UploadEnd:
-    file: int
-    size: int
-    sha256: str
-
-
-UploadEvent = UploadData | UploadEnd
-
-
-@dataclass(frozen=True)
-class PushResult:
-    ref: str
-    digest: str
-    bytes_raw: int
-    bytes_stored: int
-    bytes_received: int
-    tensors: int
-    chunks: int
-    shards: int
-
-
-def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
-    """Check everything about a push that can be checked before any data.
-
-    Args:
-        begin: the push's first message.
-        limits: the server's limits; ``None`` (the client) checks only the structure.
-
-    Raises:
-        InvalidArgument: bad ref, policy, kinds, paths or sizes.
-        ResourceExhausted: more files or declared bytes than ``limits`` allow.
-    """
-    parse_ref(begin.ref)
-    if parse_ref(begin.ref).digest:
-        raise InvalidArgument("push to a name[:tag], not to a digest")
-    parse_policy(begin.codec, begin.keep)
-    if begin.source_kind not in SOURCE_KINDS:
-        raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
-    if not begin.files:
-        raise InvalidArgument("push has no files")
-    if limits is not None and len(begin.files) > limits.files:
-        raise ResourceExhausted(
-            f"push has {len(begin.files)} files, more than the limit of {limits.files} (MZSTORE_MAX_FILES)"
-        )
-    seen = set()
-    for f in begin.files:
-        try:
-            validate_relpath(f.path)
-        except FormatError as exc:
-            raise InvalidArgument(str(exc)) from None
-        if f.path in seen:
-            raise InvalidArgument(f"file {f.path!r} is listed twice")
-        seen.add(f.path)
-        if f.kind not in FILE_KINDS:
-            raise InvalidArgument(f"file {f.path!r} has unknown kind {f.kind[:40]!r}")
-        if f.size < 0 or f.size > MAX_INT:
-            raise InvalidArgument(f"file {f.path!r} has an invalid size {f.size}")
-    total = sum(f.size for f in begin.files)
-    if limits is not None and total > limits.upload_bytes:
-        raise ResourceExhausted(
-            f"push declares {total} bytes, more than the limit of {limits.upload_bytes} (MZSTORE_MAX_UPLOAD_BYTES)"
-        )
 
 
 #: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin).
@@ -328,39 +241,31 @@ class Ingest:
         )
 
     def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:
-        it = iter(events)
-        for index, upload in enumerate(begin.files):
-            sink = (
-                _SafetensorsSink(self, upload, self.policy) if upload.kind == "safetensors" else _FileSink(self, upload)
-            )
-            hasher = hashlib.sha256()
-            received = 0
-            while True:
-                event = next(it, None)
-                if event is None:
-                    raise IntegrityError(f"upload ended early: {upload.path} has {received} of {upload.size} bytes")
-                if event.file != index:
-                    raise InvalidArgument(f"expected data for file #{index} ({upload.path}), got file #{event.file}")
-                if isinstance(event, UploadEnd):
-                    break
-                if event.offset != received:
-                    raise InvalidArgument(f"{upload.path}: data at offset {event.offset}, expected {received}")
-                if received + len(event.data) > upload.size:
-                    raise IntegrityError(f"{upload.path}: more data than its declared {upload.size} bytes")
+        """Feed each file's bytes to its sink as they arrive; check every event and every file's sha256."""
+        state = UploadState(begin, in_order=True)
+        current: tuple[_SafetensorsSink | _FileSink, Any] | None = None  # the open file's sink and hasher
+        for event in events:
+            state.accept(event)
+            upload = begin.files[event.file]
+            if current is None:
+                sink = (
+                    _SafetensorsSink(self, upload, self.policy)
+                    if upload.kind == "safetensors"
+                    else _FileSink(self, upload)
+                )
+                current = (sink, hashlib.sha256())
+            sink, hasher = current
+            if isinstance(event, UploadData):
                 hasher.update(event.data)
-                received += len(event.data)
                 self.bytes_received += len(event.data)
                 sink.feed(memoryview(event.data))
-            if event.size != upload.size or received != upload.size:
-                raise IntegrityError(
-                    f"{upload.path}: declared {upload.size} bytes, received {received}, end says {event.size}"
-                )
+                continue
             sha = hasher.hexdigest()
             if event.sha256 != sha:
                 raise IntegrityError(f"{upload.path}: sha256 mismatch (upload altered or truncated)")
             self.files.append(sink.finish(sha))
-        if next(it, None) is not None:
-            raise InvalidArgument("data after the last file")
+            current = None
+        state.finish()
 
 
 class _SafetensorsSink:
@@ -379,23 +284,24 @@ class _SafetensorsSink:
         if upload.size < 8:
             raise FormatError(f"{upload.path}: not a safetensors file: {upload.size} bytes, need at least 8")
 
-    def feed(self, data: memoryview) -> None:
+    @contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        """The header parsers do not know which file they read: their errors get its path."""
         try:
-            self._feed(data)
+            yield
         except FormatError as exc:
-            if str(exc).startswith(self.upload.path):
-                raise
             raise FormatError(f"{self.upload.path}: {exc}") from None
 
-    def _feed(self, data: memoryview) -> None:
+    def feed(self, data: memoryview) -> None:
         if self.header_text is None:
             self.buf += data
             if self.header_len is None:
                 if len(self.buf) < 8:
                     return
-                self.header_len = read_header_len(
-                    bytes(self.buf[:8]), self.upload.size, max_header=self.ingest.limits.header_bytes
-                )
+                with self._naming_the_file():
+                    self.header_len = read_header_len(
+                        bytes(self.buf[:8]), self.upload.size, max_header=self.ingest.limits.header_bytes
+                    )
             if len(self.buf) < 8 + self.header_len:
                 return
             self._start(bytes(self.buf[8 : 8 + self.header_len]))
@@ -405,7 +311,8 @@ class _SafetensorsSink:
 
     def _start(self, header_bytes: bytes) -> None:
         limit = self.ingest.limits.tensors
-        header = parse_header(header_bytes, self.upload.size, max_tensors=limit)
+        with self._naming_the_file():
+            header = parse_header(header_bytes, self.upload.size, max_tensors=limit)
         if len(self.ingest.tensors) + len(header.tensors) > limit:
             raise ResourceExhausted(
                 f"{self.upload.path}: push has more than {limit} tensors, the limit (MZSTORE_MAX_TENSORS)"

@@ -42,15 +42,19 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
-from mzstore.push.ingest import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
-from mzstore.settings import TRANSFER_BYTES
-from mzstore.storage.node import process_gone
+from mzstore.durable import process_gone, write_json
+from mzstore.errors import IntegrityError, InvalidArgument, SessionBusy, SessionMismatch, SessionNotFound
+from mzstore.limits import TRANSFER_BYTES
+from mzstore.push.protocol import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile, UploadState
+
+#: What a commit hands the kept upload to: the server's ingest (``Ingest(...).run``).
+Ingestor = Callable[[UploadBegin, Iterable[UploadEvent]], PushResult]
+
 
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 #: Received offsets are recorded at least this often within a stream.
@@ -73,23 +77,6 @@ class SessionStatus:
         return all(self.ended)
 
 
-def _write_json(path: Path, obj: object, durable: bool = True) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if not durable:
-        return
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class UploadSessions:
     """Every upload session under one directory."""
 
@@ -106,13 +93,13 @@ class UploadSessions:
     def _locked(self, session: str) -> Iterator[Path]:
         path = self._path(session)
         if not (path / "begin.json").exists():
-            raise NotFound(f"no upload session {session} on this server (expired, or another server's)")
+            raise SessionNotFound(f"no upload session {session} on this server (expired, or another server's)")
         fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise Conflict(f"upload session {session} is busy with another stream") from None
+                raise SessionBusy(f"upload session {session} is busy with another stream") from None
             os.utime(path)  # last activity, for the sweep
             yield path
         finally:
@@ -125,7 +112,7 @@ class UploadSessions:
         record = asdict(begin)
         if (path / "begin.json").exists():
             if json.loads((path / "begin.json").read_text()) != json.loads(json.dumps(record)):
-                raise Conflict(f"upload session {session} exists for another push")
+                raise SessionMismatch(f"upload session {session} exists for another push")
             with self._locked(session):  # a stream still running (a dead client's, not yet noticed): busy
                 return self.status(session)  # and its offsets are final, not a checkpoint behind
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +120,8 @@ class UploadSessions:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "data").mkdir(parents=True)
         n = len(begin.files)
-        _write_json(tmp / "progress.json", {"received": [0] * n, "ends": [None] * n})
-        _write_json(tmp / "begin.json", record)
+        write_json(tmp / "progress.json", {"received": [0] * n, "ends": [None] * n})
+        write_json(tmp / "begin.json", record)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -163,7 +150,9 @@ class UploadSessions:
         try:
             progress = json.loads((path / "progress.json").read_text())
         except FileNotFoundError:
-            raise NotFound(f"no upload session {session} on this server (expired, or another server's)") from None
+            raise SessionNotFound(
+                f"no upload session {session} on this server (expired, or another server's)"
+            ) from None
         return SessionStatus(session, progress["received"], [e is not None for e in progress["ends"]])
 
     def append(self, session: str, events: Iterable[UploadEvent]) -> SessionStatus:
@@ -181,43 +170,35 @@ class UploadSessions:
         with self._locked(session) as path:
             begin = self.begin_of(session)
             progress = json.loads((path / "progress.json").read_text())
-            received: list[int] = progress["received"]
             ends: list[dict[str, object] | None] = progress["ends"]
+            state = UploadState(begin, progress["received"], [e is not None for e in ends])
+            received = state.received  # advanced by state.accept
             fds: dict[int, int] = {}
             unsynced = 0
 
             def sync() -> None:
-                _write_json(path / "progress.json", {"received": received, "ends": ends}, durable=False)
+                write_json(path / "progress.json", {"received": received, "ends": ends}, durable=False)
 
             try:
                 for event in events:
                     i = event.file
-                    if not 0 <= i < len(begin.files):
-                        raise InvalidArgument(f"file index {i} is not in this upload")
                     if isinstance(event, UploadData):
-                        if ends[i] is not None:
-                            raise InvalidArgument(f"{begin.files[i].path} already ended")
-                        if event.offset != received[i]:
-                            raise InvalidArgument(
-                                f"{begin.files[i].path}: data at offset {event.offset}, expected {received[i]}"
-                            )
-                        if received[i] + len(event.data) > begin.files[i].size:
-                            raise IntegrityError(f"{begin.files[i].path} is longer than its declared size")
-                        if i not in fds:
-                            fds[i] = os.open(path / "data" / str(i), os.O_WRONLY | os.O_CREAT, 0o600)
-                            os.ftruncate(fds[i], received[i])  # drop bytes a crash left unrecorded
-                        os.pwrite(fds[i], event.data, received[i])
-                        received[i] += len(event.data)
+                        offset = received[i] if 0 <= i < len(received) else 0
+                        state.accept(event)  # the offset is the recorded one, the file not ended nor too long
+                        try:
+                            if i not in fds:
+                                fds[i] = os.open(path / "data" / str(i), os.O_WRONLY | os.O_CREAT, 0o600)
+                                os.ftruncate(fds[i], offset)  # drop bytes a crash left unrecorded
+                            os.pwrite(fds[i], event.data, offset)
+                        except BaseException:
+                            received[i] = offset  # progress records written bytes only
+                            raise
                         unsynced += len(event.data)
                         if unsynced >= SYNC_EVERY:
                             sync()
                             unsynced = 0
                     else:
-                        if event.size != received[i] or event.size != begin.files[i].size:
-                            raise IntegrityError(
-                                f"{begin.files[i].path}: ended at {event.size} bytes, received {received[i]}"
-                                f" of {begin.files[i].size}"
-                            )
+                        state.accept(event)
                         ends[i] = {"size": event.size, "sha256": event.sha256}
                     yield event
             finally:
@@ -228,7 +209,7 @@ class UploadSessions:
     def record_result(self, session: str, result: PushResult) -> None:
         """The upload was ingested as it arrived: keep the result for the commit, drop the bytes."""
         path = self._path(session)
-        _write_json(path / "result.json", asdict(result))
+        write_json(path / "result.json", asdict(result))
         shutil.rmtree(path / "data", ignore_errors=True)
 
     def drop(self, session: str) -> None:
@@ -251,7 +232,7 @@ class UploadSessions:
                         offset += len(block)
             yield UploadEnd(i, int(end["size"]), str(end["sha256"]))
 
-    def commit(self, session: str, ingest: object) -> PushResult:
+    def commit(self, session: str, ingest: Ingestor) -> PushResult:
         """Ingest the kept upload and remove the session (also when the upload turns out bad)."""
         with self._locked(session) as path:
             if (path / "result.json").exists():  # already ingested while it streamed in
@@ -263,7 +244,7 @@ class UploadSessions:
                 missing = [self.begin_of(session).files[i].path for i, e in enumerate(status.ended) if not e]
                 raise InvalidArgument(f"upload session {session} is incomplete: {', '.join(missing[:3])} not ended")
             try:
-                result: PushResult = ingest.run(self.begin_of(session), self.events(session))  # type: ignore[attr-defined]
+                result = ingest(self.begin_of(session), self.events(session))
             except (IntegrityError, InvalidArgument):
                 shutil.rmtree(path, ignore_errors=True)  # bad bytes: resuming cannot fix them
                 raise

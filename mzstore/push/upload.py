@@ -1,7 +1,7 @@
 """Client-side upload: source files → upload events (transport-agnostic).
 
 Each file is read in ``TRANSFER_BYTES`` pieces with their offsets, and
-closed by an :class:`~mzstore.push.ingest.UploadEnd` carrying its size and
+closed by an :class:`~mzstore.push.protocol.UploadEnd` carrying its size and
 the sha256 of what was read, which the server checks; the gRPC client wraps
 these events in protos.
 """
@@ -12,9 +12,9 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 
 from mzstore.errors import IntegrityError
-from mzstore.push.ingest import UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
+from mzstore.limits import TRANSFER_BYTES
+from mzstore.push.protocol import UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
 from mzstore.push.source import Source
-from mzstore.settings import TRANSFER_BYTES
 
 
 def begin_for(

@@ -30,11 +30,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mzstore.errors import InvalidArgument
+from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.push.sessions import UploadSessions
 from mzstore.server.auth import TokenFile, TokenInterceptor
 from mzstore.server.service import StoreService
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
-from mzstore.settings import KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES, Settings, is_loopback
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
 from mzstore.storage.node import LocalNode, open_node, sweep_temp
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2, store_pb2_grpc

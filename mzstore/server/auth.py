@@ -60,7 +60,6 @@ REQUIRED_SCOPE = {
     "Push": "write",
     "StartUpload": "write",
     "Upload": "write",
-    "GetUpload": "write",
     "CommitUpload": "write",
     "Tag": "write",
     "Delete": "admin",

@@ -1,8 +1,10 @@
 """gRPC servicer: proto → domain → library call → proto.
 
 The only place where domain errors become gRPC status codes
-(:func:`_abort`). Handlers stay short: pushes are handed to
-:class:`~mzstore.push.ingest.Ingest`, reads to the :class:`Store`. The
+(:func:`abort_with`; an error's ``reason`` travels as ``mzstore-reason``
+trailing metadata). Handlers stay short: every upload, streamed or through a
+session, is ingested by :meth:`StoreService.ingest`
+(:class:`~mzstore.push.ingest.Ingest`); reads go to the :class:`Store`. The
 server never decodes stored data on pull; it streams blob bytes.
 
 Deadlines and cancellation (issue #6): the long calls, Push and ReadBlob,
@@ -21,7 +23,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,8 +31,8 @@ from typing import Any, TypeVar
 import grpc
 
 from mzstore.errors import (
+    REASON_KEY,
     Cancelled,
-    Conflict,
     DeadlineExceeded,
     FormatError,
     IntegrityError,
@@ -39,8 +41,9 @@ from mzstore.errors import (
     ResourceExhausted,
 )
 from mzstore.format.refs import parse_ref
-from mzstore.push.ingest import (
-    Ingest,
+from mzstore.limits import TRANSFER_BYTES
+from mzstore.push.ingest import Ingest
+from mzstore.push.protocol import (
     PushResult,
     UploadBegin,
     UploadData,
@@ -50,7 +53,7 @@ from mzstore.push.ingest import (
     validate_begin,
 )
 from mzstore.push.sessions import SessionStatus, UploadSessions
-from mzstore.settings import TRANSFER_BYTES, Settings
+from mzstore.settings import Settings
 from mzstore.storage.store import Store
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
@@ -60,12 +63,14 @@ log = logging.getLogger("mzstore.server")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """Translate a domain error into a gRPC status (the one translation point)."""
+def abort_with(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Translate a domain error into a gRPC status (the one translation point), its reason into metadata."""
     if isinstance(exc, grpc.RpcError):  # a request stream broke: the client cancelled or went away
         exc = Cancelled("the client cancelled the call or went away")
     if isinstance(exc, MzstoreError):
         code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+        if exc.reason is not None:
+            context.set_trailing_metadata(((REASON_KEY, exc.reason),))
         context.abort(code, str(exc))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         # Spool and temp files on the server's own disk: the store's nodes map this themselves.
@@ -74,24 +79,28 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}")
 
 
-def _handler(fn: F) -> F:
+def handler(fn: F) -> F:
+    """A unary handler whose errors become gRPC statuses (see :func:`abort_with`)."""
+
     @wraps(fn)
     def wrapper(self: StoreService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - translated, never leaked
-            _abort(context, exc)
+            abort_with(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
 
-def _stream_handler(fn: F) -> F:
+def stream_handler(fn: F) -> F:
+    """A streaming handler whose errors become gRPC statuses (see :func:`abort_with`)."""
+
     @wraps(fn)
     def wrapper(self: StoreService, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from fn(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            abort_with(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
@@ -215,46 +224,45 @@ class StoreService(pb_grpc.StoreServicer):
         self.deadlines = _DeadlineCap(settings.max_deadline_s)
         #: Upload sessions live on the server's local disk: beside the spool, else in the system temp dir.
         uploads = spool_dir / "uploads" if spool_dir is not None else Path(tempfile.gettempdir()) / "mzstore-uploads"
-        self.sessions: UploadSessions | None = UploadSessions(uploads)
+        self.sessions = UploadSessions(uploads)
 
-    @_handler
+    @handler
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
         expiry = self.deadlines.start(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("msg") != "begin":
             raise InvalidArgument("a push must start with a begin message")
         begin = _begin(first.begin)
-        ingest = self._ingest()
 
         def check() -> None:
             self.deadlines.check(expiry, "the push")
 
-        result = ingest.run(begin, _events(request_iterator, context, check))
-        log.info("pushed %s %s (%d → %d bytes)", result.ref, result.digest, result.bytes_raw, result.bytes_stored)
-        return _push_response(result)
+        return _push_response(self.ingest(begin, _events(request_iterator, context, check)))
 
-    def _ingest(self) -> Ingest:
-        return Ingest(
+    def ingest(self, begin: UploadBegin, events: Iterable[UploadEvent], session: str | None = None) -> PushResult:
+        """Encode and commit one upload: the one ingest path of every push (streamed, or an upload session's)."""
+        result = Ingest(
             self.store,
             chunk_bytes=self.settings.chunk_bytes,
             shard_bytes=self.settings.shard_bytes,
             spool_dir=self.spool_dir,
             limits=self.settings.limits,
+        ).run(begin, events)
+        how = f"upload session {session}" if session else "streamed"
+        log.info(
+            "pushed %s %s (%d → %d bytes, %s)", result.ref, result.digest, result.bytes_raw, result.bytes_stored, how
         )
+        return result
 
     # -- resumable uploads (mzstore.push.sessions) ------------------------------
-    def _sessions(self) -> UploadSessions:
-        if self.sessions is None:
-            raise Conflict("this server has no local disk for upload sessions; push with resumable=False")
-        return self.sessions
 
-    @_handler
+    @handler
     def StartUpload(self, request: pb.StartUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
         begin = _begin(request.begin)
         validate_begin(begin, self.settings.limits)  # refuse before the client sends a byte
-        return _status(self._sessions().start(request.session, begin))
+        return _status(self.sessions.start(request.session, begin))
 
-    @_handler
+    @handler
     def Upload(self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext) -> pb.UploadStatus:
         expiry = self.deadlines.start(context)
         first = next(request_iterator, None)
@@ -268,7 +276,7 @@ class StoreService(pb_grpc.StoreServicer):
             yield first
             yield from request_iterator
 
-        sessions = self._sessions()
+        sessions = self.sessions
         events = _events(requests(), context, check)
         status = sessions.status(first.session)
         if any(status.received) or any(status.ended):
@@ -277,7 +285,7 @@ class StoreService(pb_grpc.StoreServicer):
         # meanwhile so that a break can be resumed (the commit then replays them).
         stream = sessions.stream(first.session, events)
         try:
-            result = self._ingest().run(sessions.begin_of(first.session), stream)
+            result = self.ingest(sessions.begin_of(first.session), stream, first.session)
         except (FormatError, IntegrityError, InvalidArgument, ResourceExhausted) as exc:
             stream.close()  # records what arrived and releases the session
             if not isinstance(exc, ResourceExhausted):
@@ -286,25 +294,19 @@ class StoreService(pb_grpc.StoreServicer):
         finally:
             stream.close()
         sessions.record_result(first.session, result)
-        log.info("pushed %s %s (upload session %s)", result.ref, result.digest, first.session)
         return _status(sessions.status(first.session))
 
-    @_handler
-    def GetUpload(self, request: pb.GetUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
-        return _status(self._sessions().status(request.session))
-
-    @_handler
+    @handler
     def CommitUpload(self, request: pb.CommitUploadRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        result = self._sessions().commit(request.session, self._ingest())
-        log.info("pushed %s %s (upload session %s)", result.ref, result.digest, request.session)
-        return _push_response(result)
+        session = request.session
+        return _push_response(self.sessions.commit(session, lambda begin, events: self.ingest(begin, events, session)))
 
-    @_handler
+    @handler
     def GetManifest(self, request: pb.GetManifestRequest, context: grpc.ServicerContext) -> pb.GetManifestResponse:
         ref, digest = self.store.resolve(request.ref)
         return pb.GetManifestResponse(ref=str(ref), digest=digest, manifest=self.store.get_manifest(digest))
 
-    @_stream_handler
+    @stream_handler
     def ReadBlob(self, request: pb.ReadBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """The range as serialized ``BlobChunk`` messages (see :func:`mzstore.wire.blob_chunk`)."""
         size = self.store.blob_size(request.digest)
@@ -324,12 +326,12 @@ class StoreService(pb_grpc.StoreServicer):
             yield blob_chunk(offset, data)
             offset += n
 
-    @_handler
+    @handler
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         entries = self.store.list_refs(request.name or None)
         return pb.ListResponse(refs=[pb.RefEntry(name=e.name, tag=e.tag, digest=e.digest) for e in entries])
 
-    @_handler
+    @handler
     def Tag(self, request: pb.TagRequest, context: grpc.ServicerContext) -> pb.TagResponse:
         _, digest = self.store.resolve(request.source)
         target = parse_ref(request.target)
@@ -338,7 +340,7 @@ class StoreService(pb_grpc.StoreServicer):
         self.store.set_ref(target.name, target.tag, digest)
         return pb.TagResponse(ref=f"{target.name}:{target.tag}", digest=digest)
 
-    @_handler
+    @handler
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         ref = parse_ref(request.ref)
         if ref.digest:
@@ -346,7 +348,7 @@ class StoreService(pb_grpc.StoreServicer):
         digest = self.store.delete_ref(ref.name, ref.tag)
         return pb.DeleteResponse(ref=f"{ref.name}:{ref.tag}", digest=digest)
 
-    @_handler
+    @handler
     def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.Topology:
         nodes = [pb.NodeInfo(url=n.url, endpoint_url=getattr(n, "endpoint_url", None) or "") for n in self.store.nodes]
         return pb.Topology(nodes=nodes, replicas=self.store.replicas)

@@ -57,15 +57,14 @@ from mzstore.errors import (
     DeadlineExceeded,
     IntegrityError,
     InvalidArgument,
-    MzstoreError,
     NotFound,
     Unavailable,
 )
 from mzstore.format.manifest import digest_of, parse_manifest
 from mzstore.format.refs import Ref, parse_ref, validate_digest
-from mzstore.server.service import StoreService, _handler
+from mzstore.server.service import StoreService, handler
 from mzstore.settings import Settings
-from mzstore.storage.node import LocalNode, Node, temp_prefix
+from mzstore.storage.node import LocalNode, Node, node_has, temp_prefix
 from mzstore.storage.store import RefEntry, Staged, Store, blob_key
 from mzstore.v1 import store_pb2 as pb
 from mzstore.wire import blob_piece
@@ -141,13 +140,6 @@ class _KeyedLocks:
                 users[0] -= 1
                 if users[0] == 0:
                     del self._locks[key]
-
-
-def _exists(node: Node, key: str) -> bool:
-    try:
-        return node.exists(key)
-    except (MzstoreError, OSError):
-        return False
 
 
 class PullThroughStore(Store):
@@ -292,7 +284,7 @@ class PullThroughStore(Store):
 
     def _on_some_node(self, digest: str) -> bool:
         key = blob_key(digest)
-        return any(_exists(n, key) for n in self.nodes)
+        return any(node_has(n, key) for n in self.nodes)
 
     def _ensure_blob(self, digest: str) -> None:
         """Fill ``digest`` from upstream unless a local node has it (one fill per digest at a time)."""
@@ -389,23 +381,23 @@ class PullThroughService(StoreService):
         super().__init__(store, settings)
         self.cache = store
 
-    @_handler
+    @handler
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
         raise self.cache.read_only("push")
 
-    @_handler
+    @handler
     def StartUpload(self, request: pb.StartUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
         raise self.cache.read_only("push")
 
-    @_handler
+    @handler
     def Tag(self, request: pb.TagRequest, context: grpc.ServicerContext) -> pb.TagResponse:
         raise self.cache.read_only("tag")
 
-    @_handler
+    @handler
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         raise self.cache.read_only("rm")
 
-    @_handler
+    @handler
     def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.Topology:
         # The cache's nodes hold only what has been pulled through it: direct readers would miss the rest.
         raise Conflict(

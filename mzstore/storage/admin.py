@@ -27,8 +27,8 @@ from typing import Any
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound
 from mzstore.format.manifest import parse_manifest
-from mzstore.storage.node import Node
-from mzstore.storage.store import Store, _exists, _stream, blob_key, digest_from_key, manifest_key
+from mzstore.storage.node import Node, node_has, read_stream
+from mzstore.storage.store import Store, blob_key, digest_from_key, manifest_key
 
 DEFAULT_GRACE_S = 24 * 3600
 
@@ -105,7 +105,7 @@ def fsck(store: Store, repair: bool = False) -> Report:
             report.lost.append(digest)
             continue
         for node in store.nodes:
-            if not _exists(node, manifest_key(digest)):
+            if not node_has(node, manifest_key(digest)):
                 report.missing.append(f"{node.url} manifest {digest}")
                 if repair:
                     node.write(manifest_key(digest), [data])
@@ -124,7 +124,7 @@ def fsck(store: Store, repair: bool = False) -> Report:
                 continue
             (report.missing if state is None else report.corrupt).append(f"{node.url} {digest}")
             if repair:
-                node.write(blob_key(digest), _stream(good[0], blob_key(digest)))
+                node.write(blob_key(digest), read_stream(good[0], blob_key(digest)))
                 report.repaired.append(f"{node.url} {digest}")
         if repair:
             for node in store.nodes:
@@ -144,7 +144,7 @@ def rebalance(store: Store) -> Report:
         report.manifests += 1
         data = store.get_manifest(digest)
         for node in store.nodes:
-            if not _exists(node, manifest_key(digest)):
+            if not node_has(node, manifest_key(digest)):
                 node.write(manifest_key(digest), [data])
     for entry in store.list_refs():
         store.set_ref(entry.name, entry.tag, entry.digest)
@@ -162,7 +162,7 @@ def rebalance(store: Store) -> Report:
             continue
         for node in targets:
             if node not in nodes:
-                node.write(blob_key(digest), _stream(source, blob_key(digest)))
+                node.write(blob_key(digest), read_stream(source, blob_key(digest)))
                 report.moved += 1
         for node in nodes:
             if node not in targets:

@@ -26,7 +26,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from mzstore.errors import Conflict, InvalidArgument, MzstoreError, NotFound, ResourceExhausted, Unavailable
+from mzstore import durable
+from mzstore.durable import process_gone
+from mzstore.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidArgument,
+    MzstoreError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 TMP_DIR = "tmp"
 #: Temp files older than this are swept whoever wrote them (a writer on another host, say).
@@ -36,19 +46,6 @@ TEMP_MAX_AGE_S = 24 * 3600
 def temp_prefix(stem: str) -> str:
     """``stem~HOST~PID~``: temp files name their writer, so a restarted server can sweep the dead ones."""
     return f"{stem}~{socket.gethostname()}~{os.getpid()}~"
-
-
-def process_gone(pid: str) -> bool:
-    """True when ``pid`` (decimal text) names no running process on this host; False if unsure."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # running, as another user
-        return False
-    return False
 
 
 def _writer_is_dead(name: str) -> bool:
@@ -107,6 +104,30 @@ class Node(Protocol):
         ...
 
 
+def node_has(node: Node, key: str) -> bool:
+    """Whether ``node`` holds ``key``; an unreachable or failing node counts as not holding it."""
+    try:
+        return node.exists(key)
+    except (MzstoreError, OSError):
+        return False
+
+
+#: Block size of :func:`read_stream`.
+STREAM_BLOCK = 8 * 1024 * 1024
+
+
+def read_stream(node: Node, key: str) -> Iterator[bytes]:
+    """The bytes of ``key`` on ``node``, in blocks (an object that ends early is an :class:`IntegrityError`)."""
+    size = node.size(key)
+    offset = 0
+    while offset < size:
+        block = node.read(key, offset, min(STREAM_BLOCK, size - offset))
+        if not block:
+            raise IntegrityError(f"{key} on {node.url} ended early")
+        yield block
+        offset += len(block)
+
+
 def _map_oserror(exc: OSError, key: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"storage node is full while writing {key}")
@@ -136,31 +157,15 @@ class LocalNode:
         """Write ``chunks`` durably to a temp file for ``key``; :meth:`publish` makes it visible."""
         tmp = self.root / TMP_DIR / f"{temp_prefix(Path(key).name)}{uuid.uuid4().hex}.part"
         try:
-            with open(tmp, "wb") as fh:
-                for chunk in chunks:
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+            return durable.write_temp(tmp, chunks)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise _map_oserror(exc, key) from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return tmp
 
     def publish(self, staged: Path, key: str) -> None:
         """Atomically move a staged file to ``key`` (rename, then fsync the directory)."""
-        final = self._path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            _fsync_dir(final.parent)
+            durable.replace(staged, self._path(key))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                staged.unlink()
             raise _map_oserror(exc, key) from exc
 
     def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
@@ -212,14 +217,6 @@ class LocalNode:
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
                 yield (Path(dirpath) / name).relative_to(self.root).as_posix()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 #: Options each protocol gets unless the caller passes its own (dicts merge one

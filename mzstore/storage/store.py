@@ -51,7 +51,7 @@ from mzstore.errors import Conflict, FormatError, IntegrityError, InvalidArgumen
 from mzstore.format.manifest import digest_of
 from mzstore.format.refs import Ref, parse_ref, validate_digest, validate_name, validate_tag
 from mzstore.storage import placement
-from mzstore.storage.node import LocalNode, Node, open_node
+from mzstore.storage.node import LocalNode, Node, node_has, open_node, read_stream
 
 log = logging.getLogger("mzstore.storage")
 BLOCK = 8 * 1024 * 1024
@@ -145,7 +145,7 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         """True when every target node holds the blob (what a commit requires)."""
         key = blob_key(digest)
-        return all(_exists(n, key) for n in self.targets(digest))
+        return all(node_has(n, key) for n in self.targets(digest))
 
     def stage_blob(self, source: Path, prefix: bytes = b"") -> tuple[str, Staged]:
         """Store ``prefix`` + content of ``source`` on the blob's target nodes.
@@ -189,7 +189,7 @@ class Store:
         key = blob_key(digest)
         try:
             for node in self.targets(digest):
-                if _exists(node, key):
+                if node_has(node, key):
                     continue
                 if isinstance(node, LocalNode):
                     staged.pending.append((node, node.stage(key, blocks())))
@@ -315,10 +315,10 @@ class Store:
                 self._verified.discard((node.url, digest))
             try:
                 if node.url not in targets:
-                    if _exists(node, key):
+                    if node_has(node, key):
                         node.delete(key)  # a corrupt stray copy: drop it
                     continue
-                node.write(key, _stream(source, key))
+                node.write(key, read_stream(source, key))
                 log.warning("repaired blob %s on %s from %s", digest, node.url, source.url)
             except (MzstoreError, OSError) as exc:
                 log.warning("could not repair blob %s on %s: %s", digest, node.url, exc)
@@ -343,7 +343,7 @@ class Store:
         digest = digest_of(data)
         key = manifest_key(digest)
         for node in self.nodes:
-            if not _exists(node, key):
+            if not node_has(node, key):
                 node.write(key, [data])
         return digest
 
@@ -378,7 +378,7 @@ class Store:
         raise NotFound(f"manifest {digest} not found")
 
     def has_manifest(self, digest: str) -> bool:
-        return any(_exists(n, manifest_key(digest)) for n in self.nodes)
+        return any(node_has(n, manifest_key(digest)) for n in self.nodes)
 
     # -- refs -----------------------------------------------------------------
     def set_ref(self, name: str, tag: str, digest: str) -> None:
@@ -479,21 +479,3 @@ class Store:
         digest = self.put_manifest(manifest)
         self.set_ref(name, tag, digest)
         return digest
-
-
-def _exists(node: Node, key: str) -> bool:
-    try:
-        return node.exists(key)
-    except (MzstoreError, OSError):
-        return False
-
-
-def _stream(node: Node, key: str) -> Iterator[bytes]:
-    size = node.size(key)
-    offset = 0
-    while offset < size:
-        block = node.read(key, offset, min(BLOCK, size - offset))
-        if not block:
-            raise IntegrityError(f"{key} on {node.url} ended early")
-        yield block
-        offset += len(block)

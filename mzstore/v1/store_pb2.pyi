@@ -213,12 +213,6 @@ class UploadRequest(_message.Message):
     end: FileEnd
     def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[FileData, _Mapping]] = ..., end: _Optional[_Union[FileEnd, _Mapping]] = ...) -> None: ...
 
-class GetUploadRequest(_message.Message):
-    __slots__ = ("session",)
-    SESSION_FIELD_NUMBER: _ClassVar[int]
-    session: str
-    def __init__(self, session: _Optional[str] = ...) -> None: ...
-
 class CommitUploadRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]

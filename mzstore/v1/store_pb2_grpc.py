@@ -79,11 +79,6 @@ class StoreStub:
                 request_serializer=mzstore_dot_v1_dot_store__pb2.UploadRequest.SerializeToString,
                 response_deserializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
                 _registered_method=True)
-        self.GetUpload = channel.unary_unary(
-                '/mzstore.v1.Store/GetUpload',
-                request_serializer=mzstore_dot_v1_dot_store__pb2.GetUploadRequest.SerializeToString,
-                response_deserializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
-                _registered_method=True)
         self.CommitUpload = channel.unary_unary(
                 '/mzstore.v1.Store/CommitUpload',
                 request_serializer=mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.SerializeToString,
@@ -160,12 +155,6 @@ class StoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetUpload(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def CommitUpload(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -218,11 +207,6 @@ def add_StoreServicer_to_server(servicer, server):
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
                     request_deserializer=mzstore_dot_v1_dot_store__pb2.UploadRequest.FromString,
-                    response_serializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.SerializeToString,
-            ),
-            'GetUpload': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetUpload,
-                    request_deserializer=mzstore_dot_v1_dot_store__pb2.GetUploadRequest.FromString,
                     response_serializer=mzstore_dot_v1_dot_store__pb2.UploadStatus.SerializeToString,
             ),
             'CommitUpload': grpc.unary_unary_rpc_method_handler(
@@ -473,33 +457,6 @@ class Store:
             target,
             '/mzstore.v1.Store/Upload',
             mzstore_dot_v1_dot_store__pb2.UploadRequest.SerializeToString,
-            mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetUpload(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/mzstore.v1.Store/GetUpload',
-            mzstore_dot_v1_dot_store__pb2.GetUploadRequest.SerializeToString,
             mzstore_dot_v1_dot_store__pb2.UploadStatus.FromString,
             options,
             channel_credentials,

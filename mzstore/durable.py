@@ -1,0 +1,139 @@
+"""Durable local writes: temp name → fsync → rename → fsync of the directory.
+
+Every file mzstore writes for keeps on a local disk goes through here: blobs,
+manifests and refs of a local storage node, upload-session records, the
+chunk cache, staged pull output. A reader (another server over the same
+root, a pull racing a push) must never see a half-written file, and a crash
+must leave either the old state or the new one: the bytes are written under
+a temporary name, flushed to the disk, renamed over the final name (atomic
+on POSIX), and the directory is flushed so the rename itself survives a
+power loss. huggingface_hub's ``_download_to_tmp_and_move`` follows the
+same reasoning.
+
+``durable=False`` keeps the atomic rename but skips the flushes, for data
+that is checked on every read anyway and merely costs a refetch when lost
+(the chunk cache, upload-session progress).
+
+Temp names carry the writer's pid (:func:`process_gone` tells whether it
+still runs), so leftovers of killed processes can be swept safely while a
+live writer's files are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+Data = bytes | bytearray | memoryview
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (a rename in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file someone else wrote (by path) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(tmp: Path, data: Data | Iterable[Data], *, durable: bool = True) -> Path:
+    """Write ``data`` (bytes, or an iterable of byte blocks) to the new file ``tmp``; fsync it if ``durable``.
+
+    On any failure the partial file is removed and the error re-raised.
+    """
+    blocks: Iterable[Data] = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with open(tmp, "wb") as fh:
+            for block in blocks:
+                fh.write(block)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def replace(tmp: Path, final: Path, *, durable: bool = True) -> None:
+    """Rename ``tmp`` over ``final`` (creating its parent directories) and flush the directory if ``durable``.
+
+    On failure ``tmp`` is removed and the error re-raised.
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        if durable:
+            fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def temp_name(final: Path, tmp_dir: Path | None = None) -> Path:
+    """A fresh temp path for ``final``: in ``tmp_dir`` (same file system) or beside it, naming this pid."""
+    where = tmp_dir if tmp_dir is not None else final.parent
+    return where / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+
+
+def write_file(final: Path, data: Data | Iterable[Data], *, durable: bool = True, tmp_dir: Path | None = None) -> None:
+    """Write ``final`` atomically: readers see the old file or the whole new one, never a part.
+
+    Args:
+        final: the file to (re)write.
+        data: its bytes, or an iterable of byte blocks.
+        durable: flush file and directory to the disk (off: atomic, not crash-proof).
+        tmp_dir: where the temp file goes (default: beside ``final``); same file system.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if tmp_dir is not None:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    replace(write_temp(temp_name(final, tmp_dir), data, durable=durable), final, durable=durable)
+
+
+def write_json(
+    final: Path, obj: Any, *, durable: bool = True, indent: int | None = None, sort_keys: bool = False
+) -> None:
+    """:func:`write_file` of ``obj`` as JSON (``indent``/``sort_keys`` as :func:`json.dumps`; a newline at the end)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + ("\n" if indent is not None else "")
+    write_file(final, text.encode("utf-8"), durable=durable)
+
+
+#: The largest pid Linux hands out (``/proc/sys/kernel/pid_max`` can be at most 2**22).
+MAX_PID = 2**22
+
+
+def process_gone(pid: str) -> bool:
+    """True when ``pid`` (decimal text) names no running process on this host; False if unsure.
+
+    A number no pid can have (0, or above :data:`MAX_PID`) is gone: ``os.kill`` would signal the
+    process group, or overflow.
+    """
+    if not pid.isdigit():
+        return False
+    number = int(pid)
+    if number == 0 or number > MAX_PID:
+        return True
+    try:
+        os.kill(number, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # running, as another user
+        return False
+    return False

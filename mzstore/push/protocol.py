@@ -1,0 +1,195 @@
+"""The upload protocol, transport-agnostic: the events of a push and the rules they follow.
+
+A push is a :class:`UploadBegin` (ref, policy, the files with their sizes
+and kinds) followed by, per file, :class:`UploadData` pieces at increasing
+offsets and one :class:`UploadEnd` with the file's size and sha256. The
+client makes these events from a source (:mod:`mzstore.push.upload`); a
+transport carries them (gRPC today: one ``Push`` stream, or an upload
+session fed by any number of ``Upload`` streams); the server checks them
+with one :class:`UploadState` and ingests them (:mod:`mzstore.push.ingest`).
+
+Two delivery modes share the same rules:
+
+* **streamed** (``in_order=True``): files arrive one after the other, each
+  complete, as one stream — the ingest reads it as it arrives;
+* **session** (``in_order=False``): any file may continue, always exactly at
+  the offset the server recorded for it, so a broken stream resumes there
+  (:mod:`mzstore.push.sessions`).
+
+:func:`validate_begin` checks everything that can be checked before any
+data (the client calls it too, to fail before uploading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mzstore.codecs.policy import parse_policy
+from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
+from mzstore.format.manifest import validate_relpath
+from mzstore.format.refs import parse_ref
+from mzstore.limits import MAX_INT
+from mzstore.settings import Limits
+
+#: Kinds of uploaded files: parsed as safetensors, or stored as plain bytes.
+FILE_KINDS = ("safetensors", "file")
+#: What the client pushed from (recorded in the manifest).
+SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path: str
+    size: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class UploadBegin:
+    ref: str
+    codec: str
+    files: list[UploadFile]
+    source_kind: str = "hf-dir"
+    annotations: dict[str, str] = field(default_factory=dict)
+    keep: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UploadData:
+    file: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UploadEnd:
+    file: int
+    size: int
+    sha256: str
+
+
+UploadEvent = UploadData | UploadEnd
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a committed push stored (the server's answer)."""
+
+    ref: str
+    digest: str
+    bytes_raw: int
+    bytes_stored: int
+    bytes_received: int
+    tensors: int
+    chunks: int
+    shards: int
+
+
+def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
+    """Check everything about a push that can be checked before any data.
+
+    Args:
+        begin: the push's first message.
+        limits: the server's limits; ``None`` (the client) checks only the structure.
+
+    Raises:
+        InvalidArgument: bad ref, policy, kinds, paths or sizes.
+        ResourceExhausted: more files or declared bytes than ``limits`` allow.
+    """
+    if parse_ref(begin.ref).digest:
+        raise InvalidArgument("push to a name[:tag], not to a digest")
+    parse_policy(begin.codec, begin.keep)
+    if begin.source_kind not in SOURCE_KINDS:
+        raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
+    if not begin.files:
+        raise InvalidArgument("push has no files")
+    if limits is not None and len(begin.files) > limits.files:
+        raise ResourceExhausted(
+            f"push has {len(begin.files)} files, more than the limit of {limits.files} (MZSTORE_MAX_FILES)"
+        )
+    seen = set()
+    for f in begin.files:
+        try:
+            validate_relpath(f.path)
+        except FormatError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if f.path in seen:
+            raise InvalidArgument(f"file {f.path!r} is listed twice")
+        seen.add(f.path)
+        if f.kind not in FILE_KINDS:
+            raise InvalidArgument(f"file {f.path!r} has unknown kind {f.kind[:40]!r}")
+        if f.size < 0 or f.size > MAX_INT:
+            raise InvalidArgument(f"file {f.path!r} has an invalid size {f.size}")
+    total = sum(f.size for f in begin.files)
+    if limits is not None and total > limits.upload_bytes:
+        raise ResourceExhausted(
+            f"push declares {total} bytes, more than the limit of {limits.upload_bytes} (MZSTORE_MAX_UPLOAD_BYTES)"
+        )
+
+
+class UploadState:
+    """How far each file of an upload got, and the one set of rules every event is checked against.
+
+    Args:
+        begin: the upload's first message (its files and declared sizes).
+        received: bytes already held per file (a resumed session); default none.
+        ended: files already ended; default none.
+        in_order: a streamed push: files arrive one after the other, each ended before the next.
+
+    Raises (from :meth:`accept` and :meth:`finish`):
+        InvalidArgument: an event out of place (unknown file, wrong offset, a file after its end,
+            another file than the current one in a streamed push, data after the last file).
+        IntegrityError: more bytes than declared, an end at another size, a stream that ends early.
+    """
+
+    def __init__(
+        self,
+        begin: UploadBegin,
+        received: Sequence[int] | None = None,
+        ended: Sequence[bool] | None = None,
+        *,
+        in_order: bool = False,
+    ) -> None:
+        self.files = begin.files
+        self.received = list(received) if received is not None else [0] * len(self.files)
+        self.ended = list(ended) if ended is not None else [False] * len(self.files)
+        self.in_order = in_order
+        #: The file a streamed push expects next.
+        self.current = 0
+
+    def accept(self, event: UploadEvent) -> None:
+        """Check ``event`` against the upload so far and record it."""
+        i = event.file
+        if self.in_order:
+            if self.current >= len(self.files):
+                raise InvalidArgument("data after the last file")
+            if i != self.current:
+                f = self.files[self.current]
+                raise InvalidArgument(f"expected data for file #{self.current} ({f.path}), got file #{i}")
+        elif not 0 <= i < len(self.files):
+            raise InvalidArgument(f"file index {i} is not in this upload")
+        f = self.files[i]
+        if self.ended[i]:
+            raise InvalidArgument(f"{f.path} already ended")
+        if isinstance(event, UploadData):
+            if event.offset != self.received[i]:
+                raise InvalidArgument(f"{f.path}: data at offset {event.offset}, expected {self.received[i]}")
+            if self.received[i] + len(event.data) > f.size:
+                raise IntegrityError(f"{f.path} is longer than its declared {f.size} bytes")
+            self.received[i] += len(event.data)
+            return
+        if event.size != self.received[i] or event.size != f.size:
+            raise IntegrityError(f"{f.path}: ended at {event.size} bytes, received {self.received[i]} of {f.size}")
+        self.ended[i] = True
+        self.current = i + 1
+
+    def finish(self) -> None:
+        """The stream is over: a streamed push must have ended every file."""
+        if self.in_order and self.current < len(self.files):
+            f = self.files[self.current]
+            raise IntegrityError(f"upload ended early: {f.path} has {self.received[self.current]} of {f.size} bytes")
+
+    @property
+    def complete(self) -> bool:
+        return all(self.ended)
