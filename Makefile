@@ -27,6 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy mzstore
 	$(PY) scripts/gen_protos.py --check
+	$(PY) scripts/limits_table.py --check
 
 test: setup lint
 	$(PY) -m pytest -q -m "not slow"

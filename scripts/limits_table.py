@@ -76,7 +76,9 @@ def main() -> int:
     new = render(doc)
     if args.check:
         if new != doc:
-            print("docs/architecture.md: the limits table is stale; run python scripts/limits_table.py", file=sys.stderr)
+            print(
+                "docs/architecture.md: the limits table is stale; run python scripts/limits_table.py", file=sys.stderr
+            )
             return 1
         return 0
     DOC.write_text(new)
