@@ -52,6 +52,15 @@ MAX_CODEC_NAME = 64
 #: Longest model name (``org/model``), in characters.
 MAX_NAME_LENGTH = 255
 
+# --- annotations (mzstore.push.protocol) -------------------------------------------
+
+#: Most annotations (lineage notes such as ``fine-tuned-from``) one push may record.
+MAX_ANNOTATIONS = 64
+#: Longest annotation key, in characters.
+MAX_ANNOTATION_KEY = 128
+#: Longest annotation value, in UTF-8 bytes.
+MAX_ANNOTATION_VALUE = 4096
+
 # --- the wire (mzstore.transport.grpc, mzstore.server) -----------------------------
 
 #: Payload bytes per gRPC message for uploads and blob reads (about 1 MiB).

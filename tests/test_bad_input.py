@@ -273,7 +273,7 @@ def _assert_still_serving(client: Client, tmp_path: Path) -> None:
 
 def test_integrity_error_type_is_client_visible(server: RunningServer, tmp_path: Path) -> None:
     """DATA_LOSS from the server becomes IntegrityError in the client."""
-    from mzstore.client import _translate
+    from mzstore.transport.grpc import translate as _translate
 
     class Fake(grpc.RpcError):
         def code(self) -> grpc.StatusCode:
@@ -283,3 +283,63 @@ def test_integrity_error_type_is_client_visible(server: RunningServer, tmp_path:
             return "x: sha256 mismatch"
 
     assert isinstance(_translate(Fake()), IntegrityError)
+
+
+def test_a_reason_in_trailing_metadata_picks_the_error_class() -> None:
+    """``mzstore-reason`` wins over the status code; an unknown reason falls back to the code."""
+    from mzstore.errors import Conflict, SessionBusy, SessionMismatch, SessionNotFound
+    from mzstore.transport.grpc import translate
+
+    class Fake(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, reason: str | None) -> None:
+            self._code, self._reason = code, reason
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return "anything at all"
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("mzstore-reason", self._reason),) if self._reason else ()
+
+    precondition, not_found = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND
+    assert type(translate(Fake(precondition, "session-busy"))) is SessionBusy
+    assert type(translate(Fake(precondition, "session-mismatch"))) is SessionMismatch
+    assert type(translate(Fake(not_found, "session-not-found"))) is SessionNotFound
+    assert type(translate(Fake(precondition, None))) is Conflict
+    assert type(translate(Fake(precondition, "from-a-future-server"))) is Conflict
+
+
+def test_a_busy_upload_session_says_so_in_trailing_metadata(server: RunningServer, tmp_path: Path) -> None:
+    """The server sends the reason beside the status, and the client raises the typed error for it."""
+    import fcntl
+    import os
+    import uuid
+
+    from mzstore.errors import SessionBusy
+    from mzstore.push.source import open_source
+    from mzstore.push.upload import begin_for
+    from mzstore.transport.grpc import begin_proto, translate
+    from mzstore.v1 import store_pb2 as pb
+    from mzstore.v1 import store_pb2_grpc as pb_grpc
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    begin = begin_for(open_source(path), "test/busy:v1", "lossless")
+    session = uuid.uuid4().hex
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.StoreStub(channel)
+        stub.StartUpload(pb.StartUploadRequest(session=session, begin=begin_proto(begin)), timeout=10)
+        # Another stream holds the session: it keeps the session's lock file flock'ed while it appends.
+        lock = server.store.nodes[0].tempdir() / "uploads" / session / "lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.StartUpload(pb.StartUploadRequest(session=session, begin=begin_proto(begin)), timeout=10)
+        finally:
+            os.close(fd)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("mzstore-reason", "session-busy") in tuple(err.value.trailing_metadata())
+    assert isinstance(translate(err.value), SessionBusy)

@@ -20,7 +20,6 @@ from mzstore.client import Client
 from mzstore.errors import InvalidArgument
 from mzstore.pull.device import DeviceMapSink, DeviceStateDictSink, PinnedStaging
 from mzstore.pull.device_map import balanced_split, blocks_of, match_prefix, name_mapping, plan_devices
-from mzstore.pull.plan import plan_pull
 from mzstore.server.app import build_server
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -365,8 +364,7 @@ def test_compact_chunks_decode_on_the_host_for_cpu_tensors(small_client: Client,
     sink = DeviceMapSink(manifest, placement)
     assert not sink.compact_codecs
     sink.compact_codecs = DeviceStateDictSink.compact_codecs  # as when one of the devices is a GPU
-    small_client._run(plan_pull(manifest, tensors_only=True), sink)
-    got = sink.result()
+    got, _ = small_client.puller().run(manifest, sink)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert _same(got[name], tensor), name

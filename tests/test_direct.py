@@ -142,9 +142,10 @@ def test_direct_pull_with_unreachable_nodes_is_a_clear_error(tmp_path: Path) -> 
             c.push(tmp_path / "src", "m:1")
         with Client(running.address, cache=False, direct=True) as c:
             # The client cannot see the server's disk: simulate by reading from an empty place.
-            from mzstore.pull.direct import DirectReader
+            from mzstore.transport.direct import DirectReader, DirectTransport
 
-            c._direct = DirectReader([open_node(tmp_path / "elsewhere")])
+            assert isinstance(c.transport, DirectTransport)
+            c.transport = DirectTransport(c.transport.control, DirectReader([open_node(tmp_path / "elsewhere")]))
             with pytest.raises(FileNotFoundError, match="none of the storage nodes"):
                 c.pull("m:1", tmp_path / "out")
         assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -155,7 +156,7 @@ def test_direct_pull_with_unreachable_nodes_is_a_clear_error(tmp_path: Path) -> 
 def test_direct_reader_reports_unreachable_s3(s3_env: str) -> None:  # noqa: F811
     from s3 import dead_endpoint
 
-    from mzstore.pull.direct import DirectReader
+    from mzstore.transport.direct import DirectReader
 
     reader = DirectReader.open([("s3://nowhere/prefix", dead_endpoint())])
     with pytest.raises(Unavailable, match="reachable"):

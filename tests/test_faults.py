@@ -22,13 +22,14 @@ import torch
 from faultproxy import FaultProxy
 from safetensors.torch import save_file
 
-from mzstore.client import Client, _proto_events, rpc_errors
+from mzstore.client import Client
 from mzstore.errors import DeadlineExceeded, MzstoreError, ResourceExhausted, Unavailable
 from mzstore.push.source import open_source
 from mzstore.push.upload import begin_for, iter_events
 from mzstore.server.app import RunningServer, build_server
 from mzstore.settings import Settings, load_settings
 from mzstore.storage.store import Store
+from mzstore.transport.grpc import push_requests, rpc_errors
 from mzstore.v1 import store_pb2 as pb
 
 SERVER = Settings(chunk_bytes=64 * 1024, shard_bytes=512 * 1024)
@@ -179,7 +180,7 @@ def test_byte_limit_mid_pull(running: RunningServer, proxy: FaultProxy, src: Pat
         assert proxy.forwarded == proxy.byte_limit  # not one byte more
         assert _finals(out) == []
         proxy.heal()
-        grpc.channel_ready_future(c._channel).result(timeout=5)  # gRPC's reconnect backoff
+        grpc.channel_ready_future(c.transport.channel).result(timeout=5)  # gRPC's reconnect backoff
         c.pull("org/m:v1", out)
     _same_files(src, out)
 
@@ -271,14 +272,14 @@ def test_blackhole_mid_push_fails_within_its_deadline(
 def _stalled_push(src: Path, stall: threading.Event, after: int = 3) -> Iterator[pb.PushRequest]:
     """Push messages for ``src`` that stop after ``after`` messages until ``stall`` is set."""
     source = open_source(src)
-    for i, msg in enumerate(_proto_events(begin_for(source, "org/m:v1", "lossless", None, ()), iter_events(source))):
+    for i, msg in enumerate(push_requests(begin_for(source, "org/m:v1", "lossless", None, ()), iter_events(source))):
         if i == after:
             stall.wait(30)
         yield msg
 
 
 def _read_one(c: Client, digest: str) -> Any:
-    call = c._stub.ReadBlob(pb.ReadBlobRequest(digest=digest, offset=0, length=0), timeout=30)
+    call = c.transport.stub.ReadBlob(pb.ReadBlobRequest(digest=digest, offset=0, length=0), timeout=30)
     next(call)
     return call
 
@@ -309,7 +310,7 @@ def test_concurrency_limit_and_cancelled_calls_free_their_handlers(src: Path, bi
             store.delay = 0.0
             # a push cancelled mid-stream stops its ingest and leaves nothing behind
             stall = threading.Event()
-            future = c._stub.Push.future(_stalled_push(src, stall), timeout=30)
+            future = c.transport.stub.Push.future(_stalled_push(src, stall), timeout=30)
             time.sleep(0.3)
             future.cancel()
             stall.set()
@@ -331,14 +332,14 @@ def test_server_caps_call_duration(src: Path, big: Path, tmp_path: Path) -> None
             store.delay = 0.6
             start = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="maximum call time of 1 s"), rpc_errors("ReadBlob", 30):
-                list(c._stub.ReadBlob(pb.ReadBlobRequest(digest=blob), timeout=30))
+                list(c.transport.stub.ReadBlob(pb.ReadBlobRequest(digest=blob), timeout=30))
             assert time.monotonic() - start < 2.5
             store.delay = 0.0
             # a push stalled by its client is cancelled by the server
             stall = threading.Event()
             start = time.monotonic()
             with pytest.raises(Exception) as err:
-                c._stub.Push(_stalled_push(src, stall), timeout=30)
+                c.transport.stub.Push(_stalled_push(src, stall), timeout=30)
             stall.set()
             assert time.monotonic() - start < 1.0 + 1.0 + 1.0  # max + grace + slack
             assert err.value.code().name in ("CANCELLED", "DEADLINE_EXCEEDED")
@@ -358,12 +359,12 @@ def test_every_client_call_has_a_deadline(monkeypatch: pytest.MonkeyPatch, src: 
     server = build_server(tmp_path / "store", "127.0.0.1:0", SERVER)
     try:
         with _client(server.address) as c:
-            stub = c._stub
-            # ReadBlob goes through the client's raw-reply callable (see mzstore.client.blob_piece).
-            targets = [(stub, name) for name in CALLS if name != "ReadBlob"] + [(c, "_read_blob")]
+            stub = c.transport.stub
+            # ReadBlob goes through the transport's raw-reply callable (see mzstore.transport.wire.blob_piece).
+            targets = [(stub, name) for name in CALLS if name != "ReadBlob"] + [(c.transport, "read_blob_call")]
             for obj, attr in targets:
                 real = getattr(obj, attr)
-                name = "ReadBlob" if attr == "_read_blob" else attr
+                name = "ReadBlob" if attr == "read_blob_call" else attr
 
                 def spy(*args: Any, _name: str = name, _real: Any = real, **kw: Any) -> Any:
                     seen.append((_name, kw.get("timeout")))

@@ -290,8 +290,8 @@ def test_codec_decode_random_payloads(codec: str, dtype: str, raw_len: int, payl
 @fuzz
 @given(st.integers(0, 2**64 - 1), st.binary(max_size=3000))
 def test_blob_piece_reads_what_protobuf_wrote(offset: int, data: bytes) -> None:
+    from mzstore.transport.wire import blob_piece
     from mzstore.v1 import store_pb2 as pb
-    from mzstore.wire import blob_piece
 
     got_offset, got = blob_piece(pb.BlobChunk(offset=offset, data=data).SerializeToString())
     assert (got_offset, bytes(got)) == (offset, data)
@@ -301,8 +301,8 @@ def test_blob_piece_reads_what_protobuf_wrote(offset: int, data: bytes) -> None:
 @given(st.integers(0, 2**64 - 1), st.binary(max_size=3000))
 def test_blob_chunk_writes_what_protobuf_writes(offset: int, data: bytes) -> None:
     """The server's hand-encoded replies are byte for byte protobuf's, so any gRPC client reads them."""
+    from mzstore.transport.wire import blob_chunk
     from mzstore.v1 import store_pb2 as pb
-    from mzstore.wire import blob_chunk
 
     wire = blob_chunk(offset, data)
     assert wire == pb.BlobChunk(offset=offset, data=data).SerializeToString()
@@ -312,8 +312,8 @@ def test_blob_chunk_writes_what_protobuf_writes(offset: int, data: bytes) -> Non
 
 def test_blob_piece_other_encodings_go_through_protobuf() -> None:
     from mzstore.errors import IntegrityError
+    from mzstore.transport.wire import blob_piece
     from mzstore.v1 import store_pb2 as pb
-    from mzstore.wire import blob_piece
 
     wire = pb.BlobChunk(offset=300, data=b"payload").SerializeToString()
     # Fields in the other order, and an unknown field (number 3, varint 7), which protobuf skips.
@@ -330,7 +330,7 @@ def test_blob_piece_other_encodings_go_through_protobuf() -> None:
 @given(st.binary(max_size=64))
 def test_blob_piece_random_bytes(message: bytes) -> None:
     from mzstore.errors import IntegrityError
-    from mzstore.wire import blob_piece
+    from mzstore.transport.wire import blob_piece
 
     try:
         offset, data = blob_piece(message)

@@ -28,12 +28,12 @@ from mzstore.client import Client
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.manifest import Manifest
 from mzstore.pull.compressed_tensors import (
-    export_keep_quantized,
     exportable,
     pack_codes,
     pack_zero_points,
     plan_export,
 )
+from mzstore.pull.keep_quantized import export_keep_quantized
 
 pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
@@ -368,15 +368,17 @@ def test_corrupt_chunks_are_caught_and_nothing_is_written(
     seen = {"n": 0}
 
     def fetch(blob: str, offset: int, length: int, *, times: int) -> bytearray:
+        """Reads that cover the target chunk (alone, or in a coalesced range read) get its last byte flipped."""
         data = small_client.fetch(blob, offset, length)
-        if (blob, offset) == (target.blob, target.offset) and seen["n"] < times:
+        end = target.offset + target.length
+        if blob == target.blob and offset <= target.offset and end <= offset + length and seen["n"] < times:
             seen["n"] += 1
-            data[-1] ^= 0x01  # a flipped bit in the codes: still decodes, fails the sha256
+            data[end - 1 - offset] ^= 0x01  # a flipped bit in the codes: still decodes, fails the hash
         return data
 
     out = tmp_path / "out"
     with pytest.raises(IntegrityError, match=r"rows \[256, 384\] of model.layers.1.mlp.up_proj.weight"):
-        export_keep_quantized(manifest, lambda b, o, n: fetch(b, o, n, times=2), out)
+        export_keep_quantized(manifest, lambda b, o, n: fetch(b, o, n, times=100), out)  # every copy is bad
     assert list(out.iterdir()) == []  # no final files, no staging left
 
     seen["n"] = 0  # corrupted once: the re-fetch is good and the export completes

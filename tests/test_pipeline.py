@@ -32,7 +32,7 @@ def _pull_and_check(manifest, fetch, out: Path, src: Path, workers: int = 2, **k
     sink = DirectorySink(out, manifest)
     sink.open()
     stats = run_pull(plan_pull(manifest), fetch, sink, workers=workers, **kw)
-    sink.commit()
+    sink.finish()
     got, want = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     return stats
@@ -95,7 +95,7 @@ def test_workers_are_concurrent_streams(small_client: Client, pushed: Path, tmp_
     sink = DirectorySink(tmp_path / "out", manifest)
     sink.open()
     run_pull(tasks, fetch, sink, workers=4, coalesce_bytes=0)
-    sink.commit()
+    sink.finish()
     assert most[0] == 4
 
 
@@ -130,9 +130,9 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
 ) -> None:
     import os
 
-    from mzstore.pull import sinks
+    from mzstore.pull import staging
 
-    monkeypatch.setattr(sinks, "FLUSH_BYTES", 64 * 1024)
+    monkeypatch.setattr(staging, "FLUSH_BYTES", 64 * 1024)
     synced: list[int] = []
     real = os.fdatasync
 
@@ -140,7 +140,7 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
         synced.append(fd)
         real(fd)
 
-    monkeypatch.setattr(sinks.os, "fdatasync", counting)
+    monkeypatch.setattr(staging.os, "fdatasync", counting)
     small_client.pull("p:1", tmp_path / "out")
     # 8 tensors of 256 KiB: several background syncs ran before the commit's fsync.
     assert len(synced) >= 3
@@ -151,7 +151,7 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sinks.os, "fdatasync", failing)
+    monkeypatch.setattr(staging.os, "fdatasync", failing)
     with pytest.raises(OSError, match="Input/output error"):
         small_client.pull("p:1", tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()

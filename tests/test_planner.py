@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mzstore.errors import FormatError
-from mzstore.format.dtypes import DTYPES, nbytes_for
-from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor, row_bytes
+from mzstore.format.dtypes import DTYPES, nbytes_for, row_bytes
+from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
 
 ALL_DTYPES = sorted(DTYPES)
 

@@ -62,7 +62,7 @@ def test_two_servers_over_one_root_see_the_same_models(root: Path, tmp_path: Pat
 
 
 def test_a_generated_stub_reads_blobs(server: RunningServer, root: Path, tmp_path: Path) -> None:
-    """ReadBlob replies are encoded by hand (mzstore.wire); any gRPC client's protobuf must read them."""
+    """ReadBlob replies are encoded by hand (mzstore.transport.wire); any gRPC client's protobuf must read them."""
     from mzstore.storage.store import blob_key
     from mzstore.v1 import store_pb2, store_pb2_grpc
 

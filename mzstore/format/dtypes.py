@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mzstore.errors import FormatError
@@ -64,6 +65,14 @@ def get_dtype(name: str) -> DType:
         return DTYPES[name]
     except (KeyError, TypeError):
         raise FormatError(f"unknown dtype {str(name)[:40]!r}") from None
+
+
+def row_bytes(dtype: DType, shape: tuple[int, ...] | list[int]) -> int | None:
+    """Bytes per dim-0 row, or ``None`` if rows are not whole bytes or there are no rows."""
+    if not shape:
+        return None
+    bits = dtype.bits * math.prod(shape[1:])
+    return bits // 8 if bits % 8 == 0 else None
 
 
 def nbytes_for(dtype: DType, numel: int) -> int:

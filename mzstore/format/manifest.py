@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mzstore.errors import FormatError
-from mzstore.format.dtypes import get_dtype, nbytes_for
+from mzstore.format.dtypes import get_dtype, nbytes_for, row_bytes
 from mzstore.format.hashing import Buffer, blake3_hex
 from mzstore.format.refs import validate_digest
 from mzstore.format.safetensors import parse_header
@@ -421,7 +421,7 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
             raise FormatError(f"manifest: {where} chunks do not add up to the tensor size")
         if 8 + len(headers[entry.file]) + offsets[1] > sizes_by_path[entry.file]:
             raise FormatError(f"manifest: {where} lies outside its file")
-        rb = row_bytes_of(dt.bits, shape)
+        rb = row_bytes(dt, shape)
         _check_tensor_chunks(entry.chunks, rb, shape[0] if shape else 1, where)
         tensors.append(entry)
     _check_headers(files, headers, tensors)
@@ -440,14 +440,6 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
         annotations=annotations,
         manifest_bytes=len(data),
     )
-
-
-def row_bytes_of(bits: int, shape: list[int]) -> int | None:
-    """Bytes per dim-0 row (as :func:`mzstore.push.planner.row_bytes`), or ``None``."""
-    if not shape:
-        return None
-    total = bits * math.prod(shape[1:])
-    return total // 8 if total % 8 == 0 else None
 
 
 def _check_path_prefixes(paths: set[str]) -> None:

@@ -40,8 +40,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mzstore.durable import write_file
 from mzstore.errors import IntegrityError
 from mzstore.format.manifest import Chunk, Manifest, digest_of, parse_manifest
@@ -209,6 +207,8 @@ class ChunkCache:
 
     def verify(self) -> CacheReport:
         """Decode and check every chunk a cached manifest names; remove the bad ones."""
+        import numpy as np
+
         from mzstore.pull.pipeline import decode_verified
         from mzstore.pull.plan import plan_pull
 

@@ -83,41 +83,24 @@ Layout conventions mzstore cannot check: weights are taken to be
 transposed weights (GPT-2's ``Conv1D``) would be exported with scales along
 the wrong axis.
 
-Output: staged under ``OUT/.mzstore-partial-<id>/`` and renamed into place
-once every chunk is verified, like :class:`~mzstore.pull.sinks.DirectorySink`.
-Every chunk is checked before its codes are used: stored length, then the
-codes are expanded with :func:`mzstore.codecs.quant.expand` and the sha256 of
-the result compared with the manifest (which records the hash of the
-dequantized bytes). Tensors are written one at a time, chunks in parallel,
-straight to their final offsets: memory is a few chunks plus one tensor's
-zero points. Safetensors data are laid out largest element size first, so
-every tensor is aligned to its element size; a top-level
-``*.safetensors.index.json`` is rewritten with the new names and sizes.
+The export itself (a pull sink: staged, verified, renamed into place) is
+:mod:`mzstore.pull.keep_quantized`; this module is pure: the per-tensor plan,
+the ``quantization_config`` and the packing of codes and zero points.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mzstore.codecs.policy import LOSSY_DTYPES, Quant, match_name, parse_policy
-from mzstore.codecs.quant import S_CODES, S_SCALES, S_ZEROS, Compact, expand, unpack
-from mzstore.errors import FormatError, IntegrityError, InvalidArgument
-from mzstore.format.dtypes import DType, get_dtype, nbytes_for
-from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
-from mzstore.format.safetensors import build_header, parse_header
-from mzstore.pull.pipeline import Fetch, decode_verified, fetch_checked
-from mzstore.pull.sinks import pwrite_all
+from mzstore.errors import InvalidArgument
+from mzstore.format.dtypes import get_dtype, nbytes_for
+from mzstore.format.manifest import Chunk, Manifest, TensorEntry
 
 #: The compressed-tensors release whose layout this module writes (``quantization_config.version``).
 COMPRESSED_TENSORS_VERSION = "0.20.0"
@@ -529,315 +512,6 @@ def pack_zero_points(zeros: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(words.T)
 
 
-# --- export --------------------------------------------------------------------
-
-
-def _bytes_of(a: np.ndarray) -> memoryview:
-    """The bytes of an array, in memory order (a copy only if it is not contiguous)."""
-    return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
-
-
-def _pwrite(fd: int, data: bytes | bytearray | memoryview | np.ndarray, offset: int) -> None:
-    pwrite_all(fd, _bytes_of(data) if isinstance(data, np.ndarray) else data, offset)
-
-
-def _check_hash(data: np.ndarray, c: Chunk, what: str) -> None:
-    if not c.matches(_bytes_of(data)):
-        raise IntegrityError(f"chunk rows {c.rows} of {what}: decoded bytes fail their {c.hash_name} check")
-
-
-def _decode_exact(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str) -> np.ndarray:
-    """Decoded bytes of a chunk, as a plain pull writes them, hash-checked."""
-    return decode_verified(c, dtype.name, what, payload, np.empty(c.raw_length, dtype=np.uint8))
-
-
-def _decode_codes(payload: bytes | bytearray, c: Chunk, dtype: DType, what: str, scheme: Scheme, cols: int) -> Compact:
-    """The codes of a quantized chunk, trusted only once their expansion matches the manifest's sha256."""
-    if c.codec != "quant":
-        raise IntegrityError(f"chunk rows {c.rows} of {what} is {c.codec}, not quantized")
-    if len(payload) != c.length:
-        raise IntegrityError(f"chunk rows {c.rows} of {what}: got {len(payload)} bytes, expected {c.length}")
-    try:
-        compact = unpack(payload, c.raw_length, dtype)
-        expanded = expand(compact, dtype)
-    except ValueError as exc:  # CodecError, or numpy refusing a malformed section
-        raise IntegrityError(f"chunk rows {c.rows} of {what} does not decode: {exc}") from None
-    _check_hash(expanded, c, what)
-    rows = c.rows[1] - c.rows[0]
-    if (
-        compact.method != scheme.kind
-        or compact.mask is not None
-        or (compact.rows, compact.cols) != (rows, cols)
-        or (scheme.kind == "int4" and compact.group != scheme.group)
-    ):
-        raise IntegrityError(
-            f"chunk rows {c.rows} of {what} holds {compact.method} {compact.rows}x{compact.cols} "
-            f"(group {compact.group}, pruned {compact.mask is not None}), not {scheme} {rows}x{cols}"
-        )
-    return compact
-
-
-def _verified(fetch: Fetch, c: Chunk, what: str, retries: int, decode: Callable[[bytes | bytearray], Any]) -> Any:
-    """Fetch and decode a chunk with the pull pipeline's retry and re-fetch rules."""
-    return fetch_checked(fetch, c, decode, retries=retries)[0]
-
-
-def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], None], items: Iterable[Any]) -> None:
-    futures = [pool.submit(fn, item) for item in items]
-    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-    for f in done:
-        exc = f.exception()
-        if exc is not None:
-            for g in futures:
-                g.cancel()
-            wait(futures)
-            raise exc
-
-
-@dataclass
-class _FileOut:
-    entry: FileEntry
-    outputs: list[tuple[TensorPlan, list[tuple[OutTensor, int]]]]  # per tensor: (out tensor, absolute offset)
-    header: bytes
-    data_len: int
-
-
-def _layout(entry: FileEntry, plans: list[TensorPlan]) -> _FileOut:
-    """Place the file's output tensors: largest element size first, so each is aligned."""
-    assert entry.header is not None
-    source = parse_header(entry.header.encode("utf-8"), entry.size)
-    order = sorted(plans, key=lambda p: p.entry.data_offsets[0])
-    flat = [(i, o) for i, p in enumerate(order) for o in p.outputs()]
-    flat.sort(key=lambda io: -get_dtype(io[1].dtype).itemsize)  # stable: original order within a size
-    offsets: dict[tuple[int, str], int] = {}
-    entries = []
-    pos = 0
-    for i, o in flat:
-        offsets[(i, o.name)] = pos
-        entries.append((o.name, o.dtype, o.shape, pos, pos + o.nbytes))
-        pos += o.nbytes
-    header = build_header(entries, source.metadata)
-    start = len(header)
-    outputs = [(p, [(o, start + offsets[(i, o.name)]) for o in p.outputs()]) for i, p in enumerate(order)]
-    return _FileOut(entry, outputs, header, pos)
-
-
-class _Exporter:
-    """Writes verified chunks straight to their offsets in staged files."""
-
-    def __init__(
-        self, fetch: Fetch, pool: ThreadPoolExecutor, retries: int, progress: Callable[[int], None] | None
-    ) -> None:
-        self.fetch = fetch
-        self.pool = pool
-        self.retries = retries
-        self.progress = progress
-
-    def _done(self, c: Chunk) -> None:
-        if self.progress is not None:
-            self.progress(c.raw_length)
-
-    def plain_file(self, entry: FileEntry, fd: int) -> None:
-        u8 = get_dtype("U8")
-
-        def one(c: Chunk) -> None:
-            data = _verified(self.fetch, c, entry.path, self.retries, lambda p: _decode_exact(p, c, u8, entry.path))
-            _pwrite(fd, data, c.rows[0])
-            self._done(c)
-
-        os.ftruncate(fd, entry.size)
-        _run_all(self.pool, one, entry.chunks)
-
-    def exact_tensor(self, t: TensorEntry, fd: int, offset: int) -> None:
-        dtype = get_dtype(t.dtype)
-        starts = []
-        pos = 0
-        for c in t.chunks:
-            starts.append(pos)
-            pos += c.raw_length
-
-        def one(item: tuple[Chunk, int]) -> None:
-            c, start = item
-            data = _verified(self.fetch, c, t.name, self.retries, lambda p: _decode_exact(p, c, dtype, t.name))
-            _pwrite(fd, data, offset + start)
-            self._done(c)
-
-        _run_all(self.pool, one, zip(t.chunks, starts, strict=True))
-
-    def quantized_tensor(self, p: TensorPlan, outs: list[tuple[OutTensor, int]], fd: int) -> None:
-        t, scheme = p.entry, p.scheme
-        assert scheme is not None
-        dtype = get_dtype(t.dtype)
-        rows, cols = t.shape
-        where = {o.role: (o, off) for o, off in outs}
-        scols = scheme.scale_cols(cols)
-        zeros = np.zeros((rows, scols), np.uint8) if "zero" in where else None
-
-        def one(c: Chunk) -> None:
-            compact = _verified(
-                self.fetch, c, t.name, self.retries, lambda pl: _decode_codes(pl, c, dtype, t.name, scheme, cols)
-            )
-            r0, r1 = c.rows
-            codes = compact.sections[S_CODES].reshape(r1 - r0, cols)
-            if scheme.kind == "fp8":
-                _pwrite(fd, codes, where["weight"][1] + r0 * cols)
-            else:
-                unsigned = codes if scheme.kind == "int4" else codes ^ np.uint8(0x80)
-                packed = pack_codes(unsigned, scheme.num_bits)
-                _pwrite(fd, packed, where["packed"][1] + r0 * packed.shape[1])
-            scale = compact.sections[S_SCALES].astype("<f4")  # f32 (int4: f16 values)
-            _pwrite(fd, scale, where["scale"][1] + r0 * scols * 4)
-            if zeros is not None:
-                zeros[r0:r1] = compact.sections[S_ZEROS].reshape(r1 - r0, scols)
-            self._done(c)
-
-        _run_all(self.pool, one, t.chunks)
-        if zeros is not None:
-            _pwrite(fd, pack_zero_points(zeros), where["zero"][1])
-        if "shape" in where:
-            _pwrite(fd, np.array([rows, cols], dtype="<i8"), where["shape"][1])
-
-    def safetensors_file(self, layout: _FileOut, fd: int) -> None:
-        os.ftruncate(fd, len(layout.header) + layout.data_len)
-        _pwrite(fd, layout.header, 0)
-        for p, outs in layout.outputs:
-            if p.action == "quantized":
-                self.quantized_tensor(p, outs, fd)
-            else:
-                self.exact_tensor(p.entry, fd, outs[0][1])
-
-
-def _load_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{what} is not valid JSON: {exc}") from None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON as transformers and compressed-tensors do (indent 2, sorted keys), durably."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _add_quantization_config(path: Path, plan: ExportPlan) -> None:
-    config = _load_json(path, CONFIG_FILE)
-    if not isinstance(config, dict):
-        raise FormatError(f"{CONFIG_FILE} is not a JSON object")
-    if QUANTIZATION_CONFIG in config:
-        existing = config[QUANTIZATION_CONFIG]
-        method = existing.get("quant_method") if isinstance(existing, dict) else None
-        raise InvalidArgument(
-            f"{CONFIG_FILE} already has a quantization_config ({method or 'unknown method'}); "
-            "the model was pushed pre-quantized: pull it without --keep-quantized"
-        )
-    config[QUANTIZATION_CONFIG] = plan.quantization_config()
-    _write_json(path, config)
-
-
-def _rewrite_index(path: Path, plan: ExportPlan, layouts: dict[str, _FileOut]) -> None:
-    """Point the index at the new tensor names; ``total_size`` is the new data size."""
-    index = _load_json(path, path.name)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        return  # not a safetensors index: leave it as pulled
-    renamed = {(p.entry.file, p.entry.name): [o.name for o in p.outputs()] for p in plan.tensors}
-    new_map: dict[str, Any] = {}
-    for name, file in weight_map.items():
-        for new in renamed.get((str(file), name), [name]):
-            new_map[new] = file
-    index["weight_map"] = new_map
-    metadata = index.get("metadata")
-    if isinstance(metadata, dict) and "total_size" in metadata:
-        metadata["total_size"] = sum(layouts[f].data_len for f in sorted(set(new_map.values()) & set(layouts)))
-    _write_json(path, index)
-
-
-def export_keep_quantized(
-    manifest: Manifest,
-    fetch: Fetch,
-    out_dir: str | os.PathLike[str],
-    *,
-    dense: Sequence[str] = DEFAULT_DENSE,
-    workers: int = 4,
-    retries: int = 3,
-    progress: Callable[[int], None] | None = None,
-) -> list[Path]:
-    """Write ``manifest``'s model under ``out_dir`` in the compressed-tensors layout.
-
-    Every file of the manifest is written: safetensors files with quantized
-    weights as compressed-tensors tensors (see the module docstring), other
-    files as pulled, ``config.json`` with a ``quantization_config`` and a
-    top-level safetensors index with the new names. Files are staged and
-    renamed into place only when all of them are complete and verified.
-
-    Args:
-        manifest: the model (from ``Client.manifest``).
-        fetch: ``fetch(blob, offset, length) -> bytes`` (``Client.fetch``).
-        out_dir: destination directory (created if needed).
-        dense: tensor-name patterns written dequantized (see :func:`plan_export`).
-        workers: chunks fetched and checked in parallel.
-        retries: attempts on :class:`~mzstore.errors.Unavailable` per fetch.
-        progress: called with the decoded size of each verified chunk.
-
-    Returns:
-        The final paths of the written files, in manifest order.
-
-    Raises:
-        InvalidArgument: the model is not exportable (the message says why), or its
-            ``config.json`` already has a ``quantization_config``.
-        IntegrityError: a chunk failed its checks twice (wrong length, undecodable,
-            sha256 mismatch, or codes that do not match the manifest).
-        FormatError: ``config.json`` or an index is not valid JSON.
-        Unavailable: fetching kept failing.
-    """
-    plan = plan_export(manifest, dense)
-    if not plan.ok:
-        raise InvalidArgument(f"cannot keep this model quantized: {plan.summary()}")
-    by_file: dict[str, list[TensorPlan]] = {}
-    for p in plan.tensors:
-        by_file.setdefault(p.entry.file, []).append(p)
-    layouts = {f.path: _layout(f, by_file.get(f.path, [])) for f in manifest.files if f.kind == "safetensors"}
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = out / f".mzstore-partial-{uuid.uuid4().hex[:12]}"
-    stage.mkdir()
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mzstore-export") as pool:
-            exporter = _Exporter(fetch, pool, retries, progress)
-            for f in manifest.files:
-                path = stage / f.path
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    if f.kind == "safetensors":
-                        exporter.safetensors_file(layouts[f.path], fd)
-                    else:
-                        exporter.plain_file(f, fd)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        for f in manifest.files:
-            if f.path == CONFIG_FILE:
-                _add_quantization_config(stage / f.path, plan)
-            elif f.kind == "file" and _is_root(f.path) and f.path.endswith(INDEX_SUFFIX):
-                _rewrite_index(stage / f.path, plan, layouts)
-        finals = []
-        for f in manifest.files:
-            final = out / f.path
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / f.path, final)
-            finals.append(final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    return finals
-
-
 __all__ = [
     "COMPRESSED_TENSORS_VERSION",
     "DEFAULT_DENSE",
@@ -845,7 +519,6 @@ __all__ = [
     "OutTensor",
     "Scheme",
     "TensorPlan",
-    "export_keep_quantized",
     "exportable",
     "pack_codes",
     "pack_zero_points",

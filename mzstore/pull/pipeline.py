@@ -1,4 +1,4 @@
-"""The pull pipeline: parallel fetch → decode → verify → sink.
+"""The pull pipeline: parallel fetch → decode → verify → sink (see :class:`~mzstore.pull.sinks.Sink`).
 
 How it works: tasks (one per chunk) run on a pool of ``workers`` threads.
 Each worker fetches the chunk's stored bytes with the ``fetch`` callable,
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -33,23 +33,11 @@ from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, Resourc
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
+from mzstore.pull.sinks import Sink
 from mzstore.settings import DEFAULT_PULL_COALESCE_BYTES
 
 Fetch = Callable[[str, int, int], "bytes | bytearray"]
 T = TypeVar("T")
-
-
-class Sink(Protocol):
-    """Where decoded chunks go.
-
-    ``target`` returns the ``uint8`` array a chunk is decoded into (its final
-    place in a tensor buffer, or a per-thread scratch buffer); ``write`` is
-    called with that array once its decoded hash has been checked.
-    """
-
-    def target(self, task: ChunkTask) -> np.ndarray: ...
-
-    def write(self, task: ChunkTask, data: np.ndarray) -> None: ...
 
 
 class Cache(Protocol):
@@ -197,7 +185,7 @@ def coalesce(tasks: list[ChunkTask], limit: int = COALESCE_BYTES) -> list[list[C
 def run_pull(
     tasks: Iterable[ChunkTask],
     fetch: Fetch,
-    sink: Sink,
+    sink: Sink[Any],
     *,
     workers: int = 4,
     retries: int = 3,
@@ -273,14 +261,14 @@ def run_pull(
         looked_up: bool = False,
     ) -> None:
         what = task.tensor or task.file
-        compact = task.chunk.codec in getattr(sink, "compact_codecs", ())
+        compact = sink.compact(task)
 
         def use(payload: bytes | bytearray) -> np.ndarray | None:
             if compact:
-                # The sink verifies the stored bytes and expands them itself (on a device).
+                # The sink verifies the stored bytes and uses them as they are (expanded on a device, exported).
                 if len(payload) != task.chunk.length:
-                    raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes")
-                sink.write_payload(task, payload)  # type: ignore[attr-defined]
+                    raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes, expected {task.chunk.length}")
+                sink.write_payload(task, payload)
                 return None
             return decode_verified(task.chunk, task.dtype, what, payload, sink.target(task))
 

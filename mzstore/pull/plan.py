@@ -46,15 +46,17 @@ def file_tasks(entry: FileEntry) -> list[ChunkTask]:
     return [ChunkTask(c, "U8", entry.path, None, c.rows[0], c.rows[0]) for c in entry.chunks]
 
 
-def plan_pull(manifest: Manifest, files: list[str] | None = None, tensors_only: bool = False) -> list[ChunkTask]:
-    """Every task for the selected files (all by default), largest work first."""
+def plan_pull(manifest: Manifest, files: list[str] | None = None) -> list[ChunkTask]:
+    """Every task for the selected files (all by default): tensors in manifest order, chunks in row
+    order, then the plain files' chunks. Order matters to the pipeline: chunks next to each other in
+    a blob stay next to each other, so they can share a range read. A sink keeps the tasks it
+    wants (:meth:`~mzstore.pull.sinks.Sink.wants`)."""
     chosen = {f.path: f for f in manifest.files if files is None or f.path in files}
     tasks: list[ChunkTask] = []
     for t in manifest.tensors:
         if t.file in chosen:
             tasks.extend(tensor_tasks(chosen[t.file], t))
-    if not tensors_only:
-        for f in chosen.values():
-            if f.kind == "file":
-                tasks.extend(file_tasks(f))
+    for f in chosen.values():
+        if f.kind == "file":
+            tasks.extend(file_tasks(f))
     return tasks

@@ -1,46 +1,100 @@
-"""Where pulled bytes land: a directory in the source layout, or tensors.
+"""Where pulled bytes land: the one sink interface, and the sinks for files and CPU tensors.
 
-:class:`DirectorySink` stages every file under ``OUT/.mzstore-partial-<id>/``
-(same file system), writes chunks with ``pwrite`` at their final offsets, and
-only after every chunk is verified fsyncs and renames the files into place:
-nothing appears under a final name until it is complete and verified. While
-the pull runs, a background thread fdatasyncs each file every
-``FLUSH_BYTES`` (:class:`_Flusher`), so the disk writes overlap fetch and
-decode instead of all waiting for the final fsync.
-Safetensors files are rebuilt from the original header bytes kept in the
-manifest, so they come back byte-identical to what was pushed.
+Every output of a pull is a :class:`Sink`, driven the same way by
+:class:`~mzstore.pull.puller.Puller`: ``wants`` filters the planned chunk
+tasks, ``open`` prepares, the pipeline (:func:`~mzstore.pull.pipeline.run_pull`)
+calls ``target``/``write`` — or ``write_payload`` for the chunks ``compact``
+claims in their stored form — for every verified chunk, then ``finish``
+returns the result, or ``abort`` undoes everything after a failure.
 
-:class:`StateDictSink` has chunks decoded straight into one preallocated
-CPU buffer per tensor, then views it with the right dtype and shape and
-moves it to the device.
+Sinks here:
+
+* :class:`DirectorySink`: the source layout under a directory, staged and
+  renamed into place (:mod:`mzstore.pull.staging`). Safetensors files are
+  rebuilt from the original header bytes kept in the manifest, so they come
+  back byte-identical to what was pushed.
+* :class:`StateDictSink`: ``{name: tensor}``, chunks decoded straight into
+  one preallocated CPU buffer per tensor.
+* :class:`TensorParallelSink`: one tensor-parallel rank's slices;
+  :class:`TensorParallelFilesSink` writes them as safetensors files beside
+  the model's other files.
+
+Device sinks (compact chunks expanded on a GPU) are in
+:mod:`mzstore.pull.device`; the keep-quantized export in
+:mod:`mzstore.pull.keep_quantized`.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import struct
 import threading
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from mzstore.errors import InvalidArgument
+from mzstore.errors import InvalidArgument, requires
+from mzstore.format.dtypes import get_dtype, row_bytes
 from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
 from mzstore.pull.plan import ChunkTask, safetensors_data_start
-from mzstore.storage.node import process_gone
+from mzstore.pull.staging import StagedFiles
+
+R = TypeVar("R")
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+class Sink(ABC, Generic[R]):
+    """Where a pull's verified chunks go, and what the pull returns (``R``).
+
+    The pipeline calls :meth:`target`, :meth:`write` and :meth:`write_payload`
+    from several worker threads at once, each for a different chunk.
+
+    Attributes:
+        compact_codecs: codecs whose chunks :meth:`compact` claims (the default rule).
+    """
+
+    compact_codecs: frozenset[str] = frozenset()
+
+    def wants(self, task: ChunkTask) -> bool:
+        """Whether this sink needs ``task``'s chunk at all (a tensor-parallel rank skips the others' rows)."""
+        return True
+
+    def open(self) -> None:
+        """Prepare (create files, allocate); called once, before any chunk."""
+
+    def compact(self, task: ChunkTask) -> bool:
+        """Whether ``task``'s chunk is handed over as its verified-length stored bytes (:meth:`write_payload`)
+        instead of being decoded into :meth:`target` by the pipeline (default: its codec is in
+        :attr:`compact_codecs`)."""
+        return task.chunk.codec in self.compact_codecs
+
+    @abstractmethod
+    def target(self, task: ChunkTask) -> np.ndarray:
+        """The ``uint8`` array of ``task.chunk.raw_length`` bytes the chunk is decoded into.
+
+        Its final place (the tensor's own memory), or a per-thread scratch buffer reused for
+        the thread's next chunk once :meth:`write` returns.
+        """
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        """``data`` (the array :meth:`target` gave) holds the chunk's decoded, hash-checked bytes."""
+
+    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+        """A chunk :meth:`compact` claimed, as stored. The sink verifies it before using it.
+
+        Raises:
+            IntegrityError: the payload fails its check (the pipeline fetches it again once).
+        """
+        raise NotImplementedError(f"{type(self).__name__} takes no compact chunks")
+
+    @abstractmethod
+    def finish(self) -> R:
+        """Every chunk arrived and was verified: complete the output and return it."""
+
+    def abort(self) -> None:
+        """The pull failed: undo what :meth:`open` and the chunks did (wait for async work, remove staging)."""
 
 
 class ScratchBuffers:
@@ -56,158 +110,58 @@ class ScratchBuffers:
         return buf[:size]
 
 
-def select_tensors(manifest: Manifest, files: list[str] | None) -> list[TensorEntry]:
-    """The tensors of the chosen files; their names must be unique to make a state dict."""
-    entries = [t for t in manifest.tensors if files is None or t.file in files]
-    names = [t.name for t in entries]
-    if len(set(names)) != len(names):
-        raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
-    for t in entries:
-        torch_dtype(t.dtype)  # fail early on dtypes torch cannot hold
-    return entries
+# --- files ------------------------------------------------------------------------------
 
 
-#: Files are staged under ``OUT/.mzstore-partial-<pid>-<random>/`` until verified.
-PARTIAL_PREFIX = ".mzstore-partial-"
+class DirectorySink(Sink[list[Path]]):
+    """Writes the selected files of a manifest under ``out_dir``, in their source layout.
 
-
-def _remove_dead_partials(out: Path) -> None:
-    """Drop staging directories left by pulls whose process is gone (killed, crashed)."""
-    for stage in out.glob(f"{PARTIAL_PREFIX}*"):
-        # A live process's stage is another pull into the same directory: left alone.
-        if process_gone(stage.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]):
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-#: Bytes written to one output file between background fdatasyncs.
-FLUSH_BYTES = 64 * 1024 * 1024
-
-
-class _Flusher:
-    """Gets pulled bytes onto the disk while the pull goes on.
-
-    Linux keeps dirty pages in memory until a share of RAM (10 % by default)
-    is dirty, so a pull of a 1 GB model into a 24 GiB machine used to write
-    all of it in its final fsync, after every chunk was decoded: measured
-    here, 2.1 s of pulling, then 1.4 s of fsync. After every ``FLUSH_BYTES``
-    written to a file, one background thread fdatasyncs it (one sync per file
-    in flight at a time); the commit's fsync has only the tail left.
+    Chunks are written with ``pwrite`` at their final offsets in staged files;
+    :meth:`finish` returns the final paths.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirty: dict[int, int] = {}
-        self._pending: dict[int, Future[None]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-
-    def wrote(self, fd: int, n: int) -> None:
-        with self._lock:
-            dirty = self._dirty.get(fd, 0) + n
-            busy = fd in self._pending and not self._pending[fd].done()
-            if dirty < FLUSH_BYTES or busy:
-                self._dirty[fd] = dirty
-                return
-            self._dirty[fd] = 0
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-flush")
-            self._pending[fd] = self._pool.submit(os.fdatasync, fd)
-
-    def wait(self) -> None:
-        """Wait for every background sync; an I/O error of one is raised here (the pull fails)."""
-        with self._lock:
-            pending = list(self._pending.values())
-            self._pending.clear()
-        try:
-            for future in pending:
-                future.result()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-    def drain(self) -> None:
-        """Wait for every background sync, ignoring errors (before closing the files of an aborted pull)."""
-        try:
-            self.wait()
-        except OSError:
-            pass
-
-
-class DirectorySink:
-    """Writes the selected files of a manifest under ``out_dir``."""
 
     def __init__(
         self, out_dir: str | os.PathLike[str], manifest: Manifest, files: list[FileEntry] | None = None
     ) -> None:
-        self.out = Path(out_dir)
+        self.staged = StagedFiles(out_dir)
         self.files = files if files is not None else manifest.files
-        self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._paths = {f.path for f in self.files}
         self._fds: dict[str, int] = {}
-        self._adopted: list[str] = []
         self._scratch = ScratchBuffers()
-        self._flusher = _Flusher()
 
-    def target(self, task: ChunkTask) -> np.ndarray:
-        """A per-thread scratch buffer, reused so memory stays flat over the pull."""
-        return self._scratch.get(task.chunk.raw_length)
+    @property
+    def stage(self) -> Path:
+        return self.staged.stage
+
+    def wants(self, task: ChunkTask) -> bool:
+        return task.file in self._paths
 
     def open(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        _remove_dead_partials(self.out)
-        self.stage.mkdir()
+        self.staged.open()
         for f in self.files:
-            path = self.stage / f.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds[f.path] = fd
-            os.ftruncate(fd, f.size)
+            fd = self._fds[f.path] = self.staged.create(f.path, f.size)
             if f.kind == "safetensors":
                 assert f.header is not None
                 header = f.header.encode("utf-8")
                 os.pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
                 assert safetensors_data_start(f) == 8 + len(header)
 
+    def target(self, task: ChunkTask) -> np.ndarray:
+        """A per-thread scratch buffer, reused so memory stays flat over the pull."""
+        return self._scratch.get(task.chunk.raw_length)
+
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        fd = self._fds[task.file]
-        pwrite_all(fd, data.data, task.file_offset)
-        self._flusher.wrote(fd, len(data))
+        self.staged.write(self._fds[task.file], data.data, task.file_offset)
 
-    def adopt(self, path: str) -> None:
-        """Commit a file the caller wrote itself at ``self.stage / path`` along with the others."""
-        self._adopted.append(path)
-
-    def commit(self) -> list[Path]:
+    def finish(self) -> list[Path]:
         """fsync and move every file into place; return the final paths."""
-        finals = []
-        self._flusher.wait()
-        for f in self.files:
-            fd = self._fds.pop(f.path)
-            os.fsync(fd)
-            os.close(fd)
-        for path in self._adopted:
-            fd = os.open(self.stage / path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for rel in [f.path for f in self.files] + self._adopted:
-            final = self.out / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.stage / rel, final)
-            finals.append(final)
-        shutil.rmtree(self.stage, ignore_errors=True)
-        return finals
+        return self.staged.commit()
 
     def abort(self) -> None:
-        self._flusher.drain()
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
-        shutil.rmtree(self.stage, ignore_errors=True)
+        self.staged.abort()
 
+
+# --- tensors ----------------------------------------------------------------------------
 
 #: safetensors dtype → torch dtype attribute name.
 TORCH_DTYPES = {
@@ -231,25 +185,43 @@ TORCH_DTYPES = {
 }
 
 
-def torch_dtype(name: str) -> Any:
-    import torch
+def torch_module(feature: str = "loading tensors") -> Any:
+    """``torch``, or a one-line :class:`~mzstore.errors.MissingDependency` naming the ``torch`` extra."""
+    return requires("torch", "torch", feature)
 
+
+def torch_dtype(name: str) -> Any:
+    torch = torch_module()
     attr = TORCH_DTYPES.get(name)
     if attr is None or not hasattr(torch, attr):
         raise InvalidArgument(f"dtype {name} cannot be loaded as a torch tensor (pull it to a directory instead)")
     return getattr(torch, attr)
 
 
-class StateDictSink:
-    """Builds ``{name: tensor}`` for the tensors of the selected files."""
+def select_tensors(manifest: Manifest, files: list[str] | None) -> list[TensorEntry]:
+    """The tensors of the chosen files; their names must be unique to make a state dict."""
+    entries = [t for t in manifest.tensors if files is None or t.file in files]
+    names = [t.name for t in entries]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("tensor names repeat across files; choose one file with files=[...]")
+    for t in entries:
+        torch_dtype(t.dtype)  # fail early on dtypes torch cannot hold
+    return entries
 
-    def __init__(self, manifest: Manifest, files: list[str] | None = None) -> None:
-        import torch
 
+class StateDictSink(Sink[dict[str, Any]]):
+    """Builds ``{name: tensor}`` for the tensors of the selected files, moved to ``device`` at the end."""
+
+    def __init__(self, manifest: Manifest, files: list[str] | None = None, device: str | Any = "cpu") -> None:
+        torch = torch_module("load_state_dict")
         self.entries = select_tensors(manifest, files)
+        self.device = device
         self.buffers: dict[str, Any] = {}
         for t in self.entries:
             self.buffers[t.name] = torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
+
+    def wants(self, task: ChunkTask) -> bool:
+        return task.tensor in self.buffers
 
     def target(self, task: ChunkTask) -> np.ndarray:
         """Chunks decode straight into the tensor's own buffer: no extra copy."""
@@ -257,18 +229,15 @@ class StateDictSink:
         buf = self.buffers[task.tensor].numpy()
         return buf[task.tensor_offset : task.tensor_offset + task.chunk.raw_length]
 
-    def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        """Nothing to do: the verified bytes are already in place."""
-
-    def result(self, device: str | Any = "cpu") -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         out = {}
         for t in self.entries:
             tensor = self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape)
-            out[t.name] = tensor if str(device) == "cpu" else tensor.to(device)
+            out[t.name] = tensor if str(self.device) == "cpu" else tensor.to(self.device)
         return out
 
 
-class TensorParallelSink:
+class TensorParallelSink(Sink[dict[str, Any]]):
     """Builds one tensor-parallel rank's ``{name: slice}`` (see :mod:`mzstore.pull.tp`).
 
     Tensors split along dim 0 whose chunks are runs of whole rows are read
@@ -284,19 +253,20 @@ class TensorParallelSink:
         tp_rank: int,
         rules: Any = None,
         files: list[str] | None = None,
+        device: str | Any = "cpu",
     ) -> None:
-        import torch
-
         from mzstore.pull.tp import DEFAULT_RULES, rank_range, split_dim
 
+        torch = torch_module("tensor-parallel slices")
         self.entries = select_tensors(manifest, files)
+        self.device = device
         self.plan: dict[str, tuple[int | None, int, int, bool]] = {}
         self.buffers: dict[str, Any] = {}
         self._scratch = ScratchBuffers()
         for t in self.entries:
             dim = split_dim(t.name, t.shape, rules or DEFAULT_RULES)
             start, end = rank_range(t.shape[dim], tp_size, tp_rank) if dim is not None else (0, 0)
-            rb = _row_bytes(t)
+            rb = row_bytes(get_dtype(t.dtype), t.shape)
             direct = dim == 0 and rb is not None and all(c.raw_length == (c.rows[1] - c.rows[0]) * rb for c in t.chunks)
             self.plan[t.name] = (dim, start, end, direct)
             size = (end - start) * rb if direct and rb is not None else t.data_offsets[1] - t.data_offsets[0]
@@ -304,7 +274,8 @@ class TensorParallelSink:
 
     def wants(self, task: ChunkTask) -> bool:
         """Whether this rank needs the chunk at all."""
-        assert task.tensor is not None
+        if task.tensor not in self.plan:
+            return False
         _, start, end, direct = self.plan[task.tensor]
         if not direct:
             return True
@@ -329,22 +300,73 @@ class TensorParallelSink:
         out = self.buffers[task.tensor].numpy()
         out[(lo - start) * rb : (hi - start) * rb] = data[(lo - r0) * rb : (hi - r0) * rb]
 
-    def result(self) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         out = {}
         for t in self.entries:
             dim, start, end, direct = self.plan[t.name]
             tensor = self.buffers.pop(t.name).view(torch_dtype(t.dtype))
             if direct:
-                out[t.name] = tensor.reshape([end - start, *t.shape[1:]])
+                tensor = tensor.reshape([end - start, *t.shape[1:]])
             elif dim is None:
-                out[t.name] = tensor.reshape(t.shape)
+                tensor = tensor.reshape(t.shape)
             else:
-                out[t.name] = tensor.reshape(t.shape).narrow(dim, start, end - start).clone()
+                tensor = tensor.reshape(t.shape).narrow(dim, start, end - start).clone()
+            out[t.name] = tensor if str(self.device) == "cpu" else tensor.to(self.device)
         return out
 
 
-def _row_bytes(t: TensorEntry) -> int | None:
-    from mzstore.format.dtypes import get_dtype
-    from mzstore.push.planner import row_bytes
+class TensorParallelFilesSink(Sink[list[Path]]):
+    """One rank's slices written as safetensors files under their source names, plus the other files.
 
-    return row_bytes(get_dtype(t.dtype), t.shape)
+    Plain files go through a :class:`DirectorySink`; tensors through a
+    :class:`TensorParallelSink`, whose slices are saved into the same staging
+    folder (metadata: the source file's, plus ``mzstore.tp_size``,
+    ``mzstore.tp_rank`` and ``mzstore.ref``) and committed with the others.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        manifest: Manifest,
+        tp_size: int,
+        tp_rank: int,
+        rules: Any = None,
+        ref: str = "",
+    ) -> None:
+        self.manifest = manifest
+        self.files = DirectorySink(out_dir, manifest, [f for f in manifest.files if f.kind != "safetensors"])
+        self.tensors = TensorParallelSink(manifest, tp_size, tp_rank, rules)
+        self.metadata = {"mzstore.tp_size": str(tp_size), "mzstore.tp_rank": str(tp_rank), "mzstore.ref": ref}
+
+    def _part(self, task: ChunkTask) -> Sink[Any]:
+        return self.files if task.tensor is None else self.tensors
+
+    def wants(self, task: ChunkTask) -> bool:
+        return self._part(task).wants(task)
+
+    def open(self) -> None:
+        self.files.open()
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        return self._part(task).target(task)
+
+    def write(self, task: ChunkTask, data: np.ndarray) -> None:
+        self._part(task).write(task, data)
+
+    def finish(self) -> list[Path]:
+        from safetensors.torch import save_file
+
+        tensors = self.tensors.finish()
+        for f in self.manifest.files:
+            if f.kind != "safetensors":
+                continue
+            header = json.loads(f.header or "{}")
+            metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()} | self.metadata
+            part = {t.name: tensors.pop(t.name).contiguous() for t in self.manifest.tensors_of(f.path)}
+            save_file(part, str(self.files.staged.path(f.path)), metadata=metadata)
+            del part
+            self.files.staged.adopt(f.path)
+        return self.files.finish()
+
+    def abort(self) -> None:
+        self.files.abort()

@@ -35,13 +35,13 @@ from mzstore.codecs import get_codec
 from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
 from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
-from mzstore.format.dtypes import DType, get_dtype
+from mzstore.format.dtypes import DType, get_dtype, row_bytes
 from mzstore.format.hashing import blake3_hex
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
 from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import parse_header, read_header_len
 from mzstore.limits import MAX_CHUNK_BYTES
-from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor, row_bytes
+from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
 from mzstore.push.protocol import (
     PushResult,
     UploadBegin,

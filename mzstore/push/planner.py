@@ -14,10 +14,9 @@ may then share a row).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from mzstore.format.dtypes import DType
+from mzstore.format.dtypes import DType, row_bytes
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,6 @@ class ChunkPlan:
     @property
     def nbytes(self) -> int:
         return self.byte_end - self.byte_start
-
-
-def row_bytes(dtype: DType, shape: tuple[int, ...] | list[int]) -> int | None:
-    """Bytes per dim-0 row, or ``None`` if rows are not whole bytes or there are no rows."""
-    if not shape:
-        return None
-    bits = dtype.bits * math.prod(shape[1:])
-    return bits // 8 if bits % 8 == 0 else None
 
 
 def plan_tensor(dtype: DType, shape: tuple[int, ...] | list[int], nbytes: int, chunk_bytes: int) -> list[ChunkPlan]:

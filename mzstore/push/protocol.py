@@ -22,14 +22,14 @@ data (the client calls it too, to fail before uploading).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mzstore.codecs.policy import parse_policy
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
 from mzstore.format.manifest import validate_relpath
 from mzstore.format.refs import parse_ref
-from mzstore.limits import MAX_INT
+from mzstore.limits import MAX_ANNOTATION_KEY, MAX_ANNOTATION_VALUE, MAX_ANNOTATIONS, MAX_INT
 from mzstore.settings import Limits
 
 #: Kinds of uploaded files: parsed as safetensors, or stored as plain bytes.
@@ -86,6 +86,42 @@ class PushResult:
     shards: int
 
 
+@dataclass
+class UploadStatus:
+    """How far an upload session got: per file, the bytes the store holds and whether it ended."""
+
+    session: str
+    received: list[int]
+    ended: list[bool]
+    committed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(self.ended)
+
+
+#: An annotation key: letters, digits and ``. _ - /``, starting with a letter or digit
+#: (``fine-tuned-from``, ``org.opencontainers.image.source``).
+ANNOTATION_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
+def validate_annotations(annotations: dict[str, str]) -> None:
+    """Check a push's annotations: how many, key grammar, sizes.
+
+    Raises:
+        InvalidArgument: too many, a malformed key, or a key or value too long.
+    """
+    if len(annotations) > MAX_ANNOTATIONS:
+        raise InvalidArgument(f"push has {len(annotations)} annotations, more than {MAX_ANNOTATIONS}")
+    for key, value in annotations.items():
+        if not ANNOTATION_KEY.fullmatch(key) or len(key) > MAX_ANNOTATION_KEY:
+            raise InvalidArgument(
+                f"annotation key {key[:40]!r} must be letters, digits and . _ - / (at most {MAX_ANNOTATION_KEY})"
+            )
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_ANNOTATION_VALUE:
+            raise InvalidArgument(f"annotation {key} is longer than {MAX_ANNOTATION_VALUE} bytes")
+
+
 def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
     """Check everything about a push that can be checked before any data.
 
@@ -97,6 +133,8 @@ def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
         InvalidArgument: bad ref, policy, kinds, paths or sizes.
         ResourceExhausted: more files or declared bytes than ``limits`` allow.
     """
+    from mzstore.codecs.policy import parse_policy  # here: the codecs package loads numpy
+
     if parse_ref(begin.ref).digest:
         raise InvalidArgument("push to a name[:tag], not to a digest")
     parse_policy(begin.codec, begin.keep)
@@ -104,6 +142,7 @@ def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
         raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
     if not begin.files:
         raise InvalidArgument("push has no files")
+    validate_annotations(begin.annotations)
     if limits is not None and len(begin.files) > limits.files:
         raise ResourceExhausted(
             f"push has {len(begin.files)} files, more than the limit of {limits.files} (MZSTORE_MAX_FILES)"

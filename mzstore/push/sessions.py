@@ -44,13 +44,22 @@ import shutil
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from mzstore.durable import process_gone, write_json
 from mzstore.errors import IntegrityError, InvalidArgument, SessionBusy, SessionMismatch, SessionNotFound
 from mzstore.limits import TRANSFER_BYTES
-from mzstore.push.protocol import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile, UploadState
+from mzstore.push.protocol import (
+    PushResult,
+    UploadBegin,
+    UploadData,
+    UploadEnd,
+    UploadEvent,
+    UploadFile,
+    UploadState,
+    UploadStatus,
+)
 
 #: What a commit hands the kept upload to: the server's ingest (``Ingest(...).run``).
 Ingestor = Callable[[UploadBegin, Iterable[UploadEvent]], PushResult]
@@ -61,20 +70,6 @@ SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 SYNC_EVERY = 64 * 1024 * 1024
 #: Sessions untouched for this long are removed.
 SESSION_MAX_AGE_S = 24 * 3600
-
-
-@dataclass
-class SessionStatus:
-    """How far an upload got: per file, durable bytes received and whether it ended."""
-
-    session: str
-    received: list[int]
-    ended: list[bool]
-    committed: bool = False
-
-    @property
-    def complete(self) -> bool:
-        return all(self.ended)
 
 
 class UploadSessions:
@@ -106,7 +101,7 @@ class UploadSessions:
             os.close(fd)
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, session: str, begin: UploadBegin) -> SessionStatus:
+    def start(self, session: str, begin: UploadBegin) -> UploadStatus:
         """Create the session, or return its status if it exists with the same first message."""
         path = self._path(session)
         record = asdict(begin)
@@ -142,20 +137,20 @@ class UploadSessions:
             keep=tuple(raw["keep"]),
         )
 
-    def status(self, session: str) -> SessionStatus:
+    def status(self, session: str) -> UploadStatus:
         path = self._path(session)
         if (path / "result.json").exists():
             files = self.begin_of(session).files
-            return SessionStatus(session, [f.size for f in files], [True] * len(files), committed=True)
+            return UploadStatus(session, [f.size for f in files], [True] * len(files), committed=True)
         try:
             progress = json.loads((path / "progress.json").read_text())
         except FileNotFoundError:
             raise SessionNotFound(
                 f"no upload session {session} on this server (expired, or another server's)"
             ) from None
-        return SessionStatus(session, progress["received"], [e is not None for e in progress["ends"]])
+        return UploadStatus(session, progress["received"], [e is not None for e in progress["ends"]])
 
-    def append(self, session: str, events: Iterable[UploadEvent]) -> SessionStatus:
+    def append(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
         """Take a stream of data and end events; each file's data must continue at its received offset."""
         for _ in self.stream(session, events):
             pass

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mzstore.codecs.policy import LOSSY_DTYPES, MIN_LOSSY_NUMEL, Policy
-from mzstore.errors import FormatError, InvalidArgument, NotFound
+from mzstore.errors import FormatError, InvalidArgument, NotFound, requires
 from mzstore.format.safetensors import parse_header, read_header_len
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -73,11 +73,9 @@ def torch_to_safetensors(path: Path) -> bytes:
     Raises:
         FormatError: if the file is not a state dict of tensors.
     """
-    try:
-        import torch
-        from safetensors.torch import save
-    except ImportError as exc:  # pragma: no cover - torch is a dependency
-        raise InvalidArgument("pushing .bin/.pt needs torch: pip install torch") from exc
+    torch = requires("torch", "torch", f"pushing {path.name} (a PyTorch checkpoint)")
+    from safetensors.torch import save
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds

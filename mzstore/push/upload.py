@@ -1,20 +1,42 @@
-"""Client-side upload: source files → upload events (transport-agnostic).
+"""Client-side upload: source files → upload events → a transport, resumably.
 
 Each file is read in ``TRANSFER_BYTES`` pieces with their offsets, and
 closed by an :class:`~mzstore.push.protocol.UploadEnd` carrying its size and
-the sha256 of what was read, which the server checks; the gRPC client wraps
-these events in protos.
+the sha256 of what was read, which the server checks. :func:`push_resumable`
+drives an upload session over any :class:`~mzstore.transport.base.Transport`
+(retry, backoff, resume at the server's offsets); :func:`push_streamed` sends
+one stream with no resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mzstore.errors import IntegrityError
+from mzstore.errors import (
+    Cancelled,
+    Conflict,
+    DeadlineExceeded,
+    IntegrityError,
+    NotFound,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
 from mzstore.limits import TRANSFER_BYTES
-from mzstore.push.protocol import UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
+from mzstore.push.protocol import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
 from mzstore.push.source import Source
+
+if TYPE_CHECKING:
+    from mzstore.transport.base import Transport
+
+log = logging.getLogger("mzstore.push")
 
 
 def begin_for(
@@ -67,3 +89,122 @@ def iter_events(
                 if on_bytes:
                     on_bytes(len(data))
         yield UploadEnd(index, offset, hasher.hexdigest())
+
+
+class _Counted:
+    """Upload events passed through, counting the data bytes that went out."""
+
+    def __init__(self, events: Iterator[UploadEvent]) -> None:
+        self.bytes = 0
+        self._events = events
+
+    def __iter__(self) -> Iterator[UploadEvent]:
+        for e in self._events:
+            if isinstance(e, UploadData):
+                self.bytes += len(e.data)
+            yield e
+
+
+def push_streamed(
+    transport: Transport, source: Source, begin: UploadBegin, progress: Callable[[int], None] | None = None
+) -> tuple[PushResult, int]:
+    """One ``Push`` stream straight into the server's ingest (no resume); the result and the bytes sent."""
+    counted = _Counted(iter_events(source, progress))
+    result = transport.push(begin, counted)
+    return result, result.bytes_received
+
+
+def push_resumable(
+    transport: Transport,
+    source: Source,
+    begin: UploadBegin,
+    *,
+    progress: Callable[[int], None] | None = None,
+    retries: int = 5,
+    record: Path | None = None,
+    busy_wait: float = 40.0,
+) -> tuple[PushResult, int]:
+    """Upload through a resumable session; return the commit's result and the data bytes sent.
+
+    How it works: the session id is random, and kept in ``record`` (a small JSON file) until
+    the commit, so a push rerun after its process died resumes where the server's copy ends.
+    Each attempt asks the server how far the session got (``start_upload``), sends the rest,
+    and commits. A broken connection is retried ``retries`` times with backoff, each attempt
+    resuming at the offsets the server holds. A session another stream still holds
+    (:class:`SessionBusy`: the dead process's stream, until the server notices) is polled for
+    up to ``busy_wait`` seconds. A remembered session that is gone (:class:`SessionNotFound`),
+    taken for other bytes (:class:`SessionMismatch`), or whose bytes fail the commit is dropped
+    once and the upload starts over in a new session.
+
+    Raises:
+        Unavailable, DeadlineExceeded, Cancelled: out of retries (the session stays on the
+            server for a later rerun).
+        Conflict, NotFound, IntegrityError: the push cannot succeed as it is.
+    """
+    session = uuid.uuid4().hex
+    resumed = False
+    if record is not None:
+        try:
+            session = json.loads(record.read_text())["session"]
+            resumed = True
+        except (OSError, ValueError, KeyError):
+            pass
+    sent = 0
+    attempt = 0
+    started = False
+    busy_until: float | None = None
+    while True:
+        try:
+            status = transport.start_upload(session, begin)
+            started = True
+            if record is not None:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"session": session, "ref": begin.ref}))
+            if not all(status.ended):
+                counted = _Counted(iter_events(source, progress, start=status.received, ended=status.ended))
+                try:
+                    transport.upload(session, counted)
+                finally:
+                    sent += counted.bytes
+            result = transport.commit_upload(session)
+            if record is not None:
+                record.unlink(missing_ok=True)
+            return result, sent
+        except (Unavailable, DeadlineExceeded, Cancelled) as exc:
+            attempt += 1
+            if not started:
+                # No session yet: a stale connection gets two quick, quiet retries; no server fails fast.
+                if attempt > 2 or isinstance(exc, DeadlineExceeded):
+                    raise
+                time.sleep(0.2 * attempt)
+                continue
+            if attempt > retries:
+                raise  # out of retries: the session stays on the server for a later rerun
+            log.warning("push interrupted (%s); resuming (attempt %d of %d)", exc, attempt, retries)
+            time.sleep(min(5.0, 0.2 * 2**attempt))
+        except SessionBusy:
+            # The stream of the process that died may still hold the session until the server
+            # sees its connection close (at once, or a keepalive later on a silent network).
+            if busy_until is None:
+                busy_until = time.monotonic() + busy_wait
+            if time.monotonic() < busy_until:
+                time.sleep(0.5)
+                continue
+            if not _may_start_over(record, resumed, False, attempt, retries):
+                raise
+            session, resumed, attempt = uuid.uuid4().hex, False, attempt + 1
+        except (Conflict, NotFound, IntegrityError) as exc:
+            # Taken, gone (swept, another server) or made for other bytes (the source changed
+            # since): a remembered session is dropped once and the upload starts over in a new one.
+            if not _may_start_over(record, resumed, isinstance(exc, SessionNotFound), attempt, retries):
+                raise
+            session, resumed, attempt = uuid.uuid4().hex, False, attempt + 1
+
+
+def _may_start_over(record: Path | None, resumed: bool, stale: bool, attempt: int, retries: int) -> bool:
+    """Whether a failed session is replaced by a new one; if not, its record is dropped (the failure stands)."""
+    if (resumed or stale) and attempt < retries:
+        return True
+    if record is not None:
+        record.unlink(missing_ok=True)
+    return False

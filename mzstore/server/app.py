@@ -192,7 +192,7 @@ def _add_store_service(service: StoreService, server: grpc.Server) -> None:
     """Register the Store service as generated, except that ReadBlob's replies are pre-encoded bytes.
 
     ``StoreService.ReadBlob`` yields ``BlobChunk`` messages already serialized
-    (:func:`mzstore.wire.blob_chunk`), which gRPC then sends as they are: one
+    (:func:`mzstore.transport.wire.blob_chunk`), which gRPC then sends as they are: one
     copy of the data per message instead of two.
     """
     caught = _Handlers()

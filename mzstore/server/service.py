@@ -50,14 +50,15 @@ from mzstore.push.protocol import (
     UploadEnd,
     UploadEvent,
     UploadFile,
+    UploadStatus,
     validate_begin,
 )
-from mzstore.push.sessions import SessionStatus, UploadSessions
+from mzstore.push.sessions import UploadSessions
 from mzstore.settings import Settings
 from mzstore.storage.store import Store
+from mzstore.transport.wire import blob_chunk
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
-from mzstore.wire import blob_chunk
 
 log = logging.getLogger("mzstore.server")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -210,7 +211,7 @@ def _push_response(r: PushResult) -> pb.PushResponse:
     )
 
 
-def _status(s: SessionStatus) -> pb.UploadStatus:
+def _status(s: UploadStatus) -> pb.UploadStatus:
     return pb.UploadStatus(session=s.session, received=s.received, ended=s.ended, committed=s.committed)
 
 
@@ -308,7 +309,7 @@ class StoreService(pb_grpc.StoreServicer):
 
     @stream_handler
     def ReadBlob(self, request: pb.ReadBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """The range as serialized ``BlobChunk`` messages (see :func:`mzstore.wire.blob_chunk`)."""
+        """The range as serialized ``BlobChunk`` messages (see :func:`mzstore.transport.wire.blob_chunk`)."""
         size = self.store.blob_size(request.digest)
         end = size if request.length == 0 else request.offset + request.length
         if request.offset > size or end > size:

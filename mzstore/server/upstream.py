@@ -51,7 +51,6 @@ from typing import Any
 
 import grpc
 
-from mzstore.client import Client, rpc_errors
 from mzstore.errors import (
     Conflict,
     DeadlineExceeded,
@@ -66,8 +65,8 @@ from mzstore.server.service import StoreService, handler
 from mzstore.settings import Settings
 from mzstore.storage.node import LocalNode, Node, node_has, temp_prefix
 from mzstore.storage.store import RefEntry, Staged, Store, blob_key
+from mzstore.transport.base import Transport
 from mzstore.v1 import store_pb2 as pb
-from mzstore.wire import blob_piece
 
 log = logging.getLogger("mzstore.server.upstream")
 
@@ -82,42 +81,30 @@ BLOB_STREAM_TIMEOUT_S = 600.0
 _OFFLINE = (Unavailable, DeadlineExceeded)
 
 
-class UpstreamClient(Client):
-    """A :class:`Client` with the two raw reads a cache needs: manifest bytes and a blob as a stream.
+def upstream_transport(server: str, settings: Settings | None = None) -> Transport:
+    """The transport to an upstream server: gRPC with the short deadline of :data:`UPSTREAM_TIMEOUT_S`.
 
-    The client-side chunk cache is off: the server's own store is the cache.
+    Its token and TLS files come from this server's own environment (``MZSTORE_TOKEN``,
+    ``MZSTORE_TLS_CA``…). The client-side chunk cache plays no part: the server's own store is the cache.
     """
+    from mzstore.transport.grpc import GrpcTransport
 
-    def __init__(self, server: str, *, settings: Settings | None = None, timeout: float = UPSTREAM_TIMEOUT_S) -> None:
-        super().__init__(server, settings=settings, timeout=timeout, cache=False)
+    return GrpcTransport(server, settings=settings, timeout=UPSTREAM_TIMEOUT_S)
 
-    def manifest_bytes(self, ref: str) -> tuple[str, bytes]:
-        """``(digest, manifest bytes)`` of ``ref``, checked against the digest and parsed.
 
-        Raises:
-            IntegrityError: the bytes do not match the digest; FormatError: not a manifest;
-            NotFound, Unavailable…: as the upstream answers.
-        """
-        with rpc_errors():
-            resp = self._stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
-        digest = validate_digest(resp.digest)
-        data = bytes(resp.manifest)
-        if digest_of(data) != digest:
-            raise IntegrityError(f"upstream {self.server} sent a manifest for {ref} that does not match {digest}")
-        parse_manifest(data)  # never store what a client could not read
-        return digest, data
+def checked_manifest(upstream: Transport, ref: str) -> tuple[str, bytes]:
+    """``(digest, manifest bytes)`` of ``ref`` from upstream, checked against the digest and parsed.
 
-    def stream_blob(self, digest: str, offset: int = 0) -> Iterator[tuple[int, memoryview]]:
-        """``(offset, data)`` pieces of a blob from ``offset`` to its end, one gRPC message at a time."""
-        call: Any = self._read_blob(
-            pb.ReadBlobRequest(digest=digest, offset=offset, length=0), timeout=BLOB_STREAM_TIMEOUT_S
-        )
-        try:
-            with rpc_errors():
-                for message in call:
-                    yield blob_piece(message)
-        finally:
-            call.cancel()  # a consumer that stops early must not leave the stream running
+    Raises:
+        IntegrityError: the bytes do not match the digest; FormatError: not a manifest;
+        NotFound, Unavailable…: as the upstream answers.
+    """
+    _, digest, data = upstream.manifest(ref)
+    validate_digest(digest)
+    if digest_of(data) != digest:
+        raise IntegrityError(f"upstream {upstream.address} sent a manifest for {ref} that does not match {digest}")
+    parse_manifest(data)  # never store what a client could not read
+    return digest, data
 
 
 class _KeyedLocks:
@@ -147,7 +134,7 @@ class PullThroughStore(Store):
 
     Args:
         nodes: the local nodes (a directory, node URLs…), as for :class:`Store`.
-        upstream: ``HOST:PORT`` of the upstream server, or a client for it.
+        upstream: ``HOST:PORT`` of the upstream server, or a transport to it.
         replicas: copies of every blob on the local nodes.
         ttl: seconds a tag resolved upstream is trusted (0: ask upstream on every resolve).
         settings: client settings for the upstream connection.
@@ -156,7 +143,7 @@ class PullThroughStore(Store):
     def __init__(
         self,
         nodes: Node | str | Path | Sequence[Node | str | Path],
-        upstream: str | UpstreamClient,
+        upstream: str | Transport,
         *,
         replicas: int = 1,
         ttl: float = DEFAULT_TTL_S,
@@ -165,9 +152,7 @@ class PullThroughStore(Store):
         super().__init__(nodes, replicas)
         if not ttl >= 0:
             raise InvalidArgument(f"the upstream TTL must be at least 0 seconds, got {ttl}")
-        self.upstream = (
-            upstream if isinstance(upstream, UpstreamClient) else UpstreamClient(upstream, settings=settings)
-        )
+        self.upstream = upstream if isinstance(upstream, Transport) else upstream_transport(upstream, settings)
         self.ttl = ttl
         self._fresh: dict[tuple[str, str], tuple[str, float]] = {}  # (name, tag) → (digest, monotonic expiry)
         self._flights = _KeyedLocks()
@@ -176,7 +161,7 @@ class PullThroughStore(Store):
 
     @property
     def upstream_address(self) -> str:
-        return self.upstream.server
+        return self.upstream.address
 
     def close(self) -> None:
         self.upstream.close()
@@ -211,7 +196,7 @@ class PullThroughStore(Store):
 
     def _resolve_tag(self, ref: Ref) -> str:
         try:
-            digest, data = self.upstream.manifest_bytes(str(ref))
+            digest, data = checked_manifest(self.upstream, str(ref))
         except _OFFLINE as exc:
             try:
                 digest = self.get_ref(ref.name, ref.tag)
@@ -234,7 +219,7 @@ class PullThroughStore(Store):
     def _fetch_by_digest(self, ref: Ref) -> None:
         assert ref.digest is not None
         try:
-            digest, data = self.upstream.manifest_bytes(str(ref))
+            digest, data = checked_manifest(self.upstream, str(ref))
         except _OFFLINE as exc:
             raise NotFound(
                 f"manifest {ref.digest} is not in this cache and upstream {self.upstream_address} "
@@ -258,7 +243,7 @@ class PullThroughStore(Store):
     def list_refs(self, name: str | None = None) -> list[RefEntry]:
         """The upstream's list; the local one (what this cache holds) when upstream is unreachable."""
         try:
-            return [RefEntry(n, t, d) for n, t, d in self.upstream.ls(name)]
+            return [RefEntry(n, t, d) for n, t, d in self.upstream.list_refs(name)]
         except _OFFLINE as exc:
             log.warning("upstream %s unreachable (%s); listing the cached refs", self.upstream_address, exc)
             return super().list_refs(name)
@@ -359,7 +344,7 @@ class PullThroughStore(Store):
         while True:
             start = pos
             try:
-                for offset, data in self.upstream.stream_blob(digest, pos):
+                for offset, data in self.upstream.stream_blob(digest, pos, timeout=BLOB_STREAM_TIMEOUT_S):
                     if offset != pos:
                         raise IntegrityError(f"upstream {self.upstream_address} sent blob {digest} out of order")
                     fh.write(data)

@@ -66,7 +66,7 @@ def _digests(node: Node, prefix: str) -> Iterator[str]:
 def _intact(store: Store, node: Node, digest: str) -> bool | None:
     """True/False for intact/corrupt, None when missing."""
     try:
-        store._verify_on(node, digest)
+        store.verify_on(node, digest)
     except NotFound:
         return None
     except IntegrityError:

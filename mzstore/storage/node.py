@@ -32,6 +32,7 @@ from mzstore.errors import (
     Conflict,
     IntegrityError,
     InvalidArgument,
+    MissingDependency,
     MzstoreError,
     NotFound,
     ResourceExhausted,
@@ -242,6 +243,9 @@ _PROTOCOL_OPTIONS["s3a"] = _PROTOCOL_OPTIONS["s3"]
 #: of botocore's retries; its default of 5 multiplies a hung endpoint's delay.
 _PROTOCOL_ATTRIBUTES: dict[str, dict[str, Any]] = {"s3": {"retries": 2}, "s3a": {"retries": 2}}
 
+#: The pip extra of mzstore that installs each protocol's fsspec backend.
+_EXTRAS = {"s3": "s3", "s3a": "s3"}
+
 #: Protocols whose ``open(..., "wb")`` publishes bytes as they are written (the
 #: in-process memory file system): writes there are buffered and set at once.
 _WHOLE_VALUE_PROTOCOLS = frozenset({"memory"})
@@ -323,7 +327,14 @@ class FsspecNode:
             storage_options["endpoint_url"] = endpoint_url
         self.endpoint_url = endpoint_url
         options = _merge_options(_PROTOCOL_OPTIONS.get(self.protocol, {}), storage_options)
-        self.fs, base = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, base = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError:
+            extra = _EXTRAS.get(self.protocol)
+            hint = f"pip install 'mzstore[{extra}]'" if extra else f"install fsspec's backend for {self.protocol}://"
+            raise MissingDependency(
+                f"{self.protocol}:// storage nodes need a package that is not installed: {hint}"
+            ) from None
         for name, value in _PROTOCOL_ATTRIBUTES.get(self.protocol, {}).items():
             setattr(self.fs, name, value)
         self.base = base.rstrip("/")

@@ -212,7 +212,7 @@ class Store:
             _, path = staged.pending.pop()
             path.unlink(missing_ok=True)
 
-    def _verify_on(self, node: Node, digest: str) -> None:
+    def verify_on(self, node: Node, digest: str) -> None:
         """Check the whole blob's sha256 on ``node`` once per process.
 
         Reads that arrive while the check runs wait for it instead of hashing the
@@ -265,7 +265,7 @@ class Store:
         problems: list[tuple[Node, str]] = []
         for node in self.preference(digest):
             try:
-                self._verify_on(node, digest)
+                self.verify_on(node, digest)
             except NotFound:
                 problems.append((node, "missing"))
                 continue

@@ -1,4 +1,4 @@
-"""Direct reads: the client takes blob bytes straight from the storage nodes.
+"""Direct reads: the client takes blob bytes straight from the storage nodes (``pull --direct``).
 
 With ``pull --direct`` the server only resolves the ref and hands out the
 manifest and its node list (``GetTopology``, no credentials); the bulk
@@ -14,6 +14,11 @@ failed check is read from the *next* copy, so one corrupt replica does not
 fail the pull. Direct readers never write to the nodes (repair stays the
 server's job: ``mzstore fsck``).
 
+:class:`DirectTransport` is the transport a client uses for that: every
+control call goes to the server's transport, blob reads to a
+:class:`DirectReader` opened (once, on first use) from the server's
+``GetTopology``.
+
 When every node is a local directory (:attr:`DirectReader.local`: the
 client runs beside the store), the client skips its chunk cache: a
 second copy of bytes already on this machine saves nothing, and writing it
@@ -24,12 +29,17 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, open_node
 from mzstore.storage.store import blob_key
+from mzstore.transport.base import Topology, Transport
+
+if TYPE_CHECKING:
+    from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
 
 
 class DirectReader:
@@ -52,6 +62,15 @@ class DirectReader:
     def open(cls, nodes: Sequence[tuple[str, str | None]]) -> DirectReader:
         """Open ``(url, endpoint_url)`` pairs as the server reported them."""
         return cls([open_node(url, endpoint_url=endpoint or None) for url, endpoint in nodes])
+
+    def size(self, digest: str) -> int:
+        """The size of blob ``digest`` on the first node (in placement order) that holds it."""
+        for i in placement.rank(self.urls, digest):
+            try:
+                return self.nodes[i].size(blob_key(digest))
+            except (MzstoreError, OSError):
+                continue
+        raise NotFound(f"blob {digest} is on none of the storage nodes")
 
     def fetch(self, digest: str, offset: int, length: int) -> bytes:
         """Read a range from the first node holding the blob; a repeated request starts one copy further on."""
@@ -81,3 +100,78 @@ class DirectReader:
         if all("unreachable" in p for p in problems):
             raise Unavailable(f"no storage node holding blob {digest} is reachable directly ({detail})")
         raise IntegrityError(f"no node has a readable copy of blob {digest} ({detail})")
+
+
+#: Bytes per piece of :meth:`DirectTransport.stream_blob`.
+STREAM_PIECE = 8 * 1024 * 1024
+
+
+class DirectTransport(Transport):
+    """Control through ``control`` (the server), blob bytes straight from the storage nodes it reports.
+
+    Args:
+        control: the transport to the server (resolves refs, serves pushes and admin calls).
+        reader: the node reader to use; default: opened from ``control.topology()`` on first use.
+    """
+
+    def __init__(self, control: Transport, reader: DirectReader | None = None) -> None:
+        self.control = control
+        self.address = control.address
+        self._reader = reader
+        self._lock = threading.Lock()
+
+    @property
+    def reader(self) -> DirectReader:
+        """The node reader (opened from the server's topology the first time it is needed)."""
+        with self._lock:
+            if self._reader is None:
+                self._reader = DirectReader.open(self.control.topology().nodes)
+            return self._reader
+
+    @property
+    def local(self) -> bool:
+        """Every node is a directory on this machine."""
+        return self.reader.local
+
+    def close(self) -> None:
+        self.control.close()
+
+    def manifest(self, ref: str) -> tuple[str, str, bytes]:
+        return self.control.manifest(ref)
+
+    def list_refs(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        return self.control.list_refs(name)
+
+    def tag(self, source: str, target: str) -> tuple[str, str]:
+        return self.control.tag(source, target)
+
+    def delete(self, ref: str) -> tuple[str, str]:
+        return self.control.delete(ref)
+
+    def topology(self) -> Topology:
+        return self.control.topology()
+
+    def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
+        return self.control.push(begin, events)
+
+    def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
+        return self.control.start_upload(session, begin)
+
+    def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
+        return self.control.upload(session, events)
+
+    def commit_upload(self, session: str) -> PushResult:
+        return self.control.commit_upload(session)
+
+    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        return self.reader.fetch(digest, offset, length)
+
+    def stream_blob(
+        self, digest: str, offset: int = 0, timeout: float | None = None
+    ) -> Iterator[tuple[int, memoryview]]:
+        reader = self.reader
+        size = reader.size(digest)
+        while offset < size:
+            n = min(STREAM_PIECE, size - offset)
+            yield offset, memoryview(reader.fetch(digest, offset, n))
+            offset += n

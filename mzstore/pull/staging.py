@@ -1,0 +1,198 @@
+"""Staged output: files written in a hidden folder, moved into place together once all are verified.
+
+Every pull that writes files (a plain pull, a tensor-parallel rank's
+slices, a keep-quantized export) stages them in
+``OUT/.mzstore-partial-<pid>-<random>/`` on the same file system, writes
+chunks at their final offsets, and only after the last chunk is verified
+fsyncs and renames every file into place (then fsyncs the directories): a
+reader never sees a file under its final name before it is complete, and a
+failed pull leaves the previous contents of ``OUT`` as they were.
+
+The pid in the folder's name says who owns it. Before staging, a pull
+sweeps the folders of processes that no longer run (killed, crashed); a
+live process's folder is another pull into the same directory and is left
+alone. Folders named without a pid (written by mzstore before this layout)
+are swept once they have not changed for :data:`LEGACY_STALE_S`.
+
+While a pull runs, a background thread fdatasyncs each file every
+:data:`FLUSH_BYTES` (:class:`_Flusher`), so disk writes overlap fetch and
+decode instead of all waiting for the final fsync.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from mzstore.durable import fsync_dir, fsync_path, process_gone
+
+#: Staging folders are ``OUT/.mzstore-partial-<pid>-<12 hex>/``.
+PARTIAL_PREFIX = ".mzstore-partial-"
+_OWNED = re.compile(r"(\d+)-[0-9a-f]{12}")
+#: A staging folder with no owner in its name is a leftover once untouched for this long (seconds).
+LEGACY_STALE_S = 3600.0
+#: Bytes written to one output file between background fdatasyncs.
+FLUSH_BYTES = 64 * 1024 * 1024
+
+
+def partial_owner(name: str) -> str | None:
+    """The pid (decimal text) in a staging folder's name, or ``None`` when it names none."""
+    m = _OWNED.fullmatch(name[len(PARTIAL_PREFIX) :]) if name.startswith(PARTIAL_PREFIX) else None
+    return m.group(1) if m else None
+
+
+def sweep_partials(out: Path, now: float | None = None) -> list[Path]:
+    """Remove the staging folders in ``out`` left by processes that are gone; return them."""
+    removed = []
+    now = time.time() if now is None else now
+    for stage in out.glob(f"{PARTIAL_PREFIX}*"):
+        owner = partial_owner(stage.name)
+        try:
+            dead = process_gone(owner) if owner is not None else now - stage.stat().st_mtime > LEGACY_STALE_S
+        except OSError:
+            continue
+        if dead:
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _Flusher:
+    """Gets pulled bytes onto the disk while the pull goes on.
+
+    Linux keeps dirty pages in memory until a share of RAM (10 % by default)
+    is dirty, so a pull of a 1 GB model into a 24 GiB machine used to write
+    all of it in its final fsync, after every chunk was decoded: measured
+    here, 2.1 s of pulling, then 1.4 s of fsync. After every ``FLUSH_BYTES``
+    written to a file, one background thread fdatasyncs it (one sync per file
+    in flight at a time); the commit's fsync has only the tail left.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirty: dict[int, int] = {}
+        self._pending: dict[int, Future[None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def wrote(self, fd: int, n: int) -> None:
+        with self._lock:
+            dirty = self._dirty.get(fd, 0) + n
+            busy = fd in self._pending and not self._pending[fd].done()
+            if dirty < FLUSH_BYTES or busy:
+                self._dirty[fd] = dirty
+                return
+            self._dirty[fd] = 0
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-flush")
+            self._pending[fd] = self._pool.submit(os.fdatasync, fd)
+
+    def wait(self) -> None:
+        """Wait for every background sync; an I/O error of one is raised here (the pull fails)."""
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def drain(self) -> None:
+        """Wait for every background sync, ignoring errors (before closing the files of an aborted pull)."""
+        try:
+            self.wait()
+        except OSError:
+            pass
+
+
+class StagedFiles:
+    """Files written under ``OUT/.mzstore-partial-<pid>-<random>/`` and moved into place together.
+
+    Args:
+        out_dir: the destination directory (created by :meth:`open`).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out = Path(out_dir)
+        self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._fds: dict[str, int] = {}
+        self._order: list[str] = []
+        self._flusher = _Flusher()
+
+    def open(self) -> None:
+        """Create the destination and the staging folder (sweeping dead pulls' folders first)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        sweep_partials(self.out)
+        self.stage.mkdir()
+
+    def path(self, rel: str) -> Path:
+        """Where ``rel`` is staged (its parent directories exist)."""
+        path = self.stage / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def create(self, rel: str, size: int) -> int:
+        """Create the staged file ``rel`` of ``size`` bytes (zeros) and return its descriptor."""
+        fd = os.open(self.path(rel), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds[rel] = fd
+        self._order.append(rel)
+        os.ftruncate(fd, size)
+        return fd
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset`` of a file from :meth:`create`."""
+        pwrite_all(fd, data, offset)
+        self._flusher.wrote(fd, len(memoryview(data).cast("B")))
+
+    def adopt(self, rel: str) -> None:
+        """Commit a file the caller wrote whole at :meth:`path` along with the others."""
+        self._order.append(rel)
+
+    def commit(self) -> list[Path]:
+        """fsync every file, move them all into place, fsync their directories; return the final paths."""
+        self._flusher.wait()
+        for rel in self._order:
+            fd = self._fds.pop(rel, None)
+            if fd is None:
+                fsync_path(self.stage / rel)
+                continue
+            os.fsync(fd)
+            os.close(fd)
+        finals = []
+        for rel in self._order:
+            final = self.out / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.stage / rel, final)
+            finals.append(final)
+        for directory in {f.parent for f in finals}:
+            fsync_dir(directory)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        return finals
+
+    def abort(self) -> None:
+        """Drop everything staged (nothing appears under a final name)."""
+        self._flusher.drain()
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        shutil.rmtree(self.stage, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""The transport interface: what a client can ask of a store, whatever carries it.
+
+A :class:`Transport` returns plain values and raises domain errors
+(:mod:`mzstore.errors`); it does no verification of its own beyond what its
+wire needs (a blob read returns exactly the bytes asked for, or fails).
+Checking manifests against their digests, decoding and verifying chunks,
+retrying and resuming belong to the workflows that use it
+(:mod:`mzstore.client`, :mod:`mzstore.pull`, :mod:`mzstore.push.upload`).
+
+Deadlines: every call of an implementation has a finite one (short calls,
+whole pushes and single blob reads each have their own; see
+:class:`~mzstore.settings.Settings`); a call past it raises
+:class:`~mzstore.errors.DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
+
+
+class Topology(NamedTuple):
+    """The storage nodes behind a server (``(url, endpoint_url)``, no credentials) and its replica count."""
+
+    nodes: list[tuple[str, str | None]]
+    replicas: int
+
+
+class Transport(ABC):
+    """One store, reached one way. Implementations: :class:`~mzstore.transport.grpc.GrpcTransport`,
+    :class:`~mzstore.transport.direct.DirectTransport`.
+
+    Attributes:
+        address: where the store is, for messages (``HOST:PORT``).
+    """
+
+    address: str
+
+    # -- control plane --------------------------------------------------------------
+    @abstractmethod
+    def manifest(self, ref: str) -> tuple[str, str, bytes]:
+        """``(resolved ref, digest, manifest bytes)`` of ``name[:tag][@digest]``, as the store sent them.
+
+        Raises:
+            NotFound: no such ref; InvalidName: a malformed one.
+        """
+
+    @abstractmethod
+    def list_refs(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        """``(name, tag, digest)`` of every tag, or of ``name``'s tags."""
+
+    @abstractmethod
+    def tag(self, source: str, target: str) -> tuple[str, str]:
+        """Point ``target`` at what ``source`` resolves to; ``(target ref, digest)``."""
+
+    @abstractmethod
+    def delete(self, ref: str) -> tuple[str, str]:
+        """Remove the tag ``ref``; ``(ref, digest it pointed at)``."""
+
+    @abstractmethod
+    def topology(self) -> Topology:
+        """The storage nodes a direct reader may read blobs from."""
+
+    # -- push ---------------------------------------------------------------------------
+    @abstractmethod
+    def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
+        """One streamed push: ``begin``, then every file's events in order; nothing resumes."""
+
+    @abstractmethod
+    def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
+        """Create the upload session ``session`` (or find it, for the same ``begin``) and say how far it got.
+
+        Raises:
+            SessionBusy: another stream holds it; SessionMismatch: it exists for another push.
+        """
+
+    @abstractmethod
+    def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
+        """Send events into a session, each file continuing at the offset the session holds.
+
+        Raises:
+            SessionNotFound: the store no longer has the session; SessionBusy: another stream holds it.
+        """
+
+    @abstractmethod
+    def commit_upload(self, session: str) -> PushResult:
+        """Ingest a complete session and commit it under its ref."""
+
+    # -- data plane ----------------------------------------------------------------------
+    @abstractmethod
+    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        """Exactly ``length`` stored bytes of blob ``digest`` at ``offset``.
+
+        Raises:
+            Unavailable, DeadlineExceeded, ResourceExhausted: transient; callers retry.
+            NotFound: no such blob; IntegrityError: the bytes that came are not the ones asked for.
+        """
+
+    @abstractmethod
+    def stream_blob(
+        self, digest: str, offset: int = 0, timeout: float | None = None
+    ) -> Iterator[tuple[int, memoryview]]:
+        """``(offset, data)`` pieces of a blob from ``offset`` to its end (a consumer may stop early)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections (idempotent)."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Staged pull output: one staging helper for every sink, and the sweep of what dead pulls left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mzstore.client import Client
+from mzstore.pull.staging import LEGACY_STALE_S, PARTIAL_PREFIX, StagedFiles, partial_owner, sweep_partials
+from mzstore.server.app import RunningServer
+
+
+def _quantizable(path: Path) -> Path:
+    """A model a keep-quantized export writes as codes: a Linear weight and a config.json."""
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(5)
+    save_file({"proj.weight": torch.randn(512, 256, generator=gen).to(torch.bfloat16)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "custom"}))
+    return path
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_sweep_removes_dead_and_stale_folders_and_keeps_live_ones(tmp_path: Path) -> None:
+    live = tmp_path / f"{PARTIAL_PREFIX}{os.getpid()}-{'a' * 12}"
+    dead = tmp_path / f"{PARTIAL_PREFIX}{_dead_pid()}-{'b' * 12}"
+    legacy_new = tmp_path / f"{PARTIAL_PREFIX}{'c' * 12}"  # no pid in the name (older mzstore)
+    legacy_old = tmp_path / f"{PARTIAL_PREFIX}{'d' * 12}"
+    impossible = tmp_path / f"{PARTIAL_PREFIX}99999999999-{'e' * 12}"  # no process has a pid that large
+    digits = tmp_path / f"{PARTIAL_PREFIX}123456789012"  # an old export's random id that happens to be digits
+    unrelated = tmp_path / "model.safetensors"
+    for d in (live, dead, legacy_new, legacy_old, impossible, digits):
+        d.mkdir()
+    unrelated.write_bytes(b"x")
+    old = time.time() - LEGACY_STALE_S - 60
+    os.utime(legacy_old, (old, old))
+    assert partial_owner(live.name) == str(os.getpid()) and partial_owner(legacy_new.name) is None
+    removed = sweep_partials(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, legacy_old.name, impossible.name])
+    assert live.exists() and legacy_new.exists() and digits.exists() and unrelated.exists()
+
+
+def test_a_partial_folder_named_by_a_huge_number_does_not_break_a_pull(client: Client, tmp_path: Path) -> None:
+    """The old sweep read any all-digit suffix as a pid and died in os.kill with OverflowError.
+
+    Such a name is an older mzstore's keep-quantized export: it names no owner, so it is left
+    alone until it is stale (that export may still be running).
+    """
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12, dtype=torch.float32)}, str(src))
+    client.push(src, "st/m:v1")
+    out = tmp_path / "out"
+    (out / f"{PARTIAL_PREFIX}123456789012").mkdir(parents=True)
+    client.pull("st/m:v1", out)
+    assert (out / "m.safetensors").read_bytes() == src.read_bytes()
+    assert [p.name for p in out.glob(f"{PARTIAL_PREFIX}*")] == [f"{PARTIAL_PREFIX}123456789012"]
+    old = time.time() - LEGACY_STALE_S - 60
+    os.utime(out / f"{PARTIAL_PREFIX}123456789012", (old, old))
+    client.pull("st/m:v1", out)
+    assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
+
+
+_KILLED_EXPORT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from mzstore.client import Client
+
+    address, ref, out = sys.argv[1:]
+    client = Client(address, cache=False)
+    real = client.fetch
+    seen = []
+
+    def stalling(digest, offset, length):
+        seen.append(1)
+        if len(seen) > 1:
+            time.sleep(3600)  # killed here, with the staging folder half written
+        return real(digest, offset, length)
+
+    client.fetch = stalling
+    client.pull(ref, out, keep_quantized=True, workers=1)
+    """
+)
+
+
+def test_a_killed_keep_quantized_export_is_swept_by_the_next_pull(
+    client: Client, server: RunningServer, tmp_path: Path
+) -> None:
+    """Every sink stages through StagedFiles: a killed export's folder names its pid and is swept."""
+    client.push(_quantizable(tmp_path / "src"), "st/q:v1", codec="int8")
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, server.address, "st/q:v1", str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(f"{PARTIAL_PREFIX}*")):
+            assert child.poll() is None, "the export ended before it was killed"
+            assert time.monotonic() < deadline, "the export never staged anything"
+            time.sleep(0.05)
+        (stage,) = out.glob(f"{PARTIAL_PREFIX}*")
+        assert partial_owner(stage.name) == str(child.pid)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert stage.exists()  # what the killed process left
+    client.pull("st/q:v1", out, keep_quantized=True)
+    assert not stage.exists() and not list(out.glob(f"{PARTIAL_PREFIX}*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+def test_staged_files_appear_together_or_not_at_all(tmp_path: Path) -> None:
+    staged = StagedFiles(tmp_path / "out")
+    staged.open()
+    fd = staged.create("a/b.bin", 4)
+    staged.write(fd, b"abcd", 0)
+    staged.path("c.txt").write_text("whole")
+    staged.adopt("c.txt")
+    assert not (tmp_path / "out" / "a").exists()  # nothing under a final name before the commit
+    finals = staged.commit()
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in finals] == ["a/b.bin", "c.txt"]
+    assert (tmp_path / "out" / "a" / "b.bin").read_bytes() == b"abcd"
+    assert not list((tmp_path / "out").glob(f"{PARTIAL_PREFIX}*"))
+
+    failed = StagedFiles(tmp_path / "out")
+    failed.open()
+    failed.write(failed.create("a/b.bin", 3), b"new", 0)
+    failed.abort()
+    assert (tmp_path / "out" / "a" / "b.bin").read_bytes() == b"abcd"  # the old file stays
+    assert not list((tmp_path / "out").glob(f"{PARTIAL_PREFIX}*"))
+
+
+@pytest.mark.parametrize("how", ["plain", "tp", "keep-quantized"])
+def test_every_directory_output_stages_the_same_way(client: Client, tmp_path: Path, how: str) -> None:
+    """A failure in the middle of any directory output leaves no final file and no staging folder."""
+    from mzstore.errors import Unavailable
+
+    client.push(_quantizable(tmp_path / "src"), "st/all:v1", codec="int8")
+    out = tmp_path / "out"
+    real = client.fetch
+    calls = []
+
+    def failing(digest: str, offset: int, length: int) -> bytes | bytearray:
+        calls.append(1)
+        if len(calls) > 1:
+            raise Unavailable("the network went away")
+        return real(digest, offset, length)
+
+    client.fetch = failing  # type: ignore[method-assign]
+    kw = {"tp": {"tp_size": 2, "tp_rank": 1}, "keep-quantized": {"keep_quantized": True}}.get(how, {})
+    with pytest.raises(Unavailable):
+        client.pull("st/all:v1", out, workers=1, **kw)  # type: ignore[arg-type]
+    assert out.exists() and list(out.iterdir()) == []
