@@ -314,3 +314,35 @@ def test_pull_keep_quantized_writes_compressed_tensors_layout(cli_server: str, t
     assert refused.returncode == 1
     assert refused.stderr.startswith("error:") and "prune" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_push_annotate_records_lineage_that_inspect_shows(cli_server: str, model_file: Path) -> None:
+    mz(
+        "push",
+        str(model_file),
+        "org/tuned:v1",
+        "--annotate",
+        "fine-tuned-from=org/base:v1",
+        "--annotate",
+        "distilled-from=org/teacher@sha256:" + "a" * 64,
+        server=cli_server,
+        check=True,
+    )
+    shown = mz("inspect", "org/tuned:v1", server=cli_server, check=True).stdout
+    assert "annotation fine-tuned-from: org/base:v1" in shown
+    assert f"annotation distilled-from: org/teacher@sha256:{'a' * 64}" in shown
+    manifest = json.loads(mz("inspect", "org/tuned:v1", "--json", server=cli_server, check=True).stdout)["manifest"]
+    assert manifest["annotations"] == {
+        "fine-tuned-from": "org/base:v1",
+        "distilled-from": "org/teacher@sha256:" + "a" * 64,
+    }
+    for bad, why in [
+        ("no-equals-sign", "KEY=VALUE"),
+        ("=empty-key", "annotation key"),
+        ("bad key=x", "annotation key"),
+    ]:
+        refused = mz("push", str(model_file), "org/tuned:v2", "--annotate", bad, server=cli_server)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+    twice = mz("push", str(model_file), "org/tuned:v2", "--annotate", "a=1", "--annotate", "a=2", server=cli_server)
+    assert twice.returncode == 2 and "given twice" in twice.stderr
+    assert mz("ls", "org/tuned", server=cli_server, check=True).stdout.count("org/tuned:") == 1  # v2 never stored

@@ -1,0 +1,5 @@
+"""``python -m mzstore.cli``."""
+
+from mzstore.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""What every command shares: the ``mzstore`` group, its one error formatter, common options, rendering."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from mzstore.errors import InvalidName, MzstoreError, Unavailable
+from mzstore.settings import Settings, load_settings
+
+
+def cli_settings() -> Settings:
+    try:
+        return load_settings()
+    except MzstoreError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@contextmanager
+def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar on a terminal; nothing when stderr is not a TTY or with --json."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def emit(obj: dict[str, Any]) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+class Group(click.Group):
+    """Turns domain errors into one line and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvalidName as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except Unavailable as exc:
+            server = ctx.meta.get("mzstore.server", "the server")
+            click.echo(f"error: cannot reach mzstore server at {server}; is `mzstore serve` running? ({exc})", err=True)
+            ctx.exit(1)
+        except MzstoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _remember_tls_ca(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta["mzstore.tls_ca"] = value
+
+
+def server_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--server`` (passed to the command) and ``--tls-ca`` (kept in ``ctx.meta`` for :func:`_client`)."""
+    fn = click.option(
+        "--tls-ca",
+        metavar="PEM",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_remember_tls_ca,
+        help="Speak TLS, trusting this CA bundle [env MZSTORE_TLS_CA; client cert: MZSTORE_TLS_CERT/_KEY].",
+    )(fn)
+    return click.option(
+        "--server", "server", metavar="HOST:PORT", help="Server address [env MZSTORE_SERVER, default 127.0.0.1:50051]."
+    )(fn)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def connect(ctx: click.Context, server: str | None, cache: bool | None = None, direct: bool = False) -> Any:
+    from mzstore.client import Client
+
+    settings = cli_settings()
+    address = server or settings.server
+    ctx.meta["mzstore.server"] = address
+    tls_ca = ctx.meta.get("mzstore.tls_ca")
+    return ctx.with_resource(Client(address, settings=settings, cache=cache, direct=direct, tls_ca=tls_ca))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mzstore")
+def main() -> None:
+    """mzstore: push, pull and serve compressed, sharded models."""

@@ -1,0 +1,179 @@
+"""``push`` and ``pull``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+import click
+
+from mzstore.cli.base import connect, emit, human, json_option, main, progress, server_option
+from mzstore.errors import MzstoreError
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("ref")
+@click.option(
+    "--codec",
+    default="lossless",
+    show_default=True,
+    help="Policy: lossless, int8, int4[:g32|g64|g128], fp8, prune:AMOUNT, prune:N:M, prune:…,int8, auto[:cos=X].",
+)
+@click.option(
+    "--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors exact (glob, or re:REGEX). Repeatable."
+)
+@click.option(
+    "--annotate",
+    "annotations",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Record a note in the manifest, shown by `inspect` (e.g. fine-tuned-from=org/base:v1). Repeatable.",
+)
+@click.option(
+    "--no-resume",
+    is_flag=True,
+    help="Stream straight into the server's ingest instead of a resumable upload session.",
+)
+@server_option
+@json_option
+@click.pass_context
+def push(
+    ctx: click.Context,
+    source: str,
+    ref: str,
+    codec: str,
+    keep: tuple[str, ...],
+    annotations: tuple[str, ...],
+    no_resume: bool,
+    server: str | None,
+    as_json: bool,
+) -> None:
+    """Push SOURCE (.safetensors, model directory, .bin/.pt) as REF.
+
+    The upload is a resumable session: a dropped connection is resumed
+    automatically, and rerunning a push that was killed sends only what the
+    server does not have yet.
+    """
+    from mzstore.codecs.policy import parse_policy
+    from mzstore.format.refs import parse_ref
+    from mzstore.push.protocol import validate_annotations
+    from mzstore.push.source import open_source
+
+    parse_ref(ref)
+    notes: dict[str, str] = {}
+    for item in annotations:
+        key, sep, value = item.partition("=")
+        if not sep or key in notes:
+            why = "is given twice" if sep else "is not KEY=VALUE"
+            raise click.UsageError(f"--annotate {item!r} {why}")
+        notes[key] = value
+    try:
+        validate_annotations(notes)
+    except MzstoreError as exc:
+        raise click.UsageError(f"--annotate: {exc}") from None
+    try:
+        parse_policy(codec, keep)
+    except MzstoreError as exc:  # a bad --codec is a usage error: one line, exit 2
+        click.echo(f"error: --codec {codec}: {exc}", err=True)
+        ctx.exit(2)
+    client = connect(ctx, server)
+    src = open_source(source)
+    with progress(src.bytes_raw, "push", not as_json) as bar:
+        info = client.push(
+            src,
+            ref,
+            codec=codec,
+            keep=keep,
+            annotations=notes,
+            progress=bar,
+            resumable=not no_resume,
+            origin=source,
+        )
+    if as_json:
+        emit(asdict(info))
+        return
+    ratio = info.bytes_stored / info.bytes_raw if info.bytes_raw else 1.0
+    click.echo(f"pushed {info.ref} {info.digest}")
+    click.echo(
+        f"  raw {human(info.bytes_raw)} → stored {human(info.bytes_stored)} (ratio {ratio:.3f}), "
+        f"{info.tensors} tensors, {info.chunks} chunks, {info.shards} shard(s), "
+        f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s)"
+    )
+    if info.worst:
+        w = info.worst
+        snr = "exact" if w.get("snr_db") is None else f"SNR {w['snr_db']:.1f} dB"
+        click.echo(
+            f"  worst tensor: {w['tensor']} ({w['codec']}): cosine {w['cosine']:.5f}, {snr}, max error {w['max_abs_err']:.3g}"
+        )
+    for path in info.skipped:
+        click.echo(f"  skipped {path} (pickle weights beside safetensors weights)")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), help="Output directory [default: ./<name>].")
+@click.option(
+    "--keep-quantized",
+    is_flag=True,
+    help="Write quantized weights in the compressed-tensors layout (vLLM) instead of dequantizing them.",
+)
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel ranks.")
+@click.option(
+    "--tp-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Write only this rank's slices."
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Parallel fetch/decode streams [env MZSTORE_PULL_WORKERS].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor fill the local chunk cache.")
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Read blobs straight from the storage nodes (same S3 / local disk); the server only sends the manifest.",
+)
+@server_option
+@json_option
+@click.pass_context
+def pull(
+    ctx: click.Context,
+    ref: str,
+    out: str | None,
+    keep_quantized: bool,
+    tp_size: int,
+    tp_rank: int,
+    workers: int | None,
+    no_cache: bool,
+    direct: bool,
+    server: str | None,
+    as_json: bool,
+) -> None:
+    """Pull REF into a directory in its source layout, verified.
+
+    Chunks already in the local cache ($MZSTORE_HOME/cache) are not fetched
+    again, so a repeated, resumed or new-version pull moves only what is missing.
+    """
+    from mzstore.format.refs import parse_ref
+
+    parsed = parse_ref(ref)
+    if tp_rank >= tp_size:
+        raise click.UsageError(f"--tp-rank {tp_rank} must be below --tp-size {tp_size}")
+    client = connect(ctx, server, cache=False if no_cache else None, direct=direct)
+    out = out or parsed.name.rsplit("/", 1)[-1]
+    shown, total = None, 0
+    if not as_json and tp_size == 1 and sys.stderr.isatty():
+        # The bar's total comes from the manifest; the pull is pinned to its digest, so a tag
+        # moved meanwhile cannot make the bar count one version and the pull fetch another.
+        shown, digest, manifest = client.manifest(ref)
+        ref, total = f"{parsed.name}@{digest}", manifest.bytes_raw
+    with progress(total, "pull", not as_json and tp_size == 1) as bar:
+        info = client.pull(
+            ref, out, progress=bar, keep_quantized=keep_quantized, tp_size=tp_size, tp_rank=tp_rank, workers=workers
+        )
+    if as_json:
+        emit(asdict(info) | {"output": str(out)})
+        return
+    rank = f" (tensor-parallel rank {tp_rank} of {tp_size})" if tp_size > 1 else ""
+    click.echo(f"pulled {shown or info.ref} {info.digest} → {out}{rank}")
+    cached = f", {human(info.bytes_cached)} from cache" if info.bytes_cached else ""
+    click.echo(
+        f"  {len(info.files)} files, {human(info.bytes_raw)} written, {human(info.bytes_transferred)} transferred"
+        f"{cached}, {info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s), verified"
+    )
