@@ -26,6 +26,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy mzstore
+	$(VENV)/bin/lint-imports
 	$(PY) scripts/gen_protos.py --check
 	$(PY) scripts/limits_table.py --check
 

@@ -139,8 +139,8 @@ def make_client(
     """A Client whose ``MZSTORE_HOME`` (and so its chunk cache) is ``home``; it counts fetched bytes and reads.
 
     ``cache=False`` turns the local cache off where the client has one; ``direct=True`` reads
-    blobs straight from the server's storage directory (``pull --direct``; nothing is fetched
-    from the server, so the counts stay 0); ``coalesce_bytes`` sets ``pull_coalesce_bytes``.
+    blobs straight from the server's storage directory (``pull --direct``; the counts are then
+    of the node reads, not of the server); ``coalesce_bytes`` sets ``pull_coalesce_bytes``.
     """
     from mzstore.client import Client
     from mzstore.settings import load_settings
@@ -481,7 +481,7 @@ def bench_throughput(m: ModelBench, server: Server, work: Path, runs: int, cache
             with temp_dir(work, "home-") as home:
                 with make_client(server.address, home, direct=True) as client:
                     s, n, sd = mz_load(client, ref)
-                    record(m.row(f"sd:{codec}:direct"), s, n, client.fetched)
+                    record(m.row(f"sd:{codec}:direct"), s, n, 0)  # read from the nodes, not the server
                     if r == 0:  # the same tensors as the source (lossless) or as a pull through the server
                         with make_client(server.address, home, cache=False) as via_server:
                             want = load_file(str(m.path)) if codec == "lossless" else mz_load(via_server, ref)[2]
@@ -490,7 +490,7 @@ def bench_throughput(m: ModelBench, server: Server, work: Path, runs: int, cache
                     del sd
                 with temp_dir(work, "pull-") as out, make_client(server.address, home, direct=True) as client:
                     s, info = mz_pull(client, ref, out)
-                    record(m.row(f"dir:{codec}:direct"), s, info.bytes_raw, client.fetched)
+                    record(m.row(f"dir:{codec}:direct"), s, info.bytes_raw, 0)
     if cache.present is False:  # no cache: the warm rows only repeat the cold ones
         for key in [k for k in m.rows if k.endswith(":warm")]:
             del m.rows[key]
