@@ -32,17 +32,8 @@ from typing import Any
 Data = bytes | bytearray | memoryview
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a directory's entries (a rename in it) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_path(path: str | os.PathLike[str]) -> None:
-    """Flush a file someone else wrote (by path) to the disk."""
+    """Flush a file (written by someone else) or a directory's entries (a rename in it) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -79,7 +70,7 @@ def replace(tmp: Path, final: Path, *, durable: bool = True) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         if durable:
-            fsync_dir(final.parent)
+            fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -225,6 +225,23 @@ def test_transformers_loads_the_export(client: Client, tiny_llama: Path, tmp_pat
         _assert_same(state[name], want, name)
 
 
+def test_keep_quantized_pulls_go_through_the_cache_and_report_real_counts(
+    small_client: Client, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The export is a pull like any other: the chunk cache serves a repeat, and the counts are measured."""
+    manifest = _push(small_client, tiny_llama, "test/llama:cached", "int8")
+    first = small_client.pull("test/llama:cached", tmp_path / "a", keep_quantized=True)
+    total = sum(c.length for c in manifest.chunks())
+    # every chunk once: fetched, or (identical chunks, e.g. all-ones norms) found in the cache the pull fills
+    assert first.bytes_transferred + first.bytes_cached == total and first.bytes_transferred > total // 2
+    assert first.chunks == len(manifest.chunks())
+    again = small_client.pull("test/llama:cached", tmp_path / "b", keep_quantized=True)
+    assert again.bytes_transferred == 0 and again.bytes_cached == total
+    for f in first.files:
+        rel = Path(f).relative_to(tmp_path / "a")
+        assert (tmp_path / "b" / rel).read_bytes() == Path(f).read_bytes(), rel
+
+
 def test_sharded_checkpoint_index_is_rewritten(small_client: Client, sharded_llama: Path, tmp_path: Path) -> None:
     manifest = _push(small_client, sharded_llama, "test/sharded:v1", "int4:g128")
     out = tmp_path / "exported"

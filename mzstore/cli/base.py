@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from mzstore import __version__
 from mzstore.errors import InvalidName, MzstoreError, Unavailable
 from mzstore.settings import Settings, load_settings
 
@@ -100,6 +101,6 @@ def connect(ctx: click.Context, server: str | None, cache: bool | None = None, d
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mzstore")
+@click.version_option(version=__version__, prog_name="mzstore")
 def main() -> None:
     """mzstore: push, pull and serve compressed, sharded models."""

@@ -29,6 +29,7 @@ transport's, a :class:`~mzstore.storage.Store`'s, a test's — pulls the same wa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +48,8 @@ from mzstore.pull.sinks import (
 from mzstore.settings import DEFAULT_PULL_INFLIGHT_BYTES
 
 R = TypeVar("R")
-ProgressFn = Any  # Callable[[int], None] | None: called with each verified chunk's decoded size
+#: Called with each verified chunk's decoded size (a progress bar's ``update``), or ``None``.
+ProgressFn = Callable[[int], None] | None
 TpRules = list[tuple[str, int | None]]
 
 

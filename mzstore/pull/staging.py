@@ -30,7 +30,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mzstore.durable import fsync_dir, fsync_path, process_gone
+from mzstore.durable import fsync_path, process_gone
 
 #: Staging folders are ``OUT/.mzstore-partial-<pid>-<12 hex>/``.
 PARTIAL_PREFIX = ".mzstore-partial-"
@@ -182,7 +182,7 @@ class StagedFiles:
             os.replace(self.stage / rel, final)
             finals.append(final)
         for directory in {f.parent for f in finals}:
-            fsync_dir(directory)
+            fsync_path(directory)
         shutil.rmtree(self.stage, ignore_errors=True)
         return finals
 

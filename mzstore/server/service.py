@@ -18,6 +18,7 @@ at most ``settings.max_deadline_s`` whatever the client asked
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import tempfile
@@ -199,16 +200,7 @@ def _begin(b: pb.PushBegin) -> UploadBegin:
 
 
 def _push_response(r: PushResult) -> pb.PushResponse:
-    return pb.PushResponse(
-        ref=r.ref,
-        digest=r.digest,
-        bytes_raw=r.bytes_raw,
-        bytes_stored=r.bytes_stored,
-        bytes_received=r.bytes_received,
-        tensors=r.tensors,
-        chunks=r.chunks,
-        shards=r.shards,
-    )
+    return pb.PushResponse(**dataclasses.asdict(r))  # the same fields, by name
 
 
 def _status(s: UploadStatus) -> pb.UploadStatus:

@@ -161,18 +161,11 @@ def _upload_requests(session: str, events: Iterable[UploadEvent]) -> Iterator[pb
 
 
 def _push_result(r: pb.PushResponse) -> PushResult:
+    from dataclasses import fields
+
     from mzstore.push.protocol import PushResult
 
-    return PushResult(
-        ref=r.ref,
-        digest=r.digest,
-        bytes_raw=r.bytes_raw,
-        bytes_stored=r.bytes_stored,
-        bytes_received=r.bytes_received,
-        tensors=r.tensors,
-        chunks=r.chunks,
-        shards=r.shards,
-    )
+    return PushResult(**{f.name: getattr(r, f.name) for f in fields(PushResult)})  # the same fields, by name
 
 
 def _upload_status(s: pb.UploadStatus) -> UploadStatus:
