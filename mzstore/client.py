@@ -338,8 +338,8 @@ class Client:
             ref=name,
         )
         info = PullInfo.of(name, digest, manifest, start, finals, stats)
-        if tp_size > 1 or tp_rank:
-            return dataclasses.replace(info, bytes_raw=sum(p.stat().st_size for p in finals))  # the slices' size
+        if tp_size > 1 or tp_rank or keep_quantized:  # what was written: the slices, or the codes
+            return dataclasses.replace(info, bytes_raw=sum(p.stat().st_size for p in finals))
         return info
 
     def load_state_dict(

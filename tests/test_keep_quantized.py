@@ -235,6 +235,8 @@ def test_keep_quantized_pulls_go_through_the_cache_and_report_real_counts(
     # every chunk once: fetched, or (identical chunks, e.g. all-ones norms) found in the cache the pull fills
     assert first.bytes_transferred + first.bytes_cached == total and first.bytes_transferred > total // 2
     assert first.chunks == len(manifest.chunks())
+    written = sum(Path(f).stat().st_size for f in first.files)
+    assert first.bytes_raw == written < manifest.bytes_raw  # the codes, not the dequantized size
     again = small_client.pull("test/llama:cached", tmp_path / "b", keep_quantized=True)
     assert again.bytes_transferred == 0 and again.bytes_cached == total
     for f in first.files:

@@ -48,10 +48,15 @@ def test_the_sweep_removes_dead_and_stale_folders_and_keeps_live_ones(tmp_path: 
     unrelated.write_bytes(b"x")
     old = time.time() - LEGACY_STALE_S - 60
     os.utime(legacy_old, (old, old))
+    busy = tmp_path / f"{PARTIAL_PREFIX}{'f' * 12}"  # an old folder whose files are still being written
+    (busy / "sub").mkdir(parents=True)
+    (busy / "sub" / "model.safetensors").write_bytes(b"growing")
+    os.utime(busy, (old, old))
+    os.utime(busy / "sub", (old, old))
     assert partial_owner(live.name) == str(os.getpid()) and partial_owner(legacy_new.name) is None
     removed = sweep_partials(tmp_path)
     assert sorted(p.name for p in removed) == sorted([dead.name, legacy_old.name, impossible.name])
-    assert live.exists() and legacy_new.exists() and digits.exists() and unrelated.exists()
+    assert live.exists() and legacy_new.exists() and digits.exists() and busy.exists() and unrelated.exists()
 
 
 def test_a_partial_folder_named_by_a_huge_number_does_not_break_a_pull(client: Client, tmp_path: Path) -> None:

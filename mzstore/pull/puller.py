@@ -83,8 +83,8 @@ class Puller:
             Whatever the sink raises. On any failure the sink is aborted.
         """
         tasks = [t for t in plan_pull(manifest, files) if sink.wants(t)]
-        sink.open()
         try:
+            sink.open()
             stats = run_pull(
                 tasks,
                 self.fetch,

@@ -12,7 +12,7 @@ The pid in the folder's name says who owns it. Before staging, a pull
 sweeps the folders of processes that no longer run (killed, crashed); a
 live process's folder is another pull into the same directory and is left
 alone. Folders named without a pid (written by mzstore before this layout)
-are swept once they have not changed for :data:`LEGACY_STALE_S`.
+are swept once nothing in them has changed for :data:`LEGACY_STALE_S`.
 
 While a pull runs, a background thread fdatasyncs each file every
 :data:`FLUSH_BYTES` (:class:`_Flusher`), so disk writes overlap fetch and
@@ -47,6 +47,18 @@ def partial_owner(name: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _last_change(folder: Path) -> float:
+    """The newest modification time of ``folder`` and everything in it (a file being written counts)."""
+    newest = folder.stat().st_mtime
+    for dirpath, _dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
 def sweep_partials(out: Path, now: float | None = None) -> list[Path]:
     """Remove the staging folders in ``out`` left by processes that are gone; return them."""
     removed = []
@@ -54,7 +66,7 @@ def sweep_partials(out: Path, now: float | None = None) -> list[Path]:
     for stage in out.glob(f"{PARTIAL_PREFIX}*"):
         owner = partial_owner(stage.name)
         try:
-            dead = process_gone(owner) if owner is not None else now - stage.stat().st_mtime > LEGACY_STALE_S
+            dead = process_gone(owner) if owner is not None else now - _last_change(stage) > LEGACY_STALE_S
         except OSError:
             continue
         if dead:
