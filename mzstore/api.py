@@ -3,7 +3,7 @@
 Each opens a :class:`~mzstore.client.Client` for one call and forwards every
 option of the ``Client`` method of the same name, plus the ``Client``'s own
 (``server``, ``settings``, ``timeout``, ``cache``, ``direct``, ``token``,
-``tls_ca``). ``tests/test_api.py`` fails when a ``Client`` method gains a
+``tls_ca``, ``offline``). ``tests/test_api.py`` fails when a ``Client`` method gains a
 parameter its twin here lacks. Nothing heavy is imported until a function
 is called, so ``import mzstore`` stays cheap.
 """
@@ -27,10 +27,20 @@ def _client(
     direct: bool,
     token: str | None,
     tls_ca: str | os.PathLike[str] | None,
+    offline: bool | None,
 ) -> Client:
     from mzstore.client import Client
 
-    return Client(server, settings=settings, timeout=timeout, cache=cache, direct=direct, token=token, tls_ca=tls_ca)
+    return Client(
+        server,
+        settings=settings,
+        timeout=timeout,
+        cache=cache,
+        direct=direct,
+        token=token,
+        tls_ca=tls_ca,
+        offline=offline,
+    )
 
 
 def load_state_dict(
@@ -51,9 +61,10 @@ def load_state_dict(
     direct: bool = False,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
 ) -> dict[str, Any]:
     """Load the tensors of ``ref`` (see :meth:`mzstore.client.Client.load_state_dict`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
         return client.load_state_dict(
             ref,
             device=device,
@@ -86,9 +97,10 @@ def load_into(
     direct: bool = False,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
 ) -> dict[str, Any]:
     """Load the tensors of ``ref`` into ``model`` on the mapped devices (see :meth:`mzstore.client.Client.load_into`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
         return client.load_into(
             model,
             ref,
@@ -120,9 +132,10 @@ def pull(
     direct: bool = False,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
 ) -> PullInfo:
     """Pull ``ref`` into ``out_dir`` (see :meth:`mzstore.client.Client.pull`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
         return client.pull(
             ref,
             out_dir,
@@ -146,6 +159,7 @@ def push(
     resumable: bool = True,
     retries: int = 5,
     origin: str | os.PathLike[str] | None = None,
+    allow_no_weights: bool = False,
     server: str | None = None,
     settings: Settings | None = None,
     timeout: float | None = None,
@@ -153,9 +167,10 @@ def push(
     direct: bool = False,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
 ) -> PushInfo:
     """Push ``source`` as ``ref`` (see :meth:`mzstore.client.Client.push`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
         return client.push(
             source,
             ref,
@@ -166,6 +181,7 @@ def push(
             resumable=resumable,
             retries=retries,
             origin=origin,
+            allow_no_weights=allow_no_weights,
         )
 
 

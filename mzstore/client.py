@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mzstore.errors import IntegrityError
+from mzstore.errors import DeadlineExceeded, IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest
-from mzstore.format.refs import parse_ref
+from mzstore.format.refs import Ref, parse_ref
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, load_settings
-from mzstore.transport.base import Topology, Transport
+from mzstore.transport.base import RefInfo, Topology, Transport
 
 if TYPE_CHECKING:
     from mzstore.pull.cache import ChunkCache
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from mzstore.push.protocol import UploadBegin
     from mzstore.push.source import Source
 
+log = logging.getLogger("mzstore.client")
 ProgressFn = Callable[[int], None]
 #: ``(tensor-name regex, split dim or None)`` tensor-parallel rules (see :mod:`mzstore.pull.tp`).
 TpRules = list[tuple[str, int | None]]
@@ -113,6 +115,10 @@ class Client:
         token: bearer token sent as ``authorization`` metadata on every call; default ``settings.token``.
         tls_ca: PEM CA bundle to verify the server with; given (or ``settings.tls_ca``), the channel is TLS,
             with ``settings.tls_cert``/``tls_key`` as the client certificate for mutual TLS.
+        offline: never contact the server (default ``settings.offline``, ``MZSTORE_OFFLINE``): refs
+            resolve through the cache's tag → digest mapping and chunks come from the cache; what
+            is not there fails at once. Online, a tag whose server is unreachable also falls back to
+            the cached mapping, with a warning that the tag may have moved.
         transport: talk to the store through this transport instead of opening a gRPC channel
             (``server``, ``timeout``, ``token`` and ``tls_ca`` are then not used).
 
@@ -131,10 +137,17 @@ class Client:
         direct: bool = False,
         token: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
+        offline: bool | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.direct = direct
+        self.offline = self.settings.offline if offline is None else offline
+        if transport is None and self.offline:
+            from mzstore.settings import server_address
+            from mzstore.transport.offline import OfflineTransport
+
+            transport = OfflineTransport(server_address(server or self.settings.server))
         if transport is None:
             from mzstore.transport.grpc import GrpcTransport
 
@@ -176,6 +189,7 @@ class Client:
         resumable: bool = True,
         retries: int = 5,
         origin: str | os.PathLike[str] | None = None,
+        allow_no_weights: bool = False,
     ) -> PushInfo:
         """Upload ``source`` (file or directory) and store it as ``ref``, encoded with ``codec``.
 
@@ -190,20 +204,25 @@ class Client:
                 server holds. ``False`` streams straight into the ingest (one stream, no resume).
             origin: the path ``source`` was opened from, when ``source`` is an opened
                 :class:`Source`; with it a rerun of a killed push resumes its session.
+            allow_no_weights: store a source with no weights (only configs, ONNX, GGUF…),
+                which is refused by default as the likely mistake it is.
 
         Raises:
-            InvalidArgument: bad source, ref or policy, or a policy with nothing to apply to
-                (raised before anything is uploaded); FormatError: malformed safetensors;
+            InvalidArgument: bad source, ref or policy, a policy with nothing to apply to, or a
+                source with no weights (raised before anything is uploaded); FormatError: malformed safetensors;
             IntegrityError: the upload was altered; Unavailable: no server, or the connection broke;
             DeadlineExceeded: the push took longer than ``settings.push_timeout``.
             A failed push stores no ref; pushing again is safe (content-addressed, nothing duplicated).
         """
         from mzstore.codecs.policy import parse_policy
         from mzstore.push.protocol import validate_begin
-        from mzstore.push.source import Source, check_policy_applies, open_source
+        from mzstore.push.source import Source, check_has_weights, check_policy_applies, open_source
         from mzstore.push.upload import begin_for, push_resumable, push_streamed
 
         src = source if isinstance(source, Source) else open_source(source)
+        if not allow_no_weights:
+            named = origin or source
+            check_has_weights(src, os.fspath(named) if isinstance(named, (str, os.PathLike)) else "the source")
         begin = begin_for(src, ref, codec, annotations, tuple(keep))
         validate_begin(begin)  # fail before any upload on what the client can check
         policy = parse_policy(codec, keep)
@@ -261,12 +280,41 @@ class Client:
             cached = self.cache.get_manifest(parsed.digest)
             if cached is not None:
                 return str(parsed), parsed.digest, cached
-        name, digest, data = self.transport.manifest(ref)
+        try:
+            name, digest, data = self.transport.manifest(ref)
+        except (Unavailable, DeadlineExceeded, NotFound) as exc:
+            remembered = self._cached_tag(parsed, exc)
+            if remembered is None:
+                raise
+            return remembered
         if digest_of(data) != digest:
             raise IntegrityError(f"manifest of {ref} does not match its digest {digest}")
         if self.cache is not None:
             self.cache.put_manifest(name, self.server, digest, data)
         return name, digest, parse_manifest(data)
+
+    def _cached_tag(self, parsed: Ref, exc: MzstoreError) -> tuple[str, str, Manifest] | None:
+        """The manifest the cache says ``parsed`` (a tag) last resolved to, when the server cannot say.
+
+        Offline, that is the answer; online, only an unreachable server (not an unknown tag) falls
+        back to it, with a one-line warning. ``None`` when the cache cannot answer either.
+        """
+        if parsed.digest or self.cache is None or (isinstance(exc, NotFound) and not self.offline):
+            return None
+        tag = f"{parsed.name}:{parsed.tag}"
+        digest = self.cache.cached_tag(tag, self.server)
+        manifest = self.cache.get_manifest(digest) if digest else None
+        if digest is None or manifest is None:
+            return None
+        if not self.offline:
+            log.warning(
+                "warning: %s is unreachable (%s); using the cached %s → %s, which may be stale",
+                self.server,
+                str(exc).split("\n", 1)[0],
+                tag,
+                digest,
+            )
+        return tag, digest, manifest
 
     def fetch(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         """Read ``length`` stored bytes of a blob at ``offset`` (through the server, or the nodes with ``direct``).
@@ -316,7 +364,9 @@ class Client:
     ) -> PullInfo:
         """Pull ``ref`` into ``out_dir`` in its source layout.
 
-        Nothing appears under a final file name until every chunk is verified.
+        Nothing appears under a final file name until every chunk is verified. Files already in
+        ``out_dir`` under the model's file names are replaced; others are left (the CLI checks the
+        folder first, see :mod:`mzstore.pull.destination`).
 
         Args:
             keep_quantized: write quantized weights in the compressed-tensors layout vLLM
@@ -452,7 +502,11 @@ class Client:
 
     # -- admin ------------------------------------------------------------
     def ls(self, name: str | None = None) -> list[tuple[str, str, str]]:
-        """``(name, tag, digest)`` of every tag, or of ``name``'s tags."""
+        """``(name, tag, digest)`` of every tag, or of ``name``'s tags (:meth:`refs` has sizes and times too)."""
+        return [(r.name, r.tag, r.digest) for r in self.transport.list_refs(name)]
+
+    def refs(self, name: str | None = None) -> list[RefInfo]:
+        """Every tag, or ``name``'s tags, with the model's sizes and when the tag was last written."""
         return self.transport.list_refs(name)
 
     def tag(self, source: str, target: str) -> tuple[str, str]:

@@ -34,6 +34,10 @@ class InvalidArgument(MzstoreError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class UsageError(InvalidArgument):
+    """An option that does not apply, or options that cannot be combined (the CLI exits 2)."""
+
+
 class InvalidName(InvalidArgument):
     """A model name, tag or digest does not follow the reference grammar."""
 

@@ -96,6 +96,7 @@ class Settings:
         pull_coalesce_bytes: small adjacent chunks are fetched together, up to this many stored +
             decoded bytes per range read (``MZSTORE_PULL_COALESCE``; 0: each chunk alone).
         cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
+        offline: work from the local cache alone, never contacting a server (``MZSTORE_OFFLINE=1``).
         cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
         tls_ca: PEM CA bundle the client trusts; set means the client speaks TLS (``MZSTORE_TLS_CA``).
         tls_cert: client certificate (PEM) for mutual TLS (``MZSTORE_TLS_CERT``).
@@ -117,6 +118,7 @@ class Settings:
     pull_inflight_bytes: int = DEFAULT_PULL_INFLIGHT_BYTES
     pull_coalesce_bytes: int = DEFAULT_PULL_COALESCE_BYTES
     cache: bool = True
+    offline: bool = False
     cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
     limits: Limits = field(default_factory=Limits)
     tls_ca: Path | None = None
@@ -138,6 +140,49 @@ class Settings:
     def default_root(self) -> Path:
         """Where ``mzstore serve`` keeps data when no ``--root`` is given."""
         return self.home / "data" if self.home else Path(DEFAULT_ROOT)
+
+
+#: The port a server address without one means (``mzstore serve``'s default).
+DEFAULT_PORT = 50051
+
+
+def server_address(text: str) -> str:
+    """A server address as gRPC wants it: ``HOST:PORT``, port :data:`DEFAULT_PORT` when none is given.
+
+    Accepts ``host``, ``host:port``, ``[v6]``, ``[v6]:port``, ``unix:/path``, and the URL forms
+    ``grpc://`` and ``http://`` of the same (gRPC's own default for a bare host would be port 443).
+
+    Raises:
+        InvalidArgument: a path or query after the host, a port out of range, or a TLS URL
+            (``https://``, ``grpcs://``: TLS is chosen with ``--tls-ca`` / ``MZSTORE_TLS_CA``).
+    """
+    address = text.strip()
+    if address.startswith(("unix:", "unix-abstract:")):
+        return address
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        if scheme.lower() in ("https", "grpcs"):
+            raise InvalidArgument(
+                f"server {text!r}: for TLS give HOST:PORT and a CA bundle (--tls-ca / MZSTORE_TLS_CA)"
+            )
+        if scheme.lower() not in ("http", "grpc"):
+            raise InvalidArgument(f"server {text!r}: give HOST[:PORT] (or grpc://HOST:PORT)")
+        address = rest.rstrip("/")
+    if not address or "/" in address or "?" in address or "#" in address:
+        raise InvalidArgument(f"server {text!r}: give HOST[:PORT], without a path")
+    if address.startswith("["):  # [v6] or [v6]:port
+        host, _, port = address.partition("]")
+        host += "]"
+        port = port.removeprefix(":")
+    elif address.count(":") == 1:
+        host, _, port = address.partition(":")
+    elif ":" in address:  # a bare IPv6 address
+        host, port = f"[{address}]", ""
+    else:
+        host, port = address, ""
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise InvalidArgument(f"server {text!r}: the port must be 1 to 65535")
+    return f"{host}:{port or DEFAULT_PORT}"
 
 
 def is_loopback(address: str) -> bool:
@@ -199,6 +244,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pull_inflight_bytes=_int(env, "MZSTORE_PULL_INFLIGHT", DEFAULT_PULL_INFLIGHT_BYTES),
         pull_coalesce_bytes=_int(env, "MZSTORE_PULL_COALESCE", DEFAULT_PULL_COALESCE_BYTES, allow_zero=True),
         cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
+        offline=(env.get("MZSTORE_OFFLINE") or "0").lower() in ("1", "true", "yes", "on"),
         cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
         limits=load_limits(env),
         tls_ca=_path(env, "MZSTORE_TLS_CA"),

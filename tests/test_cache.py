@@ -217,7 +217,7 @@ def test_concurrent_processes_share_one_cache(counted: Any, tmp_path: Path) -> N
     assert list((Path(os.environ["MZSTORE_HOME"]) / "cache" / "tmp").iterdir()) == []
 
 
-def test_digest_pull_from_cache_needs_no_server(tmp_path: Path) -> None:
+def test_digest_pull_from_cache_needs_no_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _model(tmp_path / "src", 7)
     running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL)
     with Client(running.address) as c:
@@ -227,9 +227,15 @@ def test_digest_pull_from_cache_needs_no_server(tmp_path: Path) -> None:
     with Client(running.address, timeout=2) as c:
         info = c.pull(f"m@{pushed.digest}", tmp_path / "b")
         assert info.bytes_transferred == 0
+        # A tag needs the server, unless the cache remembers it (issue 13): then it is used, with a warning.
+        with caplog.at_level("WARNING", logger="mzstore.client"):
+            tagged = c.pull("m:1", tmp_path / "c")
+        assert tagged.digest == pushed.digest and tagged.bytes_transferred == 0
+        assert "which may be stale" in caplog.text and "m:1" in caplog.text
         with pytest.raises(Unavailable):
-            c.pull("m:1", tmp_path / "c")  # a tag must be resolved by the server
+            c.pull("m:2", tmp_path / "d")  # a tag the cache never saw must be resolved by the server
     _same_files(tmp_path / "src", tmp_path / "b")
+    _same_files(tmp_path / "src", tmp_path / "c")
 
 
 def test_no_cache_writes_nothing(counted: Any, tmp_path: Path) -> None:
@@ -287,7 +293,7 @@ def test_cache_ls_and_prune(counted: Any, tmp_path: Path) -> None:
     assert cache.size() == full
 
     # --max-size keeps the most recently used chunks.
-    r = json.loads(_cli("cache", "prune", "--max-size", str(full // 2), "--json", env=env).stdout)
+    r = json.loads(_cli("cache", "prune", "--max-size", f"{full // 2}B", "--json", env=env).stdout)
     assert r["bytes_removed"] > 0
     assert cache.size() <= full // 2
     assert _cli("cache", "prune", "--max-size", "lots", env=env).returncode == 2

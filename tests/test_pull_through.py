@@ -394,10 +394,11 @@ def test_cli_serve_with_upstream(
 
 def test_cli_serve_rejects_a_malformed_upstream(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(tmp_path), "--upstream", "no-port"],
+        [sys.executable, "-m", "mzstore.cli", "serve", "--root", str(tmp_path), "--upstream", "host:99999"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "--upstream must be HOST:PORT" in proc.stderr
+    assert proc.stderr.startswith("error: --upstream: ") and "port must be 1 to 65535" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line (a host with no port means port 50051, as --server does)

@@ -2,23 +2,42 @@
 
 Each command parses its flags, calls the library (:mod:`mzstore.client`,
 :mod:`mzstore.server`) and renders the result either for people or, with
-``--json``, as one JSON object. Errors are rendered by one formatter as a
-single ``error: …`` line (:class:`~mzstore.cli.base.Group`). Exit codes: 0
-ok, 1 failed, 2 usage (bad flags or an invalid reference).
+``--json``, as one JSON object. Every expected failure is one ``error: …``
+line (:func:`~mzstore.cli.base.run`, :class:`~mzstore.cli.base.Group`).
+Exit codes: 0 ok, 1 failed, 2 usage (bad flags, an invalid reference, an
+option that does not apply), 130 interrupted.
 
 Commands by group::
 
-    base.py      the group, its error formatter, --server/--tls-ca/--json, rendering helpers
+    base.py      the group, its error formatting, --server/--tls-ca/--json, rendering helpers
     transfer.py  push, pull
     models.py    ls, inspect, rm, tag
     server.py    serve, token add, fsck, rebalance, gc
     cache.py     cache ls | verify | prune
 
-Only click and the settings load at start-up; each command imports what it
-uses when it runs.
+:func:`main` is the console script. It imports the commands itself, so that
+even a Ctrl-C while they load ends with one line; each command imports what
+it uses when it runs.
 """
 
-from mzstore.cli import cache, models, server, transfer  # noqa: F401  (registers the commands)
-from mzstore.cli.base import main
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def main(args: Sequence[str] | None = None, standalone_mode: bool = True) -> Any:
+    """The ``mzstore`` command. ``standalone_mode=False`` returns (or raises) as click's ``main`` does."""
+    try:
+        from mzstore.cli import cache, models, server, transfer  # noqa: F401  (registers the commands)
+        from mzstore.cli.base import cli, run
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    if not standalone_mode:
+        return cli.main(args, prog_name="mzstore", standalone_mode=False)
+    sys.exit(run(cli, args))
+
 
 __all__ = ["main"]

@@ -7,29 +7,69 @@ import math
 
 import click
 
-from mzstore.cli.base import connect, emit, human, json_option, main, server_option
+from mzstore.cli.base import cli, connect, emit, human, json_option, server_option
+from mzstore.errors import MzstoreError
+
+#: Columns of ``mzstore ls``: the ref, the digest cut to 12 hex digits (as ``docker images``), sizes, age.
+LS_HEADER = ("REF", "DIGEST", "SIZE", "STORED", "UPDATED")
 
 
-@main.command(name="ls")
+def _age(when: float, now: float | None = None) -> str:
+    """``3 minutes ago`` (``-`` when the store could not say)."""
+    import time
+
+    if not when:
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - when)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+@cli.command(name="ls")
 @click.argument("name", required=False)
 @server_option
 @json_option
 @click.pass_context
 def ls_cmd(ctx: click.Context, name: str | None, server: str | None, as_json: bool) -> None:
-    """List models, or the tags of NAME."""
-    from mzstore.format.refs import validate_name
+    """List models, the tags of NAME, or one NAME:TAG: size, stored size and when the tag was last written."""
+    from mzstore.format.refs import parse_ref
 
+    tag = None
     if name:
-        validate_name(name)
-    refs = connect(ctx, server).ls(name)
+        parsed = parse_ref(name)
+        if parsed.digest:
+            raise click.UsageError(f"ls lists tags; to look at {name}, use `mzstore inspect {name}`")
+        if ":" in name.rsplit("/", 1)[-1]:
+            tag = parsed.tag
+        name = parsed.name
+    refs = [r for r in connect(ctx, server).refs(name) if tag is None or r.tag == tag]
+    if tag is not None and not refs:
+        raise MzstoreError(f"{name}:{tag} not found")
     if as_json:
-        emit({"refs": [{"name": n, "tag": t, "digest": d} for n, t, d in refs]})
+        emit({"refs": [{"name": r.name, "tag": r.tag, "digest": r.digest} for r in refs]})
         return
-    for n, t, d in refs:
-        click.echo(f"{n}:{t}\t{d}")
+    if not refs:
+        return
+    rows = [
+        [
+            f"{r.name}:{r.tag}",
+            r.digest[: len("sha256:") + 12],
+            human(r.bytes_raw),
+            human(r.bytes_stored),
+            _age(r.updated),
+        ]
+        for r in refs
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(LS_HEADER)]
+    for row in [list(LS_HEADER), *rows]:
+        cells = [c.ljust(w) if i in (0, 1, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        click.echo("  ".join(cells).rstrip())
 
 
-@main.command()
+@cli.command()
 @click.argument("ref")
 @server_option
 @json_option
@@ -70,13 +110,18 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         snr = "-" if fid.get("snr_db") is None else f"{fid['snr_db']:.1f}"
         err = f"{fid['max_abs_err']:.3g}" if "max_abs_err" in fid else "-"
         click.echo(
-            f"  {t.name[:48]:<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {t.codec[:18]:<18} "
+            f"  {_cut(t.name, 48):<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {_cut(t.codec, 18):<18} "
             f"{human(raw):>9} {human(stored):>9} {stored / raw if raw else 1.0:>6.3f} "
             f"{8 * stored / numel if numel else 0:>6.2f} {cos:>9} {snr:>7} {err:>9}"
         )
 
 
-@main.command()
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, a cut one marked with ``…``."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.command()
 @click.argument("ref")
 @server_option
 @json_option
@@ -85,7 +130,8 @@ def rm(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> None:
     """Remove a tag (blobs are reclaimed by garbage collection)."""
     from mzstore.format.refs import parse_ref
 
-    parse_ref(ref)
+    if parse_ref(ref).digest:
+        raise click.UsageError(f"rm removes a tag: give NAME[:TAG], not a digest ({ref})")
     name, digest = connect(ctx, server).rm(ref)
     if as_json:
         emit({"ref": name, "digest": digest})
@@ -93,7 +139,7 @@ def rm(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> None:
         click.echo(f"removed {name} (was {digest})")
 
 
-@main.command()
+@cli.command()
 @click.argument("source")
 @click.argument("target")
 @server_option
@@ -104,7 +150,8 @@ def tag(ctx: click.Context, source: str, target: str, server: str | None, as_jso
     from mzstore.format.refs import parse_ref
 
     parse_ref(source)
-    parse_ref(target)
+    if parse_ref(target).digest:
+        raise click.UsageError(f"the target of a tag is NAME[:TAG], not a digest ({target})")
     name, digest = connect(ctx, server).tag(source, target)
     if as_json:
         emit({"ref": name, "digest": digest})

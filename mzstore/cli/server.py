@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mzstore.cli.base import cli_settings, emit, json_option, main
+from mzstore.cli.base import cli, cli_settings, emit, json_option
 from mzstore.errors import MzstoreError
 from mzstore.settings import DEFAULT_LISTEN
 
@@ -18,8 +18,8 @@ def _check_port_free(listen: str) -> None:
     import socket
 
     host, _, port = listen.rpartition(":")
-    if not port.isdigit():
-        raise click.UsageError(f"--listen must be HOST:PORT, got {listen!r}")
+    if not port.isdigit() or int(port) > 65535:
+        raise click.UsageError(f"--listen must be HOST:PORT with a port from 0 to 65535, got {listen!r}")
     if int(port) == 0:
         return
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -55,12 +55,31 @@ def storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _open_store(root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None) -> Any:
+def _open_store(
+    root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, *, existing: bool = False
+) -> Any:
+    """The store the flags name.
+
+    With ``existing`` (the admin commands) the store must be there already: ``--root`` (or the
+    default root) must exist, and of ``--node`` directories at least one (a new, empty node is
+    what ``rebalance`` fills), so a typo is an error instead of a healthy empty store.
+    """
+    from pathlib import Path
+
     from mzstore.storage import Store, open_node
 
     if root and nodes:
         raise click.UsageError("give either --root or --node, not both")
     urls = list(nodes) or [root or str(cli_settings().default_root)]
+    if existing:
+        local = [
+            u[len("file://") :] if u.startswith("file://") else u
+            for u in urls
+            if "://" not in u or u.startswith("file://")
+        ]
+        if local and len(local) == len(urls) and not any(Path(p).is_dir() for p in local):
+            shown = local[0] if len(local) == 1 else ", ".join(local)
+            raise MzstoreError(f"no store at {shown}: the directory does not exist (give --root or --node)")
     opened = [
         open_node(u, endpoint_url=s3_endpoint_url) if s3_endpoint_url and u.startswith("s3://") else open_node(u)
         for u in urls
@@ -71,7 +90,7 @@ def _open_store(root: str | None, nodes: tuple[str, ...], replicas: int, s3_endp
         raise click.UsageError(str(exc)) from None
 
 
-@main.command()
+@cli.command()
 @storage_options
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT")
 @click.option(
@@ -127,8 +146,13 @@ def serve(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = cli_settings()
-    if upstream is not None and not upstream.rpartition(":")[2].isdigit():
-        raise click.UsageError(f"--upstream must be HOST:PORT, got {upstream!r}")
+    if upstream is not None:
+        from mzstore.settings import server_address
+
+        try:
+            upstream = server_address(upstream)
+        except MzstoreError as exc:
+            raise click.UsageError(f"--upstream: {exc}") from None
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_client_ca and not tls_cert:
@@ -146,7 +170,7 @@ def serve(
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
 
 
-@main.group()
+@cli.group()
 def token() -> None:
     """Manage the server's token file (stores sha256 hashes, never tokens)."""
 
@@ -191,7 +215,7 @@ def _admin_report(report: Any, as_json: bool, summary: str) -> None:
         raise MzstoreError(f"{len(report.lost)} lost, {len(report.missing)} missing, {len(report.corrupt)} corrupt")
 
 
-@main.command()
+@cli.command()
 @storage_options
 @click.option("--repair", is_flag=True, help="Rewrite missing or corrupt copies from intact ones.")
 @json_option
@@ -201,7 +225,7 @@ def fsck(
     """Verify every blob and manifest on every node (exit 1 if anything is missing or corrupt)."""
     from mzstore.storage.admin import fsck as run
 
-    report = run(_open_store(root, nodes, replicas, s3_endpoint_url), repair=repair)
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url, existing=True), repair=repair)
     if repair and report.repaired and not report.lost:
         report.missing.clear()
         report.corrupt.clear()
@@ -213,7 +237,7 @@ def fsck(
     )
 
 
-@main.command()
+@cli.command()
 @storage_options
 @json_option
 def rebalance(
@@ -222,14 +246,14 @@ def rebalance(
     """Move blobs to the nodes placement now assigns them (after adding or removing nodes)."""
     from mzstore.storage.admin import rebalance as run
 
-    report = run(_open_store(root, nodes, replicas, s3_endpoint_url))
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url, existing=True))
     share = report.moved / report.copies if report.copies else 0.0
     _admin_report(
         report, as_json, f"{report.blobs} blobs: moved {report.moved} of {report.copies} copies ({share:.1%})"
     )
 
 
-@main.command()
+@cli.command()
 @storage_options
 @click.option(
     "--grace",
@@ -245,7 +269,7 @@ def gc(
     """Delete blobs no manifest references and manifests no tag points at, older than --grace."""
     from mzstore.storage.admin import gc as run
 
-    report = run(_open_store(root, nodes, replicas, s3_endpoint_url), grace_s=grace)
+    report = run(_open_store(root, nodes, replicas, s3_endpoint_url, existing=True), grace_s=grace)
     _admin_report(
         report,
         as_json,

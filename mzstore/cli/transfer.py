@@ -7,11 +7,11 @@ from dataclasses import asdict
 
 import click
 
-from mzstore.cli.base import connect, emit, human, json_option, main, progress, server_option
+from mzstore.cli.base import cli, connect, emit, human, json_option, progress, server_option
 from mzstore.errors import MzstoreError
 
 
-@main.command()
+@cli.command()
 @click.argument("source", type=click.Path(exists=False))
 @click.argument("ref")
 @click.option(
@@ -31,6 +31,11 @@ from mzstore.errors import MzstoreError
     help="Record a note in the manifest, shown by `inspect` (e.g. fine-tuned-from=org/base:v1). Repeatable.",
 )
 @click.option(
+    "--allow-no-weights",
+    is_flag=True,
+    help="Store a source with no weights (only configs, ONNX, GGUF…); refused by default.",
+)
+@click.option(
     "--no-resume",
     is_flag=True,
     help="Stream straight into the server's ingest instead of a resumable upload session.",
@@ -45,6 +50,7 @@ def push(
     codec: str,
     keep: tuple[str, ...],
     annotations: tuple[str, ...],
+    allow_no_weights: bool,
     no_resume: bool,
     server: str | None,
     as_json: bool,
@@ -89,6 +95,7 @@ def push(
             progress=bar,
             resumable=not no_resume,
             origin=source,
+            allow_no_weights=allow_no_weights,
         )
     if as_json:
         emit(asdict(info))
@@ -110,7 +117,7 @@ def push(
         click.echo(f"  skipped {path} (pickle weights beside safetensors weights)")
 
 
-@main.command()
+@cli.command()
 @click.argument("ref")
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False), help="Output directory [default: ./<name>].")
 @click.option(
@@ -129,6 +136,21 @@ def push(
     is_flag=True,
     help="Read blobs straight from the storage nodes (same S3 / local disk); the server only sends the manifest.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Pull into a non-empty folder that holds other files; the model's files are replaced, others left.",
+)
+@click.option(
+    "--clean",
+    is_flag=True,
+    help="With --force: also remove weight files there that are not this model's (implies --force).",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Use only the local cache: the cached tag → digest mapping and cached chunks [env MZSTORE_OFFLINE=1].",
+)
 @server_option
 @json_option
 @click.pass_context
@@ -142,6 +164,9 @@ def pull(
     workers: int | None,
     no_cache: bool,
     direct: bool,
+    force: bool,
+    clean: bool,
+    offline: bool,
     server: str | None,
     as_json: bool,
 ) -> None:
@@ -149,31 +174,60 @@ def pull(
 
     Chunks already in the local cache ($MZSTORE_HOME/cache) are not fetched
     again, so a repeated, resumed or new-version pull moves only what is missing.
+    A folder that holds an earlier pull of the same model is updated in place;
+    one that holds anything else is refused unless --force.
     """
-    from mzstore.format.refs import parse_ref
+    from pathlib import Path
 
+    from mzstore.format.refs import parse_ref
+    from mzstore.pull.destination import check_destination, settle, write_record
+
+    asked = ref
     parsed = parse_ref(ref)
     if tp_rank >= tp_size:
         raise click.UsageError(f"--tp-rank {tp_rank} must be below --tp-size {tp_size}")
-    client = connect(ctx, server, cache=False if no_cache else None, direct=direct)
+    if keep_quantized and tp_size > 1:
+        raise click.UsageError(
+            "--keep-quantized and --tp-size cannot be combined (vLLM shards a quantized model itself)"
+        )
+    if offline and (no_cache or direct):
+        raise click.UsageError(
+            "--offline reads only the local cache: it cannot be combined with --no-cache or --direct"
+        )
     out = out or parsed.name.rsplit("/", 1)[-1]
-    shown, total = None, 0
+    dest = check_destination(out, parsed.name, force=force or clean)
+    client = connect(ctx, server, cache=False if no_cache else None, direct=direct, offline=offline)
+    total = 0
     if not as_json and tp_size == 1 and sys.stderr.isatty():
         # The bar's total comes from the manifest; the pull is pinned to its digest, so a tag
         # moved meanwhile cannot make the bar count one version and the pull fetch another.
-        shown, digest, manifest = client.manifest(ref)
+        _, digest, manifest = client.manifest(ref)
         ref, total = f"{parsed.name}@{digest}", manifest.bytes_raw
     with progress(total, "pull", not as_json and tp_size == 1) as bar:
         info = client.pull(
             ref, out, progress=bar, keep_quantized=keep_quantized, tp_size=tp_size, tp_rank=tp_rank, workers=workers
         )
+    written = [Path(f).relative_to(out).as_posix() for f in info.files]
+    left = settle(dest, written, clean=clean)
+    write_record(Path(out), parsed.name, info.ref, info.digest, written)
     if as_json:
-        emit(asdict(info) | {"output": str(out)})
+        emit(asdict(info) | {"output": str(out)} | asdict(left))
         return
     rank = f" (tensor-parallel rank {tp_rank} of {tp_size})" if tp_size > 1 else ""
-    click.echo(f"pulled {shown or info.ref} {info.digest} → {out}{rank}")
+    # a digest pull says what was typed; a tag pull says name:tag and the digest it resolved to
+    shown = asked if parsed.digest else f"{parsed.name}:{parsed.tag} {info.digest}"
+    click.echo(f"pulled {shown} → {out}{rank}")
     cached = f", {human(info.bytes_cached)} from cache" if info.bytes_cached else ""
     click.echo(
         f"  {len(info.files)} files, {human(info.bytes_raw)} written, {human(info.bytes_transferred)} transferred"
         f"{cached}, {info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s), verified"
     )
+    for label, paths in (("removed (from the earlier pull)", left.removed), ("removed (--clean)", left.cleaned)):
+        if paths:
+            click.echo(f"  {label}: {', '.join(paths)}")
+    if left.stale:
+        click.echo(
+            f"  warning: weight files that are not this model's are still there: {', '.join(left.stale)}"
+            " (--clean removes them)",
+            err=True,
+        )

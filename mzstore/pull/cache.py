@@ -152,6 +152,20 @@ class ChunkCache:
         except OSError as exc:
             log.warning("could not cache the manifest of %s: %s", ref, exc)
 
+    def cached_tag(self, ref: str, server: str) -> str | None:
+        """The digest ``ref`` (``name:tag``) last resolved to on ``server``, as this cache remembers it, or ``None``."""
+        found: tuple[float, str] | None = None
+        for path in self.manifests.glob("*.ref") if self.manifests.exists() else []:
+            try:
+                info = json.loads(path.read_text())
+                when = path.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and info.get("ref") == ref and info.get("server") == server:
+                if found is None or when > found[0]:
+                    found = (when, "sha256:" + path.stem)
+        return found[1] if found else None
+
     def get_manifest(self, digest: str) -> Manifest | None:
         """A cached manifest by digest (checked against it), or ``None``."""
         path = self.manifests / f"{digest.split(':', 1)[-1]}.json"
@@ -233,21 +247,32 @@ class ChunkCache:
         return report
 
     def prune(
-        self, *, max_bytes: int | None = None, older_than: float | None = None, everything: bool = False
+        self,
+        *,
+        max_bytes: int | None = None,
+        older_than: float | None = None,
+        everything: bool = False,
+        dry_run: bool = False,
     ) -> CacheReport:
         """Free space.
 
         Always removes stale temp files and chunks no cached manifest names.
         ``older_than`` (seconds) removes manifests and chunks unused for that
         long; ``max_bytes`` then drops least recently used chunks until the
-        chunk payloads fit; ``everything`` empties the cache.
+        chunk payloads fit; ``everything`` empties the cache. With ``dry_run``
+        nothing is removed: the report says what would be.
         """
         report = CacheReport()
         now = time.time()
+
+        def unlink(path: Path) -> None:
+            if not dry_run:
+                path.unlink(missing_ok=True)
+
         for tmp in self.tmp.glob("*") if self.tmp.exists() else []:
             try:
                 if everything or now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-                    tmp.unlink()
+                    unlink(tmp)
             except OSError:
                 pass
         kept_manifests = []
@@ -255,7 +280,7 @@ class ChunkCache:
             if everything or (older_than is not None and now - used > older_than):
                 hexd = digest.split(":", 1)[-1]
                 for suffix in (".json", ".ref"):
-                    (self.manifests / f"{hexd}{suffix}").unlink(missing_ok=True)
+                    unlink(self.manifests / f"{hexd}{suffix}")
                 report.removed.append(digest)
             else:
                 kept_manifests.append(manifest)
@@ -269,7 +294,7 @@ class ChunkCache:
             report.checked += 1
             stale = older_than is not None and now - st.st_mtime > older_than
             if everything or path.name not in wanted or stale:
-                path.unlink(missing_ok=True)
+                unlink(path)
                 report.removed.append(path.name)
                 report.bytes_removed += st.st_size
             else:
@@ -279,7 +304,7 @@ class ChunkCache:
             for _, size, path in sorted(entries):  # least recently used first
                 if total <= max_bytes:
                     break
-                path.unlink(missing_ok=True)
+                unlink(path)
                 report.removed.append(path.name)
                 report.bytes_removed += size
                 total -= size

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mzstore.errors import InvalidArgument
+from mzstore.errors import UsageError
 from mzstore.format.manifest import Manifest
 from mzstore.pull.pipeline import COALESCE_BYTES, Cache, Fetch, PullStats, run_pull
 from mzstore.pull.plan import plan_pull
@@ -120,7 +120,7 @@ class Puller:
         sink: Sink[list[Path]]
         if tp_size > 1 or tp_rank:
             if keep_quantized:
-                raise InvalidArgument("--keep-quantized and tensor-parallel slices cannot be combined")
+                raise UsageError("--keep-quantized and tensor-parallel slices cannot be combined")
             sink = TensorParallelFilesSink(out_dir, manifest, tp_size, tp_rank, tp_rules, ref=ref)
         elif keep_quantized:
             from mzstore.pull.keep_quantized import KeepQuantizedSink

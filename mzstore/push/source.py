@@ -179,6 +179,28 @@ def source_tensors(source: Source) -> list[tuple[str, str, str, tuple[int, ...]]
     return out
 
 
+#: How many file names :func:`check_has_weights` lists before summarizing.
+SHOWN_FILES = 5
+
+
+def check_has_weights(source: Source, where: str = "the source") -> None:
+    """Refuse a source with no weights (a config-only folder, ONNX or GGUF files), before any upload.
+
+    Raises:
+        InvalidArgument: listing what was found.
+    """
+    if any(f.kind == "safetensors" for f in source.files):
+        return
+    names = [f.path for f in source.files]
+    shown = ", ".join(names[:SHOWN_FILES]) + (
+        f" and {len(names) - SHOWN_FILES} more" if len(names) > SHOWN_FILES else ""
+    )
+    raise InvalidArgument(
+        f"no weights in {where} (found {shown}): mzstore stores .safetensors and .bin/.pt weights; "
+        "to store these files anyway, pass --allow-no-weights (allow_no_weights=True)"
+    )
+
+
 def check_policy_applies(source: Source, policy: Policy) -> None:
     """Refuse a lossy policy that would change nothing, before any upload.
 

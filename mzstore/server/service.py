@@ -322,7 +322,7 @@ class StoreService(pb_grpc.StoreServicer):
     @handler
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         entries = self.store.list_refs(request.name or None)
-        return pb.ListResponse(refs=[pb.RefEntry(name=e.name, tag=e.tag, digest=e.digest) for e in entries])
+        return pb.ListResponse(refs=[pb.RefEntry(**dataclasses.asdict(e)) for e in entries])
 
     @handler
     def Tag(self, request: pb.TagRequest, context: grpc.ServicerContext) -> pb.TagResponse:

@@ -243,7 +243,7 @@ class PullThroughStore(Store):
     def list_refs(self, name: str | None = None) -> list[RefEntry]:
         """The upstream's list; the local one (what this cache holds) when upstream is unreachable."""
         try:
-            return [RefEntry(n, t, d) for n, t, d in self.upstream.list_refs(name)]
+            return [RefEntry(*r) for r in self.upstream.list_refs(name)]
         except _OFFLINE as exc:
             log.warning("upstream %s unreachable (%s); listing the cached refs", self.upstream_address, exc)
             return super().list_refs(name)

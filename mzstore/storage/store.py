@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mzstore.errors import Conflict, FormatError, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
-from mzstore.format.manifest import digest_of
+from mzstore.format.manifest import digest_of, parse_manifest
 from mzstore.format.refs import Ref, parse_ref, validate_digest, validate_name, validate_tag
 from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, node_has, open_node, read_stream
@@ -85,9 +85,14 @@ def digest_from_key(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class RefEntry:
+    """A tag, the manifest it points at, that model's sizes, and when the tag was last written."""
+
     name: str
     tag: str
     digest: str
+    bytes_raw: int = 0
+    bytes_stored: int = 0
+    updated: float = 0.0
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Store:
         self._lock = threading.Lock()
         self._repairs: dict[str, Future[None]] = {}  # digest → its repair in flight
         self._repair_pool: ThreadPoolExecutor | None = None
+        self._sizes: dict[str, tuple[int, int]] = {}  # manifest digest → (bytes_raw, bytes_stored)
 
     @property
     def node(self) -> Node:
@@ -458,10 +464,37 @@ class Store:
         out = []
         for ref_name, tag in sorted(seen):
             try:
-                out.append(RefEntry(ref_name, tag, self.get_ref(ref_name, tag)))
+                digest = self.get_ref(ref_name, tag)
             except (NotFound, FormatError, ValueError):
                 continue
+            raw, stored = self._model_sizes(digest)
+            out.append(RefEntry(ref_name, tag, digest, raw, stored, self._written(ref_key(ref_name, tag))))
         return out
+
+    def _model_sizes(self, digest: str) -> tuple[int, int]:
+        """``(bytes_raw, bytes_stored)`` of a manifest (remembered: manifests never change); zeros if unreadable."""
+        with self._lock:
+            known = self._sizes.get(digest)
+        if known is not None:
+            return known
+        try:
+            manifest = parse_manifest(self.get_manifest(digest))
+        except (MzstoreError, OSError):
+            return 0, 0
+        sizes = (manifest.bytes_raw, manifest.stored_total)
+        with self._lock:
+            self._sizes[digest] = sizes
+        return sizes
+
+    def _written(self, key: str) -> float:
+        """When ``key`` was last written on any node holding it (POSIX seconds; 0 if no node can say)."""
+        times = []
+        for node in self.nodes:
+            try:
+                times.append(node.mtime(key))
+            except (MzstoreError, OSError):
+                continue
+        return max(times, default=0.0)
 
     # -- commit -----------------------------------------------------------------
     def commit(self, name: str, tag: str, manifest: bytes, blobs: Iterable[str]) -> str:

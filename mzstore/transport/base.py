@@ -30,6 +30,17 @@ class Topology(NamedTuple):
     replicas: int
 
 
+class RefInfo(NamedTuple):
+    """A tag as a store lists it: what it points at, that model's sizes, and when the tag was written."""
+
+    name: str
+    tag: str
+    digest: str
+    bytes_raw: int = 0
+    bytes_stored: int = 0
+    updated: float = 0.0  # POSIX seconds; 0 when the store cannot say
+
+
 class Transport(ABC):
     """One store, reached one way. Implementations: :class:`~mzstore.transport.grpc.GrpcTransport`,
     :class:`~mzstore.transport.direct.DirectTransport`.
@@ -50,8 +61,8 @@ class Transport(ABC):
         """
 
     @abstractmethod
-    def list_refs(self, name: str | None = None) -> list[tuple[str, str, str]]:
-        """``(name, tag, digest)`` of every tag, or of ``name``'s tags."""
+    def list_refs(self, name: str | None = None) -> list[RefInfo]:
+        """Every tag, or ``name``'s tags, sorted by name and tag."""
 
     @abstractmethod
     def tag(self, source: str, target: str) -> tuple[str, str]:

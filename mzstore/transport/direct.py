@@ -36,7 +36,7 @@ from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, open_node
 from mzstore.storage.store import blob_key
-from mzstore.transport.base import Topology, Transport
+from mzstore.transport.base import RefInfo, Topology, Transport
 
 if TYPE_CHECKING:
     from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
@@ -139,7 +139,7 @@ class DirectTransport(Transport):
     def manifest(self, ref: str) -> tuple[str, str, bytes]:
         return self.control.manifest(ref)
 
-    def list_refs(self, name: str | None = None) -> list[tuple[str, str, str]]:
+    def list_refs(self, name: str | None = None) -> list[RefInfo]:
         return self.control.list_refs(name)
 
     def tag(self, source: str, target: str) -> tuple[str, str]:

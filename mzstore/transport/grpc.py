@@ -35,8 +35,8 @@ from mzstore.errors import (
     Unavailable,
 )
 from mzstore.limits import MAX_MESSAGE_BYTES
-from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback, load_settings
-from mzstore.transport.base import Topology, Transport
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback, load_settings, server_address
+from mzstore.transport.base import RefInfo, Topology, Transport
 from mzstore.transport.wire import blob_piece
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
@@ -206,7 +206,7 @@ class GrpcTransport(Transport):
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
-        self.address = address
+        self.address = address = server_address(address)
         self.timeout = self.settings.timeout if timeout is None else timeout
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -249,10 +249,10 @@ class GrpcTransport(Transport):
             resp = self.stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
         return resp.ref, resp.digest, bytes(resp.manifest)
 
-    def list_refs(self, name: str | None = None) -> list[tuple[str, str, str]]:
+    def list_refs(self, name: str | None = None) -> list[RefInfo]:
         with rpc_errors("List", self.timeout):
             resp = self.stub.List(pb.ListRequest(name=name or ""), timeout=self.timeout)
-        return [(e.name, e.tag, e.digest) for e in resp.refs]
+        return [RefInfo(e.name, e.tag, e.digest, e.bytes_raw, e.bytes_stored, e.updated) for e in resp.refs]
 
     def tag(self, source: str, target: str) -> tuple[str, str]:
         with rpc_errors("Tag", self.timeout):

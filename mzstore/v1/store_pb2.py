@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mzstore/v1/store.proto\x12\nmzstore.v1\"\x86\x01\n\x0bPushRequest\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.mzstore.v1.PushBeginH\x00\x12$\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.mzstore.v1.FileDataH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.mzstore.v1.FileEndH\x00\x42\x05\n\x03msg\"\xe0\x01\n\tPushBegin\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12#\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x14.mzstore.v1.FileInfo\x12\x13\n\x0bsource_kind\x18\x04 \x01(\t\x12;\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32&.mzstore.v1.PushBegin.AnnotationsEntry\x12\x0c\n\x04keep\x18\x06 \x03(\t\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\"6\n\x08\x46ileData\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"5\n\x07\x46ileEnd\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x9d\x01\n\x0cPushResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\tbytes_raw\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x0f\n\x07tensors\x18\x06 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\"!\n\x12GetManifestRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x13GetManifestResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1b\n\x0bListRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x08RefEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"2\n\x0cListResponse\x12\"\n\x04refs\x18\x01 \x03(\x0b\x32\x14.mzstore.v1.RefEntry\",\n\nTagRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"*\n\x0bTagResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0e\x44\x65leteResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x14\n\x12GetTopologyRequest\"-\n\x08NodeInfo\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\"A\n\x08Topology\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.mzstore.v1.NodeInfo\x12\x10\n\x08replicas\x18\x02 \x01(\r\"K\n\x12StartUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12$\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x15.mzstore.v1.PushBegin\"q\n\rUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12$\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.mzstore.v1.FileDataH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.mzstore.v1.FileEndH\x00\x42\x05\n\x03msg\"&\n\x13\x43ommitUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"S\n\x0cUploadStatus\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08received\x18\x02 \x03(\x04\x12\r\n\x05\x65nded\x18\x03 \x03(\x08\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x32\xa4\x05\n\x05Store\x12;\n\x04Push\x12\x17.mzstore.v1.PushRequest\x1a\x18.mzstore.v1.PushResponse(\x01\x12N\n\x0bGetManifest\x12\x1e.mzstore.v1.GetManifestRequest\x1a\x1f.mzstore.v1.GetManifestResponse\x12@\n\x08ReadBlob\x12\x1b.mzstore.v1.ReadBlobRequest\x1a\x15.mzstore.v1.BlobChunk0\x01\x12\x39\n\x04List\x12\x17.mzstore.v1.ListRequest\x1a\x18.mzstore.v1.ListResponse\x12\x36\n\x03Tag\x12\x16.mzstore.v1.TagRequest\x1a\x17.mzstore.v1.TagResponse\x12?\n\x06\x44\x65lete\x12\x19.mzstore.v1.DeleteRequest\x1a\x1a.mzstore.v1.DeleteResponse\x12\x43\n\x0bGetTopology\x12\x1e.mzstore.v1.GetTopologyRequest\x1a\x14.mzstore.v1.Topology\x12G\n\x0bStartUpload\x12\x1e.mzstore.v1.StartUploadRequest\x1a\x18.mzstore.v1.UploadStatus\x12?\n\x06Upload\x12\x19.mzstore.v1.UploadRequest\x1a\x18.mzstore.v1.UploadStatus(\x01\x12I\n\x0c\x43ommitUpload\x12\x1f.mzstore.v1.CommitUploadRequest\x1a\x18.mzstore.v1.PushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mzstore/v1/store.proto\x12\nmzstore.v1\"\x86\x01\n\x0bPushRequest\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.mzstore.v1.PushBeginH\x00\x12$\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.mzstore.v1.FileDataH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.mzstore.v1.FileEndH\x00\x42\x05\n\x03msg\"\xe0\x01\n\tPushBegin\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12#\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x14.mzstore.v1.FileInfo\x12\x13\n\x0bsource_kind\x18\x04 \x01(\t\x12;\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32&.mzstore.v1.PushBegin.AnnotationsEntry\x12\x0c\n\x04keep\x18\x06 \x03(\t\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\"6\n\x08\x46ileData\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"5\n\x07\x46ileEnd\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x9d\x01\n\x0cPushResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\tbytes_raw\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x0f\n\x07tensors\x18\x06 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\"!\n\x12GetManifestRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x13GetManifestResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1b\n\x0bListRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"o\n\x08RefEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\tbytes_raw\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x05 \x01(\x04\x12\x0f\n\x07updated\x18\x06 \x01(\x01\"2\n\x0cListResponse\x12\"\n\x04refs\x18\x01 \x03(\x0b\x32\x14.mzstore.v1.RefEntry\",\n\nTagRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"*\n\x0bTagResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0e\x44\x65leteResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x14\n\x12GetTopologyRequest\"-\n\x08NodeInfo\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\"A\n\x08Topology\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.mzstore.v1.NodeInfo\x12\x10\n\x08replicas\x18\x02 \x01(\r\"K\n\x12StartUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12$\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x15.mzstore.v1.PushBegin\"q\n\rUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12$\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.mzstore.v1.FileDataH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.mzstore.v1.FileEndH\x00\x42\x05\n\x03msg\"&\n\x13\x43ommitUploadRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"S\n\x0cUploadStatus\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08received\x18\x02 \x03(\x04\x12\r\n\x05\x65nded\x18\x03 \x03(\x08\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x32\xa4\x05\n\x05Store\x12;\n\x04Push\x12\x17.mzstore.v1.PushRequest\x1a\x18.mzstore.v1.PushResponse(\x01\x12N\n\x0bGetManifest\x12\x1e.mzstore.v1.GetManifestRequest\x1a\x1f.mzstore.v1.GetManifestResponse\x12@\n\x08ReadBlob\x12\x1b.mzstore.v1.ReadBlobRequest\x1a\x15.mzstore.v1.BlobChunk0\x01\x12\x39\n\x04List\x12\x17.mzstore.v1.ListRequest\x1a\x18.mzstore.v1.ListResponse\x12\x36\n\x03Tag\x12\x16.mzstore.v1.TagRequest\x1a\x17.mzstore.v1.TagResponse\x12?\n\x06\x44\x65lete\x12\x19.mzstore.v1.DeleteRequest\x1a\x1a.mzstore.v1.DeleteResponse\x12\x43\n\x0bGetTopology\x12\x1e.mzstore.v1.GetTopologyRequest\x1a\x14.mzstore.v1.Topology\x12G\n\x0bStartUpload\x12\x1e.mzstore.v1.StartUploadRequest\x1a\x18.mzstore.v1.UploadStatus\x12?\n\x06Upload\x12\x19.mzstore.v1.UploadRequest\x1a\x18.mzstore.v1.UploadStatus(\x01\x12I\n\x0c\x43ommitUpload\x12\x1f.mzstore.v1.CommitUploadRequest\x1a\x18.mzstore.v1.PushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,31 +58,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREQUEST']._serialized_start=942
   _globals['_LISTREQUEST']._serialized_end=969
   _globals['_REFENTRY']._serialized_start=971
-  _globals['_REFENTRY']._serialized_end=1024
-  _globals['_LISTRESPONSE']._serialized_start=1026
-  _globals['_LISTRESPONSE']._serialized_end=1076
-  _globals['_TAGREQUEST']._serialized_start=1078
-  _globals['_TAGREQUEST']._serialized_end=1122
-  _globals['_TAGRESPONSE']._serialized_start=1124
-  _globals['_TAGRESPONSE']._serialized_end=1166
-  _globals['_DELETEREQUEST']._serialized_start=1168
-  _globals['_DELETEREQUEST']._serialized_end=1196
-  _globals['_DELETERESPONSE']._serialized_start=1198
-  _globals['_DELETERESPONSE']._serialized_end=1243
-  _globals['_GETTOPOLOGYREQUEST']._serialized_start=1245
-  _globals['_GETTOPOLOGYREQUEST']._serialized_end=1265
-  _globals['_NODEINFO']._serialized_start=1267
-  _globals['_NODEINFO']._serialized_end=1312
-  _globals['_TOPOLOGY']._serialized_start=1314
-  _globals['_TOPOLOGY']._serialized_end=1379
-  _globals['_STARTUPLOADREQUEST']._serialized_start=1381
-  _globals['_STARTUPLOADREQUEST']._serialized_end=1456
-  _globals['_UPLOADREQUEST']._serialized_start=1458
-  _globals['_UPLOADREQUEST']._serialized_end=1571
-  _globals['_COMMITUPLOADREQUEST']._serialized_start=1573
-  _globals['_COMMITUPLOADREQUEST']._serialized_end=1611
-  _globals['_UPLOADSTATUS']._serialized_start=1613
-  _globals['_UPLOADSTATUS']._serialized_end=1696
-  _globals['_STORE']._serialized_start=1699
-  _globals['_STORE']._serialized_end=2375
+  _globals['_REFENTRY']._serialized_end=1082
+  _globals['_LISTRESPONSE']._serialized_start=1084
+  _globals['_LISTRESPONSE']._serialized_end=1134
+  _globals['_TAGREQUEST']._serialized_start=1136
+  _globals['_TAGREQUEST']._serialized_end=1180
+  _globals['_TAGRESPONSE']._serialized_start=1182
+  _globals['_TAGRESPONSE']._serialized_end=1224
+  _globals['_DELETEREQUEST']._serialized_start=1226
+  _globals['_DELETEREQUEST']._serialized_end=1254
+  _globals['_DELETERESPONSE']._serialized_start=1256
+  _globals['_DELETERESPONSE']._serialized_end=1301
+  _globals['_GETTOPOLOGYREQUEST']._serialized_start=1303
+  _globals['_GETTOPOLOGYREQUEST']._serialized_end=1323
+  _globals['_NODEINFO']._serialized_start=1325
+  _globals['_NODEINFO']._serialized_end=1370
+  _globals['_TOPOLOGY']._serialized_start=1372
+  _globals['_TOPOLOGY']._serialized_end=1437
+  _globals['_STARTUPLOADREQUEST']._serialized_start=1439
+  _globals['_STARTUPLOADREQUEST']._serialized_end=1514
+  _globals['_UPLOADREQUEST']._serialized_start=1516
+  _globals['_UPLOADREQUEST']._serialized_end=1629
+  _globals['_COMMITUPLOADREQUEST']._serialized_start=1631
+  _globals['_COMMITUPLOADREQUEST']._serialized_end=1669
+  _globals['_UPLOADSTATUS']._serialized_start=1671
+  _globals['_UPLOADSTATUS']._serialized_end=1754
+  _globals['_STORE']._serialized_start=1757
+  _globals['_STORE']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

@@ -130,14 +130,20 @@ class ListRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RefEntry(_message.Message):
-    __slots__ = ("name", "tag", "digest")
+    __slots__ = ("name", "tag", "digest", "bytes_raw", "bytes_stored", "updated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RAW_FIELD_NUMBER: _ClassVar[int]
+    BYTES_STORED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
     digest: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+    bytes_raw: int
+    bytes_stored: int
+    updated: float
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., bytes_raw: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., updated: _Optional[float] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("refs",)
