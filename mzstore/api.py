@@ -11,6 +11,7 @@ is called, so ``import mzstore`` stays cheap.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ def pull(
     tp_size: int = 1,
     tp_rank: int = 0,
     tp_rules: TpRules | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     server: str | None = None,
     settings: Settings | None = None,
     timeout: float | None = None,
@@ -145,6 +148,8 @@ def pull(
             tp_size=tp_size,
             tp_rank=tp_rank,
             tp_rules=tp_rules,
+            include=include,
+            exclude=exclude,
         )
 
 

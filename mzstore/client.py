@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mzstore.errors import DeadlineExceeded, IntegrityError, MzstoreError, NotFound, Unavailable
-from mzstore.format.manifest import Manifest, digest_of, parse_manifest
+from mzstore.errors import DeadlineExceeded, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
+from mzstore.format.manifest import Manifest, digest_of, parse_manifest, path_selected
 from mzstore.format.refs import Ref, parse_ref
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, load_settings
 from mzstore.transport.base import RefInfo, Topology, Transport
@@ -361,6 +361,8 @@ class Client:
         tp_size: int = 1,
         tp_rank: int = 0,
         tp_rules: TpRules | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> PullInfo:
         """Pull ``ref`` into ``out_dir`` in its source layout.
 
@@ -374,9 +376,19 @@ class Client:
             tp_size, tp_rank: write only this tensor-parallel rank's slice of every tensor
                 (same file names, sliced tensors; see :meth:`load_state_dict`).
             tp_rules: ``(name regex, split dim or None)`` rules replacing the defaults.
+            include, exclude: only the files whose paths match an ``include`` glob (all when
+                empty) and no ``exclude`` glob, as ``hf download`` does; a plain pull only.
+
+        Raises:
+            InvalidArgument: the patterns select no file of the model.
         """
         start = time.perf_counter()
         name, digest, manifest = self.manifest(ref)
+        files = None
+        if include or exclude:
+            files = [f.path for f in manifest.files if path_selected(f.path, include, exclude)]
+            if not files:
+                raise InvalidArgument(f"no file of {name} matches --include/--exclude")
         finals, stats = self.puller(workers).to_directory(
             manifest,
             out_dir,
@@ -386,9 +398,10 @@ class Client:
             tp_rank=tp_rank,
             tp_rules=tp_rules,
             ref=name,
+            files=files,
         )
         info = PullInfo.of(name, digest, manifest, start, finals, stats)
-        if tp_size > 1 or tp_rank or keep_quantized:  # what was written: the slices, or the codes
+        if tp_size > 1 or tp_rank or keep_quantized or files is not None:  # what was written: the slices, or the codes
             return dataclasses.replace(info, bytes_raw=sum(p.stat().st_size for p in finals))
         return info
 

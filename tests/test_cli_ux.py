@@ -266,3 +266,52 @@ def test_ls_has_columns_takes_a_tag_and_inspect_marks_cut_names(served: str, tmp
     assert mz("ls", "org/none", server=served).stdout == ""  # nothing: no header either
     shown = mz("inspect", "org/a:v1", server=served).stdout
     assert long_name[:47] + "…" in shown and long_name not in shown
+
+
+# 9. registry-style refs ---------------------------------------------------------------------------------------------
+
+
+def test_a_host_port_prefix_selects_the_server(served: str, tmp_path: Path) -> None:
+    mz("push", str(_model(tmp_path / "a", 1)), f"{served}/org/a:v1")  # no MZSTORE_SERVER: the ref says where
+    out = tmp_path / "out"
+    assert mz("pull", f"{served}/org/a:v1", "-o", str(out)).returncode == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert mz("ls", f"{served}/org/a").stdout.splitlines()[1].split()[0] == "org/a:v1"
+    one_error_line(mz("pull", f"{served}/org/a:v1", "--server", "127.0.0.1:1"), 2, "--server says")
+    one_error_line(mz("tag", f"{served}/org/a:v1", "localhost:1/org/a:v2"), 2, "different servers")
+
+
+# 15. --quiet, --include/--exclude, --version, completion ------------------------------------------------------------
+
+
+def test_quiet_include_exclude_version_and_completion(served: str, tmp_path: Path) -> None:
+    src = _model(tmp_path / "a", 1, {"notes.txt": "not part of the model", "tokenizer.json": "{}"})
+    digest = mz("push", str(src), "org/a:v1", "--exclude", "*.txt", "-q", server=served)
+    assert digest.returncode == 0 and digest.stdout.strip().startswith("sha256:") and digest.stderr == ""
+    files = [
+        f["path"] for f in json.loads(mz("inspect", "org/a:v1", "--json", server=served).stdout)["manifest"]["files"]
+    ]
+    assert sorted(files) == ["config.json", "model.safetensors", "tokenizer.json"]
+    out = tmp_path / "out"
+    quiet = mz(
+        "pull", "org/a:v1", "-o", str(out), "--include", "*.json", "--exclude", "tokenizer*", "-q", server=served
+    )
+    assert quiet.returncode == 0 and quiet.stdout == f"{out}\n"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["config.json"]
+    one_error_line(
+        mz("pull", "org/a:v1", "-o", str(tmp_path / "n"), "--include", "*.onnx", server=served), 1, "matches"
+    )
+
+    from mzstore.cli.base import SPEAKS
+    from mzstore.codecs import KNOWN_CODECS
+    from mzstore.codecs.lossless import MAGIC as LOSSLESS_MAGIC
+    from mzstore.codecs.quant import MAGIC as QUANT_MAGIC
+    from mzstore.format.manifest import SCHEMA
+
+    version = mz("--version").stdout
+    assert all(value in version for value in SPEAKS.values())
+    assert SPEAKS["manifest"] == SCHEMA
+    assert LOSSLESS_MAGIC.decode() in SPEAKS["codecs"] and QUANT_MAGIC.decode() in SPEAKS["codecs"]
+    assert all(name in SPEAKS["codecs"] for name in KNOWN_CODECS)
+    completion = mz(env={"_MZSTORE_COMPLETE": "bash_source"})
+    assert completion.returncode == 0 and "_mzstore_completion" in completion.stdout

@@ -129,6 +129,55 @@ def server_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+quiet_option = click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar and no summary: print only the result (a digest, a path)."
+)
+
+
+def file_filters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--include`` / ``--exclude`` globs over the files of a model (as ``hf download``)."""
+    fn = click.option(
+        "--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB (e.g. '*.onnx'). Repeatable."
+    )(fn)
+    return click.option(
+        "--include",
+        multiple=True,
+        metavar="GLOB",
+        help="Only files matching GLOB (e.g. '*.json', 'onnx/'); repeatable; default all.",
+    )(fn)
+
+
+def split_server(ref: str) -> tuple[str | None, str]:
+    """``HOST:PORT/name[:tag]`` → ``("HOST:PORT", "name[:tag]")``, as ``docker pull`` reads a registry.
+
+    The first ``/``-component names a server when it holds a ``:`` (a port, or an IPv6
+    address) or is ``localhost``; model names never do (``a.b/model`` stays a name).
+    Other refs come back as they are, with no server.
+    """
+    first, sep, rest = ref.partition("/")
+    if sep and rest and (":" in first or first == "localhost") and "@" not in first:
+        return first, rest
+    return None, ref
+
+
+def with_server(server: str | None, *refs: str) -> tuple[str | None, list[str]]:
+    """The server the refs name (``HOST:PORT/…``) or ``--server``, and the refs without it.
+
+    Raises:
+        click.UsageError: the refs name different servers, or one other than ``--server``.
+    """
+    named: set[str] = set()
+    plain = []
+    for ref in refs:
+        host, rest = split_server(ref)
+        if host is not None:
+            named.add(host)
+        plain.append(rest)
+    if len(named) > 1:
+        raise click.UsageError(f"the refs name different servers ({', '.join(sorted(named))})")
+    if named and server is not None and named != {server}:
+        raise click.UsageError(f"the ref names server {named.pop()} but --server says {server}")
+    return (named.pop() if named else server), plain
 
 
 def connect(
@@ -152,7 +201,21 @@ def connect(
     return ctx.with_resource(client)
 
 
+#: What this build reads and writes, for ``--version`` (constants kept here so ``--version`` imports
+#: nothing; ``tests/test_cli_ux.py`` checks them against the modules that define them).
+SPEAKS = {
+    "manifest": "mzstore.manifest.v1",
+    "wire": "mzstore.v1 (gRPC)",
+    "codecs": "lossless MZL1, quant MZQ1 (int8, int4, fp8, prune), zstd",
+    "shards": "safetensors",
+}
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version=__version__, prog_name="mzstore")
+@click.version_option(
+    version=__version__,
+    prog_name="mzstore",
+    message="%(prog)s, version %(version)s\n" + "\n".join(f"  {k}: {v}" for k, v in SPEAKS.items()),
+)
 def cli() -> None:
     """mzstore: push, pull and serve compressed, sharded models."""

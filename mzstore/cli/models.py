@@ -7,7 +7,7 @@ import math
 
 import click
 
-from mzstore.cli.base import cli, connect, emit, human, json_option, server_option
+from mzstore.cli.base import cli, connect, emit, human, json_option, server_option, with_server
 from mzstore.errors import MzstoreError
 
 #: Columns of ``mzstore ls``: the ref, the digest cut to 12 hex digits (as ``docker images``), sizes, age.
@@ -39,6 +39,7 @@ def ls_cmd(ctx: click.Context, name: str | None, server: str | None, as_json: bo
 
     tag = None
     if name:
+        server, (name,) = with_server(server, name)
         parsed = parse_ref(name)
         if parsed.digest:
             raise click.UsageError(f"ls lists tags; to look at {name}, use `mzstore inspect {name}`")
@@ -78,6 +79,7 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
     """Show a model's files, tensors, codecs and sizes."""
     from mzstore.format.refs import parse_ref
 
+    server, (ref,) = with_server(server, ref)
     parse_ref(ref)
     name, digest, m = connect(ctx, server).manifest(ref)
     if as_json:
@@ -130,6 +132,7 @@ def rm(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> None:
     """Remove a tag (blobs are reclaimed by garbage collection)."""
     from mzstore.format.refs import parse_ref
 
+    server, (ref,) = with_server(server, ref)
     if parse_ref(ref).digest:
         raise click.UsageError(f"rm removes a tag: give NAME[:TAG], not a digest ({ref})")
     name, digest = connect(ctx, server).rm(ref)
@@ -149,6 +152,7 @@ def tag(ctx: click.Context, source: str, target: str, server: str | None, as_jso
     """Point TARGET at the model SOURCE resolves to."""
     from mzstore.format.refs import parse_ref
 
+    server, (source, target) = with_server(server, source, target)
     parse_ref(source)
     if parse_ref(target).digest:
         raise click.UsageError(f"the target of a tag is NAME[:TAG], not a digest ({target})")

@@ -7,7 +7,18 @@ from dataclasses import asdict
 
 import click
 
-from mzstore.cli.base import cli, connect, emit, human, json_option, progress, server_option
+from mzstore.cli.base import (
+    cli,
+    connect,
+    emit,
+    file_filters,
+    human,
+    json_option,
+    progress,
+    quiet_option,
+    server_option,
+    with_server,
+)
 from mzstore.errors import MzstoreError
 
 
@@ -35,6 +46,8 @@ from mzstore.errors import MzstoreError
     is_flag=True,
     help="Store a source with no weights (only configs, ONNX, GGUF…); refused by default.",
 )
+@file_filters
+@quiet_option
 @click.option(
     "--no-resume",
     is_flag=True,
@@ -51,6 +64,9 @@ def push(
     keep: tuple[str, ...],
     annotations: tuple[str, ...],
     allow_no_weights: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    quiet: bool,
     no_resume: bool,
     server: str | None,
     as_json: bool,
@@ -66,6 +82,7 @@ def push(
     from mzstore.push.protocol import validate_annotations
     from mzstore.push.source import open_source
 
+    server, (ref,) = with_server(server, ref)
     parse_ref(ref)
     notes: dict[str, str] = {}
     for item in annotations:
@@ -84,8 +101,8 @@ def push(
         click.echo(f"error: --codec {codec}: {exc}", err=True)
         ctx.exit(2)
     client = connect(ctx, server)
-    src = open_source(source)
-    with progress(src.bytes_raw, "push", not as_json) as bar:
+    src = open_source(source, include, exclude)
+    with progress(src.bytes_raw, "push", not (as_json or quiet)) as bar:
         info = client.push(
             src,
             ref,
@@ -99,6 +116,9 @@ def push(
         )
     if as_json:
         emit(asdict(info))
+        return
+    if quiet:
+        click.echo(info.digest)
         return
     ratio = info.bytes_stored / info.bytes_raw if info.bytes_raw else 1.0
     click.echo(f"pushed {info.ref} {info.digest}")
@@ -146,6 +166,8 @@ def push(
     is_flag=True,
     help="With --force: also remove weight files there that are not this model's (implies --force).",
 )
+@file_filters
+@quiet_option
 @click.option(
     "--offline",
     is_flag=True,
@@ -166,6 +188,9 @@ def pull(
     direct: bool,
     force: bool,
     clean: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    quiet: bool,
     offline: bool,
     server: str | None,
     as_json: bool,
@@ -182,10 +207,13 @@ def pull(
     from mzstore.format.refs import parse_ref
     from mzstore.pull.destination import check_destination, settle, write_record
 
+    server, (ref,) = with_server(server, ref)
     asked = ref
     parsed = parse_ref(ref)
     if tp_rank >= tp_size:
         raise click.UsageError(f"--tp-rank {tp_rank} must be below --tp-size {tp_size}")
+    if (include or exclude) and (keep_quantized or tp_size > 1):
+        raise click.UsageError("--include/--exclude work for a plain pull, not with --keep-quantized or --tp-size")
     if keep_quantized and tp_size > 1:
         raise click.UsageError(
             "--keep-quantized and --tp-size cannot be combined (vLLM shards a quantized model itself)"
@@ -198,20 +226,31 @@ def pull(
     dest = check_destination(out, parsed.name, force=force or clean)
     client = connect(ctx, server, cache=False if no_cache else None, direct=direct, offline=offline)
     total = 0
-    if not as_json and tp_size == 1 and sys.stderr.isatty():
+    if not (as_json or quiet) and tp_size == 1 and sys.stderr.isatty():
         # The bar's total comes from the manifest; the pull is pinned to its digest, so a tag
         # moved meanwhile cannot make the bar count one version and the pull fetch another.
         _, digest, manifest = client.manifest(ref)
         ref, total = f"{parsed.name}@{digest}", manifest.bytes_raw
-    with progress(total, "pull", not as_json and tp_size == 1) as bar:
+    with progress(total, "pull", not (as_json or quiet) and tp_size == 1 and not (include or exclude)) as bar:
         info = client.pull(
-            ref, out, progress=bar, keep_quantized=keep_quantized, tp_size=tp_size, tp_rank=tp_rank, workers=workers
+            ref,
+            out,
+            progress=bar,
+            keep_quantized=keep_quantized,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            workers=workers,
+            include=include,
+            exclude=exclude,
         )
     written = [Path(f).relative_to(out).as_posix() for f in info.files]
     left = settle(dest, written, clean=clean)
     write_record(Path(out), parsed.name, info.ref, info.digest, written)
     if as_json:
         emit(asdict(info) | {"output": str(out)} | asdict(left))
+        return
+    if quiet:
+        click.echo(out)  # as hf download --quiet: the path of what was pulled
         return
     rank = f" (tensor-parallel rank {tp_rank} of {tp_size})" if tp_size > 1 else ""
     # a digest pull says what was typed; a tag pull says name:tag and the digest it resolved to

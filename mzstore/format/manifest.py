@@ -20,10 +20,12 @@ never a crash or a huge allocation.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
 import posixpath
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -207,6 +209,20 @@ def validate_relpath(path: str) -> str:
 
 
 # --- parsing -----------------------------------------------------------------
+
+
+def path_selected(path: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """Whether a file path inside a model passes ``--include`` / ``--exclude`` globs (as ``hf download``).
+
+    Patterns are shell globs over the ``/``-separated path (``*.json``, ``1_Pooling/*``); one
+    ending in ``/`` means everything under that folder. A path is selected when it matches
+    some include pattern (or there are none) and no exclude pattern.
+    """
+
+    def matches(pattern: str) -> bool:
+        return fnmatch.fnmatchcase(path, pattern + "*" if pattern.endswith("/") else pattern)
+
+    return (not include or any(matches(p) for p in include)) and not any(matches(p) for p in exclude)
 
 
 def _is_uint(value: object) -> bool:

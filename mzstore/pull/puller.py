@@ -113,11 +113,24 @@ class Puller:
         tp_rank: int = 0,
         tp_rules: TpRules | None = None,
         ref: str = "",
+        files: list[str] | None = None,
     ) -> tuple[list[Path], PullStats]:
         """Write ``manifest``'s model under ``out_dir``: its source layout, one TP rank's slices,
         or the compressed-tensors layout; nothing appears under a final name until every chunk is verified.
+
+        ``files`` (a plain pull only) writes just these of the model's files.
         """
         sink: Sink[list[Path]]
+        if files is not None:
+            if tp_size > 1 or tp_rank or keep_quantized:
+                raise UsageError("choosing files (--include/--exclude) works for a plain pull only")
+            chosen = set(files)
+            return self.run(
+                manifest,
+                DirectorySink(out_dir, manifest, [f for f in manifest.files if f.path in chosen]),
+                files,
+                progress,
+            )
         if tp_size > 1 or tp_rank:
             if keep_quantized:
                 raise UsageError("--keep-quantized and tensor-parallel slices cannot be combined")

@@ -23,13 +23,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from mzstore.codecs.policy import LOSSY_DTYPES, MIN_LOSSY_NUMEL, Policy
 from mzstore.errors import FormatError, InvalidArgument, NotFound, requires
+from mzstore.format.manifest import path_selected
 from mzstore.format.safetensors import parse_header, read_header_len
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -111,12 +112,16 @@ def _converted_name(rel: str) -> str:
     return f"{parent}/{new}" if parent else new
 
 
-def open_source(path: str | os.PathLike[str]) -> Source:
+def open_source(path: str | os.PathLike[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Source:
     """Describe what pushing ``path`` uploads.
+
+    Args:
+        include, exclude: globs over the paths inside a model directory (see
+            :func:`~mzstore.format.manifest.path_selected`); only selected files are pushed.
 
     Raises:
         NotFound: if ``path`` does not exist.
-        InvalidArgument: if it is not a supported source.
+        InvalidArgument: if it is not a supported source, or the patterns leave no file.
     """
     p = Path(path)
     if not p.exists():
@@ -136,6 +141,10 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     files = [f for f in files if f.is_file()]
     if not files:
         raise InvalidArgument(f"{p} holds no files")
+    if include or exclude:
+        files = [f for f in files if path_selected(f.relative_to(p).as_posix(), include, exclude)]
+        if not files:
+            raise InvalidArgument(f"{p}: no file matches --include/--exclude")
     has_safetensors = any(f.suffix == ".safetensors" for f in files)
     out: list[SourceFile] = []
     skipped: list[str] = []
