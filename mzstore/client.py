@@ -217,7 +217,7 @@ class Client:
         from mzstore.codecs.policy import parse_policy
         from mzstore.push.protocol import validate_begin
         from mzstore.push.source import Source, check_has_weights, check_policy_applies, open_source
-        from mzstore.push.upload import begin_for, push_resumable, push_streamed
+        from mzstore.push.upload import begin_for, file_hashes, push_resumable, push_streamed
 
         src = source if isinstance(source, Source) else open_source(source)
         if not allow_no_weights:
@@ -227,6 +227,9 @@ class Client:
         validate_begin(begin)  # fail before any upload on what the client can check
         policy = parse_policy(codec, keep)
         check_policy_applies(src, policy)
+        if resumable:  # each file's sha256 goes first, so the store can skip the files it holds already
+            hashes = file_hashes(src, self.settings.cache_dir / "file-hashes.json")
+            begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes)
         start = time.perf_counter()
         if resumable:
             record = self._session_record(begin, origin or source)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -168,6 +170,12 @@ def serve(
         run(store, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=token_file, tls=tls)
     except OSError as exc:
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
+    # The grace period is over: work still running (an ingest whose push was cut off) must not keep
+    # the process alive, as its pool threads would at interpreter exit. Everything acknowledged was
+    # fsynced at its commit; a cut-off push leaves only temp files, which the next start sweeps.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @cli.group()

@@ -48,9 +48,11 @@ from mzstore.push.protocol import (
     UploadData,
     UploadEvent,
     UploadFile,
+    UploadKnown,
     UploadState,
     validate_begin,
 )
+from mzstore.push.reuse import KnownFiles, stored_size
 from mzstore.push.shards import ShardWriter
 from mzstore.settings import Limits
 from mzstore.storage.store import Store
@@ -135,6 +137,9 @@ class Ingest:
         self.n_chunks = 0
         self.policy: Policy = parse_policy("lossless")
         self.fidelity: dict[int, Stats] = {}
+        self.known = KnownFiles(store, chunk_bytes)
+        self._reused_tensors: set[int] = set()
+        self._reused_blobs: set[str] = set()
 
     # -- chunk pipeline ------------------------------------------------------
     def _submit(
@@ -211,6 +216,8 @@ class Ingest:
             self._cancel()
             raise
         for entry in self.tensors:
+            if id(entry) in self._reused_tensors:
+                continue  # as stored the first time: fidelity and the codec auto chose are recorded already
             stats = self.fidelity.get(id(entry))
             if stats is not None:
                 entry.fidelity = stats.report()
@@ -224,11 +231,12 @@ class Ingest:
             source_kind=begin.source_kind,
             codec=self.policy.text,
             bytes_raw=sum(f.size for f in self.files),
-            bytes_stored=self.writer.stats.bytes_stored,
+            bytes_stored=self.writer.stats.bytes_stored + self._reused_bytes(),
             annotations=dict(begin.annotations),
         )
         data = manifest.to_json()
-        digest = self.store.commit(ref.name, ref.tag, data, self.writer.stats.blobs)
+        digest = self.store.commit(ref.name, ref.tag, data, [*self.writer.stats.blobs, *sorted(self._reused_blobs)])
+        self.known.remember(begin, self.files, digest)
         return PushResult(
             ref=f"{ref.name}:{ref.tag}",
             digest=digest,
@@ -240,6 +248,20 @@ class Ingest:
             shards=self.writer.stats.shards,
         )
 
+    def _reused_bytes(self) -> int:
+        """The stored size of the blobs reused files live in (and no new shard repeats)."""
+        written = set(self.writer.stats.blobs)
+        return sum(stored_size(self.store, b) for b in self._reused_blobs - written)
+
+    def _reuse(self, upload: UploadFile, known: UploadKnown) -> None:
+        """A file the store holds already: its entries, as stored, under this push's path."""
+        entry, tensors, blobs = self.known.entries(upload, known)
+        self.files.append(entry)
+        self.tensors.extend(tensors)
+        self._reused_tensors.update(id(t) for t in tensors)
+        self._reused_blobs |= blobs
+        self.n_chunks += len(entry.chunks) + sum(len(t.chunks) for t in tensors)
+
     def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:
         """Feed each file's bytes to its sink as they arrive; check every event and every file's sha256."""
         state = UploadState(begin, in_order=True)
@@ -247,6 +269,9 @@ class Ingest:
         for event in events:
             state.accept(event)
             upload = begin.files[event.file]
+            if isinstance(event, UploadKnown):
+                self._reuse(upload, event)
+                continue
             if current is None:
                 sink = (
                     _SafetensorsSink(self, upload, self.policy)

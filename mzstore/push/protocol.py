@@ -40,9 +40,12 @@ SOURCE_KINDS = ("safetensors", "hf-dir", "torch")
 
 @dataclass(frozen=True)
 class UploadFile:
+    """A file of a push: its path in the model, size, kind, and sha256 (hex) when the client knows it."""
+
     path: str
     size: int
     kind: str
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,20 @@ class UploadEnd:
     sha256: str
 
 
-UploadEvent = UploadData | UploadEnd
+@dataclass(frozen=True)
+class UploadKnown:
+    """The store already holds file ``file`` (``sha256``, under this push's policy) in ``manifest``.
+
+    Made by the server (never sent by a client): it stands for the file's data and end.
+    """
+
+    file: int
+    size: int
+    sha256: str
+    manifest: str
+
+
+UploadEvent = UploadData | UploadEnd | UploadKnown
 
 
 @dataclass(frozen=True)
@@ -94,11 +110,14 @@ class UploadStatus:
     received: list[int]
     ended: list[bool]
     committed: bool = False
+    known: list[bool] = field(default_factory=list)  # files the store already held: nothing to send
 
     @property
     def complete(self) -> bool:
         return all(self.ended)
 
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 #: An annotation key: letters, digits and ``. _ - /``, starting with a letter or digit
 #: (``fine-tuned-from``, ``org.opencontainers.image.source``).
@@ -160,6 +179,8 @@ def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
             raise InvalidArgument(f"file {f.path!r} has unknown kind {f.kind[:40]!r}")
         if f.size < 0 or f.size > MAX_INT:
             raise InvalidArgument(f"file {f.path!r} has an invalid size {f.size}")
+        if f.sha256 and not _HEX64.fullmatch(f.sha256):
+            raise InvalidArgument(f"file {f.path!r}: sha256 must be 64 lowercase hex digits")
     total = sum(f.size for f in begin.files)
     if limits is not None and total > limits.upload_bytes:
         raise ResourceExhausted(
@@ -211,6 +232,13 @@ class UploadState:
         f = self.files[i]
         if self.ended[i]:
             raise InvalidArgument(f"{f.path} already ended")
+        if isinstance(event, UploadKnown):
+            if self.received[i] or event.size != f.size:
+                raise InvalidArgument(f"{f.path}: a known file cannot also have data")
+            self.received[i] = f.size
+            self.ended[i] = True
+            self.current = i + 1
+            return
         if isinstance(event, UploadData):
             if event.offset != self.received[i]:
                 raise InvalidArgument(f"{f.path}: data at offset {event.offset}, expected {self.received[i]}")

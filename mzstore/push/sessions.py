@@ -57,6 +57,7 @@ from mzstore.push.protocol import (
     UploadEnd,
     UploadEvent,
     UploadFile,
+    UploadKnown,
     UploadState,
     UploadStatus,
 )
@@ -70,6 +71,11 @@ SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 SYNC_EVERY = 64 * 1024 * 1024
 #: Sessions untouched for this long are removed.
 SESSION_MAX_AGE_S = 24 * 3600
+
+
+def _known_event(index: int, end: dict[str, object]) -> UploadKnown:
+    """The event that stands for a file the store already held (recorded in progress.json)."""
+    return UploadKnown(index, int(str(end["size"])), str(end["sha256"]), str(end["known"]))
 
 
 class UploadSessions:
@@ -101,8 +107,13 @@ class UploadSessions:
             os.close(fd)
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, session: str, begin: UploadBegin) -> UploadStatus:
-        """Create the session, or return its status if it exists with the same first message."""
+    def start(self, session: str, begin: UploadBegin, known: dict[int, str] | None = None) -> UploadStatus:
+        """Create the session, or return its status if it exists with the same first message.
+
+        ``known`` (file index → manifest digest, from :class:`~mzstore.push.reuse.KnownFiles`)
+        are files the store already holds: a new session records them as ended, so the client
+        sends none of their bytes, and the ingest takes their stored entries instead.
+        """
         path = self._path(session)
         record = asdict(begin)
         if (path / "begin.json").exists():
@@ -114,8 +125,13 @@ class UploadSessions:
         tmp = self.dir / f".new-{session}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "data").mkdir(parents=True)
-        n = len(begin.files)
-        write_json(tmp / "progress.json", {"received": [0] * n, "ends": [None] * n})
+        known = known or {}
+        received = [begin.files[i].size if i in known else 0 for i in range(len(begin.files))]
+        ends: list[dict[str, object] | None] = [
+            {"size": f.size, "sha256": f.sha256, "known": known[i]} if i in known else None
+            for i, f in enumerate(begin.files)
+        ]
+        write_json(tmp / "progress.json", {"received": received, "ends": ends})
         write_json(tmp / "begin.json", record)
         try:
             os.rename(tmp, path)
@@ -123,7 +139,7 @@ class UploadSessions:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (path / "begin.json").exists():
                 raise
-            return self.start(session, begin)  # created meanwhile by a concurrent start
+            return self.start(session, begin, known)  # created meanwhile by a concurrent start
         return self.status(session)
 
     def begin_of(self, session: str) -> UploadBegin:
@@ -141,14 +157,18 @@ class UploadSessions:
         path = self._path(session)
         if (path / "result.json").exists():
             files = self.begin_of(session).files
-            return UploadStatus(session, [f.size for f in files], [True] * len(files), committed=True)
+            return UploadStatus(
+                session, [f.size for f in files], [True] * len(files), committed=True, known=[False] * len(files)
+            )
         try:
             progress = json.loads((path / "progress.json").read_text())
         except FileNotFoundError:
             raise SessionNotFound(
                 f"no upload session {session} on this server (expired, or another server's)"
             ) from None
-        return UploadStatus(session, progress["received"], [e is not None for e in progress["ends"]])
+        ends = progress["ends"]
+        known = [isinstance(e, dict) and "known" in e for e in ends]
+        return UploadStatus(session, progress["received"], [e is not None for e in ends], known=known)
 
     def append(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
         """Take a stream of data and end events; each file's data must continue at its received offset."""
@@ -174,9 +194,15 @@ class UploadSessions:
             def sync() -> None:
                 write_json(path / "progress.json", {"received": received, "ends": ends}, durable=False)
 
+            # Files the store held already are not sent: the consumer gets an UploadKnown for each,
+            # in file order, so an in-order ingest sees every file where it belongs.
+            known = [_known_event(i, e) for i, e in enumerate(ends) if isinstance(e, dict) and "known" in e]
+
             try:
                 for event in events:
                     i = event.file
+                    while known and known[0].file < i:
+                        yield known.pop(0)
                     if isinstance(event, UploadData):
                         offset = received[i] if 0 <= i < len(received) else 0
                         state.accept(event)  # the offset is the recorded one, the file not ended nor too long
@@ -196,6 +222,7 @@ class UploadSessions:
                         state.accept(event)
                         ends[i] = {"size": event.size, "sha256": event.sha256}
                     yield event
+                yield from known
             finally:
                 sync()
                 for fd in fds.values():
@@ -218,6 +245,9 @@ class UploadSessions:
         for i, end in enumerate(progress["ends"]):
             if end is None:
                 raise InvalidArgument(f"upload session {session}: file {i} has not ended")
+            if "known" in end:
+                yield _known_event(i, end)
+                continue
             data = path / "data" / str(i)
             offset = 0
             if data.exists():

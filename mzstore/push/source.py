@@ -45,6 +45,7 @@ class SourceFile:
     kind: str
     size: int
     opener: Callable[[], BinaryIO]
+    disk_path: Path | None = None  # where it is read from, when it is a file on disk
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Source:
 def _disk_file(root: Path, path: Path) -> SourceFile:
     rel = path.relative_to(root).as_posix()
     kind = "safetensors" if path.suffix == ".safetensors" else "file"
-    return SourceFile(rel, kind, path.stat().st_size, lambda p=path: open(p, "rb"))  # type: ignore[misc]
+    return SourceFile(rel, kind, path.stat().st_size, lambda p=path: open(p, "rb"), path)  # type: ignore[misc]
 
 
 def _memory_file(rel: str, kind: str, data: bytes) -> SourceFile:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mzstore.durable import write_file
 from mzstore.errors import (
     Cancelled,
     Conflict,
@@ -31,7 +34,7 @@ from mzstore.errors import (
 )
 from mzstore.limits import TRANSFER_BYTES
 from mzstore.push.protocol import PushResult, UploadBegin, UploadData, UploadEnd, UploadEvent, UploadFile
-from mzstore.push.source import Source
+from mzstore.push.source import Source, SourceFile
 
 if TYPE_CHECKING:
     from mzstore.transport.base import Transport
@@ -40,13 +43,18 @@ log = logging.getLogger("mzstore.push")
 
 
 def begin_for(
-    source: Source, ref: str, codec: str, annotations: dict[str, str] | None = None, keep: tuple[str, ...] = ()
+    source: Source,
+    ref: str,
+    codec: str,
+    annotations: dict[str, str] | None = None,
+    keep: tuple[str, ...] = (),
+    hashes: Sequence[str] | None = None,
 ) -> UploadBegin:
-    """The first message of a push."""
+    """The first message of a push; with ``hashes`` (per file), the store can skip files it holds."""
     return UploadBegin(
         ref=ref,
         codec=codec,
-        files=[UploadFile(f.path, f.size, f.kind) for f in source.files],
+        files=[UploadFile(f.path, f.size, f.kind, hashes[i] if hashes else "") for i, f in enumerate(source.files)],
         source_kind=source.kind,
         annotations=dict(annotations or {}),
         keep=tuple(keep),
@@ -89,6 +97,62 @@ def iter_events(
                 if on_bytes:
                     on_bytes(len(data))
         yield UploadEnd(index, offset, hasher.hexdigest())
+
+
+#: Bytes read per block when hashing a file.
+HASH_BLOCK = 8 * 1024 * 1024
+
+
+def _sha256(f: SourceFile) -> str:
+    hasher = hashlib.sha256()
+    with f.opener() as fh:
+        while block := fh.read(HASH_BLOCK):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _identity(f: SourceFile) -> str | None:
+    """What says a file on disk is unchanged since it was hashed: path, size, mtime, inode."""
+    if f.disk_path is None:
+        return None
+    try:
+        st = os.stat(f.disk_path)
+    except OSError:
+        return None
+    return f"{f.disk_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def file_hashes(source: Source, remembered: Path | None = None, workers: int = 4) -> list[str]:
+    """The sha256 (hex) of every file of ``source``, for the store to skip files it already holds.
+
+    Files are hashed on ``workers`` threads (hashlib releases the GIL). With ``remembered`` (a JSON
+    file), a file on disk whose path, size, mtime and inode are unchanged since it was last hashed
+    is not read again, as ``huggingface_hub`` keeps an upload cache.
+    """
+    known: dict[str, str] = {}
+    if remembered is not None:
+        try:
+            loaded = json.loads(remembered.read_text())
+            known = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+    ids = [_identity(f) for f in source.files]
+    todo = [i for i, key in enumerate(ids) if key is None or not isinstance(known.get(key), str)]
+    out = [known.get(key, "") if key is not None else "" for key in ids]
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(workers, len(todo) or 1)), thread_name_prefix="mzstore-hash"
+    ) as pool:
+        for i, digest in zip(todo, pool.map(lambda i: _sha256(source.files[i]), todo), strict=True):
+            out[i] = digest
+            key = ids[i]
+            if key is not None:
+                known[key] = digest
+    if remembered is not None and todo:
+        try:
+            write_file(remembered, json.dumps(known).encode(), durable=False)
+        except OSError as exc:
+            log.warning("could not remember file hashes in %s: %s", remembered, exc)
+    return out
 
 
 class _Counted:

@@ -54,6 +54,7 @@ from mzstore.push.protocol import (
     UploadStatus,
     validate_begin,
 )
+from mzstore.push.reuse import KnownFiles
 from mzstore.push.sessions import UploadSessions
 from mzstore.settings import Settings
 from mzstore.storage.store import Store
@@ -192,7 +193,7 @@ def _begin(b: pb.PushBegin) -> UploadBegin:
     return UploadBegin(
         ref=b.ref,
         codec=b.codec or "lossless",
-        files=[UploadFile(f.path, f.size, f.kind) for f in b.files],
+        files=[UploadFile(f.path, f.size, f.kind, f.sha256) for f in b.files],
         source_kind=b.source_kind or "hf-dir",
         annotations=dict(b.annotations),
         keep=tuple(b.keep),
@@ -204,7 +205,7 @@ def _push_response(r: PushResult) -> pb.PushResponse:
 
 
 def _status(s: UploadStatus) -> pb.UploadStatus:
-    return pb.UploadStatus(session=s.session, received=s.received, ended=s.ended, committed=s.committed)
+    return pb.UploadStatus(session=s.session, received=s.received, ended=s.ended, committed=s.committed, known=s.known)
 
 
 class StoreService(pb_grpc.StoreServicer):
@@ -253,7 +254,8 @@ class StoreService(pb_grpc.StoreServicer):
     def StartUpload(self, request: pb.StartUploadRequest, context: grpc.ServicerContext) -> pb.UploadStatus:
         begin = _begin(request.begin)
         validate_begin(begin, self.settings.limits)  # refuse before the client sends a byte
-        return _status(self.sessions.start(request.session, begin))
+        known = KnownFiles(self.store, self.settings.chunk_bytes).find(begin)  # files not to send again
+        return _status(self.sessions.start(request.session, begin, known))
 
     @handler
     def Upload(self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext) -> pb.UploadStatus:
@@ -272,7 +274,7 @@ class StoreService(pb_grpc.StoreServicer):
         sessions = self.sessions
         events = _events(requests(), context, check)
         status = sessions.status(first.session)
-        if any(status.received) or any(status.ended):
+        if any((r or e) and not k for r, e, k in zip(status.received, status.ended, status.known, strict=True)):
             return _status(sessions.append(first.session, events))  # a resume: the commit replays
         # A fresh upload is ingested as it arrives, as a streamed push is; the bytes are kept
         # meanwhile so that a break can be resumed (the commit then replays them).

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -73,6 +74,16 @@ def manifest_key(digest: str) -> str:
 
 def ref_key(name: str, tag: str) -> str:
     return f"refs/{validate_name(name)}/{validate_tag(tag)}"
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def file_index_key(key: str) -> str:
+    """Where the file index entry ``key`` (64 hex digits, see :mod:`mzstore.push.reuse`) lives."""
+    if not _HEX64.fullmatch(key):
+        raise InvalidArgument("a file index key is 64 lowercase hex digits")
+    return f"index/files/{key[:2]}/{key}"
 
 
 def digest_from_key(key: str) -> str | None:
@@ -398,6 +409,30 @@ class Store:
                 raise Conflict(f"{name}:{tag} clashes with the model name {name}/{tag}")
         for node in self.nodes:
             node.write(key, [f"{digest}\n".encode("ascii")])
+
+    # -- file index (re-pushes send only new files; mzstore.push.reuse) -----------
+    def index_file(self, key: str, digest: str) -> None:
+        """Remember that the manifest ``digest`` stores the file ``key`` (on every node; best effort).
+
+        The index is a hint: a failed write costs a later push a re-upload, never correctness.
+        """
+        validate_digest(digest)
+        path = file_index_key(key)
+        for node in self.nodes:
+            try:
+                node.write(path, [f"{digest}\n".encode("ascii")])
+            except (MzstoreError, OSError) as exc:
+                log.warning("could not index a file on %s: %s", node.url, exc)
+
+    def indexed_file(self, key: str) -> str | None:
+        """The manifest digest the file index gives for ``key`` (the first node that answers), or ``None``."""
+        path = file_index_key(key)
+        for node in self.nodes:
+            try:
+                return validate_digest(node.read(path).decode("ascii").strip())
+            except (MzstoreError, OSError, UnicodeDecodeError, ValueError):
+                continue
+        return None
 
     def get_ref(self, name: str, tag: str) -> str:
         """The majority value of ``name:tag`` over the reachable nodes."""

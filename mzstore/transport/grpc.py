@@ -131,7 +131,7 @@ def begin_proto(begin: UploadBegin) -> pb.PushBegin:
     return pb.PushBegin(
         ref=begin.ref,
         codec=begin.codec,
-        files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind) for f in begin.files],
+        files=[pb.FileInfo(path=f.path, size=f.size, kind=f.kind, sha256=f.sha256) for f in begin.files],
         source_kind=begin.source_kind,
         annotations=begin.annotations,
         keep=list(begin.keep),
@@ -171,7 +171,9 @@ def _push_result(r: pb.PushResponse) -> PushResult:
 def _upload_status(s: pb.UploadStatus) -> UploadStatus:
     from mzstore.push.protocol import UploadStatus
 
-    return UploadStatus(s.session, list(s.received), list(s.ended), s.committed)
+    return UploadStatus(
+        s.session, list(s.received), list(s.ended), s.committed, list(s.known) or [False] * len(s.ended)
+    )
 
 
 class GrpcTransport(Transport):

@@ -40,14 +40,16 @@ class PushBegin(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., codec: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., source_kind: _Optional[str] = ..., annotations: _Optional[_Mapping[str, str]] = ..., keep: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FileInfo(_message.Message):
-    __slots__ = ("path", "size", "kind")
+    __slots__ = ("path", "size", "kind", "sha256")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     kind: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., kind: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class FileData(_message.Message):
     __slots__ = ("file", "offset", "data")
@@ -226,13 +228,15 @@ class CommitUploadRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
 class UploadStatus(_message.Message):
-    __slots__ = ("session", "received", "ended", "committed")
+    __slots__ = ("session", "received", "ended", "committed", "known")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
     session: str
     received: _containers.RepeatedScalarFieldContainer[int]
     ended: _containers.RepeatedScalarFieldContainer[bool]
     committed: bool
-    def __init__(self, session: _Optional[str] = ..., received: _Optional[_Iterable[int]] = ..., ended: _Optional[_Iterable[bool]] = ..., committed: _Optional[bool] = ...) -> None: ...
+    known: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, session: _Optional[str] = ..., received: _Optional[_Iterable[int]] = ..., ended: _Optional[_Iterable[bool]] = ..., committed: _Optional[bool] = ..., known: _Optional[_Iterable[bool]] = ...) -> None: ...
