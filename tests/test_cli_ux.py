@@ -315,3 +315,40 @@ def test_quiet_include_exclude_version_and_completion(served: str, tmp_path: Pat
     assert all(name in SPEAKS["codecs"] for name in KNOWN_CODECS)
     completion = mz(env={"_MZSTORE_COMPLETE": "bash_source"})
     assert completion.returncode == 0 and "_mzstore_completion" in completion.stdout
+
+
+# 5, 6, 14 from the command line -------------------------------------------------------------------------------------
+
+
+def test_cli_re_push_keep_quantized_figures_and_tp_warnings(served: str, tmp_path: Path) -> None:
+    src = tmp_path / "q"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(4)
+    save_file(
+        {"model.layers.0.self_attn.q_proj.weight": torch.randn(768, 256, generator=gen).to(torch.bfloat16)},
+        str(src / "model.safetensors"),
+    )
+    (src / "config.json").write_text(json.dumps({"num_attention_heads": 12, "num_key_value_heads": 12}))
+    first = json.loads(mz("push", str(src), "org/q:v1", "--codec", "int8", "--json", server=served).stdout)
+    again = json.loads(mz("push", str(src), "org/q:v2", "--codec", "int8", "--json", server=served).stdout)
+    assert first["bytes_transferred"] > 300_000 and again["bytes_transferred"] == 0  # 5: nothing sent again
+    assert again["digest"] == first["digest"]
+
+    pulls = []
+    for out in ("kq1", "kq2"):  # 6: a keep-quantized pull goes through the cache; it reports what it wrote
+        pulled = mz("pull", "org/q:v1", "-o", str(tmp_path / out), "--keep-quantized", "--json", server=served)
+        assert pulled.returncode == 0, pulled.stderr
+        pulls.append(json.loads(pulled.stdout))
+    written = sum((tmp_path / "kq1" / f).stat().st_size for f in ("model.safetensors", "config.json"))
+    assert pulls[0]["bytes_raw"] == written < first["bytes_raw"]
+    assert pulls[1]["bytes_transferred"] == 0 and pulls[1]["bytes_cached"] > 0
+
+    split = mz("pull", "org/q:v1", "-o", str(tmp_path / "tp"), "--tp-size", "8", "--tp-rank", "0", server=served)
+    assert split.returncode == 0  # 14: a split that cuts heads is done, and said in one line
+    warning = [line for line in split.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [
+        "warning: tensor-parallel size 8: num_attention_heads 12 is not split evenly over 8 ranks: "
+        "ranks get parts of heads",
+        "warning: tensor-parallel size 8: num_key_value_heads 12 is not split evenly over 8 ranks: "
+        "ranks get parts of heads",
+    ]

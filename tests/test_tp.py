@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from mzstore.client import Client
 from mzstore.errors import InvalidArgument
-from mzstore.pull.tp import rank_range, split_dim
+from mzstore.pull.tp import DEFAULT_RULES, rank_range, split_dim
 
 
 @pytest.fixture
@@ -103,3 +103,36 @@ def test_custom_rules(small_client: Client, llama_dir: Path) -> None:
     rank = small_client.load_state_dict("tp/m:v1", tp_size=2, tp_rank=0, tp_rules=[(r"norm", 0)])
     assert rank["model.layers.0.input_layernorm.weight"].shape == (48,)
     assert rank["model.layers.0.self_attn.q_proj.weight"].shape == (96, 96)  # no rule matches: replicated
+
+
+def test_splits_that_cut_heads_or_fused_projections_are_warned_about(
+    small_client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    gen = torch.Generator().manual_seed(1)
+    src = tmp_path / "m"
+    src.mkdir()
+    save_file(
+        {
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(768, 64, generator=gen),  # 12 heads of 64
+            "model.layers.0.self_attn.qkv_proj.weight": torch.randn(3 * 768, 64, generator=gen),
+        },
+        str(src / "model.safetensors"),
+    )
+    (src / "config.json").write_text(json.dumps({"num_attention_heads": 12, "num_key_value_heads": 4}))
+    small_client.push(src, "tp/heads:v1")
+    with caplog.at_level("WARNING", logger="mzstore.pull"):
+        small_client.load_state_dict("tp/heads:v1", tp_size=4, tp_rank=0)
+    assert "num_attention_heads" not in caplog.text  # 12 and 4 heads split evenly over 4 ranks
+    assert "fused projections split contiguously: model.layers.0.self_attn.qkv_proj.weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mzstore.pull"):
+        small_client.pull("tp/heads:v1", tmp_path / "out", tp_size=8, tp_rank=1)
+    assert "num_attention_heads 12 is not split evenly over 8 ranks" in caplog.text
+    assert "num_key_value_heads" not in caplog.text  # 4 KV heads over 8 ranks: each replicated twice
+    caplog.clear()
+    whole = [(r"qkv_proj\.", None), *DEFAULT_RULES]  # load the fused tensor whole: no warning for it
+    with caplog.at_level("WARNING", logger="mzstore.pull"):
+        sd = small_client.load_state_dict("tp/heads:v1", tp_size=4, tp_rank=0, tp_rules=whole)
+    assert "fused" not in caplog.text and sd["model.layers.0.self_attn.qkv_proj.weight"].shape == (3 * 768, 64)

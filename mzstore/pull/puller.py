@@ -28,24 +28,30 @@ transport's, a :class:`~mzstore.storage.Store`'s, a test's — pulls the same wa
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mzstore.errors import UsageError
+from mzstore.errors import MzstoreError, UsageError
 from mzstore.format.manifest import Manifest
 from mzstore.pull.pipeline import COALESCE_BYTES, Cache, Fetch, PullStats, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import (
     DirectorySink,
+    FileBytesSink,
     Sink,
     StateDictSink,
     TensorParallelFilesSink,
     TensorParallelSink,
 )
+from mzstore.pull.tp import DEFAULT_RULES, tp_warnings
 from mzstore.settings import DEFAULT_PULL_INFLIGHT_BYTES
+
+log = logging.getLogger("mzstore.pull")
 
 R = TypeVar("R")
 #: Called with each verified chunk's decoded size (a progress bar's ``update``), or ``None``.
@@ -101,6 +107,27 @@ class Puller:
             sink.abort()
             raise
 
+    def file_bytes(self, manifest: Manifest, path: str) -> bytes | None:
+        """The bytes of the model's plain file ``path`` (``config.json``…), or ``None`` when it has none."""
+        entry = next((f for f in manifest.files if f.path == path and f.kind == "file"), None)
+        return None if entry is None else self.run(manifest, FileBytesSink(entry), [path])[0]
+
+    def _warn_tp(self, manifest: Manifest, tp_size: int, tp_rules: TpRules | None) -> None:
+        """Say, in one line each, what a ``tp_size``-way split gets wrong (see :func:`~mzstore.pull.tp.tp_warnings`)."""
+        if tp_size <= 1:
+            return
+        config: Any = None
+        try:
+            raw = self.file_bytes(manifest, "config.json")
+            config = json.loads(raw) if raw else None
+        except (MzstoreError, ValueError):
+            config = None
+        shapes = [(t.name, t.shape) for t in manifest.tensors]
+        for warning in tp_warnings(
+            shapes, tp_size, tp_rules or DEFAULT_RULES, config if isinstance(config, dict) else None
+        ):
+            log.warning("warning: tensor-parallel size %d: %s", tp_size, warning)
+
     # -- the outputs ----------------------------------------------------------------------
     def to_directory(
         self,
@@ -134,6 +161,7 @@ class Puller:
         if tp_size > 1 or tp_rank:
             if keep_quantized:
                 raise UsageError("--keep-quantized and tensor-parallel slices cannot be combined")
+            self._warn_tp(manifest, tp_size, tp_rules)
             sink = TensorParallelFilesSink(out_dir, manifest, tp_size, tp_rank, tp_rules, ref=ref)
         elif keep_quantized:
             from mzstore.pull.keep_quantized import KeepQuantizedSink
@@ -158,6 +186,7 @@ class Puller:
         """``{name: tensor}`` on ``device`` (see :meth:`mzstore.client.Client.load_state_dict`)."""
         sink: Sink[dict[str, Any]]
         if tp_size > 1 or tp_rank:
+            self._warn_tp(manifest, tp_size, tp_rules)
             sink = TensorParallelSink(manifest, tp_size, tp_rank, tp_rules, files, device=device)
         elif expand_on_device if expand_on_device is not None else str(device) != "cpu":
             from mzstore.pull.device import DeviceStateDictSink

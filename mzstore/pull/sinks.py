@@ -161,6 +161,23 @@ class DirectorySink(Sink[list[Path]]):
         self.staged.abort()
 
 
+class FileBytesSink(Sink[bytes]):
+    """One plain file of a model, in memory (a ``config.json`` the client wants to read)."""
+
+    def __init__(self, entry: FileEntry) -> None:
+        self.entry = entry
+        self.data = bytearray(entry.size)
+
+    def wants(self, task: ChunkTask) -> bool:
+        return task.tensor is None and task.file == self.entry.path
+
+    def target(self, task: ChunkTask) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.uint8)[task.file_offset : task.file_offset + task.chunk.raw_length]
+
+    def finish(self) -> bytes:
+        return bytes(self.data)
+
+
 # --- tensors ----------------------------------------------------------------------------
 
 #: safetensors dtype → torch dtype attribute name.
