@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow fuzz lint protos bench clean
+.PHONY: setup system-deps demo test test-slow fuzz lint protos bench clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,17 @@ lint: setup
 	$(PY) scripts/gen_protos.py --check
 	$(PY) scripts/limits_table.py --check
 
-test: setup lint
+# System packages the tests use: nginx (the site cache in tests/test_nginx.py), from
+# Debian's packages when missing. Without root or apt the tests that need it skip loudly.
+system-deps:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx (Debian package) for the site-cache tests"; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null 2>&1 || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; }; \
+	  else echo "WARNING: nginx is missing and cannot be installed here; tests/test_nginx.py will skip"; fi; }
+
+test: setup system-deps lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup

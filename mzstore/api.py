@@ -3,7 +3,7 @@
 Each opens a :class:`~mzstore.client.Client` for one call and forwards every
 option of the ``Client`` method of the same name, plus the ``Client``'s own
 (``server``, ``settings``, ``timeout``, ``cache``, ``direct``, ``token``,
-``tls_ca``, ``offline``). ``tests/test_api.py`` fails when a ``Client`` method gains a
+``tls_ca``, ``offline``, ``data_plane``). ``tests/test_api.py`` fails when a ``Client`` method gains a
 parameter its twin here lacks. Nothing heavy is imported until a function
 is called, so ``import mzstore`` stays cheap.
 """
@@ -29,6 +29,7 @@ def _client(
     token: str | None,
     tls_ca: str | os.PathLike[str] | None,
     offline: bool | None,
+    data_plane: str | None,
 ) -> Client:
     from mzstore.client import Client
 
@@ -41,6 +42,7 @@ def _client(
         token=token,
         tls_ca=tls_ca,
         offline=offline,
+        data_plane=data_plane,
     )
 
 
@@ -63,9 +65,10 @@ def load_state_dict(
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
+    data_plane: str | None = None,
 ) -> dict[str, Any]:
     """Load the tensors of ``ref`` (see :meth:`mzstore.client.Client.load_state_dict`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline, data_plane) as client:
         return client.load_state_dict(
             ref,
             device=device,
@@ -99,9 +102,10 @@ def load_into(
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
+    data_plane: str | None = None,
 ) -> dict[str, Any]:
     """Load the tensors of ``ref`` into ``model`` on the mapped devices (see :meth:`mzstore.client.Client.load_into`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline, data_plane) as client:
         return client.load_into(
             model,
             ref,
@@ -136,9 +140,10 @@ def pull(
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
+    data_plane: str | None = None,
 ) -> PullInfo:
     """Pull ``ref`` into ``out_dir`` (see :meth:`mzstore.client.Client.pull`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline, data_plane) as client:
         return client.pull(
             ref,
             out_dir,
@@ -173,9 +178,10 @@ def push(
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
+    data_plane: str | None = None,
 ) -> PushInfo:
     """Push ``source`` as ``ref`` (see :meth:`mzstore.client.Client.push`)."""
-    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline) as client:
+    with _client(server, settings, timeout, cache, direct, token, tls_ca, offline, data_plane) as client:
         return client.push(
             source,
             ref,

@@ -28,10 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mzstore.errors import DeadlineExceeded, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
+from mzstore.errors import (
+    DeadlineExceeded,
+    IntegrityError,
+    InvalidArgument,
+    MzstoreError,
+    NotFound,
+    Unavailable,
+    UsageError,
+)
 from mzstore.format.manifest import Manifest, digest_of, parse_manifest, path_selected
 from mzstore.format.refs import Ref, parse_ref
-from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, load_settings
+from mzstore.settings import KEEPALIVE_TIMEOUT_S, TRANSPORTS, Settings, load_settings
 from mzstore.transport.base import RefInfo, Topology, Transport
 
 if TYPE_CHECKING:
@@ -115,6 +123,11 @@ class Client:
         token: bearer token sent as ``authorization`` metadata on every call; default ``settings.token``.
         tls_ca: PEM CA bundle to verify the server with; given (or ``settings.tls_ca``), the channel is TLS,
             with ``settings.tls_cert``/``tls_key`` as the client certificate for mutual TLS.
+        data_plane: where blob bytes come from (default ``settings.transport``, ``MZSTORE_TRANSPORT``):
+            ``auto`` (the server's HTTP plane when it advertises one, else gRPC; each range falls
+            back to gRPC if HTTP fails), ``http`` (the same, but a server without one is an error),
+            ``grpc``, or ``direct`` (as ``direct=True``). ``settings.blob_url`` (``MZSTORE_BLOB_URL``)
+            replaces the advertised base (a site cache, a CDN).
         offline: never contact the server (default ``settings.offline``, ``MZSTORE_OFFLINE``): refs
             resolve through the cache's tag → digest mapping and chunks come from the cache; what
             is not there fails at once. Online, a tag whose server is unreachable also falls back to
@@ -138,10 +151,16 @@ class Client:
         token: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         offline: bool | None = None,
+        data_plane: str | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        plane = data_plane or self.settings.transport
+        if plane not in TRANSPORTS:
+            raise UsageError(f"data_plane must be one of {', '.join(TRANSPORTS)}, got {plane!r}")
+        direct = direct or plane == "direct"
         self.direct = direct
+        self.data_plane = "direct" if direct else plane
         self.offline = self.settings.offline if offline is None else offline
         if transport is None and self.offline:
             from mzstore.settings import server_address
@@ -160,6 +179,10 @@ class Client:
             transport = DirectTransport(transport)
         self.transport: Transport = transport
         self.server = transport.address
+        self._token = token or self.settings.token
+        self._tls_ca = str(tls_ca or self.settings.tls_ca or "") or None
+        if self.settings.blob_url and self.data_plane in ("auto", "http"):
+            self._use_http(self.settings.blob_url)
         use_cache = self.settings.cache if cache is None else cache
         self.cache: ChunkCache | None = None
         if use_cache:
@@ -290,11 +313,36 @@ class Client:
             if remembered is None:
                 raise
             return remembered
+        self._pick_data_plane()
         if digest_of(data) != digest:
             raise IntegrityError(f"manifest of {ref} does not match its digest {digest}")
         if self.cache is not None:
             self.cache.put_manifest(name, self.server, digest, data)
         return name, digest, parse_manifest(data)
+
+    def _use_http(self, base_url: str) -> None:
+        from mzstore.settings import is_loopback
+        from mzstore.transport.http import HttpTransport
+
+        host = base_url.partition("://")[2].split("/", 1)[0]
+        if self._token and base_url.startswith("http://") and not is_loopback(host):
+            log.warning("not reading blobs from %s: a token would cross the network in clear text", base_url)
+            return
+        self.transport = HttpTransport(self.transport, base_url, self.settings, self._token, self._tls_ca)
+
+    def _pick_data_plane(self) -> None:
+        """After a manifest reply: read blobs over the HTTP plane the server advertised, if asked to."""
+        from mzstore.transport.http import HttpTransport
+
+        if self.data_plane not in ("auto", "http") or isinstance(self.transport, HttpTransport):
+            return
+        advertised = getattr(self.transport, "advertised", None)
+        if advertised:
+            self._use_http(advertised)
+        elif self.data_plane == "http":
+            raise Unavailable(
+                f"{self.server} advertises no HTTP data plane (serve --http); set MZSTORE_BLOB_URL or use grpc"
+            )
 
     def _cached_tag(self, parsed: Ref, exc: MzstoreError) -> tuple[str, str, Manifest] | None:
         """The manifest the cache says ``parsed`` (a tag) last resolved to, when the server cannot say.

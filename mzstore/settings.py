@@ -97,6 +97,10 @@ class Settings:
             decoded bytes per range read (``MZSTORE_PULL_COALESCE``; 0: each chunk alone).
         cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
         offline: work from the local cache alone, never contacting a server (``MZSTORE_OFFLINE=1``).
+        transport: where blob bytes come from (``MZSTORE_TRANSPORT``): ``auto`` (the server's HTTP plane
+            when it has one, else gRPC), ``http``, ``grpc`` or ``direct`` (the storage nodes).
+        blob_url: read blobs from this HTTP base URL instead of the one the server advertises
+            (``MZSTORE_BLOB_URL``: a site cache, a CDN).
         cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
         tls_ca: PEM CA bundle the client trusts; set means the client speaks TLS (``MZSTORE_TLS_CA``).
         tls_cert: client certificate (PEM) for mutual TLS (``MZSTORE_TLS_CERT``).
@@ -119,6 +123,8 @@ class Settings:
     pull_coalesce_bytes: int = DEFAULT_PULL_COALESCE_BYTES
     cache: bool = True
     offline: bool = False
+    transport: str = "auto"
+    blob_url: str | None = None
     cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
     limits: Limits = field(default_factory=Limits)
     tls_ca: Path | None = None
@@ -225,6 +231,17 @@ def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
     return parsed
 
 
+#: Where a client's blob bytes come from (``MZSTORE_TRANSPORT``, ``--transport``).
+TRANSPORTS = ("auto", "http", "grpc", "direct")
+
+
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = (env.get(key) or default).lower()
+    if value not in choices:
+        raise InvalidArgument(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _path(env: Mapping[str, str], key: str) -> Path | None:
     value = env.get(key)
     return Path(value).expanduser() if value else None
@@ -245,6 +262,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pull_coalesce_bytes=_int(env, "MZSTORE_PULL_COALESCE", DEFAULT_PULL_COALESCE_BYTES, allow_zero=True),
         cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
         offline=(env.get("MZSTORE_OFFLINE") or "0").lower() in ("1", "true", "yes", "on"),
+        transport=_choice(env, "MZSTORE_TRANSPORT", TRANSPORTS, "auto"),
+        blob_url=env.get("MZSTORE_BLOB_URL") or None,
         cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
         limits=load_limits(env),
         tls_ca=_path(env, "MZSTORE_TLS_CA"),

@@ -135,8 +135,10 @@ def start_serve(
     port = port or free_port()
     address = f"127.0.0.1:{port}"
     where = ["--root", str(root)] if root is not None else []
+    # The HTTP plane on a free port of its own (the default, the gRPC port + 1, may be taken here).
+    http = [] if "--http" in args else ["--http", "127.0.0.1:0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mzstore.cli", "serve", *where, *args, "--listen", address],
+        [sys.executable, "-m", "mzstore.cli", "serve", *where, *args, *http, "--listen", address],
         env=env,
         **popen,  # type: ignore[call-overload]
     )

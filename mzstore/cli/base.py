@@ -186,6 +186,7 @@ def connect(
     cache: bool | None = None,
     direct: bool = False,
     offline: bool | None = None,
+    data_plane: str | None = None,
 ) -> Any:
     from mzstore.client import Client
     from mzstore.settings import server_address
@@ -197,7 +198,15 @@ def connect(
         raise click.UsageError(str(exc)) from None
     ctx.meta["mzstore.server"] = address
     tls_ca = ctx.meta.get("mzstore.tls_ca")
-    client = Client(address, settings=settings, cache=cache, direct=direct, tls_ca=tls_ca, offline=offline or None)
+    client = Client(
+        address,
+        settings=settings,
+        cache=cache,
+        direct=direct,
+        tls_ca=tls_ca,
+        offline=offline or None,
+        data_plane=data_plane,
+    )
     return ctx.with_resource(client)
 
 

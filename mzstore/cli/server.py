@@ -15,13 +15,13 @@ from mzstore.errors import MzstoreError
 from mzstore.settings import DEFAULT_LISTEN
 
 
-def _check_port_free(listen: str) -> None:
+def _check_port_free(listen: str, flag: str = "--listen") -> None:
     """Fail with one clear line when the port is taken (before gRPC logs its own noise)."""
     import socket
 
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
-        raise click.UsageError(f"--listen must be HOST:PORT with a port from 0 to 65535, got {listen!r}")
+        raise click.UsageError(f"{flag} must be HOST:PORT with a port from 0 to 65535, got {listen!r}")
     if int(port) == 0:
         return
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -29,7 +29,10 @@ def _check_port_free(listen: str) -> None:
         try:
             sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
         except OSError as exc:
-            raise MzstoreError(f"cannot serve on {listen}: {exc.strerror or exc}") from None
+            raise MzstoreError(
+                f"cannot serve on {listen} ({flag}): {exc.strerror or exc}"
+                + ("; give --http HOST:PORT or --http off" if flag.startswith("--http") else "")
+            ) from None
 
 
 def storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,6 +124,23 @@ def _open_store(
     metavar="PEM",
     help="Mutual TLS: clients must present a certificate issued by this CA.",
 )
+@click.option(
+    "--http",
+    envvar="MZSTORE_HTTP",
+    default="auto",
+    show_default=True,
+    metavar="HOST:PORT|auto|off",
+    help="The HTTP data plane (blobs, /metrics, /healthz): auto = the gRPC port + 1 on the same host [env MZSTORE_HTTP].",
+)
+@click.option(
+    "--http-advertise",
+    metavar="URL",
+    help="Blob URL base told to clients (a proxy, CDN or site cache in front of the HTTP plane).",
+)
+@click.option(
+    "--public-blobs", is_flag=True, help="Let anonymous clients read blobs over HTTP (digests are capabilities)."
+)
+@click.option("--no-presign", is_flag=True, help="Stream blobs on S3 nodes instead of redirecting to presigned URLs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
     root: str | None,
@@ -134,6 +154,10 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
+    http: str,
+    http_advertise: str | None,
+    public_blobs: bool,
+    no_presign: bool,
     verbose: bool,
 ) -> None:
     """Run a server over a local directory or over storage nodes (or a cache of another server).
@@ -166,8 +190,27 @@ def serve(
     )
     store = _open_store(root, nodes, replicas, s3_endpoint_url)
     _check_port_free(listen)
+    http_at: str | None = None if http.lower() == "off" else http
+    if http_at is not None and http_at != "auto":
+        _check_port_free(http_at, "--http")
+    elif http_at == "auto" and int(listen.rpartition(":")[2]):
+        _check_port_free(
+            f"{listen.rpartition(':')[0]}:{int(listen.rpartition(':')[2]) + 1}", "--http (auto: the gRPC port + 1)"
+        )
     try:
-        run(store, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=token_file, tls=tls)
+        run(
+            store,
+            listen,
+            settings,
+            upstream=upstream,
+            upstream_ttl=upstream_ttl,
+            auth=token_file,
+            tls=tls,
+            http=http_at,
+            http_advertise=http_advertise,
+            public_blobs=public_blobs,
+            presign=not no_presign,
+        )
     except OSError as exc:
         raise MzstoreError(f"cannot serve on {listen}: {exc}") from None
     # The grace period is over: work still running (an ingest whose push was cut off) must not keep

@@ -157,6 +157,13 @@ def push(
     help="Read blobs straight from the storage nodes (same S3 / local disk); the server only sends the manifest.",
 )
 @click.option(
+    "--transport",
+    "data_plane",
+    type=click.Choice(["auto", "http", "grpc", "direct"]),
+    help="Where blob bytes come from: the server's HTTP plane when it has one (auto), http, grpc, or the "
+    "storage nodes (direct) [env MZSTORE_TRANSPORT; MZSTORE_BLOB_URL replaces the advertised HTTP base].",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Pull into a non-empty folder that holds other files; the model's files are replaced, others left.",
@@ -186,6 +193,7 @@ def pull(
     workers: int | None,
     no_cache: bool,
     direct: bool,
+    data_plane: str | None,
     force: bool,
     clean: bool,
     include: tuple[str, ...],
@@ -224,7 +232,9 @@ def pull(
         )
     out = out or parsed.name.rsplit("/", 1)[-1]
     dest = check_destination(out, parsed.name, force=force or clean)
-    client = connect(ctx, server, cache=False if no_cache else None, direct=direct, offline=offline)
+    client = connect(
+        ctx, server, cache=False if no_cache else None, direct=direct, offline=offline, data_plane=data_plane
+    )
     total = 0
     if not (as_json or quiet) and tp_size == 1 and sys.stderr.isatty():
         # The bar's total comes from the manifest; the pull is pinned to its digest, so a tag

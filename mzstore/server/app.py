@@ -18,6 +18,7 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -33,6 +34,8 @@ from mzstore.errors import InvalidArgument
 from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.push.sessions import UploadSessions
 from mzstore.server.auth import TokenFile, TokenInterceptor
+from mzstore.server.http import HttpOptions, HttpPlane
+from mzstore.server.metrics import MetricsInterceptor, watch_store
 from mzstore.server.service import StoreService
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
@@ -53,6 +56,18 @@ class TlsConfig:
     key: Path
     client_ca: Path | None = None
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate (and client CA) for the HTTP plane."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                context.load_verify_locations(self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidArgument(f"cannot use the TLS files for HTTP: {exc}") from None
+        return context
+
     def credentials(self) -> grpc.ServerCredentials:
         try:
             pair = (self.key.read_bytes(), self.cert.read_bytes())
@@ -68,13 +83,21 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     store: Store
+    http: HttpPlane | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` of the HTTP plane, if it runs."""
+        return f"{self.http.url.split('://')[0]}://127.0.0.1:{self.http.port}" if self.http else None
+
     def stop(self, grace: float | None = 5.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace).wait()
 
 
@@ -93,6 +116,10 @@ def build_server(
     upstream_ttl: float = DEFAULT_TTL_S,
     auth: str | Path | TokenFile | None = None,
     tls: TlsConfig | None = None,
+    http: str | None = None,
+    http_advertise: str | None = None,
+    public_blobs: bool = False,
+    presign: bool = True,
 ) -> RunningServer:
     """Create and start a server over storage nodes.
 
@@ -108,6 +135,12 @@ def build_server(
         upstream_ttl: seconds a tag resolved upstream is trusted.
         auth: a token file (path or :class:`TokenFile`): every Store call needs a token with the right scope.
         tls: serve TLS (mutual TLS with a client CA) instead of plaintext.
+        http: ``HOST:PORT`` of the HTTP data plane (:mod:`mzstore.server.http`), ``"auto"`` for the
+            gRPC port + 1 on the same host (a free port when the gRPC port is 0), ``None`` for none.
+        http_advertise: the blob URL base clients are told (default: the listener's own URL), for a
+            server behind a proxy or a CDN.
+        public_blobs: anonymous clients may read blobs over HTTP (tokens still guard everything else).
+        presign: blobs on S3 nodes are answered with a redirect to a presigned URL.
 
     Returns:
         The started server and the port it bound.
@@ -153,26 +186,48 @@ def build_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mzstore-rpc"),
         options=options,
-        interceptors=[TokenInterceptor(tokens)] if tokens else None,
+        interceptors=[MetricsInterceptor(), *([TokenInterceptor(tokens)] if tokens else [])],
         # more calls than this at once (running or queued for a worker) get RESOURCE_EXHAUSTED
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
+    watch_store(store)
+    plane = None
+    if http is not None:
+        host, port = _http_address(http, listen)
+        http_options = HttpOptions(
+            tokens=tokens, public_blobs=public_blobs, presign=presign, ssl_context=tls.ssl_context() if tls else None
+        )
+        plane = HttpPlane(store, host, port, http_options).start()
     service = (
         PullThroughService(store, settings)
         if isinstance(store, PullThroughStore)
         else StoreService(store, settings, spool)
     )
+    service.blob_url = http_advertise or (plane.url if plane is not None else "")
     _add_store_service(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
+        if plane is not None:
+            plane.stop()
         raise OSError(f"cannot listen on {listen}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, store)
+    return RunningServer(server, port, health_servicer, store, plane)
+
+
+def _http_address(http: str, listen: str) -> tuple[str, int]:
+    """``(host, port)`` of the HTTP plane: ``HOST:PORT``, or ``"auto"``: the gRPC port + 1 on its host."""
+    if http == "auto":
+        host, _, port = listen.rpartition(":")
+        return host.strip("[]"), int(port) + 1 if int(port) else 0
+    host, _, port = http.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(f"--http must be HOST:PORT, 'auto' or 'off', got {http!r}")
+    return host.strip("[]"), int(port)
 
 
 class _Handlers:
@@ -238,14 +293,30 @@ def serve(
     upstream_ttl: float = DEFAULT_TTL_S,
     auth: str | Path | TokenFile | None = None,
     tls: TlsConfig | None = None,
+    http: str | None = "auto",
+    http_advertise: str | None = None,
+    public_blobs: bool = False,
+    presign: bool = True,
 ) -> None:
-    """Run a server until SIGINT or SIGTERM, then shut down gracefully.
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully (with its HTTP plane, by default).
 
     With ``upstream``, the server is a read-only pull-through cache of that server; ``auth`` and ``tls``
     as in :func:`build_server`.
     """
     limit_malloc_arenas()
-    running = build_server(root, listen, settings, upstream=upstream, upstream_ttl=upstream_ttl, auth=auth, tls=tls)
+    running = build_server(
+        root,
+        listen,
+        settings,
+        upstream=upstream,
+        upstream_ttl=upstream_ttl,
+        auth=auth,
+        tls=tls,
+        http=http,
+        http_advertise=http_advertise,
+        public_blobs=public_blobs,
+        presign=presign,
+    )
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)
     copies = f" ({running.store.replicas} replicas)" if len(running.store.nodes) > 1 else ""
@@ -256,7 +327,8 @@ def serve(
     security = (" over mutual TLS" if tls.client_ca else " over TLS") if tls else ""
     security += " with tokens" if auth is not None else ""
     log.info("mzstore serving %s%s on %s:%d%s%s", where, copies, host, running.port, fronts, security)
-    print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}{security}", flush=True)
+    blobs = f"; blobs over HTTP at {running.http.url}" if running.http else ""
+    print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}{security}{blobs}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -56,6 +56,7 @@ from mzstore.push.protocol import (
 )
 from mzstore.push.reuse import KnownFiles
 from mzstore.push.sessions import UploadSessions
+from mzstore.server import metrics
 from mzstore.settings import Settings
 from mzstore.storage.store import Store
 from mzstore.transport.wire import blob_chunk
@@ -219,6 +220,8 @@ class StoreService(pb_grpc.StoreServicer):
         #: Upload sessions live on the server's local disk: beside the spool, else in the system temp dir.
         uploads = spool_dir / "uploads" if spool_dir is not None else Path(tempfile.gettempdir()) / "mzstore-uploads"
         self.sessions = UploadSessions(uploads)
+        #: Where the HTTP plane serves blobs, told to clients with every manifest ("" when there is none).
+        self.blob_url = ""
 
     @handler
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
@@ -235,6 +238,7 @@ class StoreService(pb_grpc.StoreServicer):
 
     def ingest(self, begin: UploadBegin, events: Iterable[UploadEvent], session: str | None = None) -> PushResult:
         """Encode and commit one upload: the one ingest path of every push (streamed, or an upload session's)."""
+        start = time.perf_counter()
         result = Ingest(
             self.store,
             chunk_bytes=self.settings.chunk_bytes,
@@ -242,6 +246,9 @@ class StoreService(pb_grpc.StoreServicer):
             spool_dir=self.spool_dir,
             limits=self.settings.limits,
         ).run(begin, events)
+        metrics.PUSH_BYTES.labels("raw").inc(result.bytes_raw)
+        metrics.PUSH_BYTES.labels("stored").inc(result.bytes_stored)
+        metrics.PUSH_SECONDS.observe(time.perf_counter() - start)
         how = f"upload session {session}" if session else "streamed"
         log.info(
             "pushed %s %s (%d → %d bytes, %s)", result.ref, result.digest, result.bytes_raw, result.bytes_stored, how
@@ -299,7 +306,8 @@ class StoreService(pb_grpc.StoreServicer):
     @handler
     def GetManifest(self, request: pb.GetManifestRequest, context: grpc.ServicerContext) -> pb.GetManifestResponse:
         ref, digest = self.store.resolve(request.ref)
-        return pb.GetManifestResponse(ref=str(ref), digest=digest, manifest=self.store.get_manifest(digest))
+        manifest = self.store.get_manifest(digest)
+        return pb.GetManifestResponse(ref=str(ref), digest=digest, manifest=manifest, blob_url=self.blob_url)
 
     @stream_handler
     def ReadBlob(self, request: pb.ReadBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -319,6 +327,7 @@ class StoreService(pb_grpc.StoreServicer):
             if len(data) != n:
                 raise FormatError(f"blob {request.digest} is shorter than expected")
             yield blob_chunk(offset, data)
+            metrics.BLOB_BYTES.labels("grpc").inc(n)
             offset += n
 
     @handler

@@ -258,6 +258,15 @@ class PullThroughStore(Store):
             self._refill(digest, fills)
             return super().blob_size(digest)
 
+    def blob_location(self, digest: str) -> tuple[Node, str]:
+        self._ensure_blob(digest)
+        fills = self._fills.get(digest, 0)
+        try:
+            return super().blob_location(digest)
+        except IntegrityError:
+            self._refill(digest, fills)
+            return super().blob_location(digest)
+
     def read_blob(self, digest: str, offset: int = 0, length: int | None = None) -> bytes:
         self._ensure_blob(digest)
         fills = self._fills.get(digest, 0)
@@ -274,11 +283,15 @@ class PullThroughStore(Store):
     def _ensure_blob(self, digest: str) -> None:
         """Fill ``digest`` from upstream unless a local node has it (one fill per digest at a time)."""
         if digest in self._present:
+            self.counts["hit"] += 1
             return
         if not self._on_some_node(digest):
             with self._flights.hold(digest):
                 if not self._on_some_node(digest):  # another reader may have filled it meanwhile
+                    self.counts["miss"] += 1
                     self._fill(digest)
+        else:
+            self.counts["hit"] += 1
         self._present.add(digest)
 
     def _refill(self, digest: str, fills: int) -> None:

@@ -139,6 +139,9 @@ class Store:
         self._repairs: dict[str, Future[None]] = {}  # digest → its repair in flight
         self._repair_pool: ThreadPoolExecutor | None = None
         self._sizes: dict[str, tuple[int, int]] = {}  # manifest digest → (bytes_raw, bytes_stored)
+        #: Events a server exports as metrics: copies repaired, copies found corrupt (and, for a
+        #: pull-through cache, blobs served from its nodes or fetched upstream).
+        self.counts: Counter[str] = Counter()
 
     @property
     def node(self) -> Node:
@@ -288,6 +291,7 @@ class Store:
                 continue
             except IntegrityError:
                 problems.append((node, "corrupt"))
+                self.counts["corrupt"] += 1
                 continue
             except (Unavailable, MzstoreError, OSError) as exc:
                 problems.append((node, f"unreachable ({type(exc).__name__})"))
@@ -336,6 +340,7 @@ class Store:
                         node.delete(key)  # a corrupt stray copy: drop it
                     continue
                 node.write(key, read_stream(source, key))
+                self.counts["repaired"] += 1
                 log.warning("repaired blob %s on %s from %s", digest, node.url, source.url)
             except (MzstoreError, OSError) as exc:
                 log.warning("could not repair blob %s on %s: %s", digest, node.url, exc)
@@ -349,6 +354,17 @@ class Store:
             with self._lock:
                 self._verified.discard((node.url, digest))
             return self._good_node(digest).read(blob_key(digest), offset, length)
+
+    def blob_location(self, digest: str) -> tuple[Node, str]:
+        """The node holding an intact copy of the blob (checked against its digest) and its key there.
+
+        For servers that send the bytes themselves (the HTTP plane's ``sendfile``) or point at them
+        (a presigned URL): failover and repair happen as for :meth:`read_blob`.
+        """
+        key = blob_key(digest)
+        if not any(node_has(n, key) for n in self.nodes):
+            raise NotFound(f"blob {digest} not found")
+        return self._good_node(digest), key
 
     def blob_size(self, digest: str) -> int:
         """Size of the blob's first intact copy (a blob gone from every node is a data-loss error)."""

@@ -126,6 +126,17 @@ _READ_BLOB_PATH = "/{}/{}".format(
 )
 
 
+def advertised_url(blob_url: str, address: str) -> str | None:
+    """The blob URL base a server advertised, with a ``*`` host replaced by the host the client reached it at."""
+    if not blob_url:
+        return None
+    host = address.rpartition(":")[0] if ":" in address and not address.startswith("unix") else "127.0.0.1"
+    scheme, sep, rest = blob_url.partition("://")
+    if sep and rest.startswith("*"):
+        return f"{scheme}://{host}{rest[1:]}"
+    return blob_url
+
+
 def begin_proto(begin: UploadBegin) -> pb.PushBegin:
     """The ``PushBegin`` message of an upload."""
     return pb.PushBegin(
@@ -238,6 +249,8 @@ class GrpcTransport(Transport):
             self.channel = grpc.insecure_channel(address, options=options)
         channel = grpc.intercept_channel(self.channel, _TokenMetadata(token)) if token else self.channel
         self.stub = pb_grpc.StoreStub(channel)
+        #: The HTTP blob URL base the server told with its last manifest (``None``: it has none).
+        self.advertised: str | None = None
         self.read_blob_call = channel.unary_stream(
             _READ_BLOB_PATH, request_serializer=pb.ReadBlobRequest.SerializeToString, response_deserializer=None
         )
@@ -249,6 +262,7 @@ class GrpcTransport(Transport):
     def manifest(self, ref: str) -> tuple[str, str, bytes]:
         with rpc_errors("GetManifest", self.timeout):
             resp = self.stub.GetManifest(pb.GetManifestRequest(ref=ref), timeout=self.timeout)
+        self.advertised = advertised_url(resp.blob_url, self.address)
         return resp.ref, resp.digest, bytes(resp.manifest)
 
     def list_refs(self, name: str | None = None) -> list[RefInfo]:

@@ -98,14 +98,16 @@ class GetManifestRequest(_message.Message):
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
 
 class GetManifestResponse(_message.Message):
-    __slots__ = ("ref", "digest", "manifest")
+    __slots__ = ("ref", "digest", "manifest", "blob_url")
     REF_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    BLOB_URL_FIELD_NUMBER: _ClassVar[int]
     ref: str
     digest: str
     manifest: bytes
-    def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
+    blob_url: str
+    def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., manifest: _Optional[bytes] = ..., blob_url: _Optional[str] = ...) -> None: ...
 
 class ReadBlobRequest(_message.Message):
     __slots__ = ("digest", "offset", "length")

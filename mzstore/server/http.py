@@ -1,0 +1,346 @@
+"""The HTTP data plane: immutable, content-addressed blob URLs beside the gRPC control plane.
+
+How it works: an aiohttp web server runs on its own event loop in a thread
+of the ``mzstore serve`` process, over the same :class:`Store` as the gRPC
+service. Routes:
+
+``GET|HEAD /v2/<name>/blobs/sha256:<hex>`` (OCI-distribution shaped; the name is validated, then ignored:
+blobs are content-addressed) and the name-free alias ``/blobs/sha256:<hex>``
+    The blob's stored bytes. A blob on a local node is sent with
+    ``sendfile`` by aiohttp's ``FileResponse`` (no Python copy per byte),
+    which also answers ``Range`` (one range → ``206`` with ``Content-Range``;
+    an unsatisfiable one → ``416``). ``ETag`` is the digest (strong),
+    ``Cache-Control: public, max-age=31536000, immutable``, no
+    ``Content-Encoding``; ``If-None-Match`` with the digest → ``304``;
+    ``If-Range`` with the digest keeps the range. Several ranges in one
+    request are refused with ``416`` (documented: ask one range at a time, as
+    every mzstore client and nginx's ``slice`` module do). A blob on an S3
+    node is a ``307`` to a presigned GET URL (valid ``presign_seconds``), so
+    the server carries none of its bytes; without presigning (or for other
+    object stores) it is streamed from the node.
+``GET /metrics``
+    Prometheus text format (:mod:`mzstore.server.metrics`).
+``GET /healthz``, ``GET /readyz``
+    Liveness, and readiness (the store's first node answers).
+
+Every blob is checked against its digest once per process before it is
+served (:meth:`Store.blob_location`: failover and repair as for gRPC reads),
+so a corrupt copy is never sent. Tokens and scopes are the gRPC ones
+(``Authorization: Bearer``; blob reads need ``read``), checked before any
+storage access; ``public_blobs`` lets anonymous clients read blobs (a digest
+is a 256-bit capability), so a CDN or site cache can serve a fleet without
+tokens. Errors are JSON ``{"error": …}`` with an ``X-Error-Code`` header
+naming the reason, as the Hugging Face Hub does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mzstore.errors import (
+    IntegrityError,
+    InvalidArgument,
+    MzstoreError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from mzstore.format.refs import validate_digest, validate_name
+from mzstore.server import metrics
+from mzstore.server.auth import TokenFile
+from mzstore.storage.node import FsspecNode, LocalNode
+from mzstore.storage.store import Store
+
+log = logging.getLogger("mzstore.server.http")
+
+#: What a blob response says to every cache between the server and the client.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: Longest request path accepted (a digest path is under 200 bytes; names are at most 255 characters).
+MAX_PATH = 1024
+#: Seconds a presigned object-store URL stays valid.
+PRESIGN_SECONDS = 300
+#: Bytes per read when a blob is streamed from a node that has no file to send.
+STREAM_BLOCK = 4 * 1024 * 1024
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+#: Request headers decided against the digest before aiohttp sees the request.
+_CONDITIONS = frozenset(
+    {"if-none-match", "if-match", "if-range", "if-modified-since", "if-unmodified-since", "accept-encoding"}
+)
+
+#: Status of each domain error on the HTTP plane.
+HTTP_STATUS: dict[type[MzstoreError], int] = {
+    InvalidArgument: 400,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    NotFound: 404,
+    IntegrityError: 502,
+    Unavailable: 503,
+}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": message, "code": code}, status=status, headers={"X-Error-Code": code, **(headers or {})}
+    )
+
+
+def _status_of(exc: MzstoreError) -> int:
+    for cls, status in HTTP_STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+class _BlobFile(web.FileResponse):
+    """A ``FileResponse`` whose ``ETag`` is the blob's digest (aiohttp would make one from mtime and size).
+
+    The conditional headers were decided by the handler against the digest; aiohttp sees a request
+    without them (its own validators would be the mtime ones), and without ``Accept-Encoding`` (so
+    it never picks a compressed sibling file).
+    """
+
+    def __init__(self, path: Path, digest: str, headers: dict[str, str]) -> None:
+        super().__init__(path, chunk_size=1024 * 1024, headers=headers)
+        self._digest = digest
+        self.content_type = "application/octet-stream"
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if_range = request.headers.get(hdrs.IF_RANGE)
+        clean = {k: v for k, v in request.headers.items() if k.lower() not in _CONDITIONS}
+        if if_range is not None and if_range.strip() != self.headers[hdrs.ETAG]:
+            clean.pop(hdrs.RANGE, None)  # a validator of another version: the whole blob (RFC 9110 13.1.5)
+        writer = await super().prepare(request.clone(headers=clean))
+        if request.method == "GET" and self.status in (200, 206) and self.content_length:
+            metrics.BLOB_BYTES.labels("http").inc(self.content_length)
+        return writer
+
+    @property  # type: ignore[override]
+    def etag(self) -> Any:
+        return super().etag
+
+    @etag.setter
+    def etag(self, value: Any) -> None:  # FileResponse sets its own; the digest is the one that holds
+        web.StreamResponse.etag.fset(self, self._digest.split(":", 1)[1])  # type: ignore[attr-defined]
+
+
+@dataclass
+class HttpOptions:
+    """How the HTTP plane is set up.
+
+    Attributes:
+        tokens: the token file (``None``: no tokens needed, as the gRPC side).
+        public_blobs: anonymous clients may read blobs.
+        presign: answer blobs on S3 nodes with a redirect to a presigned URL.
+        ssl_context: serve HTTPS with this context (mutual TLS when it asks for client certificates).
+    """
+
+    tokens: TokenFile | None = None
+    public_blobs: bool = False
+    presign: bool = True
+    ssl_context: ssl.SSLContext | None = None
+
+
+class HttpPlane:
+    """The HTTP listener of a server: started in a thread, stopped with the server."""
+
+    def __init__(self, store: Store, host: str, port: int, options: HttpOptions | None = None) -> None:
+        self.store = store
+        self.options = options or HttpOptions()
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port`` of the listener (an unspecified host stays ``*``: see the client)."""
+        scheme = "https" if self.options.ssl_context else "http"
+        host = "*" if self.host in ("", "0.0.0.0", "::", "[::]") else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> HttpPlane:
+        """Bind and serve in a background thread; ``port`` is the bound port afterwards."""
+        ready: asyncio.Future[None] = self._loop.create_future()
+
+        async def boot() -> None:
+            app = web.Application(middlewares=[self._observe, self._guard], client_max_size=1024)
+            app.on_response_prepare.append(self._count)
+            app.router.add_route("GET", r"/v2/{name:.+}/blobs/{digest}", self._blob)
+            app.router.add_route("HEAD", r"/v2/{name:.+}/blobs/{digest}", self._blob)
+            app.router.add_route("GET", "/blobs/{digest}", self._blob)
+            app.router.add_route("HEAD", "/blobs/{digest}", self._blob)
+            app.router.add_get("/metrics", self._metrics)
+            app.router.add_get("/healthz", self._healthz)
+            app.router.add_get("/readyz", self._readyz)
+            # keep-alive connections idle this long are closed; a client that stops reading a body
+            # is dropped by the kernel's send timeout, never holding a thread (the loop is async)
+            self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
+            await self._runner.setup()
+            site = web.TCPSite(
+                self._runner, self.host or None, self.port, ssl_context=self.options.ssl_context, backlog=512
+            )
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            if sockets:
+                self.port = sockets[0].getsockname()[1]
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(boot())
+            except BaseException as exc:  # noqa: BLE001 - handed to start()
+                self._loop.call_soon(ready.set_exception, exc)
+                self._loop.run_until_complete(asyncio.sleep(0))
+                return
+            ready.set_result(None)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="mzstore-http", daemon=True)
+        self._thread.start()
+        waited = asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 30), self._loop)
+        waited.result(35)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (idempotent); open connections are closed."""
+        if self._thread is None:
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._thread = None
+
+    # -- middleware -------------------------------------------------------------------------
+    @web.middleware
+    async def _observe(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Refuses malformed paths; turns domain errors into JSON errors."""
+        try:
+            if len(request.raw_path) > MAX_PATH or "\x00" in request.raw_path or "%00" in request.raw_path:
+                return _error(400, "BadPath", "the request path is too long or malformed")
+            return await handler(request)
+        except MzstoreError as exc:
+            return _error(_status_of(exc), exc.reason or type(exc).__name__, str(exc))
+
+    async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response by route and final status, as its headers go out (a file's 206 is known by then)."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
+
+    @web.middleware
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Tokens and scopes, before any storage access (blobs need ``read``; probes and metrics are open)."""
+        tokens = self.options.tokens
+        is_blob = "digest" in request.match_info
+        if tokens is None or not is_blob or self.options.public_blobs:
+            return await handler(request)
+        auth = request.headers.get(hdrs.AUTHORIZATION, "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("this server needs a token: send Authorization: Bearer <token>")
+        grant = tokens.lookup(token.strip())
+        if grant is None:
+            raise Unauthenticated("the token is not known to this server")
+        if not grant.allows("read"):
+            raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; blob reads need read")
+        return await handler(request)
+
+    # -- routes -----------------------------------------------------------------------------
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        if not _DIGEST.fullmatch(digest):
+            return _error(400, "BadDigest", "a blob is named sha256:<64 lowercase hex digits>")
+        validate_digest(digest)
+        if "name" in request.match_info:
+            validate_name(request.match_info["name"])
+        etag = f'"{digest.split(":", 1)[1]}"'
+        headers = {
+            hdrs.ETAG: etag,
+            hdrs.CACHE_CONTROL: IMMUTABLE,
+            hdrs.ACCEPT_RANGES: "bytes",
+            "Docker-Content-Digest": digest,
+        }
+        none_match = request.headers.get(hdrs.IF_NONE_MATCH)
+        if none_match is not None and (none_match.strip() == "*" or etag in [t.strip() for t in none_match.split(",")]):
+            return web.Response(status=304, headers=headers)
+        ranges = request.headers.get(hdrs.RANGE)
+        if ranges is not None and "," in ranges:
+            return _error(416, "MultipleRanges", "ask for one byte range per request (Range: bytes=START-END)", headers)
+        loop = asyncio.get_running_loop()
+        node, key = await loop.run_in_executor(None, self.store.blob_location, digest)  # verified once per process
+        if isinstance(node, LocalNode):
+            return _BlobFile(node.root / key, digest, headers)
+        if self.options.presign and isinstance(node, FsspecNode) and hasattr(node.fs, "sign"):
+            url = await loop.run_in_executor(None, node.fs.sign, node.base + "/" + key, PRESIGN_SECONDS)
+            return web.Response(status=307, headers={**headers, hdrs.LOCATION: str(url)})
+        return await self._stream(request, digest, headers)
+
+    async def _stream(self, request: web.Request, digest: str, headers: dict[str, str]) -> web.StreamResponse:
+        """A blob on a node with no file to send: read it from the store, range by range."""
+        loop = asyncio.get_running_loop()
+        size = await loop.run_in_executor(None, self.store.blob_size, digest)
+        start, end = 0, size
+        status = 200
+        if request.headers.get(hdrs.RANGE) is not None:
+            try:
+                rng = request.http_range
+            except ValueError:
+                return _error(416, "BadRange", "malformed Range", {hdrs.CONTENT_RANGE: f"bytes */{size}"})
+            first = rng.start if rng.start is not None else 0
+            if rng.start is None and rng.stop is not None:  # suffix: the last N bytes
+                first, last = max(0, size + rng.stop), size
+            else:
+                last = min(size, rng.stop) if rng.stop is not None else size
+            if first >= size or first >= last:
+                return _error(416, "BadRange", "range not satisfiable", {hdrs.CONTENT_RANGE: f"bytes */{size}"})
+            start, end, status = first, last, 206
+            headers = {**headers, hdrs.CONTENT_RANGE: f"bytes {start}-{end - 1}/{size}"}
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        offset = start
+        while offset < end:
+            n = min(STREAM_BLOCK, end - offset)
+            data = await loop.run_in_executor(None, self.store.read_blob, digest, offset, n)
+            await response.write(data)
+            metrics.BLOB_BYTES.labels("http").inc(len(data))
+            offset += n
+        await response.write_eof()
+        return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(metrics.REGISTRY)
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.store.node.exists, "refs")
+        except (MzstoreError, OSError) as exc:
+            return _error(503, "NotReady", f"storage is not reachable: {exc}")
+        return web.json_response({"status": "ready"})

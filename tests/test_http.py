@@ -1,0 +1,300 @@
+"""The HTTP data plane (issue 14): blob URLs as curl, caches and CDNs see them, and the client using them.
+
+curl is the judge of the HTTP semantics (status, headers, bytes); the client's
+pulls go over the plane and fall back to gRPC per range; bad input is refused
+before storage is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from s3 import moto_server, s3_bucket_url, s3_env  # noqa: F401
+from safetensors.torch import save_file
+
+from mzstore.client import Client
+from mzstore.errors import Unavailable
+from mzstore.server.app import RunningServer, build_server
+from mzstore.server.auth import new_token, token_line
+from mzstore.settings import Settings
+from mzstore.storage import Store, open_node
+from mzstore.storage.store import blob_key
+
+SMALL = Settings(chunk_bytes=64 * 1024, shard_bytes=256 * 1024)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[RunningServer]:
+    running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, http="127.0.0.1:0")
+    yield running
+    running.stop(grace=0.5)
+
+
+def _model(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    path.mkdir(parents=True)
+    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text('{"a": 1}')
+    return path
+
+
+def _blob(running: RunningServer, tmp_path: Path) -> tuple[str, bytes]:
+    """Push a model; one of its blobs and that blob's bytes as stored."""
+    with Client(running.address, cache=False, data_plane="grpc") as c:
+        c.push(_model(tmp_path / "src"), "h/m:v1")
+        blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
+    return blob, (tmp_path / "store" / blob_key(blob)).read_bytes()
+
+
+def curl(*args: str) -> tuple[int, dict[str, str], bytes]:
+    """``curl -s`` → (status, lower-cased headers of the last response, body)."""
+    body_to = "/dev/null" if "-I" in args else "-"  # with -I, curl would print the headers as the body too
+    out = subprocess.run(["curl", "-s", "-D", "-", "-o", body_to, *args], capture_output=True, timeout=60).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    while body.startswith(b"HTTP/"):  # a redirect followed (-L): the last response is the one that counts
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def test_blob_responses_are_what_caches_and_cdns_need(served: RunningServer, tmp_path: Path) -> None:
+    blob, stored = _blob(served, tmp_path)
+    url = f"{served.http_url}/v2/h/m/blobs/{blob}"
+    etag = f'"{blob.split(":")[1]}"'
+    status, h, body = curl("-H", "Accept-Encoding: gzip, br", url)
+    assert status == 200 and body == stored
+    assert h["etag"] == etag and h["cache-control"] == "public, max-age=31536000, immutable"
+    assert h["accept-ranges"] == "bytes" and int(h["content-length"]) == len(stored)
+    assert "content-encoding" not in h and h["docker-content-digest"] == blob
+    assert hashlib.sha256(body).hexdigest() == blob.split(":")[1]
+    status, h, body = curl("-I", url)
+    assert status == 200 and body == b"" and int(h["content-length"]) == len(stored)
+    assert curl(f"{served.http_url}/blobs/{blob}")[2] == stored  # the name-free alias
+
+    n = len(stored)
+    for spec, first, last in [
+        ("0-99", 0, 99),
+        ("100-", 100, n - 1),
+        ("-50", n - 50, n - 1),
+        (f"10-{n + 99}", 10, n - 1),
+    ]:
+        status, h, body = curl("-r", spec, url)
+        assert status == 206 and body == stored[first : last + 1], spec
+        assert h["content-range"] == f"bytes {first}-{last}/{n}" and int(h["content-length"]) == last - first + 1
+    for spec in (f"{n}-", "99999999999999999999-", "abc", "20-10"):
+        status, h, _ = curl("-H", f"Range: bytes={spec}", url)
+        assert status == 416, spec
+    status, h, body = curl("-r", "0-1,5-9", url)
+    assert status == 416 and h["x-error-code"] == "MultipleRanges"
+    status, h, _ = curl("-H", "Range: bytes=" + ",".join(f"{i}-{i}" for i in range(300)), url)
+    assert status == 416
+
+    assert curl("-H", f"If-None-Match: {etag}", url)[0] == 304
+    assert curl("-H", 'If-None-Match: "something-else"', url)[0] == 200
+    status, h, body = curl("-H", f"If-Range: {etag}", "-r", "0-9", url)
+    assert status == 206 and body == stored[:10]
+    status, h, body = curl("-H", 'If-Range: "another-version"', "-r", "0-9", url)
+    assert status == 200 and body == stored  # another version's validator: the whole blob
+
+
+def test_bad_paths_are_refused_before_storage(served: RunningServer, tmp_path: Path) -> None:
+    blob, _ = _blob(served, tmp_path)
+    base = served.http_url
+    reads = served.store.counts.copy()
+    for path, want in [
+        ("/blobs/sha256:zz", 400),
+        (f"/blobs/{blob.upper()}", 400),
+        ("/blobs/md5:" + "0" * 32, 400),
+        ("/v2/Bad Name!/blobs/" + blob, 400),
+        ("/v2/a/../../etc/passwd", 404),
+        ("/blobs/" + blob + "%00", 400),
+        ("/v2/" + "a/" * 600 + "blobs/" + blob, 400),
+        ("/nothing/here", 404),
+    ]:
+        status, _, _ = curl("--path-as-is", base + path.replace(" ", "%20"))
+        assert status == want, (path[:60], status)
+    assert curl(f"{base}/blobs/sha256:{'0' * 64}")[0] == 404  # well-formed, not stored
+    assert served.store.counts == reads  # nothing was verified, repaired or fetched for them
+
+
+def test_tokens_guard_blobs_and_public_blobs_opens_them(tmp_path: Path) -> None:
+    reader, writer = new_token(), new_token()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line("r", reader, "read") + "\n" + token_line("w", writer, "write") + "\n")
+    running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, auth=tokens, http="127.0.0.1:0")
+    try:
+        with Client(running.address, cache=False, token=writer, data_plane="grpc") as c:
+            c.push(_model(tmp_path / "src"), "h/m:v1")
+            blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
+        url = f"{running.http_url}/blobs/{blob}"
+        status, h, _ = curl(url)
+        assert status == 401 and h["x-error-code"] == "Unauthenticated"
+        assert curl("-H", "Authorization: Bearer not-a-token", url)[0] == 401
+        assert curl("-H", "Authorization: Basic abc", url)[0] == 401
+        assert curl("-H", f"Authorization: Bearer {reader}", url)[0] == 200
+        absent = f"{running.http_url}/blobs/sha256:{'1' * 64}"
+        assert curl(absent)[0] == 401  # refused before looking for the blob
+        assert curl(f"{running.http_url}/healthz")[0] == 200 and curl(f"{running.http_url}/metrics")[0] == 200
+        with Client(running.address, cache=False, token=reader) as c:  # the client sends its token over HTTP too
+            info = c.pull("h/m:v1", tmp_path / "out")
+            assert type(c.transport).__name__ == "HttpTransport" and info.bytes_transferred > 0
+    finally:
+        running.stop(grace=0.5)
+    public = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, auth=tokens, http="127.0.0.1:0", public_blobs=True)
+    try:
+        assert curl(f"{public.http_url}/blobs/{blob}")[0] == 200
+    finally:
+        public.stop(grace=0.5)
+
+
+def test_a_corrupt_copy_is_never_served(tmp_path: Path) -> None:
+    nodes = [open_node(tmp_path / "a"), open_node(tmp_path / "b")]
+    running = build_server(Store(nodes, replicas=2), "127.0.0.1:0", SMALL, http="127.0.0.1:0")
+    try:
+        with Client(running.address, cache=False, data_plane="grpc") as c:
+            c.push(_model(tmp_path / "src"), "h/m:v1")
+            blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
+        first = Path(running.store.preference(blob)[0].root)  # type: ignore[attr-defined]  # the copy read first
+        good = (first / blob_key(blob)).read_bytes()
+        bad = b"X" + good[1:]
+        (first / blob_key(blob)).write_bytes(bad)
+        status, _, body = curl(f"{running.http_url}/blobs/{blob}")
+        assert status == 200 and body == good  # the other copy is intact: it is served, the bad one repaired
+        running.store.wait_repairs(30)
+        assert (first / blob_key(blob)).read_bytes() == good
+    finally:
+        running.stop(grace=0.5)
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / blob_key(blob)).write_bytes(bad)
+    fresh = build_server(Store(nodes, replicas=2), "127.0.0.1:0", SMALL, http="127.0.0.1:0")  # no copy intact
+    try:
+        status, _, body = curl(f"{fresh.http_url}/blobs/{blob}")
+        assert status == 502 and bad not in body and b"no intact copy" in body
+    finally:
+        fresh.stop(grace=0.5)
+
+
+def test_the_client_pulls_over_http_and_falls_back_per_range(
+    served: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mzstore.server import metrics
+
+    src = _model(tmp_path / "src")
+    with Client(served.address, cache=False, data_plane="grpc") as c:
+        c.push(src, "h/m:v1")
+    before_http = metrics.BLOB_BYTES.labels("http")._value.get()
+    before_grpc = metrics.BLOB_BYTES.labels("grpc")._value.get()
+    with Client(served.address, cache=False) as c:
+        info = c.pull("h/m:v1", tmp_path / "a")
+        assert type(c.transport).__name__ == "HttpTransport"
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert metrics.BLOB_BYTES.labels("http")._value.get() - before_http == info.bytes_transferred
+    assert metrics.BLOB_BYTES.labels("grpc")._value.get() == before_grpc  # no byte over gRPC
+
+    served.http.stop()  # type: ignore[union-attr]  # the HTTP plane goes away: every range falls back
+    with caplog.at_level(logging.WARNING, logger="mzstore.transport.http"), Client(served.address, cache=False) as c:
+        info = c.pull("h/m:v1", tmp_path / "b")
+    assert "using the server for those ranges" in caplog.text
+    assert metrics.BLOB_BYTES.labels("grpc")._value.get() - before_grpc == info.bytes_transferred
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_forced_transports_and_a_blob_url_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faultproxy import FaultProxy
+
+    running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, http="127.0.0.1:0")
+    plain = build_server(tmp_path / "store", "127.0.0.1:0", SMALL)  # no HTTP plane
+    proxy = FaultProxy(running.http.port).start()  # type: ignore[union-attr]  # a "site cache" in front of it
+    try:
+        with Client(running.address, cache=False, data_plane="grpc") as c:
+            c.push(_model(tmp_path / "src"), "h/m:v1")
+        with Client(plain.address, cache=False, data_plane="http") as c, pytest.raises(Unavailable, match="no HTTP"):
+            c.pull("h/m:v1", tmp_path / "x")
+        monkeypatch.setenv("MZSTORE_BLOB_URL", f"http://{proxy.address}")
+        with Client(plain.address, cache=False) as c:  # the override works even where nothing is advertised
+            info = c.pull("h/m:v1", tmp_path / "y")
+        assert proxy.forwarded >= info.bytes_transferred > 0
+        monkeypatch.setenv("MZSTORE_TRANSPORT", "grpc")
+        sent = proxy.forwarded
+        with Client(running.address, cache=False) as c:
+            c.pull("h/m:v1", tmp_path / "z")
+            assert type(c.transport).__name__ == "GrpcTransport"
+        assert proxy.forwarded == sent
+    finally:
+        proxy.stop()
+        plain.stop(grace=0.5)
+        running.stop(grace=0.5)
+
+
+def test_metrics_health_and_readiness(served: RunningServer, tmp_path: Path) -> None:
+    _blob(served, tmp_path)
+    with Client(served.address, cache=False) as c:
+        c.pull("h/m:v1", tmp_path / "out")
+    status, h, body = curl(f"{served.http_url}/metrics")
+    text = body.decode()
+    assert status == 200 and h["content-type"].startswith("text/plain")
+    for needle in (
+        'mzstore_blob_bytes_served_total{plane="http"}',
+        'mzstore_blob_bytes_served_total{plane="grpc"}',
+        'mzstore_grpc_requests_total{code="OK",method="GetManifest"}',
+        'mzstore_http_requests_total{route="/blobs/{digest}",status="206"}',
+        'mzstore_push_bytes_total{kind="raw"}',
+        "mzstore_push_seconds_count",
+        "mzstore_blobs_repaired_total",
+        "mzstore_integrity_failures_total",
+        'mzstore_pull_through_total{result="hit"}',
+        "mzstore_grpc_in_flight",
+    ):
+        assert needle in text, needle
+    assert curl(f"{served.http_url}/healthz")[0] == 200
+    assert curl(f"{served.http_url}/readyz")[0] == 200
+
+
+def test_blobs_on_s3_are_a_redirect_to_a_presigned_url(tmp_path: Path, s3_bucket_url: str) -> None:  # noqa: F811
+    running = build_server(Store([open_node(s3_bucket_url)]), "127.0.0.1:0", SMALL, http="127.0.0.1:0")
+    streamed = build_server(Store([open_node(s3_bucket_url)]), "127.0.0.1:0", SMALL, http="127.0.0.1:0", presign=False)
+    try:
+        src = _model(tmp_path / "src")
+        with Client(running.address, cache=False, data_plane="grpc") as c:
+            c.push(src, "h/m:v1")
+            blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
+        status, h, _ = curl(f"{running.http_url}/blobs/{blob}")
+        assert status == 307 and "Signature=" in h["location"] and h["etag"] == f'"{blob.split(":")[1]}"'
+        status, _, body = curl("-L", "-r", "0-99", f"{running.http_url}/blobs/{blob}")
+        assert (
+            status == 206 and hashlib.sha256(curl("-L", f"{running.http_url}/blobs/{blob}")[2]).hexdigest() == blob[7:]
+        )
+        status, h, body = curl("-r", "0-99", f"{streamed.http_url}/blobs/{blob}")  # presigning off: streamed
+        assert status == 206 and len(body) == 100 and h["content-range"].startswith("bytes 0-99/")
+        with Client(running.address, cache=False) as c:  # the client follows the redirect
+            c.pull("h/m:v1", tmp_path / "out")
+        assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    finally:
+        streamed.stop(grace=0.5)
+        running.stop(grace=0.5)
+
+
+def test_slow_clients_do_not_hold_the_server(served: RunningServer, tmp_path: Path) -> None:
+    blob, stored = _blob(served, tmp_path)
+    stalled = []
+    for _ in range(64):  # connections that send half a request and then nothing
+        s = socket.create_connection(("127.0.0.1", served.http.port))  # type: ignore[union-attr]
+        s.sendall(f"GET /blobs/{blob} HTTP/1.1\r\nHost: x\r\n".encode())
+        stalled.append(s)
+    try:
+        start = time.monotonic()
+        status, _, body = curl("-r", "0-9", f"{served.http_url}/blobs/{blob}")
+        assert status == 206 and body == stored[:10] and time.monotonic() - start < 5
+    finally:
+        for s in stalled:
+            s.close()
