@@ -129,3 +129,20 @@ def test_a_streamed_push_is_indexed_too(served: tuple[RunningServer, FaultProxy]
     _push(proxy, src, "org/m:v1", resumable=False)
     sent, info = _push(proxy, src, "org/m:v2")
     assert sent <= OVERHEAD and info.bytes_transferred == 0  # type: ignore[attr-defined]
+
+
+def test_a_reused_config_counts_its_own_bytes_not_the_shard_it_lives_in(
+    served: tuple[RunningServer, FaultProxy], tmp_path: Path
+) -> None:
+    """The int8 copy of a model reuses the lossless copy's config files, which share a shard with its weights."""
+    running, proxy = served
+    src = _model(tmp_path / "src")
+    _, lossless = _push(proxy, src, "org/m:lossless")
+    _, int8 = _push(proxy, src, "org/m:int8", codec="int8")
+    with Client(running.address, cache=False) as c:
+        sizes = {info.tag: info.bytes_stored for info in c.refs("org/m")}
+        config = {f.path: f for f in c.manifest("org/m:int8")[2].files}["config.json"]
+        lossless_blobs = {ch.blob for t in c.manifest("org/m:lossless")[2].tensors for ch in t.chunks}
+    assert config.chunks[0].blob in lossless_blobs  # reused: it lives in a shard of the lossless weights
+    assert sizes["int8"] < 0.6 * sizes["lossless"], sizes  # not the lossless weights' shard on top of its own
+    assert sizes["lossless"] == lossless.bytes_stored and sizes["int8"] == int8.bytes_stored  # type: ignore[attr-defined]

@@ -52,7 +52,7 @@ from mzstore.push.protocol import (
     UploadState,
     validate_begin,
 )
-from mzstore.push.reuse import KnownFiles, stored_size
+from mzstore.push.reuse import KnownFiles, reused_bytes
 from mzstore.push.shards import ShardWriter
 from mzstore.settings import Limits
 from mzstore.storage.store import Store
@@ -140,6 +140,7 @@ class Ingest:
         self.known = KnownFiles(store, chunk_bytes)
         self._reused_tensors: set[int] = set()
         self._reused_blobs: set[str] = set()
+        self._reused_ranges: dict[str, set[tuple[int, int]]] = {}  # blob → (offset, length) of reused chunks
 
     # -- chunk pipeline ------------------------------------------------------
     def _submit(
@@ -249,9 +250,9 @@ class Ingest:
         )
 
     def _reused_bytes(self) -> int:
-        """The stored size of the blobs reused files live in (and no new shard repeats)."""
+        """The stored bytes of reused files (in blobs no new shard repeats): see :func:`reused_bytes`."""
         written = set(self.writer.stats.blobs)
-        return sum(stored_size(self.store, b) for b in self._reused_blobs - written)
+        return reused_bytes(self.store, {b: r for b, r in self._reused_ranges.items() if b not in written})
 
     def _reuse(self, upload: UploadFile, known: UploadKnown) -> None:
         """A file the store holds already: its entries, as stored, under this push's path."""
@@ -260,6 +261,8 @@ class Ingest:
         self.tensors.extend(tensors)
         self._reused_tensors.update(id(t) for t in tensors)
         self._reused_blobs |= blobs
+        for chunk in [*entry.chunks, *(c for t in tensors for c in t.chunks)]:
+            self._reused_ranges.setdefault(chunk.blob, set()).add((chunk.offset, chunk.length))
         self.n_chunks += len(entry.chunks) + sum(len(t.chunks) for t in tensors)
 
     def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:

@@ -49,6 +49,32 @@ def stored_size(store: Store, digest: str) -> int:
     return 0
 
 
+def reused_bytes(store: Store, ranges: dict[str, set[tuple[int, int]]]) -> int:
+    """What reused chunks add to a model's stored size: ``ranges`` maps each reused blob to its used ranges.
+
+    A blob the model uses all of (an identical re-push) counts whole, its shard header included, so
+    the manifest equals the first push's; a blob it uses part of (a config file reused from a shard of
+    another model) counts only the chunks it reads — never the other model's weights.
+    """
+    total = 0
+    for digest, used in ranges.items():
+        size = stored_size(store, digest)
+        payload = size - 8 - _header_len(store, digest)
+        referenced = sum(length for _, length in used)
+        total += size if size and referenced >= payload else referenced
+    return total
+
+
+def _header_len(store: Store, digest: str) -> int:
+    """The length of a shard's safetensors header (its first 8 bytes), from the first node that answers."""
+    for node in store.preference(digest):
+        try:
+            return int.from_bytes(node.read(blob_key(digest), 0, 8), "little")
+        except (MzstoreError, OSError):
+            continue
+    return 0
+
+
 def file_key(upload: UploadFile, policy: str, keep: tuple[str, ...], chunk_bytes: int) -> str:
     """The index key of a file: its sha256 and everything that decides how it is stored."""
     if upload.kind == "safetensors":
