@@ -328,7 +328,16 @@ class Client:
         if self._token and base_url.startswith("http://") and not is_loopback(host):
             log.warning("not reading blobs from %s: a token would cross the network in clear text", base_url)
             return
-        self.transport = HttpTransport(self.transport, base_url, self.settings, self._token, self._tls_ca)
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        self.transport = HttpTransport(
+            self.transport,
+            base_url,
+            self.settings,
+            self._token,
+            self._tls_ca,
+            str(cert) if cert else None,
+            str(key) if key else None,
+        )
 
     def _pick_data_plane(self) -> None:
         """After a manifest reply: read blobs over the HTTP plane the server advertised, if asked to."""

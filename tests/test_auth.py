@@ -14,7 +14,7 @@ import torch
 import trustme
 from conftest import start_serve, stop_serve, store_files
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mzstore.client import Client
 from mzstore.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
@@ -270,3 +270,42 @@ def test_pull_through_cache_sends_its_token_upstream(auth_server: RunningServer,
             c.load_state_dict("org/m:v1")
     finally:
         tokenless.stop(1)
+
+
+def test_the_http_plane_uses_the_same_tls_and_client_certificates(root: Path, tmp_path: Path, ca: trustme.CA) -> None:
+    from mzstore.server import metrics
+
+    client_ca = trustme.CA()
+    tls = _tls_files(tmp_path, ca, client_ca)
+    running = build_server(root, "127.0.0.1:0", tls=tls, http="127.0.0.1:0")
+    leaf = client_ca.issue_cert("client.example")
+    leaf.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    settings = Settings(tls_cert=tmp_path / "client.pem", tls_key=tmp_path / "client.key")
+    src = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(256, 256)}, str(src))
+    try:
+        assert running.http_url is not None and running.http_url.startswith("https://")
+        with Client(running.address, settings=settings, timeout=10, tls_ca=tmp_path / "ca.pem") as c:
+            c.push(src, "org/m:v1")
+            blob = c.manifest("org/m:v1")[2].tensors[0].chunks[0].blob
+            before = metrics.BLOB_BYTES.labels("http")._value.get()
+            got = c.load_state_dict("org/m:v1")
+            assert type(c.transport).__name__ == "HttpTransport"
+        assert torch.equal(got["w"], load_file(str(src))["w"])
+        assert metrics.BLOB_BYTES.labels("http")._value.get() > before  # the bytes came over HTTPS
+        url = f"{running.http_url}/blobs/{blob}"
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(tmp_path / "ca.pem")]
+        mutual = [*curl, "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"), url]
+        assert subprocess.run(mutual, capture_output=True, text=True, timeout=30).stdout == "200"
+        anonymous = subprocess.run([*curl, url], capture_output=True, text=True, timeout=30)
+        assert anonymous.stdout == "000"  # no client certificate: the handshake fails, nothing is served
+        plain = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url.replace("https", "http")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert plain.stdout in ("000", "400")  # no plaintext HTTP on the TLS listener
+    finally:
+        running.stop(1)

@@ -134,8 +134,10 @@ def _open_store(
 )
 @click.option(
     "--http-advertise",
+    envvar="MZSTORE_HTTP_ADVERTISE",
     metavar="URL",
-    help="Blob URL base told to clients (a proxy, CDN or site cache in front of the HTTP plane).",
+    help="Blob URL base told to clients (a proxy, CDN or site cache in front of the HTTP plane) "
+    "[env MZSTORE_HTTP_ADVERTISE].",
 )
 @click.option(
     "--public-blobs", is_flag=True, help="Let anonymous clients read blobs over HTTP (digests are capabilities)."

@@ -49,6 +49,8 @@ class HttpTransport(Transport):
         settings: deadlines and the worker count (the connection pool's size).
         token: sent as ``Authorization: Bearer`` (over HTTPS, or to a loopback host).
         tls_ca: CA bundle for an ``https`` base URL (default: the system's).
+        tls_cert, tls_key: the client certificate and key for a server that asks for one (mutual TLS:
+            the same pair the gRPC channel presents, ``settings.tls_cert``/``tls_key``).
     """
 
     def __init__(
@@ -58,6 +60,8 @@ class HttpTransport(Transport):
         settings: Settings,
         token: str | None = None,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         import urllib3
 
@@ -71,6 +75,8 @@ class HttpTransport(Transport):
             retries=urllib3.Retry(total=3, connect=0, read=0, status=0, redirect=3, raise_on_redirect=True),
             timeout=urllib3.Timeout(connect=5.0, read=settings.fetch_timeout),
             ca_certs=tls_ca,
+            cert_file=tls_cert,
+            key_file=tls_key,
         )
         self._asked: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._lock = threading.Lock()
