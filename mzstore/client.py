@@ -406,6 +406,8 @@ class Client:
             lambda digest, offset, length: self.fetch(digest, offset, length),
             cache=self._chunk_cache(),
             workers=workers or self.settings.pull_workers,
+            streams=max(workers or 0, self.settings.pull_streams),
+            refetch=lambda digest, offset, length: self.transport.read_blob_again(digest, offset, length),
             inflight_bytes=self.settings.pull_inflight_bytes,
             coalesce_bytes=self.settings.pull_coalesce_bytes,
         )

@@ -298,3 +298,61 @@ def test_slow_clients_do_not_hold_the_server(served: RunningServer, tmp_path: Pa
     finally:
         for s in stalled:
             s.close()
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
+    """A server that closes idle keep-alive connections (as nginx and CDNs do) costs a reconnect, not a fallback."""
+    import threading
+
+    from mzstore.transport.http import HttpTransport
+
+    blob = "sha256:" + "ab" * 32
+    data = bytes(range(256)) * 16
+    accepted: list[int] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = conn.recv(4096)
+                    if not piece:
+                        break
+                    head += piece
+                if not head:
+                    continue
+                rng = next(line for line in head.decode().split("\r\n") if line.lower().startswith("range:"))
+                first, last = (int(x) for x in rng.split("=")[1].split("-"))
+                body = data[first : last + 1]
+                conn.sendall(
+                    f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                    f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n".encode()
+                    + body
+                )
+            # closed after one response, though the client was told nothing: its pooled copy is stale
+
+    class Control:
+        address = "nowhere:1"
+
+        def read_blob(self, digest: str, offset: int, length: int) -> bytes:
+            raise AssertionError("fell back to the control plane")
+
+        def close(self) -> None:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    transport = HttpTransport(Control(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
+    try:
+        assert transport.read_blob(blob, 0, 100) == data[:100]
+        time.sleep(0.1)  # the server has closed that connection by now
+        assert transport.read_blob(blob, 100, 200) == data[100:300]
+        assert len(accepted) == 2
+    finally:
+        transport.close()
+        listener.close()

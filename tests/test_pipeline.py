@@ -243,3 +243,66 @@ def test_a_failed_range_read_falls_back_to_one_fetch_per_chunk(
     stats = _pull_and_check(manifest, no_ranges, tmp_path / "out", many_small)
     assert sorted(calls) == sorted(single)
     assert stats.bytes_transferred == sum(t.chunk.length for t in tasks)
+
+
+def test_reads_go_on_while_the_decoders_are_busy(small_client: Client, pushed: Path, tmp_path: Path) -> None:
+    """One decoder, four read streams: reads overlap each other and the slow decodes (issue 14)."""
+    _, _, manifest = small_client.manifest("p:1")
+    tasks = plan_pull(manifest)
+    lock = threading.Lock()
+    active, most, decoding_while_reading = [0], [0], [0]
+    decoding = threading.Event()
+
+    def fetch(blob: str, offset: int, length: int) -> bytearray:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            decoding_while_reading[0] += decoding.is_set()
+        try:
+            time.sleep(0.02)
+            return small_client.fetch(blob, offset, length)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    class SlowSink(DirectorySink):
+        def write(self, task, data):  # type: ignore[no-untyped-def]
+            decoding.set()
+            time.sleep(0.02)
+            decoding.clear()
+            super().write(task, data)
+
+    sink = SlowSink(tmp_path / "out", manifest)
+    sink.open()
+    stats = run_pull(tasks, fetch, sink, workers=1, streams=4, coalesce_bytes=0)
+    sink.finish()
+    assert stats.chunks == len(tasks)
+    assert most[0] == 4  # with one pool doing both, one worker meant one read at a time
+    assert decoding_while_reading[0] > 0
+
+
+def test_a_chunk_that_fails_its_check_is_read_again_through_refetch(
+    small_client: Client, pushed: Path, tmp_path: Path
+) -> None:
+    """The second read of a bad chunk goes through ``refetch`` (the origin, past a cache), never ``fetch``."""
+    _, _, manifest = small_client.manifest("p:1")
+    tasks = plan_pull(manifest)
+    bad = tasks[0].chunk
+    plain: list[tuple[str, int, int]] = []
+    again: list[tuple[str, int, int]] = []
+
+    def fetch(blob: str, offset: int, length: int) -> bytes | bytearray:
+        plain.append((blob, offset, length))
+        data = small_client.fetch(blob, offset, length)
+        if (blob, offset) == (bad.blob, bad.offset):
+            return b"\x00" * length  # what a corrupt site cache returns
+        return data
+
+    def refetch(blob: str, offset: int, length: int) -> bytes | bytearray:
+        again.append((blob, offset, length))
+        return small_client.fetch(blob, offset, length)
+
+    stats = _pull_and_check(manifest, fetch, tmp_path / "out", pushed, refetch=refetch, coalesce_bytes=0)
+    assert again == [(bad.blob, bad.offset, bad.length)]
+    assert plain.count((bad.blob, bad.offset, bad.length)) == 1
+    assert stats.chunks == len(tasks)

@@ -26,6 +26,9 @@ def _check_port_free(listen: str, flag: str = "--listen") -> None:
         return
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as the servers themselves bind: connections of a killed predecessor still in TIME_WAIT do not
+        # count, a listener does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
         except OSError as exc:

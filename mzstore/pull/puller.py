@@ -66,7 +66,10 @@ class Puller:
     Attributes:
         fetch: ``fetch(blob, offset, length) -> bytes`` (a transport's ``read_blob``).
         cache: the local chunk cache, or ``None``.
-        workers: chunks fetched and decoded at once.
+        workers: decoder threads.
+        streams: range reads in flight ahead of the decoders (default: ``workers``).
+        refetch: how a chunk that failed its check is read again (default ``fetch``; a transport's
+            ``read_blob_again``, which goes to the origin past any cache in between).
         inflight_bytes: cap on stored + decoded bytes of the chunks in flight.
         coalesce_bytes: small adjacent chunks share one range read up to this many bytes (0: never).
         retries: attempts per chunk on transient fetch errors.
@@ -75,6 +78,8 @@ class Puller:
     fetch: Fetch
     cache: Cache | None = None
     workers: int = 4
+    streams: int | None = None
+    refetch: Fetch | None = None
     inflight_bytes: int | None = DEFAULT_PULL_INFLIGHT_BYTES
     coalesce_bytes: int = COALESCE_BYTES
     retries: int = 3
@@ -96,6 +101,8 @@ class Puller:
                 self.fetch,
                 sink,
                 workers=self.workers,
+                streams=self.streams,
+                refetch=self.refetch,
                 retries=self.retries,
                 on_bytes=progress,
                 cache=self.cache,

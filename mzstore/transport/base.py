@@ -111,6 +111,13 @@ class Transport(ABC):
             NotFound: no such blob; IntegrityError: the bytes that came are not the ones asked for.
         """
 
+    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        """A range read again after its bytes failed their check: from the origin, past any cache between.
+
+        The same as :meth:`read_blob` where nothing stands between (gRPC, the nodes themselves).
+        """
+        return self.read_blob(digest, offset, length)
+
     @abstractmethod
     def stream_blob(
         self, digest: str, offset: int = 0, timeout: float | None = None

@@ -72,12 +72,18 @@ class DirectReader:
                 continue
         raise NotFound(f"blob {digest} is on none of the storage nodes")
 
-    def fetch(self, digest: str, offset: int, length: int) -> bytes:
-        """Read a range from the first node holding the blob; a repeated request starts one copy further on."""
+    def fetch(self, digest: str, offset: int, length: int, again: bool = False) -> bytes:
+        """Read a range from the first node holding the blob; a repeated request starts one copy further on.
+
+        ``again``: the bytes read before (this range, or a larger read around it) failed their check,
+        so the first-ranked copy is skipped.
+        """
         order = placement.rank(self.urls, digest)
         with self._lock:
             attempt = self._asked[(digest, offset, length)]
             self._asked[(digest, offset, length)] += 1
+        if again:
+            attempt = max(attempt, 1)
         order = order[attempt % len(order) :] + order[: attempt % len(order)]
         problems = []
         for i in order:
@@ -165,6 +171,10 @@ class DirectTransport(Transport):
 
     def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         return self.reader.fetch(digest, offset, length)
+
+    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        """From the next copy: the first-ranked one gave bytes that failed their check."""
+        return self.reader.fetch(digest, offset, length, again=True)
 
     def stream_blob(
         self, digest: str, offset: int = 0, timeout: float | None = None

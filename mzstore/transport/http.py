@@ -2,30 +2,35 @@
 
 How it works: control calls (manifests, pushes, tags) go to ``control`` (the
 gRPC transport). A blob range is one ``GET <base>/blobs/sha256:<hex>`` with
-``Range: bytes=START-END`` on a keep-alive connection from a pool (urllib3,
-one connection per pull worker), read straight into the buffer the pipeline
-decodes from (``readinto``). Redirects are followed (a ``307`` to a
+``Range: bytes=START-END`` on a keep-alive connection (one per reader thread
+at a time, from a small pool per host), read straight into the buffer the
+pipeline decodes from with ``readinto``: the kernel copies each byte once,
+into that buffer. (urllib3, used first, copies every byte three times on its
+way there — its ``readinto`` is a ``read`` plus a copy — and its import cost
+25 ms of every pull's start.) Redirects are followed (a ``307`` to a
 presigned object-store URL; the ``Authorization`` header is not sent to
 another host). The response must be ``206`` with exactly the asked
 ``Content-Range``, or ``200`` for a request that covers the whole blob, and
-exactly ``length`` bytes.
+exactly ``length`` bytes. A kept-alive connection the server closed meanwhile
+is replaced once, as any HTTP client does.
 
 Any HTTP failure of a range — connection refused or reset, a timeout, an
 error status, a short or wrong answer — falls back to ``control`` for that
-range, with one warning per transport. A range asked for again (the pull
-pipeline re-fetches a chunk that failed its hash check) is read from
-``control``, i.e. from the origin server: a cache between the client and the
-blob URL (nginx, a CDN) that returned bad bytes is bypassed for that chunk,
-never trusted twice.
+range, with one warning per transport. A chunk that failed its hash check is
+read again with :meth:`read_blob_again`, which goes to ``control``, i.e. to
+the origin server: a cache between the client and the blob URL (nginx, a
+CDN) that returned bad bytes is bypassed for that chunk, never trusted twice.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import ssl
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
 
 from mzstore.errors import IntegrityError
 from mzstore.settings import Settings
@@ -36,8 +41,67 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mzstore.transport.http")
 
-#: Ranges remembered to tell a repeat (a chunk asked again) from a first ask.
-REMEMBERED = 100_000
+#: Redirects followed for one range read.
+MAX_REDIRECTS = 3
+#: Idle connections kept per host.
+KEEP_PER_HOST = 16
+#: Seconds to open a connection (reads then wait up to ``settings.fetch_timeout``).
+CONNECT_TIMEOUT = 5.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_Key = tuple[str, str, int]
+
+
+class _Connections:
+    """Keep-alive connections by (scheme, host, port): taken by one thread for one request, then given back."""
+
+    def __init__(self, timeout: float, context: ssl.SSLContext | None) -> None:
+        self.timeout = timeout
+        self.context = context
+        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: _Key) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to ``key``, and whether it was used before (it may have been closed by the server)."""
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        scheme, host, port = key
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            context = self.context or ssl.create_default_context()
+            conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout)
+        return conn, False
+
+    def give(self, key: _Key, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < KEEP_PER_HOST:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+def _key(url: str) -> tuple[_Key, str]:
+    """``((scheme, host, port), path?query)`` of an absolute URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise IntegrityError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.scheme, parts.hostname, port), target
 
 
 class HttpTransport(Transport):
@@ -46,7 +110,7 @@ class HttpTransport(Transport):
     Args:
         control: the transport to the server.
         base_url: ``http(s)://host:port[/prefix]``; blobs are at ``<base_url>/blobs/sha256:<hex>``.
-        settings: deadlines and the worker count (the connection pool's size).
+        settings: deadlines and the read streams of a pull (the connection pool's size).
         token: sent as ``Authorization: Bearer`` (over HTTPS, or to a loopback host).
         tls_ca: CA bundle for an ``https`` base URL (default: the system's).
         tls_cert, tls_key: the client certificate and key for a server that asks for one (mutual TLS:
@@ -63,47 +127,31 @@ class HttpTransport(Transport):
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        import urllib3
-
         self.control = control
         self.address = control.address
         self.base_url = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=max(4, 2 * settings.pull_workers),
-            retries=urllib3.Retry(total=3, connect=0, read=0, status=0, redirect=3, raise_on_redirect=True),
-            timeout=urllib3.Timeout(connect=5.0, read=settings.fetch_timeout),
-            ca_certs=tls_ca,
-            cert_file=tls_cert,
-            key_file=tls_key,
-        )
-        self._asked: OrderedDict[tuple[str, int, int], None] = OrderedDict()
-        self._lock = threading.Lock()
+        self.token = token
+        context = None
+        if base_url.startswith("https:") or tls_ca or tls_cert:
+            context = ssl.create_default_context()  # the system's CAs (a presigned URL's host) ...
+            if tls_ca:
+                context.load_verify_locations(tls_ca)  # ... and the server's
+            if tls_cert:
+                context.load_cert_chain(tls_cert, tls_key)
+        self.pool = _Connections(settings.fetch_timeout, context)
         self._warned = False
 
     def close(self) -> None:
-        self.pool.clear()
+        self.pool.close()
         self.control.close()
 
     def url(self, digest: str) -> str:
+        """The blob's URL under the base."""
         return f"{self.base_url}/blobs/{digest}"
 
     # -- data plane -------------------------------------------------------------------------
-    def _first_ask(self, key: tuple[str, int, int]) -> bool:
-        with self._lock:
-            if key in self._asked:
-                self._asked.move_to_end(key)
-                return False
-            self._asked[key] = None
-            if len(self._asked) > REMEMBERED:
-                self._asked.popitem(last=False)
-            return True
-
     def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
-        """A range over HTTP; from ``control`` when HTTP fails or when the range is asked again."""
-        if not self._first_ask((digest, offset, length)):
-            return self.control.read_blob(digest, offset, length)
+        """A range over HTTP; from ``control`` when HTTP fails."""
         reason: Exception
         try:
             return self._get(digest, offset, length)
@@ -114,31 +162,81 @@ class HttpTransport(Transport):
             log.warning("HTTP blob reads from %s failed (%s); using the server for those ranges", self.base_url, reason)
         return self.control.read_blob(digest, offset, length)
 
+    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        """From the origin server (``control``): bytes that failed their check may come from a cache in between."""
+        return self.control.read_blob(digest, offset, length)
+
     def _get(self, digest: str, offset: int, length: int) -> bytearray:
-        headers = {**self.headers, "Range": f"bytes={offset}-{offset + length - 1}"} if length else dict(self.headers)
-        response: Any = self.pool.request(
-            "GET", self.url(digest), headers=headers, preload_content=False, redirect=True, decode_content=False
-        )
-        try:
-            if response.status == 206:
-                want = f"bytes {offset}-{offset + length - 1}/"
-                if not str(response.headers.get("Content-Range", "")).startswith(want):
-                    raise IntegrityError(f"blob {digest}: the server answered another range")
-            elif not (response.status == 200 and offset == 0):
-                raise IntegrityError(f"blob {digest}: HTTP {response.status} for a range read")
-            buf = bytearray(length)
-            view = memoryview(buf)
-            got = 0
-            while got < length:
-                n = response.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got != length or (response.status == 200 and response.read(1)):
-                raise IntegrityError(f"blob {digest}: got {got} of {length} bytes over HTTP")
+        url = self.url(digest)
+        home = _key(url)[0]
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
+        for _ in range(MAX_REDIRECTS + 1):
+            key, target = _key(url)
+            sent = dict(headers)
+            if self.token and key == home:  # never to another host (a presigned URL carries its own grant)
+                sent["Authorization"] = f"Bearer {self.token}"
+            conn, response = self._request(key, target, sent)
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                response.read()
+                self._done(key, conn, response)
+                if not location:
+                    raise IntegrityError(f"blob {digest}: HTTP {response.status} without a Location")
+                url = urljoin(url, location)
+                continue
+            try:
+                buf = self._body(digest, offset, length, response)
+            except BaseException:
+                conn.close()
+                raise
+            self._done(key, conn, response)
             return buf
-        finally:
-            response.release_conn()
+        raise IntegrityError(f"blob {digest}: more than {MAX_REDIRECTS} redirects")
+
+    def _request(
+        self, key: _Key, target: str, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send one GET; a reused connection the server has closed meanwhile is replaced once."""
+        while True:
+            conn, reused = self.pool.take(key)  # a new one is connected (OSError when it cannot be)
+            try:
+                conn.request("GET", target, headers=headers)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if not reused:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+
+    def _done(self, key: _Key, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Keep the connection for the next range when its response was read to the end."""
+        if response.isclosed() and not response.will_close:
+            self.pool.give(key, conn)
+        else:
+            conn.close()
+
+    def _body(self, digest: str, offset: int, length: int, response: http.client.HTTPResponse) -> bytearray:
+        if response.status == 206:
+            want = f"bytes {offset}-{offset + length - 1}/"
+            if not str(response.getheader("Content-Range", "")).startswith(want):
+                raise IntegrityError(f"blob {digest}: the server answered another range")
+        elif not (response.status == 200 and offset == 0):
+            raise IntegrityError(f"blob {digest}: HTTP {response.status} for a range read")
+        if response.getheader("Content-Encoding", "identity") != "identity":
+            raise IntegrityError(f"blob {digest}: the server encoded the body")
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = response.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got != length or (response.status == 200 and response.read(1)):
+            raise IntegrityError(f"blob {digest}: got {got} of {length} bytes over HTTP")
+        return buf
 
     def stream_blob(
         self, digest: str, offset: int = 0, timeout: float | None = None
