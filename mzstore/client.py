@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -325,7 +326,13 @@ class Client:
         from mzstore.transport.http import HttpTransport
 
         host = base_url.partition("://")[2].split("/", 1)[0]
-        if self._token and base_url.startswith("http://") and not is_loopback(host):
+        proxy = self.settings.blob_proxy
+        proxy_host = proxy.partition("://")[2].split("/", 1)[0] if proxy else None
+        if (
+            self._token
+            and base_url.startswith("http://")
+            and not (is_loopback(host) and (proxy_host is None or is_loopback(proxy_host)))
+        ):
             log.warning("not reading blobs from %s: a token would cross the network in clear text", base_url)
             return
         cert, key = self.settings.tls_cert, self.settings.tls_key
@@ -337,6 +344,7 @@ class Client:
             self._tls_ca,
             str(cert) if cert else None,
             str(key) if key else None,
+            proxy,
         )
 
     def _pick_data_plane(self) -> None:
@@ -391,9 +399,10 @@ class Client:
 
     def _chunk_cache(self) -> ChunkCache | None:
         """The chunk cache, unless direct reads come from directories on this machine (nothing to save)."""
-        from mzstore.transport.direct import DirectTransport
-
-        if isinstance(self.transport, DirectTransport) and self.transport.local:
+        direct = sys.modules.get("mzstore.transport.direct")  # not loaded: no direct transport (and no import)
+        if direct is None:
+            return self.cache
+        if isinstance(self.transport, direct.DirectTransport) and self.transport.local:
             return None
         return self.cache
 

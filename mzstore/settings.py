@@ -112,6 +112,8 @@ class Settings:
             when it has one, else gRPC), ``http``, ``grpc`` or ``direct`` (the storage nodes).
         blob_url: read blobs from this HTTP base URL instead of the one the server advertises
             (``MZSTORE_BLOB_URL``: a site cache, a CDN).
+        blob_proxy: an HTTP forward proxy for blob range reads only (``MZSTORE_BLOB_PROXY``, e.g. a
+            Dragonfly ``dfdaemon``); gRPC does not use it.
         cache_home: the cache's directory when ``home`` is not set (``$XDG_CACHE_HOME/mzstore``).
         tls_ca: PEM CA bundle the client trusts; set means the client speaks TLS (``MZSTORE_TLS_CA``).
         tls_cert: client certificate (PEM) for mutual TLS (``MZSTORE_TLS_CERT``).
@@ -137,6 +139,7 @@ class Settings:
     offline: bool = False
     transport: str = "auto"
     blob_url: str | None = None
+    blob_proxy: str | None = None
     cache_home: Path = field(default_factory=lambda: Path("~/.cache/mzstore").expanduser())
     limits: Limits = field(default_factory=Limits)
     tls_ca: Path | None = None
@@ -277,6 +280,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         offline=(env.get("MZSTORE_OFFLINE") or "0").lower() in ("1", "true", "yes", "on"),
         transport=_choice(env, "MZSTORE_TRANSPORT", TRANSPORTS, "auto"),
         blob_url=env.get("MZSTORE_BLOB_URL") or None,
+        blob_proxy=env.get("MZSTORE_BLOB_PROXY") or None,
         cache_home=Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mzstore",
         limits=load_limits(env),
         tls_ca=_path(env, "MZSTORE_TLS_CA"),

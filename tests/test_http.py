@@ -356,3 +356,55 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced(tmp_path: Path) -
     finally:
         transport.close()
         listener.close()
+
+
+def test_blob_reads_go_through_a_forward_proxy(
+    served: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MZSTORE_BLOB_PROXY (a Dragonfly dfdaemon, a corporate proxy) carries the range reads, and only them."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    seen: list[str] = []
+
+    class Forward(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            url = urlsplit(self.path)  # absolute form: the proxy is told the whole URL
+            upstream = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+            upstream.request(
+                "GET", url.path, headers={k: v for k, v in self.headers.items() if k != "Proxy-Connection"}
+            )
+            answer = upstream.getresponse()
+            body = answer.read()
+            self.send_response(answer.status)
+            for k, v in answer.getheaders():
+                if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            upstream.close()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    src = _model(tmp_path / "src")
+    try:
+        with Client(served.address, cache=False, data_plane="grpc") as c:
+            c.push(src, "h/m:v1")
+        monkeypatch.setenv("MZSTORE_BLOB_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        with Client(served.address, cache=False) as c:
+            info = c.pull("h/m:v1", tmp_path / "out")
+            assert type(c.transport).__name__ == "HttpTransport"
+    finally:
+        proxy.shutdown()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert seen and all(p.startswith(f"{served.http_url}/blobs/sha256:") for p in seen)
+    assert info.bytes_transferred > 0

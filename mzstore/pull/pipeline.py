@@ -24,17 +24,17 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import numpy as np
-
-from mzstore.codecs import get_codec
 from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, ResourceExhausted, Unavailable
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
 from mzstore.pull.sinks import Sink
 from mzstore.settings import DEFAULT_PULL_COALESCE_BYTES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Fetch = Callable[[str, int, int], "bytes | bytearray"]
 T = TypeVar("T")
@@ -109,6 +109,8 @@ def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytear
         raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes, expected {chunk.length}")
     if len(out) != chunk.raw_length:
         raise IntegrityError(f"chunk of {what} does not fit its destination")
+    from mzstore.codecs import get_codec  # numpy and the codecs: loaded by the first decoder, while reads go on
+
     try:
         get_codec(chunk.codec).decode_into(payload, get_dtype(dtype), out)
     except CodecError as exc:

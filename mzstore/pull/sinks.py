@@ -32,15 +32,16 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Generic, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mzstore.errors import InvalidArgument, requires
 from mzstore.format.dtypes import get_dtype, row_bytes
 from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
 from mzstore.pull.plan import ChunkTask, safetensors_data_start
 from mzstore.pull.staging import StagedFiles
+
+if TYPE_CHECKING:  # numpy is imported by the decoders, once the first bytes are in (see pipeline.run_pull)
+    import numpy as np
 
 R = TypeVar("R")
 
@@ -106,6 +107,8 @@ class ScratchBuffers:
     def get(self, size: int) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < size:
+            import numpy as np
+
             buf = self._local.buf = np.empty(size, dtype=np.uint8)
         return buf[:size]
 
@@ -172,6 +175,8 @@ class FileBytesSink(Sink[bytes]):
         return task.tensor is None and task.file == self.entry.path
 
     def target(self, task: ChunkTask) -> np.ndarray:
+        import numpy as np
+
         return np.frombuffer(self.data, dtype=np.uint8)[task.file_offset : task.file_offset + task.chunk.raw_length]
 
     def finish(self) -> bytes:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
-from mzstore.errors import IntegrityError
+from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.settings import Settings
 from mzstore.transport.base import RefInfo, Topology, Transport
 
@@ -48,7 +48,8 @@ KEEP_PER_HOST = 16
 #: Seconds to open a connection (reads then wait up to ``settings.fetch_timeout``).
 CONNECT_TIMEOUT = 5.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_Key = tuple[str, str, int]
+#: (scheme, host, port) of the origin, and (host, port) of the forward proxy in between, if any.
+_Key = tuple[str, str, int, "tuple[str, int] | None"]
 
 
 class _Connections:
@@ -66,13 +67,16 @@ class _Connections:
             idle = self._idle.get(key)
             if idle:
                 return idle.pop(), True
-        scheme, host, port = key
+        scheme, host, port, proxy = key
         conn: http.client.HTTPConnection
+        at_host, at_port = proxy or (host, port)
         if scheme == "https":
             context = self.context or ssl.create_default_context()
-            conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=context)
+            conn = http.client.HTTPSConnection(at_host, at_port, timeout=CONNECT_TIMEOUT, context=context)
+            if proxy:
+                conn.set_tunnel(host, port)  # CONNECT through the proxy, TLS to the origin
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+            conn = http.client.HTTPConnection(at_host, at_port, timeout=CONNECT_TIMEOUT)
         conn.connect()
         if conn.sock is not None:
             conn.sock.settimeout(self.timeout)
@@ -94,14 +98,29 @@ class _Connections:
                 conn.close()
 
 
-def _key(url: str) -> tuple[_Key, str]:
-    """``((scheme, host, port), path?query)`` of an absolute URL."""
+def _key(url: str, proxy: tuple[str, int] | None = None) -> tuple[_Key, str]:
+    """The connection key of an absolute URL and the request target to send on it.
+
+    Through a forward proxy, a plain-HTTP request names the whole URL (absolute form); an HTTPS one
+    goes through a ``CONNECT`` tunnel and names only the path.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise IntegrityError(f"not an http(s) URL: {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return (parts.scheme, parts.hostname, port), target
+    if proxy is not None and parts.scheme == "http":
+        target = url
+    return (parts.scheme, parts.hostname, port, proxy), target
+
+
+def _proxy_address(proxy: str | None) -> tuple[str, int] | None:
+    if not proxy:
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise InvalidArgument(f"MZSTORE_BLOB_PROXY must be http://HOST:PORT, got {proxy!r}")
+    return parts.hostname, parts.port or 80
 
 
 class HttpTransport(Transport):
@@ -115,6 +134,8 @@ class HttpTransport(Transport):
         tls_ca: CA bundle for an ``https`` base URL (default: the system's).
         tls_cert, tls_key: the client certificate and key for a server that asks for one (mutual TLS:
             the same pair the gRPC channel presents, ``settings.tls_cert``/``tls_key``).
+        proxy: ``http://HOST:PORT`` of a forward proxy for the range reads (``MZSTORE_BLOB_PROXY``:
+            a Dragonfly peer, a corporate proxy); control calls never go through it.
     """
 
     def __init__(
@@ -126,6 +147,7 @@ class HttpTransport(Transport):
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        proxy: str | None = None,
     ) -> None:
         self.control = control
         self.address = control.address
@@ -139,6 +161,7 @@ class HttpTransport(Transport):
             if tls_cert:
                 context.load_cert_chain(tls_cert, tls_key)
         self.pool = _Connections(settings.fetch_timeout, context)
+        self.proxy = _proxy_address(proxy)
         self._warned = False
 
     def close(self) -> None:
@@ -168,12 +191,12 @@ class HttpTransport(Transport):
 
     def _get(self, digest: str, offset: int, length: int) -> bytearray:
         url = self.url(digest)
-        home = _key(url)[0]
+        home = _key(url)[0][:3]
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
         for _ in range(MAX_REDIRECTS + 1):
-            key, target = _key(url)
+            key, target = _key(url, self.proxy)
             sent = dict(headers)
-            if self.token and key == home:  # never to another host (a presigned URL carries its own grant)
+            if self.token and key[:3] == home:  # never to another host (a presigned URL carries its own grant)
                 sent["Authorization"] = f"Bearer {self.token}"
             conn, response = self._request(key, target, sent)
             if response.status in _REDIRECTS:
