@@ -76,7 +76,16 @@ def test_a_fresh_install_with_the_stock_pip_runs_without_the_extras(venv: Path, 
     env = {**os.environ, "MZSTORE_HOME": str(tmp_path / "home")}
     port = free_port()
     server = subprocess.Popen(
-        [str(exe), "serve", "--root", str(tmp_path / "store"), "--listen", f"127.0.0.1:{port}"],
+        [
+            str(exe),
+            "serve",
+            "--root",
+            str(tmp_path / "store"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--http",
+            "127.0.0.1:0",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

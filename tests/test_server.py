@@ -126,7 +126,8 @@ def test_serve_subprocess_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> No
     port = free_port()
     env = dict(os.environ, MZSTORE_HOME=str(tmp_path / "home"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mzstore.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+        # the HTTP plane on a free port of its own (the default, the gRPC port + 1, may be taken here)
+        [sys.executable, "-m", "mzstore.cli", "serve", "--listen", f"127.0.0.1:{port}", "--http", "127.0.0.1:0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
