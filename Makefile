@@ -5,19 +5,26 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NATIVE := $(VENV)/.native
 
-.PHONY: setup system-deps demo test test-slow fuzz lint protos bench clean
+.PHONY: setup system-deps demo test test-numpy test-slow fuzz lint protos bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(NATIVE)
 
 # torch is installed first, pinned to the CPU build that lies on these
 # machines' disks; an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The native codec core (mzstore/codecs/_native.c), rebuilt in place when its source changes.
+# Optional: without a C compiler this warns and mzstore runs on its numpy codecs.
+$(NATIVE): $(STAMP) mzstore/codecs/_native.c setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $(NATIVE)
 
 demo: setup
 	$(PY) scripts/demo.py
@@ -42,6 +49,13 @@ system-deps:
 
 test: setup system-deps lint
 	$(PY) -m pytest -q -m "not slow"
+	$(MAKE) --no-print-directory test-numpy
+
+# The codec and pull tests once more on the numpy reference codecs (the native core turned off).
+NUMPY_TESTS := tests/test_codecs.py tests/test_lossy_codecs.py tests/test_fuzz.py tests/test_native.py \
+	tests/test_roundtrip.py tests/test_pipeline.py tests/test_keep_quantized.py tests/test_chunk_hash.py
+test-numpy: setup
+	MZSTORE_NATIVE=0 $(PY) -m pytest -q -m "not slow" $(NUMPY_TESTS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

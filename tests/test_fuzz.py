@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mzstore.codecs import get_codec
+from mzstore.codecs import get_codec, native
 from mzstore.errors import MzstoreError
 from mzstore.format.dtypes import DTYPES, get_dtype
 from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, parse_manifest, validate_relpath
@@ -277,11 +277,17 @@ def test_parse_ref(text: str) -> None:
 def test_codec_decode_random_payloads(codec: str, dtype: str, raw_len: int, payload: bytes) -> None:
     dt = get_dtype(dtype)
     raw_len -= raw_len % dt.itemsize
-    out = np.empty(raw_len, np.uint8)
-    _only_own_errors(get_codec(codec).decode_into, payload, dt, out)
-    decoded = _only_own_errors(get_codec(codec).decode, payload, dt, raw_len)
-    if decoded is not None:
-        assert len(decoded) == raw_len
+    core = native.core
+    try:
+        for each in (core, None) if core is not None else (None,):  # the native decoders, then numpy's
+            native.core = each
+            out = np.empty(raw_len, np.uint8)
+            _only_own_errors(get_codec(codec).decode_into, payload, dt, out)
+            decoded = _only_own_errors(get_codec(codec).decode, payload, dt, raw_len)
+            if decoded is not None:
+                assert len(decoded) == raw_len
+    finally:
+        native.core = core
 
 
 # --- ReadBlob replies, read in place by the client --------------------------------------------------

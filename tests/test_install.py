@@ -63,6 +63,9 @@ def test_a_fresh_install_with_the_stock_pip_runs_without_the_extras(venv: Path, 
         [python, "-c", f"import importlib.util as u, json; print(json.dumps([m for m in {HEAVY!r} if u.find_spec(m)]))"]
     )
     assert json.loads(probe.stdout) == [], "the base install pulled in an extra"
+    if shutil.which("cc") or shutil.which("gcc"):  # the package's own build compiles the native codec core
+        core = _run([python, "-W", "error", "-c", "from mzstore.codecs import native; print(native.enabled())"])
+        assert core.stdout.strip() == "True", core.stderr
 
     gen = torch.Generator().manual_seed(3)
     model = tmp_path / "model"

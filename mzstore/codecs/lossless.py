@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from mzstore.codecs import native
 from mzstore.codecs.base import scratch
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
@@ -106,11 +107,11 @@ def zstd_decompress(data: bytes | bytearray | memoryview, size: int) -> bytearra
     (a second frame) is a :class:`CodecError`.
     """
     out = bytearray(size)
-    _zstd_read_into(data, memoryview(out))
+    zstd_read_into(data, memoryview(out))
     return out
 
 
-def _zstd_read_into(data: bytes | bytearray | memoryview, target: memoryview) -> None:
+def zstd_read_into(data: bytes | bytearray | memoryview, target: memoryview) -> None:
     """Decode one zstd frame into ``target``, which it must fill exactly; reads at most one byte more."""
     size = len(target)
     _check_declared_size(data, size)
@@ -140,8 +141,14 @@ class LosslessCodec:
         if len(data) % k:
             raise CodecError(f"{len(data)} bytes is not a whole number of {dtype.name} elements")
         rotate = dtype.is_float and k > 1
+        core = native.core
         if k == 1:
             planes = [data]
+        elif core is not None:
+            split_all = np.empty(len(data), dtype=np.uint8)
+            core.split_planes(data, k, rotate, split_all)
+            n = len(data) // k
+            planes = [split_all[i * n : (i + 1) * n] for i in range(k)]
         else:
             words = data.view(_UINT[k])
             if rotate:
@@ -235,6 +242,10 @@ def _assemble(planes: list[np.ndarray], words: np.ndarray, rotate: bool) -> None
     are multiplies by powers of two (wrapping in the word type): numpy's
     ``left_shift`` checks every shift count and runs 1.5-2.5x slower.
     """
+    core = native.core
+    if core is not None:
+        core.merge_planes(planes, rotate, words)
+        return
     uint = words.dtype.type
     k = words.dtype.itemsize
     n = len(words)
@@ -269,27 +280,38 @@ def _encode_pairs(plane: np.ndarray) -> bytes:
 
     Layout: ``u16 ntable | u64 len(ranks) | table (ntable × u16) | zstd(ranks) | zstd(escapes)``.
     """
-    if len(plane) % 2:
-        plane = np.append(plane, plane[-1:])
-    pairs = (plane[0::2].astype(np.uint16) << np.uint16(8)) | plane[1::2]
-    counts = np.bincount(pairs, minlength=65536)
+    core = native.core
+    if core is not None:
+        counts = np.empty(65536, dtype=np.int64)
+        core.pair_histogram(plane, counts)
+    else:
+        if len(plane) % 2:
+            plane = np.append(plane, plane[-1:])
+        pairs = (plane[0::2].astype(np.uint16) << np.uint16(8)) | plane[1::2]
+        counts = np.bincount(pairs, minlength=65536)
     table = np.argsort(-counts, kind="stable")[: min(255, int(np.count_nonzero(counts)))].astype(np.uint16)
     lut = np.full(65536, 255, dtype=np.uint8)
     lut[table] = np.arange(len(table), dtype=np.uint8)
-    ranks = lut[pairs]
-    escapes = pairs[ranks == 255]
+    if core is not None:
+        npairs = (len(plane) + 1) // 2
+        ranks = np.empty(npairs, dtype=np.uint8)
+        escaped = np.empty(npairs, dtype=np.uint16)
+        escapes = escaped[: core.pair_ranks(plane, lut, ranks, escaped)]
+    else:
+        ranks = lut[pairs]
+        escapes = pairs[ranks == 255]
     coder = exponent_cctx()
     packed_ranks = coder.compress(ranks.data)
     packed_escapes = coder.compress(escapes.data) if len(escapes) else b""
     return b"".join([_PAIRS_HEAD.pack(len(table), len(packed_ranks)), table.tobytes(), packed_ranks, packed_escapes])
 
 
-def _pair_parts(body: memoryview, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse a pair-coded plane of ``n`` bytes (see :func:`_encode_pairs`).
+def _pair_head(body: memoryview, n: int) -> tuple[np.ndarray, int, np.ndarray, memoryview]:
+    """Parse a pair-coded plane of ``n`` bytes (see :func:`_encode_pairs`) up to its escapes.
 
-    Returns the 256-entry pair table, the ranks (a per-thread scratch
-    buffer), the indices of escaped pairs and their pair values; a pair
-    value is ``(first << 8) | second``.
+    Returns the 256-entry pair table (zero past its ``ntable`` entries),
+    ``ntable``, the ranks (a per-thread scratch buffer) and the coded
+    escapes; a pair value is ``(first << 8) | second``.
     """
     if len(body) < _PAIRS_HEAD.size:
         raise CodecError("pair-coded plane is truncated")
@@ -301,17 +323,39 @@ def _pair_parts(body: memoryview, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
     table = np.zeros(256, dtype=np.uint16)
     table[:ntable] = np.frombuffer(body[_PAIRS_HEAD.size : pos], dtype=np.uint16)
     ranks = _zstd_decompress_scratch(body[pos : pos + ranks_len], npairs, slot=_RANKS_SLOT)
+    return table, ntable, ranks, body[pos + ranks_len :]
+
+
+def _escape_values(rest: memoryview, count: int) -> bytearray | bytes:
+    """The ``count`` escaped pair values (u16) coded in ``rest``."""
+    if count:
+        return zstd_decompress(rest, 2 * count)
+    if len(rest):
+        raise CodecError("pair-coded plane has trailing bytes")
+    return b""
+
+
+def _pair_parts(body: memoryview, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse a pair-coded plane of ``n`` bytes (the numpy reference).
+
+    Returns the 256-entry pair table, the ranks (a per-thread scratch
+    buffer), the indices of escaped pairs and their pair values.
+    """
+    table, ntable, ranks, rest = _pair_head(body, n)
     if ntable < 255 and ((ranks >= ntable) & (ranks != 255)).any():
         raise CodecError("pair-coded plane has ranks outside its table")
     escaped = np.flatnonzero(ranks == 255)
-    rest = body[pos + ranks_len :]
-    if len(escaped):
-        values = np.frombuffer(zstd_decompress(rest, 2 * len(escaped)), dtype=np.uint16)
-    elif len(rest):
-        raise CodecError("pair-coded plane has trailing bytes")
-    else:
-        values = np.empty(0, dtype=np.uint16)
+    values = np.frombuffer(_escape_values(rest, len(escaped)), dtype=np.uint16)
     return table, ranks, escaped, values
+
+
+def _pair_parts_native(body: memoryview, n: int, core: Any) -> tuple[np.ndarray, np.ndarray, bytearray | bytes]:
+    """:func:`_pair_parts` on the native core: the table, the ranks and the escaped values in order."""
+    table, ntable, ranks, rest = _pair_head(body, n)
+    count = core.pair_escapes(ranks, ntable)
+    if count < 0:
+        raise CodecError("pair-coded plane has ranks outside its table")
+    return table, ranks, _escape_values(rest, count)
 
 
 def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
@@ -319,6 +363,12 @@ def _decode_pairs(body: memoryview, n: int, slot: int = 0) -> np.ndarray:
 
     The result lives in a per-thread scratch buffer (valid until the next call with this ``slot``).
     """
+    core = native.core
+    if core is not None:
+        table, ranks, esc = _pair_parts_native(body, n, core)
+        plane = scratch(n, slot)
+        core.pairs_to_plane(ranks, table, esc, plane)
+        return plane
     table, ranks, escaped, values = _pair_parts(body, n)
     # Stored big-endian, the uint16 pair values *are* the byte plane, so one gather writes it.
     table = table.astype(">u2")
@@ -349,6 +399,11 @@ def _decode_half_floats(body: memoryview, low: np.ndarray, words: np.ndarray) ->
     11.2 ms against 12.4 ms for decoding the plane, then assembling.
     """
     n = len(words)
+    core = native.core
+    if core is not None:
+        table16, ranks8, esc = _pair_parts_native(body, n, core)
+        core.pairs_to_half(ranks8, table16, esc, low, words)
+        return
     table, ranks, escaped, values = _pair_parts(body, n)
     spread = _spread(table)
     half = n // 2
@@ -386,7 +441,7 @@ _TMP_SLOT = 9
 def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int, slot: int = 0) -> np.ndarray:
     """Like :func:`zstd_decompress`, into a per-thread scratch buffer (see :func:`~mzstore.codecs.base.scratch`)."""
     out = scratch(size, slot)
-    _zstd_read_into(data, out.data)
+    zstd_read_into(data, out.data)
     return out
 
 
@@ -406,4 +461,4 @@ class ZstdCodec:
     def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
         if len(out) == 0 and len(payload) == 0:
             return
-        _zstd_read_into(payload, out.data)
+        zstd_read_into(payload, out.data)

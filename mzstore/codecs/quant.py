@@ -46,9 +46,10 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from mzstore.codecs import native
 from mzstore.codecs.base import scratch
 from mzstore.codecs.floats import E4M3_TABLE, bf16_to_f32, f32_to_bf16_into, f32_to_e4m3
-from mzstore.codecs.lossless import LosslessCodec, exponent_cctx, zstd_decompress
+from mzstore.codecs.lossless import LosslessCodec, exponent_cctx, zstd_decompress, zstd_read_into
 from mzstore.codecs.policy import Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
@@ -383,10 +384,24 @@ class Compact:
 
 
 _SECTION_DTYPES = {S_SCALES: np.float32, S_ZEROS: np.uint8, S_CODES: np.uint8}
+#: Scratch slots of transiently unpacked sections: this plus the section id (see :func:`unpack`).
+_SECTION_SLOT = 16
 
 
-def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) -> Compact:
-    """Parse and bounds-check a payload; every size is checked against ``raw_len``."""
+def _zstd_read_scratch(body: memoryview, size: int, slot: int) -> memoryview:
+    out = scratch(size, slot)
+    zstd_read_into(body, out.data)
+    return out.data
+
+
+def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, *, transient: bool = False) -> Compact:
+    """Parse and bounds-check a payload; every size is checked against ``raw_len``.
+
+    With ``transient``, zstd-coded sections are decoded into per-thread
+    scratch buffers (no fresh zero-filled allocation per chunk): the result
+    is valid only until the next transient unpack on this thread, as in
+    :meth:`QuantCodec.decode_into`, which expands it at once.
+    """
     view = memoryview(payload)
     if len(view) < _HEAD.size:
         raise CodecError("quantized payload is shorter than its header")
@@ -422,7 +437,9 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType) 
         if coding == _ZSTD:
             # Bounded by the section's recorded size, itself bounded by raw_len above; a frame that
             # claims or produces more (a zstd bomb), or carries a second frame, is a CodecError.
-            data: bytes | bytearray | memoryview = zstd_decompress(body, raw)
+            data: bytes | bytearray | memoryview = (
+                _zstd_read_scratch(body, raw, _SECTION_SLOT + sid) if transient else zstd_decompress(body, raw)
+            )
         elif coding == _RAW:
             data = body
         else:
@@ -477,6 +494,10 @@ def expand(c: Compact, dtype: DType) -> np.ndarray:
 _EXPAND_BLOCK = 512 * 1024
 #: Scratch slot of that block (see :func:`~mzstore.codecs.base.scratch`).
 _F32_SLOT = 10
+#: The native core's method and output codes (``_native.c``: Q_INT8.., OUT_F32..). F16 targets keep
+#: numpy's cast, which may round through the CPU's F16C instructions.
+_NATIVE_METHODS = {"int8": 0, "fp8": 1, "int4": 2}
+_NATIVE_OUT = {"F32": 0, "BF16": 1}
 
 
 def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
@@ -497,6 +518,22 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
         dense[...] = 0
         if kept:
             dense[c.mask] = vals.reshape(kept, itemsize)
+        return
+    core = native.core
+    if core is not None and c.mask is None and dtype.name in _NATIVE_OUT:
+        # One pass on the native core: codes x scale, rounded to the dtype, written into ``out``.
+        core.expand(
+            _NATIVE_METHODS[c.method],
+            c.sections[S_CODES],
+            c.sections[S_SCALES],
+            c.sections[S_ZEROS] if c.method == "int4" else b"",
+            E4M3_TABLE if c.method == "fp8" else b"",
+            c.rows,
+            c.cols,
+            c.group if c.method == "int4" else 1,
+            out,
+            _NATIVE_OUT[dtype.name],
+        )
         return
     if c.method == "int8" and c.mask is None:
         codes = c.sections[S_CODES].view(np.int8).reshape(c.rows, c.cols)
@@ -643,7 +680,7 @@ class QuantCodec:
         return expand(unpack(payload, raw_len, dtype), dtype)
 
     def decode_into(self, payload: bytes | bytearray | memoryview, dtype: DType, out: np.ndarray) -> None:
-        expand_into(unpack(payload, len(out), dtype), dtype, out)
+        expand_into(unpack(payload, len(out), dtype, transient=True), dtype, out)
 
 
 __all__ = ["Compact", "Encoded", "QuantCodec", "Stats", "encode_auto", "encode_spec", "expand", "expand_into", "unpack"]

@@ -1,0 +1,562 @@
+/*
+ * mzstore's native codec core: the hot loops of the lossless and quantized
+ * codecs, one pass each over cache-sized data, with the GIL released.
+ *
+ * The numpy code in lossless.py, quant.py and floats.py is the reference:
+ * every function here gives the same bytes (tests/test_native.py checks it
+ * on random shapes and payloads). Entry points take and write buffers
+ * (the buffer protocol): no numpy C API, no torch, only Python.h.
+ *
+ * zstd stays in python-zstandard (which releases the GIL too); this file
+ * does what numpy did around it: plane split and merge with the one-bit
+ * rotation, the exponent-pair coder, and int8/int4/fp8 expansion to
+ * f32/bf16 (f16 targets keep numpy's cast, which may use the CPU's F16C).
+ *
+ * Build flags (setup.py): -O3 -ffp-contract=off, so x*s and (x-z)*s round
+ * exactly as numpy's two f32 operations do (no fused multiply-add).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---- buffers ---------------------------------------------------------- */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static int get_buf(PyObject *obj, Buf *b, int writable, const char *what) {
+    b->held = 0;
+    if (PyObject_GetBuffer(obj, &b->view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a contiguous%s buffer is needed", what, writable ? " writable" : "");
+        return -1;
+    }
+    b->held = 1;
+    return 0;
+}
+
+static void rel(Buf *b) {
+    if (b->held) {
+        PyBuffer_Release(&b->view);
+        b->held = 0;
+    }
+}
+
+#define LEN(b) ((b).view.len)
+#define PTR(b) ((b).view.buf)
+
+/* Unaligned little-endian loads and stores (x86-64 and arm64 are little-endian; memcpy compiles to one move). */
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline float ldf(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+
+#if PY_BIG_ENDIAN
+#error "mzstore's native core assumes a little-endian machine"
+#endif
+
+/* The loops below are compiled twice on x86-64 (baseline SSE2, and AVX2) and the loader picks the
+ * one the CPU runs (GCC/clang function multiversioning). No FMA either way: results stay bit-exact. */
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && !defined(MZSTORE_NO_CLONES)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef HOT
+#define HOT
+#endif
+
+/* ---- byte planes ------------------------------------------------------ */
+
+HOT static void k_split(const uint8_t *restrict src, Py_ssize_t n, int k, int rotate, uint8_t *restrict dst) {
+    if (k == 2) {
+        uint8_t *p0 = dst, *p1 = dst + n;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint16_t w = ld16(src + 2 * j);
+            if (rotate) w = (uint16_t)((w << 1) | (w >> 15));
+            p0[j] = (uint8_t)w;
+            p1[j] = (uint8_t)(w >> 8);
+        }
+    } else if (k == 4) {
+        uint8_t *p0 = dst, *p1 = dst + n, *p2 = dst + 2 * n, *p3 = dst + 3 * n;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t w = ld32(src + 4 * j);
+            if (rotate) w = (w << 1) | (w >> 31);
+            p0[j] = (uint8_t)w;
+            p1[j] = (uint8_t)(w >> 8);
+            p2[j] = (uint8_t)(w >> 16);
+            p3[j] = (uint8_t)(w >> 24);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint64_t w;
+            memcpy(&w, src + 8 * j, 8);
+            if (rotate) w = (w << 1) | (w >> 63);
+            for (int i = 0; i < 8; i++) dst[i * n + j] = (uint8_t)(w >> (8 * i));
+        }
+    }
+}
+
+HOT static void k_merge(const uint8_t *const *q, Py_ssize_t n, int k, int rotate, uint8_t *restrict out) {
+    if (k == 2) {
+        const uint8_t *restrict q0 = q[0], *restrict q1 = q[1];
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint16_t w = (uint16_t)(q0[j] | (q1[j] << 8));
+            if (rotate) w = (uint16_t)((w >> 1) | (w << 15));
+            st16(out + 2 * j, w);
+        }
+    } else if (k == 4) {
+        const uint8_t *restrict q0 = q[0], *restrict q1 = q[1], *restrict q2 = q[2], *restrict q3 = q[3];
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t w = (uint32_t)q0[j] | ((uint32_t)q1[j] << 8) | ((uint32_t)q2[j] << 16) | ((uint32_t)q3[j] << 24);
+            if (rotate) w = (w >> 1) | (w << 31);
+            st32(out + 4 * j, w);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint64_t w = 0;
+            for (int i = 0; i < 8; i++) w |= (uint64_t)q[i][j] << (8 * i);
+            if (rotate) w = (w >> 1) | (w << 63);
+            memcpy(out + 8 * j, &w, 8);
+        }
+    }
+}
+
+/* split_planes(src, k, rotate, dst): dst[i*n + j] = byte i of word j (rotated left by one bit if rotate). */
+static PyObject *split_planes(PyObject *self, PyObject *args) {
+    PyObject *so, *dobj;
+    int k, rotate;
+    if (!PyArg_ParseTuple(args, "OipO", &so, &k, &rotate, &dobj)) return NULL;
+    if (k != 2 && k != 4 && k != 8) return PyErr_Format(PyExc_ValueError, "word size %d", k);
+    Buf s, d;
+    if (get_buf(so, &s, 0, "split_planes source") < 0) return NULL;
+    if (get_buf(dobj, &d, 1, "split_planes destination") < 0) { rel(&s); return NULL; }
+    if (LEN(s) % k || LEN(d) != LEN(s)) {
+        rel(&s); rel(&d);
+        return PyErr_Format(PyExc_ValueError, "split_planes: %zd bytes into %zd, word %d", LEN(s), LEN(d), k);
+    }
+    Py_ssize_t n = LEN(s) / k;
+    Py_BEGIN_ALLOW_THREADS
+    k_split(PTR(s), n, k, rotate, PTR(d));
+    Py_END_ALLOW_THREADS
+    rel(&s); rel(&d);
+    Py_RETURN_NONE;
+}
+
+/* merge_planes(planes, rotate, out): the inverse; planes is a sequence of k buffers of n bytes, out n*k bytes. */
+static PyObject *merge_planes(PyObject *self, PyObject *args) {
+    PyObject *seq, *oo;
+    int rotate;
+    if (!PyArg_ParseTuple(args, "OpO", &seq, &rotate, &oo)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "merge_planes: planes must be a sequence");
+    if (!fast) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
+    if (k != 2 && k != 4 && k != 8) { Py_DECREF(fast); return PyErr_Format(PyExc_ValueError, "%zd planes", k); }
+    Buf p[8], o;
+    Py_ssize_t got = 0;
+    PyObject *ret = NULL;
+    o.held = 0;
+    for (; got < k; got++)
+        if (get_buf(PySequence_Fast_GET_ITEM(fast, got), &p[got], 0, "merge_planes plane") < 0) goto done;
+    if (get_buf(oo, &o, 1, "merge_planes destination") < 0) goto done;
+    Py_ssize_t n = LEN(p[0]);
+    for (Py_ssize_t i = 1; i < k; i++)
+        if (LEN(p[i]) != n) { PyErr_SetString(PyExc_ValueError, "merge_planes: planes differ in length"); goto done; }
+    if (LEN(o) != n * k) { PyErr_SetString(PyExc_ValueError, "merge_planes: destination has the wrong length"); goto done; }
+    {
+        uint8_t *out = PTR(o);
+        const uint8_t *q[8];
+        for (Py_ssize_t i = 0; i < k; i++) q[i] = PTR(p[i]);
+        Py_BEGIN_ALLOW_THREADS
+        k_merge(q, n, (int)k, rotate, out);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) rel(&p[i]);
+    rel(&o);
+    Py_DECREF(fast);
+    return ret;
+}
+
+/* ---- the exponent-pair coder ------------------------------------------ */
+
+/* pair_histogram(plane, counts): counts (65536 little-endian u32... u64) of the pairs (plane[2p] << 8) | plane[2p+1];
+ * an odd plane's last byte pairs with itself (as the encoder pads it). */
+static PyObject *pair_histogram(PyObject *self, PyObject *args) {
+    PyObject *po, *co;
+    if (!PyArg_ParseTuple(args, "OO", &po, &co)) return NULL;
+    Buf p, c;
+    if (get_buf(po, &p, 0, "pair_histogram plane") < 0) return NULL;
+    if (get_buf(co, &c, 1, "pair_histogram counts") < 0) { rel(&p); return NULL; }
+    if (LEN(c) != 65536 * 8) { rel(&p); rel(&c); return PyErr_Format(PyExc_ValueError, "counts must be 65536 u64"); }
+    const uint8_t *b = PTR(p);
+    Py_ssize_t n = LEN(p);
+    uint64_t *cnt = PTR(c);
+    Py_BEGIN_ALLOW_THREADS
+    memset(cnt, 0, 65536 * 8);
+    Py_ssize_t j = 0;
+    for (; j + 1 < n; j += 2) cnt[(b[j] << 8) | b[j + 1]]++;
+    if (j < n) cnt[(b[j] << 8) | b[j]]++;
+    Py_END_ALLOW_THREADS
+    rel(&p); rel(&c);
+    Py_RETURN_NONE;
+}
+
+/* pair_ranks(plane, lut, ranks, escapes) -> number of escapes.
+ * ranks[p] = lut[pair p] (one byte; 255 = escaped), escapes gets the escaped pair values in order (u16). */
+static PyObject *pair_ranks(PyObject *self, PyObject *args) {
+    PyObject *po, *lo, *ro, *eo;
+    if (!PyArg_ParseTuple(args, "OOOO", &po, &lo, &ro, &eo)) return NULL;
+    Buf p, l, r, e;
+    l.held = r.held = e.held = 0;
+    PyObject *ret = NULL;
+    if (get_buf(po, &p, 0, "pair_ranks plane") < 0) return NULL;
+    if (get_buf(lo, &l, 0, "pair_ranks lut") < 0 || get_buf(ro, &r, 1, "pair_ranks ranks") < 0 ||
+        get_buf(eo, &e, 1, "pair_ranks escapes") < 0)
+        goto done;
+    Py_ssize_t n = LEN(p), npairs = (n + 1) / 2;
+    if (LEN(l) != 65536 || LEN(r) != npairs || LEN(e) < 2 * npairs) {
+        PyErr_SetString(PyExc_ValueError, "pair_ranks: buffers have the wrong lengths");
+        goto done;
+    }
+    {
+        const uint8_t *b = PTR(p), *lut = PTR(l);
+        uint8_t *ranks = PTR(r), *esc = PTR(e);
+        Py_ssize_t ne = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t q = 0; q < npairs; q++) {
+            uint8_t hi = b[2 * q];
+            uint8_t lo8 = (2 * q + 1 < n) ? b[2 * q + 1] : hi;
+            uint16_t v = (uint16_t)((hi << 8) | lo8);
+            uint8_t rk = lut[v];
+            ranks[q] = rk;
+            if (rk == 255) st16(esc + 2 * ne++, v);
+        }
+        Py_END_ALLOW_THREADS
+        ret = PyLong_FromSsize_t(ne);
+    }
+done:
+    rel(&p); rel(&l); rel(&r); rel(&e);
+    return ret;
+}
+
+/* The number of ranks 255, and in *bad whether a rank lies in [ntable, 255): (uint8)(v - ntable) < 255 - ntable.
+ * Counted in blocks of 128 with byte-wide counters, so the loop runs on whole vectors. */
+HOT static Py_ssize_t k_escapes(const uint8_t *restrict ranks, Py_ssize_t n, int ntable, int *bad_out) {
+    const uint8_t nt = (uint8_t)ntable, span = (uint8_t)(255 - ntable);
+    Py_ssize_t esc = 0, i = 0;
+    uint8_t bad = 0;
+    for (; i + 128 <= n; i += 128) {
+        uint8_t c8 = 0, b8 = 0;
+        for (int j = 0; j < 128; j++) {
+            uint8_t v = ranks[i + j];
+            c8 += v == 255;
+            b8 |= (uint8_t)(v - nt) < span;
+        }
+        esc += c8;
+        bad |= b8;
+    }
+    for (; i < n; i++) {
+        uint8_t v = ranks[i];
+        esc += v == 255;
+        bad |= (uint8_t)(v - nt) < span;
+    }
+    *bad_out = bad != 0;
+    return esc;
+}
+
+/* pair_escapes(ranks, ntable) -> the number of escaped pairs (rank 255), or -1 if a rank is outside the table. */
+static PyObject *pair_escapes(PyObject *self, PyObject *args) {
+    PyObject *ro;
+    int ntable;
+    if (!PyArg_ParseTuple(args, "Oi", &ro, &ntable)) return NULL;
+    if (ntable < 0 || ntable > 255) return PyErr_Format(PyExc_ValueError, "pair table of %d entries", ntable);
+    Buf r;
+    if (get_buf(ro, &r, 0, "pair_escapes ranks") < 0) return NULL;
+    const uint8_t *ranks = PTR(r);
+    Py_ssize_t n = LEN(r), esc = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    esc = k_escapes(ranks, n, ntable, &bad);
+    Py_END_ALLOW_THREADS
+    rel(&r);
+    return PyLong_FromSsize_t(bad ? -1 : esc);
+}
+
+/* Shared argument checks of the two pair decoders: table is 256 u16, escapes holds exactly the escaped pairs. */
+static int pairs_args(Buf *r, Buf *t, Buf *e, Py_ssize_t n) {
+    if (LEN(*t) != 512) { PyErr_SetString(PyExc_ValueError, "pair table must be 256 u16"); return -1; }
+    if (LEN(*r) != (n + 1) / 2) { PyErr_SetString(PyExc_ValueError, "ranks do not cover the plane"); return -1; }
+    if (LEN(*e) % 2) { PyErr_SetString(PyExc_ValueError, "escapes hold a partial pair"); return -1; }
+    return 0;
+}
+
+/* pairs_to_plane(ranks, table, escapes, plane) -> escapes used.
+ * plane[2p], plane[2p+1] = the two bytes (big-endian) of pair p: table[rank], or the next escape for rank 255. */
+static PyObject *pairs_to_plane(PyObject *self, PyObject *args) {
+    PyObject *ro, *to, *eo, *oo;
+    if (!PyArg_ParseTuple(args, "OOOO", &ro, &to, &eo, &oo)) return NULL;
+    Buf r, t, e, o;
+    t.held = e.held = o.held = 0;
+    PyObject *ret = NULL;
+    if (get_buf(ro, &r, 0, "ranks") < 0) return NULL;
+    if (get_buf(to, &t, 0, "table") < 0 || get_buf(eo, &e, 0, "escapes") < 0 || get_buf(oo, &o, 1, "plane") < 0)
+        goto done;
+    if (pairs_args(&r, &t, &e, LEN(o)) < 0) goto done;
+    {
+        const uint8_t *ranks = PTR(r), *tb = PTR(t), *esc = PTR(e);
+        uint8_t *out = PTR(o);
+        Py_ssize_t n = LEN(o), npairs = LEN(r), nesc = LEN(e) / 2, used = 0;
+        uint16_t table[256];
+        for (int i = 0; i < 256; i++) table[i] = ld16(tb + 2 * i);
+        Py_BEGIN_ALLOW_THREADS
+        Py_ssize_t full = n / 2;
+        for (Py_ssize_t q = 0; q < npairs; q++) {
+            uint8_t rk = ranks[q];
+            uint16_t v = table[rk];
+            if (rk == 255 && used < nesc) v = ld16(esc + 2 * used++);
+            if (q < full) {
+                out[2 * q] = (uint8_t)(v >> 8);
+                out[2 * q + 1] = (uint8_t)v;
+            } else {
+                out[2 * q] = (uint8_t)(v >> 8);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        ret = PyLong_FromSsize_t(used);
+    }
+done:
+    rel(&r); rel(&t); rel(&e); rel(&o);
+    return ret;
+}
+
+/* Words per block of pairs_to_half (even): 128 KiB of output, which stays in L2 between its two loops. */
+#define HALF_BLOCK (64 * 1024)
+
+/* The loops of pairs_to_half; returns the escapes used. Block by block: first one table lookup per
+ * pair writes both words' exponent bits (eight ranks per load; eight without an escape take no branch
+ * per pair), then a vector loop ors every word's mantissa bits in. */
+static inline uint32_t spread_of(uint32_t v) { return ((v >> 8) << 7) | ((v & 255) << 23); }
+
+HOT static Py_ssize_t k_half(const uint8_t *restrict ranks, Py_ssize_t npairs, const uint32_t *restrict spread,
+                             const uint8_t *restrict tb, const uint8_t *restrict esc, Py_ssize_t nesc,
+                             const uint8_t *restrict low, Py_ssize_t n, uint8_t *restrict out) {
+    Py_ssize_t used = 0, full = n / 2;
+    uint16_t *w16 = (uint16_t *)out;
+    for (Py_ssize_t b0 = 0; b0 < n; b0 += HALF_BLOCK) {
+        Py_ssize_t b1 = b0 + HALF_BLOCK < n ? b0 + HALF_BLOCK : n;
+        Py_ssize_t q = b0 / 2, q1 = b1 / 2 < full ? b1 / 2 : full;
+        for (; q + 8 <= q1; q += 8) {
+            uint64_t r8;
+            memcpy(&r8, ranks + q, 8);
+            uint64_t x = ~r8; /* a zero byte of x is a rank 255 */
+            if (((x - 0x0101010101010101ull) & ~x & 0x8080808080808080ull) == 0) {
+                for (int k = 0; k < 8; k++) st32(out + 4 * (q + k), spread[(r8 >> (8 * k)) & 255]);
+                continue;
+            }
+            for (int k = 0; k < 8; k++) {
+                uint8_t rk = ranks[q + k];
+                st32(out + 4 * (q + k), rk == 255 && used < nesc ? spread_of(ld16(esc + 2 * used++)) : spread[rk]);
+            }
+        }
+        for (; q < q1; q++) {
+            uint8_t rk = ranks[q];
+            st32(out + 4 * q, rk == 255 && used < nesc ? spread_of(ld16(esc + 2 * used++)) : spread[rk]);
+        }
+        for (Py_ssize_t j = b0; j < 2 * q1; j++) { /* the odd last word is done below */
+            uint16_t m = low[j];
+            w16[j] |= (uint16_t)((m >> 1) | ((m & 1) << 15));
+        }
+    }
+    if (npairs > full) { /* odd n: the last word's pair has a padding second half */
+        uint8_t rk = ranks[full];
+        uint32_t v = ld16(tb + 2 * rk);
+        if (rk == 255 && used < nesc) v = ld16(esc + 2 * used++);
+        uint32_t m = low[n - 1];
+        w16[n - 1] = (uint16_t)(((v >> 8) << 7) | (m >> 1) | ((m & 1) << 15));
+    }
+    return used;
+}
+
+/* pairs_to_half(ranks, table, escapes, low, out) -> escapes used.
+ * A rotated 2-byte float chunk (bf16, f16) whose exponent plane is pair-coded: word j is the rotated
+ * (e << 8) | m turned back, e << 7 | m >> 1 | (m & 1) << 15, with e from pair j/2 and m = low[j]. */
+static PyObject *pairs_to_half(PyObject *self, PyObject *args) {
+    PyObject *ro, *to, *eo, *lo, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &ro, &to, &eo, &lo, &oo)) return NULL;
+    Buf r, t, e, l, o;
+    t.held = e.held = l.held = o.held = 0;
+    PyObject *ret = NULL;
+    if (get_buf(ro, &r, 0, "ranks") < 0) return NULL;
+    if (get_buf(to, &t, 0, "table") < 0 || get_buf(eo, &e, 0, "escapes") < 0 || get_buf(lo, &l, 0, "low plane") < 0 ||
+        get_buf(oo, &o, 1, "words") < 0)
+        goto done;
+    if (LEN(o) % 2 || LEN(l) != LEN(o) / 2) { PyErr_SetString(PyExc_ValueError, "low plane and words differ"); goto done; }
+    if (pairs_args(&r, &t, &e, LEN(l)) < 0) goto done;
+    {
+        const uint8_t *ranks = PTR(r), *tb = PTR(t), *esc = PTR(e), *low = PTR(l);
+        uint8_t *out = PTR(o);
+        Py_ssize_t n = LEN(l), npairs = LEN(r), nesc = LEN(e) / 2, used = 0;
+        uint32_t spread[256];
+        for (int i = 0; i < 256; i++) {
+            uint32_t v = ld16(tb + 2 * i);
+            spread[i] = spread_of(v);
+        }
+        Py_BEGIN_ALLOW_THREADS
+        used = k_half(ranks, npairs, spread, tb, esc, nesc, low, n, out);
+        Py_END_ALLOW_THREADS
+        ret = PyLong_FromSsize_t(used);
+    }
+done:
+    rel(&r); rel(&t); rel(&e); rel(&l); rel(&o);
+    return ret;
+}
+
+/* ---- quantized chunks: codes x scale, cast to the tensor's dtype -------- */
+
+enum { OUT_F32 = 0, OUT_BF16 = 1 };
+enum { Q_INT8 = 0, Q_FP8 = 1, Q_INT4 = 2 };
+
+/* f32 -> bf16, round to nearest even; a NaN becomes the quiet NaN of its sign (floats.f32_to_bf16_into). */
+static inline uint16_t to_bf16(float y) {
+    uint32_t u;
+    memcpy(&u, &y, 4);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded); /* a select: the loop stays vectorized */
+}
+
+/* One row of codes into f32 or bf16; separate functions with plain arguments, so every loop vectorizes. */
+static inline void row_int8(const int8_t *restrict codes, float scale, Py_ssize_t cols, uint8_t *restrict out, int fmt) {
+    if (fmt == OUT_BF16)
+        for (Py_ssize_t j = 0; j < cols; j++) st16(out + 2 * j, to_bf16((float)codes[j] * scale));
+    else
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            float y = (float)codes[j] * scale;
+            memcpy(out + 4 * j, &y, 4);
+        }
+}
+
+static inline void row_fp8(const uint8_t *restrict codes, const float *restrict table, float scale, Py_ssize_t cols,
+                    uint8_t *restrict out, int fmt) {
+    if (fmt == OUT_BF16)
+        for (Py_ssize_t j = 0; j < cols; j++) st16(out + 2 * j, to_bf16(table[codes[j]] * scale));
+    else
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            float y = table[codes[j]] * scale;
+            memcpy(out + 4 * j, &y, 4);
+        }
+}
+
+static inline void span_int4(const uint8_t *restrict codes, float zero, float scale, Py_ssize_t cols, uint8_t *restrict out,
+                      int fmt) {
+    if (fmt == OUT_BF16)
+        for (Py_ssize_t j = 0; j < cols; j++) st16(out + 2 * j, to_bf16(((float)codes[j] - zero) * scale));
+    else
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            float y = ((float)codes[j] - zero) * scale;
+            memcpy(out + 4 * j, &y, 4);
+        }
+}
+
+HOT static void expand_rows(int method, const uint8_t *codes, const uint8_t *scales, const uint8_t *zeros,
+                        const float *table, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t group, uint8_t *out,
+                        int fmt) {
+    Py_ssize_t width = fmt == OUT_BF16 ? 2 : 4;
+    Py_ssize_t groups = method == Q_INT4 ? (cols + group - 1) / group : 1;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint8_t *cr = codes + r * cols;
+        uint8_t *orow = out + width * r * cols;
+        if (method == Q_INT8) {
+            row_int8((const int8_t *)cr, ldf(scales + 4 * r), cols, orow, fmt);
+        } else if (method == Q_FP8) {
+            row_fp8(cr, table, ldf(scales + 4 * r), cols, orow, fmt);
+        } else {
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                Py_ssize_t j0 = g * group, j1 = j0 + group < cols ? j0 + group : cols;
+                span_int4(cr + j0, (float)zeros[r * groups + g], ldf(scales + 4 * (r * groups + g)), j1 - j0,
+                          orow + width * j0, fmt);
+            }
+        }
+    }
+}
+
+/* expand(method, codes, scales, zeros, table, rows, cols, group, out, fmt)
+ *   int8: y = (float)(int8)code * scale[row]
+ *   fp8:  y = table[code] * scale[row]                     (table: the 256 e4m3 values as f32)
+ *   int4: y = ((float)code - (float)zero[row, g]) * scale[row, g],  g = col / group
+ * then y is cast to f32 or bf16 into out. */
+static PyObject *expand(PyObject *self, PyObject *args) {
+    PyObject *co, *so, *zo, *to, *oo;
+    int method, fmt;
+    Py_ssize_t rows, cols, group;
+    if (!PyArg_ParseTuple(args, "iOOOOnnnOi", &method, &co, &so, &zo, &to, &rows, &cols, &group, &oo, &fmt))
+        return NULL;
+    Buf c, s, z, t, o;
+    s.held = z.held = t.held = o.held = 0;
+    PyObject *ret = NULL;
+    if (get_buf(co, &c, 0, "codes") < 0) return NULL;
+    if (get_buf(so, &s, 0, "scales") < 0 || get_buf(zo, &z, 0, "zeros") < 0 || get_buf(to, &t, 0, "table") < 0 ||
+        get_buf(oo, &o, 1, "out") < 0)
+        goto done;
+    if (rows < 0 || cols < 0 || (method == Q_INT4 && group <= 0) || (fmt != OUT_F32 && fmt != OUT_BF16) ||
+        method < Q_INT8 || method > Q_INT4) {
+        PyErr_SetString(PyExc_ValueError, "expand: bad shape, method or format");
+        goto done;
+    }
+    Py_ssize_t groups = method == Q_INT4 ? (cols + group - 1) / group : 1;
+    Py_ssize_t width = fmt == OUT_BF16 ? 2 : 4;
+    if ((cols && rows > PY_SSIZE_T_MAX / cols / 4) || LEN(c) != rows * cols || LEN(s) != 4 * rows * groups ||
+        LEN(o) != width * rows * cols || (method == Q_INT4 && LEN(z) != rows * groups) ||
+        (method == Q_FP8 && LEN(t) != 1024)) {
+        PyErr_SetString(PyExc_ValueError, "expand: buffers do not match the shape");
+        goto done;
+    }
+    {
+        const uint8_t *tb = PTR(t);
+        float table[256];
+        if (method == Q_FP8)
+            for (int i = 0; i < 256; i++) table[i] = ldf(tb + 4 * i);
+        Py_BEGIN_ALLOW_THREADS
+        expand_rows(method, PTR(c), PTR(s), PTR(z), table, rows, cols, group, PTR(o), fmt);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    rel(&c); rel(&s); rel(&z); rel(&t); rel(&o);
+    return ret;
+}
+
+/* ---- the module ------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"split_planes", split_planes, METH_VARARGS, "split_planes(src, k, rotate, dst): words into k byte planes"},
+    {"merge_planes", merge_planes, METH_VARARGS, "merge_planes(planes, rotate, out): k byte planes into words"},
+    {"pair_histogram", pair_histogram, METH_VARARGS, "pair_histogram(plane, counts): counts of byte pairs"},
+    {"pair_ranks", pair_ranks, METH_VARARGS, "pair_ranks(plane, lut, ranks, escapes) -> escapes written"},
+    {"pair_escapes", pair_escapes, METH_VARARGS, "pair_escapes(ranks, ntable) -> escaped pairs, -1 if a rank is bad"},
+    {"pairs_to_plane", pairs_to_plane, METH_VARARGS, "pairs_to_plane(ranks, table, escapes, plane) -> escapes used"},
+    {"pairs_to_half", pairs_to_half, METH_VARARGS, "pairs_to_half(ranks, table, escapes, low, words) -> escapes used"},
+    {"expand", expand, METH_VARARGS, "expand(method, codes, scales, zeros, table, rows, cols, group, out, fmt)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "mzstore's native codec core (see mzstore/codecs/native.py)", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

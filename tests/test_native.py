@@ -1,0 +1,255 @@
+"""The native codec core gives exactly the numpy reference's bytes and errors.
+
+Every codec entry point is run twice per example, once on the native core
+(``mzstore/codecs/_native.c``) and once with ``native.core`` set to ``None``
+(the numpy code), and the results are compared: encoded payloads, decoded
+bytes, and for malformed payloads the exception type and message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mzstore.codecs import native
+from mzstore.codecs.lossless import PAIRS_MIN_BYTES, LosslessCodec
+from mzstore.codecs.policy import Prune, Quant, Spec
+from mzstore.codecs.quant import QuantCodec, encode_spec
+from mzstore.errors import CodecError
+from mzstore.format.dtypes import DTYPES
+
+CORE = native.core
+EXAMPLES = int(os.environ.get("MZSTORE_NATIVE_EXAMPLES", "60"))
+examples = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+pytestmark = pytest.mark.skipif(
+    CORE is None and os.environ.get("MZSTORE_NATIVE", "1") == "0",
+    reason="MZSTORE_NATIVE=0: this run checks the numpy reference alone",
+)
+
+
+def test_the_core_is_built_and_loaded() -> None:
+    """`make setup` builds the core where a C compiler is; a missing one would silently halve pull speed."""
+    if CORE is None and not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: mzstore runs on its numpy codecs")
+    assert CORE is not None, "mzstore.codecs._native is not built (pip install -e . / make setup builds it)"
+    assert CORE.ABI == native.ABI
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        result = fn()
+    except CodecError as exc:
+        return "error", str(exc)
+    if isinstance(result, np.ndarray):
+        return "ok", result.tobytes()
+    if isinstance(result, tuple):
+        return "ok", result[0]
+    return "ok", getattr(result, "payload", result)
+
+
+def both(fn: Callable[[], Any]) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """``fn`` on the native core, then on numpy."""
+    try:
+        native.core = CORE
+        fast = outcome(fn)
+        native.core = None
+        reference = outcome(fn)
+    finally:
+        native.core = CORE
+    return fast, reference
+
+
+def _weights(rng: np.random.Generator, n: int, name: str, escapes: bool) -> bytes:
+    """Raw little-endian bytes of ``n`` elements that look like trained weights (or like noise)."""
+    x = rng.standard_normal(n).astype(np.float32) * np.float32(0.02)
+    if escapes:  # wild values: many distinct exponents, so the pair coder escapes some pairs
+        wild = rng.random(n) < 0.03
+        x[wild] = rng.standard_normal(int(wild.sum())).astype(np.float32) * np.float32(2.0) ** rng.integers(
+            -60, 60, int(wild.sum())
+        )
+    if name == "BF16":
+        return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    if name == "F16":
+        return x.astype(np.float16).tobytes()
+    if name == "F32":
+        return x.tobytes()
+    if name == "F64":
+        return x.astype(np.float64).tobytes()
+    width = DTYPES[name].bits // 8 or 1
+    return rng.integers(0, 256, n * width, dtype=np.uint8).tobytes()
+
+
+LOSSLESS_DTYPES = ["BF16", "F16", "F32", "F64", "I8", "U8", "I16", "I32", "I64", "BOOL"]
+
+
+@examples
+@given(
+    name=st.sampled_from(LOSSLESS_DTYPES),
+    n=st.one_of(st.integers(0, 64), st.integers(PAIRS_MIN_BYTES - 2, PAIRS_MIN_BYTES * 3)),
+    escapes=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_lossless_encode_and_decode_match_numpy(name: str, n: int, escapes: bool, seed: int) -> None:
+    codec = LosslessCodec()
+    dtype = DTYPES[name]
+    raw = _weights(np.random.default_rng(seed), n, name, escapes)
+    enc_fast, enc_ref = both(lambda: codec.encode(raw, dtype))
+    assert enc_fast == enc_ref
+    payload = enc_ref[1]
+    dec_fast, dec_ref = both(lambda: codec.decode(payload, dtype, len(raw)))
+    assert dec_fast == dec_ref == ("ok", raw)
+
+
+@pytest.fixture(scope="module")
+def payloads() -> dict[str, tuple[bytes, bytes]]:
+    """Valid payloads to mutate: bf16 with pair-coded exponents and escapes (the fused path), f32, odd lengths."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, n in (("BF16", 2 * PAIRS_MIN_BYTES + 1), ("F16", 2 * PAIRS_MIN_BYTES), ("F32", 3000), ("BF16", 5)):
+        raw = _weights(rng, n, name, escapes=True)
+        out[f"{name}-{n}"] = (raw, LosslessCodec().encode(raw, DTYPES[name])[0])
+    return out
+
+
+@examples
+@given(data=st.data())
+def test_malformed_lossless_payloads_fail_the_same_way(
+    data: st.DataObject, payloads: dict[str, tuple[bytes, bytes]]
+) -> None:
+    key = data.draw(st.sampled_from(sorted(payloads)))
+    raw, payload = payloads[key]
+    bad = bytearray(payload)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        at = data.draw(st.integers(0, max(0, len(bad) - 1)))
+        if kind == "flip" and bad:
+            bad[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "cut":
+            del bad[at : at + data.draw(st.integers(1, 64))]
+        else:
+            bad[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    dtype = DTYPES[key.split("-")[0]]
+    fast, ref = both(lambda: LosslessCodec().decode(bytes(bad), dtype, len(raw)))
+    assert fast == ref
+
+
+QUANT_SPECS = [
+    Spec(quant=Quant("int8")),
+    Spec(quant=Quant("fp8")),
+    Spec(quant=Quant("int4", 32)),
+    Spec(quant=Quant("int4", 128)),
+    Spec(prune=Prune(0.5), quant=Quant("int8")),
+]
+
+
+@examples
+@given(
+    spec=st.sampled_from(QUANT_SPECS),
+    name=st.sampled_from(["BF16", "F32", "F16"]),
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_quantized_encode_and_decode_match_numpy(spec: Spec, name: str, rows: int, cols: int, seed: int) -> None:
+    dtype = DTYPES[name]
+    raw = _weights(np.random.default_rng(seed), rows * cols, name, escapes=False)
+    enc_fast, enc_ref = both(lambda: encode_spec(raw, dtype, rows, spec))
+    assert enc_fast == enc_ref
+    payload = enc_ref[1]
+    dec_fast, dec_ref = both(lambda: QuantCodec().decode(payload, dtype, len(raw)))
+    assert dec_fast == dec_ref
+    assert dec_ref[0] == "ok"
+
+
+def test_hostile_scales_round_the_same_way() -> None:
+    """A payload whose scales are NaN, infinite, huge or subnormal: bf16 rounding and NaN patterns match numpy's."""
+    dtype = DTYPES["BF16"]
+    rows, cols = 6, 40
+    raw = _weights(np.random.default_rng(1), rows * cols, "BF16", escapes=False)
+    payload = bytearray(encode_spec(raw, dtype, rows, Spec(quant=Quant("int8"))).payload)
+    from mzstore.codecs.quant import S_SCALES, unpack
+
+    scales = unpack(bytes(payload), len(raw), dtype).sections[S_SCALES]
+    start = bytes(payload).find(scales.tobytes())
+    assert start > 0, "scales are stored raw in this payload"
+    hostile = np.array([np.nan, -np.inf, 3e38, 1e-41, -0.0, 1.7e38], dtype=np.float32)
+    payload[start : start + 4 * rows] = hostile.tobytes()
+    fast, ref = both(lambda: QuantCodec().decode(bytes(payload), dtype, len(raw)))
+    assert fast == ref
+    assert fast[0] == "ok"
+
+
+def test_native_zero_runs_on_numpy() -> None:
+    """MZSTORE_NATIVE=0 turns the core off, with no warning; the codecs still round-trip."""
+    code = (
+        "import warnings; warnings.simplefilter('error');"
+        "from mzstore.codecs import native, lossless; from mzstore.format.dtypes import DTYPES;"
+        "assert native.core is None;"
+        "c = lossless.LosslessCodec(); raw = bytes(range(256)) * 600;"
+        "p, _ = c.encode(raw, DTYPES['BF16']); assert c.decode(p, DTYPES['BF16'], len(raw)).tobytes() == raw;"
+        "print('numpy')"
+    )
+    env = {**os.environ, "MZSTORE_NATIVE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+
+
+def test_a_missing_core_warns_once_and_falls_back(tmp_path: Any) -> None:
+    """Without the compiled module (a machine with no compiler), mzstore warns once and decodes on numpy."""
+    code = (
+        "import sys, warnings, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'mzstore.codecs._native': raise ImportError('no compiler here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from mzstore.codecs import native, lossless\n"
+        "    from mzstore.codecs import quant\n"
+        "from mzstore.format.dtypes import DTYPES\n"
+        "assert native.core is None\n"
+        "assert len(seen) == 1 and 'native codec core is not built' in str(seen[0].message), seen\n"
+        "c = lossless.LosslessCodec(); raw = bytes(range(256)) * 600\n"
+        "p, _ = c.encode(raw, DTYPES['BF16']); assert c.decode(p, DTYPES['BF16'], len(raw)).tobytes() == raw\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MZSTORE_NATIVE"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.split_planes(b"abc", 2, True, bytearray(3)),
+        lambda c: c.split_planes(b"abcd", 2, True, bytearray(3)),
+        lambda c: c.split_planes(b"abcd", 3, False, bytearray(4)),
+        lambda c: c.merge_planes([b"ab", b"a"], True, bytearray(4)),
+        lambda c: c.merge_planes([b"ab", b"ab"], True, bytearray(3)),
+        lambda c: c.merge_planes([b"ab", b"ab"], True, b"abcd"),  # read-only destination
+        lambda c: c.pair_histogram(b"ab", bytearray(8)),
+        lambda c: c.pairs_to_plane(b"\x00", bytes(512), b"", bytearray(3)),
+        lambda c: c.pairs_to_half(b"\x00", bytes(510), b"", b"\x00", bytearray(2)),
+        lambda c: c.pairs_to_half(b"\x00", bytes(512), b"\x00", b"\x00", bytearray(2)),
+        lambda c: c.expand(0, b"\x00" * 4, b"\x00" * 4, b"", b"", 2, 2, 1, bytearray(8), 1),
+        lambda c: c.expand(2, b"\x00" * 4, b"\x00" * 8, b"\x00", b"", 2, 2, 2, bytearray(8), 1),
+        lambda c: c.expand(1, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 1),
+        lambda c: c.expand(0, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 7),
+        lambda c: c.expand(2, b"", b"", b"", b"", 0, 0, 0, bytearray(0), 0),
+    ],
+)
+def test_entry_points_check_their_buffers(call: Callable[[Any], Any]) -> None:
+    """Wrong lengths, read-only outputs and bad codes raise instead of reading or writing out of bounds."""
+    assert CORE is not None
+    with pytest.raises((ValueError, TypeError)):
+        call(CORE)
