@@ -419,6 +419,7 @@ class Client:
             refetch=lambda digest, offset, length: self.transport.read_blob_again(digest, offset, length),
             inflight_bytes=self.settings.pull_inflight_bytes,
             coalesce_bytes=self.settings.pull_coalesce_bytes,
+            durable=self.settings.pull_fsync,
         )
 
     def pull(

@@ -107,6 +107,9 @@ class Settings:
         pull_coalesce_bytes: small adjacent chunks are fetched together, up to this many stored +
             decoded bytes per range read (``MZSTORE_PULL_COALESCE``; 0: each chunk alone).
         cache: keep verified chunks in the local cache (``MZSTORE_CACHE=0`` turns it off).
+        pull_fsync: a pull into a directory fsyncs its files before moving them into place
+            (``MZSTORE_PULL_FSYNC=0`` or ``pull --no-fsync`` skips it: for scratch disks, where the
+            write-back of a crash-safe pull costs more than the link).
         offline: work from the local cache alone, never contacting a server (``MZSTORE_OFFLINE=1``).
         transport: where blob bytes come from (``MZSTORE_TRANSPORT``): ``auto`` (the server's HTTP plane
             when it has one, else gRPC), ``http``, ``grpc`` or ``direct`` (the storage nodes).
@@ -136,6 +139,7 @@ class Settings:
     pull_inflight_bytes: int = DEFAULT_PULL_INFLIGHT_BYTES
     pull_coalesce_bytes: int = DEFAULT_PULL_COALESCE_BYTES
     cache: bool = True
+    pull_fsync: bool = True
     offline: bool = False
     transport: str = "auto"
     blob_url: str | None = None
@@ -277,6 +281,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pull_inflight_bytes=_int(env, "MZSTORE_PULL_INFLIGHT", DEFAULT_PULL_INFLIGHT_BYTES),
         pull_coalesce_bytes=_int(env, "MZSTORE_PULL_COALESCE", DEFAULT_PULL_COALESCE_BYTES, allow_zero=True),
         cache=(env.get("MZSTORE_CACHE") or "1").lower() not in ("0", "false", "no", "off"),
+        pull_fsync=(env.get("MZSTORE_PULL_FSYNC") or "1").lower() not in ("0", "false", "no", "off"),
         offline=(env.get("MZSTORE_OFFLINE") or "0").lower() in ("1", "true", "yes", "on"),
         transport=_choice(env, "MZSTORE_TRANSPORT", TRANSPORTS, "auto"),
         blob_url=env.get("MZSTORE_BLOB_URL") or None,

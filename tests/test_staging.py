@@ -168,3 +168,49 @@ def test_every_directory_output_stages_the_same_way(client: Client, tmp_path: Pa
     with pytest.raises(Unavailable):
         client.pull("st/all:v1", out, workers=1, **kw)  # type: ignore[arg-type]
     assert out.exists() and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["plain", "tp", "keep-quantized"])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_no_fsync_pulls_skip_every_sync_and_still_stage(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, fsync: bool
+) -> None:
+    """MZSTORE_PULL_FSYNC=0 (pull --no-fsync): the same files, staged and moved, with no fsync at all."""
+    import dataclasses
+
+    client.push(_quantizable(tmp_path / "src"), "st/sync:v1", codec="int8")
+    client.settings = dataclasses.replace(client.settings, pull_fsync=fsync)
+    synced: list[int] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
+    kw = {"tp": {"tp_size": 2, "tp_rank": 1}, "keep-quantized": {"keep_quantized": True}}.get(how, {})
+    info = client.pull("st/sync:v1", tmp_path / "out", **kw)  # type: ignore[arg-type]
+    assert info.files and all(Path(f).is_file() for f in info.files)
+    assert not list((tmp_path / "out").glob(f"{PARTIAL_PREFIX}*"))
+    assert bool(synced) == fsync
+
+
+def test_the_cli_takes_no_fsync(server: RunningServer, tmp_path: Path) -> None:
+    src = _quantizable(tmp_path / "src")
+    env = {**os.environ, "MZSTORE_HOME": str(tmp_path / "home"), "MZSTORE_SERVER": server.address}
+    run = [sys.executable, "-m", "mzstore.cli"]
+    assert subprocess.run([*run, "push", str(src), "st/cli:v1"], env=env, capture_output=True).returncode == 0
+    # strace-free check: an fsync that fails would fail the pull, so make every fsync fail in the child
+    probe = textwrap.dedent(
+        """
+        import os, sys
+        def refuse(fd):
+            raise OSError(5, "fsync refused by the test")
+        os.fsync = os.fdatasync = refuse
+        from mzstore.cli import main
+        sys.argv = ["mzstore", *sys.argv[1:]]
+        main()
+        """
+    )
+    pull = [sys.executable, "-c", probe, "pull", "st/cli:v1", "--json"]
+    quiet = subprocess.run([*pull, "-o", str(tmp_path / "a"), "--no-fsync"], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    synced = subprocess.run([*pull, "-o", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert synced.returncode == 1 and "fsync refused" in synced.stderr, synced.stderr

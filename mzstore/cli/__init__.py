@@ -30,6 +30,10 @@ from typing import Any
 
 def main(args: Sequence[str] | None = None, standalone_mode: bool = True) -> Any:
     """The ``mzstore`` command. ``standalone_mode=False`` returns (or raises) as click's ``main`` does."""
+    # numpy's OpenBLAS starts a thread per core that spins between calls: 4 % of a pull's CPU in
+    # perf, for nothing (mzstore's threads do the parallel work and call no BLAS on pull).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _tune_malloc()
     try:
         from mzstore.cli import cache, models, server, transfer  # noqa: F401  (registers the commands)
         from mzstore.cli.base import cli, run
@@ -39,6 +43,28 @@ def main(args: Sequence[str] | None = None, standalone_mode: bool = True) -> Any
     if not standalone_mode:
         return cli.main(args, prog_name="mzstore", standalone_mode=False)
     _leave(run(cli, args))
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``) and the values the CLI sets: two arenas, buffers up to
+#: 32 MiB from the heap (not a fresh ``mmap`` each), and up to 512 MiB of freed heap kept. A pull's
+#: range buffers are then reused instead of page-faulted in and zeroed per chunk: 1 GB bf16 lossless
+#: on loopback, 1.05 s and 1.47 CPU-s instead of 1.16 s and 1.60 (median of 5, /tmp/fsx-style run).
+_MALLOPT = ((-8, 2), (-3, 32 << 20), (-1, 512 << 20))  # M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _tune_malloc() -> None:
+    """Set :data:`_MALLOPT` on glibc, unless the user set any of those ``MALLOC_*`` variables."""
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in _MALLOC_ENV):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in _MALLOPT:
+        mallopt(param, value)
 
 
 def _leave(code: int) -> None:

@@ -187,11 +187,16 @@ def connect(
     direct: bool = False,
     offline: bool | None = None,
     data_plane: str | None = None,
+    fsync: bool = True,
 ) -> Any:
+    import dataclasses
+
     from mzstore.client import Client
     from mzstore.settings import server_address
 
     settings = cli_settings()
+    if not fsync:
+        settings = dataclasses.replace(settings, pull_fsync=False)
     try:
         address = server_address(server or settings.server)
     except MzstoreError as exc:

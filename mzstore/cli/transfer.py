@@ -152,6 +152,12 @@ def push(
 @click.option("--workers", type=click.IntRange(min=1), help="Parallel fetch/decode streams [env MZSTORE_PULL_WORKERS].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor fill the local chunk cache.")
 @click.option(
+    "--no-fsync",
+    is_flag=True,
+    help="Do not fsync the files before moving them into place (scratch disks: faster, not crash-safe) "
+    "[env MZSTORE_PULL_FSYNC=0].",
+)
+@click.option(
     "--direct",
     is_flag=True,
     help="Read blobs straight from the storage nodes (same S3 / local disk); the server only sends the manifest.",
@@ -192,6 +198,7 @@ def pull(
     tp_rank: int,
     workers: int | None,
     no_cache: bool,
+    no_fsync: bool,
     direct: bool,
     data_plane: str | None,
     force: bool,
@@ -233,7 +240,13 @@ def pull(
     out = out or parsed.name.rsplit("/", 1)[-1]
     dest = check_destination(out, parsed.name, force=force or clean)
     client = connect(
-        ctx, server, cache=False if no_cache else None, direct=direct, offline=offline, data_plane=data_plane
+        ctx,
+        server,
+        cache=False if no_cache else None,
+        direct=direct,
+        offline=offline,
+        data_plane=data_plane,
+        fsync=not no_fsync,
     )
     total = 0
     if not (as_json or quiet) and tp_size == 1 and sys.stderr.isatty():
@@ -255,7 +268,7 @@ def pull(
         )
     written = [Path(f).relative_to(out).as_posix() for f in info.files]
     left = settle(dest, written, clean=clean)
-    write_record(Path(out), parsed.name, info.ref, info.digest, written)
+    write_record(Path(out), parsed.name, info.ref, info.digest, written, durable=client.settings.pull_fsync)
     if as_json:
         emit(asdict(info) | {"output": str(out)} | asdict(left))
         return

@@ -138,6 +138,7 @@ def settle(dest: Destination, written: list[str], *, clean: bool = False) -> Lef
     return result
 
 
-def write_record(out: Path, name: str, ref: str, digest: str, files: list[str]) -> None:
+def write_record(out: Path, name: str, ref: str, digest: str, files: list[str], durable: bool = True) -> None:
     """Record a finished pull into ``out`` (``.mzstore/pull.json``)."""
-    write_json(out / RECORD, {"name": name, "ref": ref, "digest": digest, "files": sorted(files)}, indent=2)
+    record = {"name": name, "ref": ref, "digest": digest, "files": sorted(files)}
+    write_json(out / RECORD, record, indent=2, durable=durable)

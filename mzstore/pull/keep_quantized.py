@@ -134,7 +134,7 @@ def _load_json(path: Path, what: str) -> Any:
         raise FormatError(f"{what} is not valid JSON: {exc}") from None
 
 
-def _add_quantization_config(path: Path, plan: ExportPlan) -> None:
+def _add_quantization_config(path: Path, plan: ExportPlan, durable: bool = True) -> None:
     config = _load_json(path, CONFIG_FILE)
     if not isinstance(config, dict):
         raise FormatError(f"{CONFIG_FILE} is not a JSON object")
@@ -146,10 +146,12 @@ def _add_quantization_config(path: Path, plan: ExportPlan) -> None:
             "the model was pushed pre-quantized: pull it without --keep-quantized"
         )
     config[QUANTIZATION_CONFIG] = plan.quantization_config()
-    write_json(path, config, indent=2, sort_keys=True)  # as transformers and compressed-tensors write it
+    write_json(
+        path, config, indent=2, sort_keys=True, durable=durable
+    )  # as transformers and compressed-tensors write it
 
 
-def _rewrite_index(path: Path, plan: ExportPlan, layouts: dict[str, _FileOut]) -> None:
+def _rewrite_index(path: Path, plan: ExportPlan, layouts: dict[str, _FileOut], durable: bool = True) -> None:
     """Point the index at the new tensor names; ``total_size`` is the new data size."""
     index = _load_json(path, path.name)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -164,7 +166,7 @@ def _rewrite_index(path: Path, plan: ExportPlan, layouts: dict[str, _FileOut]) -
     metadata = index.get("metadata")
     if isinstance(metadata, dict) and "total_size" in metadata:
         metadata["total_size"] = sum(layouts[f].data_len for f in sorted(set(new_map.values()) & set(layouts)))
-    write_json(path, index, indent=2, sort_keys=True)
+    write_json(path, index, indent=2, sort_keys=True, durable=durable)
 
 
 @dataclass
@@ -192,13 +194,17 @@ class KeepQuantizedSink(Sink[list[Path]]):
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike[str], manifest: Manifest, dense: Sequence[str] = DEFAULT_DENSE
+        self,
+        out_dir: str | os.PathLike[str],
+        manifest: Manifest,
+        dense: Sequence[str] = DEFAULT_DENSE,
+        durable: bool = True,
     ) -> None:
         self.plan = plan_export(manifest, dense)
         if not self.plan.ok:
             raise InvalidArgument(f"cannot keep this model quantized: {self.plan.summary()}")
         self.manifest = manifest
-        self.staged = StagedFiles(out_dir)
+        self.staged = StagedFiles(out_dir, durable)
         by_file: dict[str, list[TensorPlan]] = {}
         for p in self.plan.tensors:
             by_file.setdefault(p.entry.file, []).append(p)
@@ -278,9 +284,9 @@ class KeepQuantizedSink(Sink[list[Path]]):
     def finish(self) -> list[Path]:
         for f in self.manifest.files:
             if f.path == CONFIG_FILE:
-                _add_quantization_config(self.staged.path(f.path), self.plan)
+                _add_quantization_config(self.staged.path(f.path), self.plan, self.staged.durable)
             elif f.kind == "file" and "/" not in f.path and f.path.endswith(INDEX_SUFFIX):
-                _rewrite_index(self.staged.path(f.path), self.plan, self.layouts)
+                _rewrite_index(self.staged.path(f.path), self.plan, self.layouts, self.staged.durable)
         return self.staged.commit()
 
     def abort(self) -> None:

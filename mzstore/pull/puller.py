@@ -73,6 +73,7 @@ class Puller:
         inflight_bytes: cap on stored + decoded bytes of the chunks in flight.
         coalesce_bytes: small adjacent chunks share one range read up to this many bytes (0: never).
         retries: attempts per chunk on transient fetch errors.
+        durable: outputs written to a directory are fsynced before they take their final names.
     """
 
     fetch: Fetch
@@ -83,6 +84,7 @@ class Puller:
     inflight_bytes: int | None = DEFAULT_PULL_INFLIGHT_BYTES
     coalesce_bytes: int = COALESCE_BYTES
     retries: int = 3
+    durable: bool = True
 
     def run(
         self, manifest: Manifest, sink: Sink[R], files: list[str] | None = None, progress: ProgressFn = None
@@ -161,7 +163,7 @@ class Puller:
             chosen = set(files)
             return self.run(
                 manifest,
-                DirectorySink(out_dir, manifest, [f for f in manifest.files if f.path in chosen]),
+                DirectorySink(out_dir, manifest, [f for f in manifest.files if f.path in chosen], self.durable),
                 files,
                 progress,
             )
@@ -169,13 +171,13 @@ class Puller:
             if keep_quantized:
                 raise UsageError("--keep-quantized and tensor-parallel slices cannot be combined")
             self._warn_tp(manifest, tp_size, tp_rules)
-            sink = TensorParallelFilesSink(out_dir, manifest, tp_size, tp_rank, tp_rules, ref=ref)
+            sink = TensorParallelFilesSink(out_dir, manifest, tp_size, tp_rank, tp_rules, ref=ref, durable=self.durable)
         elif keep_quantized:
             from mzstore.pull.keep_quantized import KeepQuantizedSink
 
-            sink = KeepQuantizedSink(out_dir, manifest)
+            sink = KeepQuantizedSink(out_dir, manifest, durable=self.durable)
         else:
-            sink = DirectorySink(out_dir, manifest)
+            sink = DirectorySink(out_dir, manifest, durable=self.durable)
         return self.run(manifest, sink, progress=progress)
 
     def state_dict(

@@ -124,9 +124,13 @@ class DirectorySink(Sink[list[Path]]):
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike[str], manifest: Manifest, files: list[FileEntry] | None = None
+        self,
+        out_dir: str | os.PathLike[str],
+        manifest: Manifest,
+        files: list[FileEntry] | None = None,
+        durable: bool = True,
     ) -> None:
-        self.staged = StagedFiles(out_dir)
+        self.staged = StagedFiles(out_dir, durable)
         self.files = files if files is not None else manifest.files
         self._paths = {f.path for f in self.files}
         self._fds: dict[str, int] = {}
@@ -354,9 +358,12 @@ class TensorParallelFilesSink(Sink[list[Path]]):
         tp_rank: int,
         rules: Any = None,
         ref: str = "",
+        durable: bool = True,
     ) -> None:
         self.manifest = manifest
-        self.files = DirectorySink(out_dir, manifest, [f for f in manifest.files if f.kind != "safetensors"])
+        self.files = DirectorySink(
+            out_dir, manifest, [f for f in manifest.files if f.kind != "safetensors"], durable=durable
+        )
         self.tensors = TensorParallelSink(manifest, tp_size, tp_rank, rules)
         self.metadata = {"mzstore.tp_size": str(tp_size), "mzstore.tp_rank": str(tp_rank), "mzstore.ref": ref}
 

@@ -141,8 +141,9 @@ class StagedFiles:
         out_dir: the destination directory (created by :meth:`open`).
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], durable: bool = True) -> None:
         self.out = Path(out_dir)
+        self.durable = durable
         self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
         self._order: list[str] = []
@@ -171,21 +172,29 @@ class StagedFiles:
     def write(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset`` of a file from :meth:`create`."""
         pwrite_all(fd, data, offset)
-        self._flusher.wrote(fd, len(memoryview(data).cast("B")))
+        if self.durable:
+            self._flusher.wrote(fd, len(memoryview(data).cast("B")))
 
     def adopt(self, rel: str) -> None:
         """Commit a file the caller wrote whole at :meth:`path` along with the others."""
         self._order.append(rel)
 
     def commit(self) -> list[Path]:
-        """fsync every file, move them all into place, fsync their directories; return the final paths."""
+        """fsync every file, move them all into place, fsync their directories; return the final paths.
+
+        Not ``durable``: the same moves without the fsyncs (what ``hf download`` and ``aws s3 cp`` do);
+        a crash may then leave final names with missing data, which ``mzstore pull`` into the same
+        folder replaces.
+        """
         self._flusher.wait()
         for rel in self._order:
             fd = self._fds.pop(rel, None)
             if fd is None:
-                fsync_path(self.stage / rel)
+                if self.durable:
+                    fsync_path(self.stage / rel)
                 continue
-            os.fsync(fd)
+            if self.durable:
+                os.fsync(fd)
             os.close(fd)
         finals = []
         for rel in self._order:
@@ -193,7 +202,7 @@ class StagedFiles:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.stage / rel, final)
             finals.append(final)
-        for directory in {f.parent for f in finals}:
+        for directory in {f.parent for f in finals} if self.durable else ():
             fsync_path(directory)
         shutil.rmtree(self.stage, ignore_errors=True)
         return finals
