@@ -519,3 +519,30 @@ def test_fused_half_float_decode_matches_the_generic_path(
     high = _decode_pairs(pair_body, n).copy()
     _assemble([np.frombuffer(low_body, np.uint8), high], generic.view(np.uint16), True)
     assert np.array_equal(got, generic)
+
+
+@pytest.mark.parametrize("name,tdtype,want", [("BF16", torch.bfloat16, _PAIRS), ("F16", torch.float16, _ZSTD)])
+def test_the_exponent_coder_is_chosen_by_estimate_and_the_choice_is_the_smaller(
+    lossless, monkeypatch, name: str, tdtype: torch.dtype, want: int
+) -> None:
+    """bf16 exponents code smaller as pairs, fp16's (3 mantissa bits in the byte) plainly; the encoder
+    estimates which from the pair counts and runs one coder, and the estimate agrees with both run."""
+    from mzstore.codecs import lossless as module
+
+    gen = torch.Generator().manual_seed(11)
+    raw = (torch.randn(4 * PAIRS_MIN_BYTES, generator=gen) * 0.02).to(tdtype).view(torch.uint8).numpy().tobytes()
+    dtype = DTYPES[name]
+    calls = {"plain": 0, "pairs": 0}
+    real_pairs = module._encode_pairs
+    monkeypatch.setattr(
+        module, "_encode_pairs", lambda *a: (calls.__setitem__("pairs", calls["pairs"] + 1), real_pairs(*a))[1]
+    )
+    payload, _ = lossless.encode(raw, dtype)
+    exponent_method = planes_of(payload)[-1][0]
+    assert exponent_method == want
+    assert calls["pairs"] == (1 if want == _PAIRS else 0), "one coder ran, not both"
+    monkeypatch.setattr(module, "PAIRS_SURE", -1.0)
+    monkeypatch.setattr(module, "BYTES_SURE", 1e9)
+    both, _ = lossless.encode(raw, dtype)
+    assert len(both) == len(payload), "running both coders would not have found a smaller payload"
+    assert lossless.decode(payload, dtype, len(raw)).tobytes() == raw
