@@ -11,6 +11,7 @@ hashes, BLAKE3 (what new manifests carry) and sha256 (older ones).
 Usage::
 
     .venv/bin/python bench/bench_decode.py [--runs 15] [--mib 16]
+    MZSTORE_NATIVE=0 .venv/bin/python bench/bench_decode.py    # the numpy reference, for the before
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import blake3
 import numpy as np
 import torch
 
+from mzstore.codecs import native
 from mzstore.codecs.lossless import LosslessCodec
 from mzstore.codecs.policy import parse_policy
-from mzstore.codecs.quant import QuantCodec, encode_spec
+from mzstore.codecs.quant import QuantCodec, encode_spec, expand_into, unpack
 from mzstore.format.dtypes import get_dtype
 
 
@@ -104,6 +106,14 @@ def main() -> None:
         lambda i: quant.decode_into(enc.payload, dtype, outs[i]),
         size,
     )
+    compact = unpack(enc.payload, size, dtype)  # the codes, already out of zstd: the expansion alone
+    line(
+        "int8 -> BF16, expand only",
+        lambda: expand_into(compact, dtype, outs[0]),
+        lambda i: expand_into(compact, dtype, outs[i]),
+        size,
+    )
+    print(f"codec core: {'native (mzstore/codecs/_native.c)' if native.enabled() else 'numpy (MZSTORE_NATIVE=0)'}")
 
 
 if __name__ == "__main__":

@@ -343,3 +343,37 @@ def test_a_busy_upload_session_says_so_in_trailing_metadata(server: RunningServe
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert ("mzstore-reason", "session-busy") in tuple(err.value.trailing_metadata())
     assert isinstance(translate(err.value), SessionBusy)
+
+
+def test_an_upload_stream_that_stops_early_keeps_its_session_for_a_resume(
+    server: RunningServer, client: Client, tmp_path: Path
+) -> None:
+    """A fresh upload whose stream closes before its file ends (a killed client can look like that to
+    gRPC) is not malformed: the server answers CANCELLED, keeps what arrived, and a resume sends the rest."""
+    import uuid
+
+    from mzstore.push.source import open_source
+    from mzstore.push.upload import begin_for, push_resumable
+    from mzstore.transport.grpc import begin_proto
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"w{i}": torch.randn(256, 256) for i in range(8)}, str(path))
+    data = path.read_bytes()
+    begin = begin_for(open_source(path), "test/early:v1", "lossless")
+    session = uuid.uuid4().hex
+    half = len(data) // 2
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.StoreStub(channel)
+        stub.StartUpload(pb.StartUploadRequest(session=session, begin=begin_proto(begin)), timeout=10)
+        first = pb.UploadRequest(session=session, data=pb.FileData(file=0, offset=0, data=data[:half]))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Upload(iter([first]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.CANCELLED, err.value.details()
+        status = stub.StartUpload(pb.StartUploadRequest(session=session, begin=begin_proto(begin)), timeout=10)
+    assert list(status.received) == [half], "what arrived is kept"
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"session": session, "ref": begin.ref}))
+    result, sent = push_resumable(client.transport, open_source(path), begin, record=record)
+    assert result.ref == "test/early:v1"
+    assert sent == len(data) - half
+    assert client.load_state_dict("test/early:v1")["w3"].shape == (256, 256)

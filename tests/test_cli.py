@@ -191,7 +191,7 @@ def test_killed_push_resumes_where_the_server_copy_ends(cli_server: str, tmp_pat
     assert mz("ls", server=cli_server, check=True).stdout == ""
     rerun = mz("push", str(src), "org/resumed:v1", "--json", server=cli_server, check=True)
     sent = json.loads(rerun.stdout)["bytes_transferred"]
-    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume"
+    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume ({rerun.stderr})"
     assert not any(p.is_file() for p in uploads.rglob("*")), "the committed session is removed"
     out = tmp_path / "o"
     mz("pull", "org/resumed:v1", "-o", str(out), server=cli_server, check=True)
@@ -214,7 +214,7 @@ def test_a_rerun_waits_while_the_dead_push_still_holds_its_session(cli_server: s
     rerun = mz("push", str(src), "org/held:v1", "--json", server=cli_server, check=True)
     assert time.monotonic() - start >= hold
     sent = json.loads(rerun.stdout)["bytes_transferred"]
-    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume"
+    assert 0 < sent < size, f"the rerun sent {sent} of {size} bytes: it did not resume ({rerun.stderr})"
     out = tmp_path / "o"
     mz("pull", "org/held:v1", "-o", str(out), server=cli_server, check=True)
     assert (out / "big.safetensors").read_bytes() == src.read_bytes()

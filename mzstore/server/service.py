@@ -187,7 +187,22 @@ def _events(
         else:
             raise InvalidArgument(f"unexpected {which or 'empty'} message inside a push")
     if not context.is_active():
-        raise InvalidArgument("client went away during the upload")
+        raise Cancelled("client went away during the upload")
+
+
+class _Drained(Iterator[UploadEvent]):
+    """An event iterator that remembers whether its stream ran out (rather than its consumer stopping)."""
+
+    def __init__(self, events: Iterator[UploadEvent]) -> None:
+        self.events = events
+        self.drained = False
+
+    def __next__(self) -> UploadEvent:
+        try:
+            return next(self.events)
+        except StopIteration:
+            self.drained = True
+            raise
 
 
 def _begin(b: pb.PushBegin) -> UploadBegin:
@@ -279,7 +294,7 @@ class StoreService(pb_grpc.StoreServicer):
             yield from request_iterator
 
         sessions = self.sessions
-        events = _events(requests(), context, check)
+        events = _Drained(_events(requests(), context, check))
         status = sessions.status(first.session)
         if any((r or e) and not k for r, e, k in zip(status.received, status.ended, status.known, strict=True)):
             return _status(sessions.append(first.session, events))  # a resume: the commit replays
@@ -290,6 +305,10 @@ class StoreService(pb_grpc.StoreServicer):
             result = self.ingest(sessions.begin_of(first.session), stream, first.session)
         except (FormatError, IntegrityError, InvalidArgument, ResourceExhausted) as exc:
             stream.close()  # records what arrived and releases the session
+            if events.drained and not all(sessions.status(first.session).ended):
+                # The stream stopped before its files ended (a client killed or cut off, whose end
+                # gRPC reported as a close): what arrived is kept, and a rerun resumes after it.
+                raise Cancelled("the upload stream ended before its files did; rerun the push to resume") from None
             if not isinstance(exc, ResourceExhausted):
                 sessions.drop(first.session)  # malformed or altered: resuming cannot fix it
             raise
