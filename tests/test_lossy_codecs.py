@@ -1000,3 +1000,34 @@ def test_blocked_int8_expand_matches_the_reference_dequantize(rows: int, cols: i
     _cast_into(y.reshape(-1), dt, want)
     assert np.array_equal(expand(c, dt), want)
     assert np.array_equal(np.asarray(enc.decoded), want)
+
+
+@pytest.mark.parametrize("cos,dtype", [(0.9, "F32"), (0.99, "BF16"), (0.995, "F32"), (0.9995, "BF16")])
+def test_auto_on_a_sample_skips_hopeless_candidates_and_still_picks_the_smallest(monkeypatch, cos, dtype):
+    """With many rows, auto tries candidates on 64 of them first: fewer whole-chunk encodes, same choice."""
+    import mzstore.codecs.quant as quant
+
+    m = make(dtype, 512, 256, seed=13, scale=0.05)
+    target = auto_chunk_target(cos)
+    meeting = [
+        (len(c.payload), str(spec))
+        for spec in AUTO_CANDIDATES
+        if (c := encode_spec(m.raw, m.dt, m.rows, spec)).stats.cosine >= target
+    ]
+    whole = []
+    real = quant.encode_spec
+
+    def counted(raw, dt, rows, spec):
+        if rows == m.rows:
+            whole.append(str(spec))
+        return real(raw, dt, rows, spec)
+
+    monkeypatch.setattr(quant, "encode_spec", counted)
+    enc = encode_auto(m.raw, m.dt, m.rows, cos)
+    assert len(whole) < len(AUTO_CANDIDATES), f"every candidate was encoded whole: {whole}"
+    if meeting:
+        assert enc.codec == "quant" and enc.stats.cosine >= target
+        assert len(enc.payload) == min(size for size, _ in meeting)
+        check_consistent(m, enc, enc.params["spec"])
+    else:
+        assert enc.codec == "lossless"

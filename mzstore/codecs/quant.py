@@ -651,21 +651,52 @@ def auto_chunk_target(cos: float, margin: float = AUTO_MARGIN) -> float:
     return 1.0 - (1.0 - cos) / margin
 
 
+#: ``auto`` first tries each candidate on this many rows of the chunk, evenly spaced (scales are per
+#: row or per row group, so a row quantizes the same alone as in the whole chunk).
+AUTO_SAMPLE_ROWS = 64
+#: A candidate is encoded in full when its sample keeps at least ``1 - (1 - target) * slack``: the
+#: sample only skips the hopeless ones; the decision is made on the whole chunk's measured error.
+AUTO_SAMPLE_SLACK = 2.0
+
+
 def encode_auto(
     raw: bytes | bytearray | memoryview, dtype: DType, rows: int, cos: float, margin: float = AUTO_MARGIN
 ) -> Encoded:
-    """The smallest candidate that keeps :func:`auto_chunk_target` of ``cos``, else lossless."""
+    """The smallest candidate that keeps :func:`auto_chunk_target` of ``cos``, else lossless.
+
+    Each candidate's error is first estimated on a sample of rows; one whose sample falls clearly
+    short is not encoded in full. A 4-bit candidate that passes ends the search (every later one
+    stores more bits per weight). The chosen encoding's error is always measured on the whole
+    chunk, decoded exactly as a pull decodes it.
+    """
     target = auto_chunk_target(cos, margin)
+    lenient = 1.0 - (1.0 - target) * AUTO_SAMPLE_SLACK
+    sample = _row_sample(raw, dtype, rows)
     best: Encoded | None = None
     for spec in AUTO_CANDIDATES:
+        if sample is not None and encode_spec(sample[0], dtype, sample[1], spec).stats.cosine < lenient:
+            continue
         enc = encode_spec(raw, dtype, rows, spec)
         if enc.stats.cosine >= target and (best is None or len(enc.payload) < len(best.payload)):
             best = enc
+            if spec.quant is not None and spec.quant.kind == "int4":
+                break
     lossless_payload, lossless_params = _lossless.encode(raw, dtype)
     if best is None or len(lossless_payload) <= len(best.payload):
         x = to_f32(raw, dtype)
         return Encoded("lossless", lossless_payload, lossless_params, Stats.of(x, x), np.frombuffer(raw, np.uint8))
     return best
+
+
+def _row_sample(raw: bytes | bytearray | memoryview, dtype: DType, rows: int) -> tuple[bytes, int] | None:
+    """:data:`AUTO_SAMPLE_ROWS` rows of the chunk, evenly spaced, and their count; ``None`` when it has few rows."""
+    r, c = chunk_matrix(len(raw), dtype, rows)
+    if r <= 2 * AUTO_SAMPLE_ROWS:
+        return None
+    width = c * (dtype.bits // 8)
+    matrix = np.frombuffer(raw, dtype=np.uint8).reshape(r, width)
+    picked = np.linspace(0, r - 1, AUTO_SAMPLE_ROWS).astype(np.intp)
+    return matrix[picked].tobytes(), AUTO_SAMPLE_ROWS
 
 
 class QuantCodec:
