@@ -44,6 +44,24 @@ static void rel(Buf *b) {
     }
 }
 
+/* The buffers of objs[0..n), n = strlen(modes): modes[i] is 'r' (read) or 'w' (writable). On failure
+ * the ones already taken are released and -1 returned with the exception set. */
+static int get_bufs(PyObject *const *objs, Buf *bufs, const char *modes, const char *what) {
+    int n = (int)strlen(modes);
+    for (int i = 0; i < n; i++) bufs[i].held = 0;
+    for (int i = 0; i < n; i++) {
+        if (get_buf(objs[i], &bufs[i], modes[i] == 'w', what) < 0) {
+            for (int j = 0; j < i; j++) rel(&bufs[j]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void rel_all(Buf *bufs, int n) {
+    for (int i = 0; i < n; i++) rel(&bufs[i]);
+}
+
 #define LEN(b) ((b).view.len)
 #define PTR(b) ((b).view.buf)
 
@@ -212,13 +230,10 @@ static PyObject *pair_histogram(PyObject *self, PyObject *args) {
 static PyObject *pair_ranks(PyObject *self, PyObject *args) {
     PyObject *po, *lo, *ro, *eo;
     if (!PyArg_ParseTuple(args, "OOOO", &po, &lo, &ro, &eo)) return NULL;
-    Buf p, l, r, e;
-    l.held = r.held = e.held = 0;
-    PyObject *ret = NULL;
-    if (get_buf(po, &p, 0, "pair_ranks plane") < 0) return NULL;
-    if (get_buf(lo, &l, 0, "pair_ranks lut") < 0 || get_buf(ro, &r, 1, "pair_ranks ranks") < 0 ||
-        get_buf(eo, &e, 1, "pair_ranks escapes") < 0)
-        goto done;
+    PyObject *objs[] = {po, lo, ro, eo}, *ret = NULL;
+    Buf b[4];
+    if (get_bufs(objs, b, "rrww", "pair_ranks (plane, lut, ranks, escapes)") < 0) return NULL;
+    Buf p = b[0], l = b[1], r = b[2], e = b[3];
     Py_ssize_t n = LEN(p), npairs = (n + 1) / 2;
     if (LEN(l) != 65536 || LEN(r) != npairs || LEN(e) < 2 * npairs) {
         PyErr_SetString(PyExc_ValueError, "pair_ranks: buffers have the wrong lengths");
@@ -241,7 +256,7 @@ static PyObject *pair_ranks(PyObject *self, PyObject *args) {
         ret = PyLong_FromSsize_t(ne);
     }
 done:
-    rel(&p); rel(&l); rel(&r); rel(&e);
+    rel_all(b, 4);
     return ret;
 }
 
@@ -301,12 +316,10 @@ static int pairs_args(Buf *r, Buf *t, Buf *e, Py_ssize_t n) {
 static PyObject *pairs_to_plane(PyObject *self, PyObject *args) {
     PyObject *ro, *to, *eo, *oo;
     if (!PyArg_ParseTuple(args, "OOOO", &ro, &to, &eo, &oo)) return NULL;
-    Buf r, t, e, o;
-    t.held = e.held = o.held = 0;
-    PyObject *ret = NULL;
-    if (get_buf(ro, &r, 0, "ranks") < 0) return NULL;
-    if (get_buf(to, &t, 0, "table") < 0 || get_buf(eo, &e, 0, "escapes") < 0 || get_buf(oo, &o, 1, "plane") < 0)
-        goto done;
+    PyObject *objs[] = {ro, to, eo, oo}, *ret = NULL;
+    Buf b[4];
+    if (get_bufs(objs, b, "rrrw", "pairs_to_plane (ranks, table, escapes, plane)") < 0) return NULL;
+    Buf r = b[0], t = b[1], e = b[2], o = b[3];
     if (pairs_args(&r, &t, &e, LEN(o)) < 0) goto done;
     {
         const uint8_t *ranks = PTR(r), *tb = PTR(t), *esc = PTR(e);
@@ -331,7 +344,7 @@ static PyObject *pairs_to_plane(PyObject *self, PyObject *args) {
         ret = PyLong_FromSsize_t(used);
     }
 done:
-    rel(&r); rel(&t); rel(&e); rel(&o);
+    rel_all(b, 4);
     return ret;
 }
 
@@ -389,13 +402,10 @@ HOT static Py_ssize_t k_half(const uint8_t *restrict ranks, Py_ssize_t npairs, c
 static PyObject *pairs_to_half(PyObject *self, PyObject *args) {
     PyObject *ro, *to, *eo, *lo, *oo;
     if (!PyArg_ParseTuple(args, "OOOOO", &ro, &to, &eo, &lo, &oo)) return NULL;
-    Buf r, t, e, l, o;
-    t.held = e.held = l.held = o.held = 0;
-    PyObject *ret = NULL;
-    if (get_buf(ro, &r, 0, "ranks") < 0) return NULL;
-    if (get_buf(to, &t, 0, "table") < 0 || get_buf(eo, &e, 0, "escapes") < 0 || get_buf(lo, &l, 0, "low plane") < 0 ||
-        get_buf(oo, &o, 1, "words") < 0)
-        goto done;
+    PyObject *objs[] = {ro, to, eo, lo, oo}, *ret = NULL;
+    Buf b[5];
+    if (get_bufs(objs, b, "rrrrw", "pairs_to_half (ranks, table, escapes, low, words)") < 0) return NULL;
+    Buf r = b[0], t = b[1], e = b[2], l = b[3], o = b[4];
     if (LEN(o) % 2 || LEN(l) != LEN(o) / 2) { PyErr_SetString(PyExc_ValueError, "low plane and words differ"); goto done; }
     if (pairs_args(&r, &t, &e, LEN(l)) < 0) goto done;
     {
@@ -413,7 +423,7 @@ static PyObject *pairs_to_half(PyObject *self, PyObject *args) {
         ret = PyLong_FromSsize_t(used);
     }
 done:
-    rel(&r); rel(&t); rel(&e); rel(&l); rel(&o);
+    rel_all(b, 5);
     return ret;
 }
 
@@ -497,13 +507,10 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     Py_ssize_t rows, cols, group;
     if (!PyArg_ParseTuple(args, "iOOOOnnnOi", &method, &co, &so, &zo, &to, &rows, &cols, &group, &oo, &fmt))
         return NULL;
-    Buf c, s, z, t, o;
-    s.held = z.held = t.held = o.held = 0;
-    PyObject *ret = NULL;
-    if (get_buf(co, &c, 0, "codes") < 0) return NULL;
-    if (get_buf(so, &s, 0, "scales") < 0 || get_buf(zo, &z, 0, "zeros") < 0 || get_buf(to, &t, 0, "table") < 0 ||
-        get_buf(oo, &o, 1, "out") < 0)
-        goto done;
+    PyObject *objs[] = {co, so, zo, to, oo}, *ret = NULL;
+    Buf b[5];
+    if (get_bufs(objs, b, "rrrrw", "expand (codes, scales, zeros, table, out)") < 0) return NULL;
+    Buf c = b[0], s = b[1], z = b[2], t = b[3], o = b[4];
     if (rows < 0 || cols < 0 || (method == Q_INT4 && group <= 0) || (fmt != OUT_F32 && fmt != OUT_BF16) ||
         method < Q_INT8 || method > Q_INT4) {
         PyErr_SetString(PyExc_ValueError, "expand: bad shape, method or format");
@@ -529,7 +536,7 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    rel(&c); rel(&s); rel(&z); rel(&t); rel(&o);
+    rel_all(b, 5);
     return ret;
 }
 
