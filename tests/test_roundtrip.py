@@ -91,10 +91,25 @@ def test_every_dtype_round_trips_bit_exactly(small_client: Client, all_dtypes_fi
         assert _same(loaded[name], tensor), name
 
 
+@pytest.mark.parametrize("written_once", [False, True])
 def test_shards_are_valid_safetensors_with_chunk_metadata(
-    small_client: Client, all_dtypes_file: Path, root: Path
+    small_client: Client, all_dtypes_file: Path, root: Path, monkeypatch: pytest.MonkeyPatch, written_once: bool
 ) -> None:
+    """Also for shards written once behind a reserved, space-padded header (large pushes to a local
+    node; here every push, with a reserve small enough that shards are sealed early for it)."""
+    from mzstore.push import shards
+
+    if written_once:
+        monkeypatch.setattr(shards, "DIRECT_MIN_BYTES", 0)
+        monkeypatch.setattr(shards, "HEADER_RESERVE", 8192)
     info = small_client.push(all_dtypes_file, "test/dtypes:v1")
+    if written_once:
+        for digest in parse_manifest(Store(root).get_manifest(info.digest)).blobs():
+            with open(root / "blobs" / "sha256" / digest[7:9] / digest[7:], "rb") as fh:
+                assert int.from_bytes(fh.read(8), "little") + 8 == 8192, "the header fills its reserved region"
+        assert not [p for p in (root / "tmp").rglob("*") if p.is_file()], "no spool or staged file is left"
+        out = small_client.pull("test/dtypes:v1", root.parent / "out")
+        assert (Path(out.files[0]).read_bytes()) == all_dtypes_file.read_bytes()
     store = Store(root)
     manifest = parse_manifest(store.get_manifest(info.digest))
     blobs = manifest.blobs()

@@ -159,7 +159,7 @@ class LosslessCodec:
             split = words.view(np.uint8).reshape(-1, k)
             planes = [np.ascontiguousarray(split[:, i]) for i in range(k)]
         heads = []
-        bodies = []
+        bodies: list[bytes | memoryview] = []
         cctx = _cctx()
         for i, plane in enumerate(planes):
             exponent = rotate and i == k - 1
@@ -180,7 +180,7 @@ class LosslessCodec:
                 bodies.append(packed)
             else:
                 heads.append(_PLANE.pack(_RAW, len(plane)))
-                bodies.append(plane.tobytes())
+                bodies.append(plane.data)  # joined below: no copy of its own
         head = _HEAD.pack(MAGIC, k, int(rotate), len(planes), 0)
         payload = b"".join([head, *heads, *bodies])
         return payload, {"word": k, "rotate": rotate}

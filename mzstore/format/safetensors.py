@@ -204,12 +204,18 @@ def _parse_entry(name: str, entry: object, data_len: int) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:
-    """Build the 8-byte prefix and the JSON header, padded to 8-byte alignment.
+def build_header(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]],
+    metadata: dict[str, str] | None,
+    size: int | None = None,
+) -> bytes:
+    """Build the 8-byte prefix and the JSON header, padded with spaces to 8-byte alignment.
 
     Args:
         entries: ``(name, dtype, shape, begin, end)`` in data order.
         metadata: the ``__metadata__`` map, or ``None``.
+        size: pad the prefix + header to exactly this many bytes (a multiple of 8) instead, when
+            they fit (trailing spaces are allowed by the format); the result is longer when not.
 
     Returns:
         ``prefix + header`` ready to be followed by the data section.
@@ -221,4 +227,6 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)
+    if size is not None and 8 + len(text) < size:
+        text += b" " * (size - 8 - len(text))
     return struct.pack("<Q", len(text)) + text

@@ -208,6 +208,7 @@ class Ingest:
         validate_begin(begin, self.limits)
         ref = parse_ref(begin.ref)
         self.policy = parse_policy(begin.codec, begin.keep)
+        self.writer.expect(sum(f.size for f in begin.files))
         try:
             self._consume(begin, iter(events))
             self._drain_all()

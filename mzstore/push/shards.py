@@ -7,7 +7,12 @@ safetensors header is built — one ``U8`` entry per chunk, plus
 ``__metadata__ = {"format": "pt", "mzstore": <json>}`` describing every
 chunk — and header + spool are copied in one pass, computing the digest on
 the way, to a staged blob (on a local node: a fsynced temp file on the same
-disk). :meth:`ShardWriter.publish` renames the staged shards into
+disk). A large push to a store whose only node is a local disk skips that
+copy: its spool is written in the node's temp directory behind a header
+region reserved up front (:data:`HEADER_RESERVE`), the header is written
+into it at sealing (padded with spaces, which the format allows), and the
+spool itself becomes the staged blob, hashed as it is read back from the
+page cache. :meth:`ShardWriter.publish` renames the staged shards into
 ``blobs/`` just before the manifest is written, so a failed push leaves no
 blob behind. The chunk records handed out by :meth:`append` are filled in
 with their blob digest and absolute offset at sealing; that is what the
@@ -28,6 +33,15 @@ from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
 from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Staged, Store
+
+#: Pushes of at least this many raw bytes write each shard once (see above); smaller ones keep exact,
+#: unpadded headers (a reserved header region would be a visible share of a small model).
+DIRECT_MIN_BYTES = 256 * 1024 * 1024
+#: The header region of a shard written once: 256 KiB, about 0.03 % of a 1 GB shard. A shard is sealed
+#: early when its header could outgrow it (several hundred chunks).
+HEADER_RESERVE = 256 * 1024
+#: What the header of a shard costs besides its entries (the metadata keys and braces).
+_HEADER_BASE = 256
 
 
 @dataclass
@@ -58,15 +72,37 @@ class ShardWriter:
         self._entries: list[_Entry] = []
         self._spool: Any = None
         self._size = 0
+        self._direct: Path | None = None  # see expect()
+        self._reserve = 0
+        self._header_bound = _HEADER_BASE
+
+    def expect(self, raw_bytes: int) -> None:
+        """Say how many raw bytes the push holds (before the first :meth:`append`): a large push to a
+        store whose only node is a local disk writes each shard once."""
+        if self._spool is None and not self.stats.shards:
+            self._direct = self.store.local_stage_dir() if raw_bytes >= DIRECT_MIN_BYTES else None
+            self._reserve = HEADER_RESERVE if self._direct is not None else 0
 
     def append(self, key_hint: str, payload: bytes, chunk: Chunk, meta: dict[str, Any]) -> None:
         """Add one encoded chunk. ``chunk.blob``/``chunk.offset`` are set when its shard is sealed."""
+        key = f"{len(self._entries):06d}:{key_hint}"
+        if self._reserve:
+            # An upper bound of what the entry adds to the header: its JSON entry, and its metadata
+            # record, whose quotes are escaped inside the metadata string (at most doubling it).
+            cost = 2 * len(json.dumps(meta | {"key": key}, separators=(",", ":"))) + 2 * len(key) + 96
+            if self._entries and self._header_bound + cost > self._reserve:
+                self.seal()
+                key = f"{len(self._entries):06d}:{key_hint}"
+            self._header_bound += cost
         if self._spool is None:
             self._spool = tempfile.NamedTemporaryFile(
-                prefix=temp_prefix("shard"), suffix=".spool", dir=self.spool_dir, delete=False
+                prefix=temp_prefix("shard"),
+                suffix=".spool",
+                dir=self._direct if self._direct is not None else self.spool_dir,
+                delete=False,
             )
+            self._spool.seek(self._reserve)  # the header goes in front, at sealing
         self._spool.write(payload)
-        key = f"{len(self._entries):06d}:{key_hint}"
         self._entries.append(_Entry(key, chunk, meta, self._size, self._size + len(payload)))
         self._size += len(payload)
         if self._size >= self.shard_bytes:
@@ -77,18 +113,38 @@ class ShardWriter:
         if self._spool is None:
             return
         spool, entries = self._spool, self._entries
-        self._spool, self._entries, self._size = None, [], 0
+        self._spool, self._entries, self._size, self._header_bound = None, [], 0, _HEADER_BASE
+        adopted = False
         try:
-            spool.flush()
-            spool.close()
             metadata = {
                 "format": "pt",
                 "mzstore": json.dumps([e.meta | {"key": e.key} for e in entries], separators=(",", ":")),
             }
-            header = build_header([(e.key, "U8", (e.end - e.begin,), e.begin, e.end) for e in entries], metadata)
-            digest, staged = self.store.stage_blob(Path(spool.name), prefix=header)
+            layout: list[tuple[str, str, tuple[int, ...], int, int]] = [
+                (e.key, "U8", (e.end - e.begin,), e.begin, e.end) for e in entries
+            ]
+            if self._reserve:
+                header = build_header(layout, metadata, size=self._reserve)
+                if len(header) == self._reserve:  # written into its place: this file is the blob
+                    spool.flush()
+                    os.pwrite(spool.fileno(), header, 0)
+                    os.fsync(spool.fileno())
+                    spool.close()
+                    digest, staged = self.store.adopt_blob(Path(spool.name))
+                    adopted = True
+                else:  # cannot happen with the bound in append; copied as a small push's shard is
+                    spool.close()
+                    header = build_header(layout, metadata)
+                    digest, staged = self.store.stage_blob(Path(spool.name), prefix=header, skip=self._reserve)
+            else:
+                spool.flush()
+                spool.close()
+                header = build_header(layout, metadata)
+                digest, staged = self.store.stage_blob(Path(spool.name), prefix=header)
         finally:
-            os.unlink(spool.name)
+            if not adopted:
+                spool.close()
+                os.unlink(spool.name)
         for e in entries:
             e.chunk.blob = digest
             e.chunk.offset = len(header) + e.begin

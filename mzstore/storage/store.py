@@ -167,8 +167,32 @@ class Store:
         key = blob_key(digest)
         return all(node_has(n, key) for n in self.targets(digest))
 
-    def stage_blob(self, source: Path, prefix: bytes = b"") -> tuple[str, Staged]:
-        """Store ``prefix`` + content of ``source`` on the blob's target nodes.
+    def local_stage_dir(self) -> Path | None:
+        """The temp directory of the only node when it is a local one (where :meth:`adopt_blob` takes files)."""
+        only = self.nodes[0]
+        return only.tempdir() if len(self.nodes) == 1 and isinstance(only, LocalNode) else None
+
+    def adopt_blob(self, path: Path) -> tuple[str, Staged]:
+        """A complete, fsynced blob file in :meth:`local_stage_dir` becomes a staged blob, its digest read here.
+
+        The file is moved into ``blobs/`` by :meth:`publish_blob`; one the node holds already is removed.
+        """
+        hasher = hashlib.sha256()
+        block = bytearray(BLOCK)
+        view = memoryview(block)
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(block):
+                hasher.update(view[:n])
+        digest = "sha256:" + hasher.hexdigest()
+        only = self.nodes[0]
+        assert isinstance(only, LocalNode), "adopt_blob takes files from local_stage_dir()"
+        if only.exists(blob_key(digest)):
+            path.unlink(missing_ok=True)
+            return digest, Staged(digest)
+        return digest, Staged(digest, [(only, path)])
+
+    def stage_blob(self, source: Path, prefix: bytes = b"", skip: int = 0) -> tuple[str, Staged]:
+        """Store ``prefix`` + content of ``source`` (from byte ``skip`` on) on the blob's target nodes.
 
         Local nodes get a fsynced temp file on their own disk, made visible
         by :meth:`publish_blob` (a rename), so a failed push leaves no blob
@@ -183,6 +207,7 @@ class Store:
         def blocks() -> Iterator[bytes]:
             yield prefix
             with open(source, "rb") as fh:
+                fh.seek(skip)
                 while block := fh.read(BLOCK):
                     yield block
 
