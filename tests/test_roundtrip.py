@@ -293,3 +293,27 @@ def test_rows_larger_than_a_chunk_and_sub_byte_dtypes_round_trip(small_client: C
 
     with pytest.raises(InvalidArgument, match="F4"):
         small_client.load_state_dict("test/odd:v1")
+
+
+def test_a_shard_written_once_that_fails_leaves_nothing(
+    client: Client, all_dtypes_file: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push whose shard (written once, hashed on its own thread) cannot be hashed fails cleanly:
+    no blob, no manifest, no ref, no spool or staged file; the next push works."""
+    from mzstore.errors import MzstoreError
+    from mzstore.push import shards
+
+    monkeypatch.setattr(shards, "DIRECT_MIN_BYTES", 0)
+    real = Store.adopt_blob
+
+    def failing(self: Store, path: Path) -> tuple[str, object]:
+        raise OSError(5, "the disk went away while the shard was read back")
+
+    monkeypatch.setattr(Store, "adopt_blob", failing)
+    with pytest.raises(MzstoreError):
+        client.push(all_dtypes_file, "test/failed:v1")
+    assert [p for p in root.rglob("*") if p.is_file() and "tmp" not in p.relative_to(root).parts] == []
+    assert not [p for p in (root / "tmp").rglob("*") if p.is_file() and p.suffix in (".spool", ".part")]
+    monkeypatch.setattr(Store, "adopt_blob", real)
+    info = client.push(all_dtypes_file, "test/ok:v1")
+    assert client.pull("test/ok:v1", root.parent / "out").digest == info.digest

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ class ShardWriter:
         self._spool: Any = None
         self._size = 0
         self._direct: Path | None = None  # see expect()
+        # Shards written once are hashed on a thread of their own while the next one fills:
+        # (the hash, the shard's entries, its header length, its file), settled in order before publishing.
+        self._hashing: list[tuple[Future[tuple[str, Staged]], list[_Entry], int, Path]] = []
+        self._hasher: ThreadPoolExecutor | None = None
         self._reserve = 0
         self._header_bound = _HEADER_BASE
 
@@ -130,8 +135,14 @@ class ShardWriter:
                     os.pwrite(spool.fileno(), header, 0)
                     os.fsync(spool.fileno())
                     spool.close()
-                    digest, staged = self.store.adopt_blob(Path(spool.name))
+                    if self._hasher is None:
+                        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-hash")
+                    path = Path(spool.name)
+                    self._hashing.append((self._hasher.submit(self.store.adopt_blob, path), entries, len(header), path))
                     adopted = True
+                    self.stats.shards += 1
+                    self.stats.bytes_stored += len(header) + (entries[-1].end if entries else 0)
+                    return
                 else:  # cannot happen with the bound in append; copied as a small push's shard is
                     spool.close()
                     header = build_header(layout, metadata)
@@ -153,8 +164,24 @@ class ShardWriter:
         self.stats.blobs.append(digest)
         self.stats.staged.append(staged)
 
+    def settle(self) -> None:
+        """Wait for the shards still being hashed: their chunks get their blob digest and offset."""
+        while self._hashing:
+            future, entries, header_len, _ = self._hashing[0]
+            digest, staged = future.result()  # on failure the rest stay listed, for abort()
+            self._hashing.pop(0)
+            for e in entries:
+                e.chunk.blob = digest
+                e.chunk.offset = header_len + e.begin
+            self.stats.blobs.append(digest)
+            self.stats.staged.append(staged)
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
+
     def publish(self) -> None:
         """Make every sealed shard visible in the store (called just before the manifest)."""
+        self.settle()
         for staged in self.stats.staged:
             self.store.publish_blob(staged)
         self.stats.staged = []
@@ -166,6 +193,15 @@ class ShardWriter:
             os.unlink(self._spool.name)
             self._spool = None
         self._entries = []
+        hashing, self._hashing = self._hashing, []
+        for future, _, _, path in hashing:
+            try:
+                self.stats.staged.append(future.result()[1])
+            except Exception:  # noqa: BLE001 - a shard that could not be hashed: its file goes
+                path.unlink(missing_ok=True)
         for staged in self.stats.staged:
             self.store.discard_blob(staged)
         self.stats.staged = []
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
