@@ -48,7 +48,7 @@ def main(args: Sequence[str] | None = None, standalone_mode: bool = True) -> Any
 #: glibc ``mallopt`` parameters (``malloc.h``) and the values the CLI sets: two arenas, buffers up to
 #: 32 MiB from the heap (not a fresh ``mmap`` each), and up to 512 MiB of freed heap kept. A pull's
 #: range buffers are then reused instead of page-faulted in and zeroed per chunk: 1 GB bf16 lossless
-#: on loopback, 1.05 s and 1.47 CPU-s instead of 1.16 s and 1.60 (median of 5, /tmp/fsx-style run).
+#: on loopback, 1.05 s and 1.47 CPU-s instead of 1.16 s and 1.60 (median of 5 CLI pulls to tmpfs).
 _MALLOPT = ((-8, 2), (-3, 32 << 20), (-1, 512 << 20))  # M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 _MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
