@@ -133,3 +133,41 @@ class Transport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ControlledTransport(Transport):
+    """A transport that reads blobs its own way and sends everything else to ``control`` (the server):
+    refs, admin calls and pushes. :class:`~mzstore.transport.http.HttpTransport` and
+    :class:`~mzstore.transport.direct.DirectTransport` are two.
+    """
+
+    def __init__(self, control: Transport) -> None:
+        self.control = control
+        self.address = control.address
+
+    def manifest(self, ref: str) -> tuple[str, str, bytes]:
+        return self.control.manifest(ref)
+
+    def list_refs(self, name: str | None = None) -> list[RefInfo]:
+        return self.control.list_refs(name)
+
+    def tag(self, source: str, target: str) -> tuple[str, str]:
+        return self.control.tag(source, target)
+
+    def delete(self, ref: str) -> tuple[str, str]:
+        return self.control.delete(ref)
+
+    def topology(self) -> Topology:
+        return self.control.topology()
+
+    def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
+        return self.control.push(begin, events)
+
+    def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
+        return self.control.start_upload(session, begin)
+
+    def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
+        return self.control.upload(session, events)
+
+    def commit_upload(self, session: str) -> PushResult:
+        return self.control.commit_upload(session)

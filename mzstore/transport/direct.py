@@ -29,17 +29,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, open_node
 from mzstore.storage.store import blob_key
-from mzstore.transport.base import RefInfo, Topology, Transport
-
-if TYPE_CHECKING:
-    from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
+from mzstore.transport.base import ControlledTransport, Transport
 
 
 class DirectReader:
@@ -112,7 +108,7 @@ class DirectReader:
 STREAM_PIECE = 8 * 1024 * 1024
 
 
-class DirectTransport(Transport):
+class DirectTransport(ControlledTransport):
     """Control through ``control`` (the server), blob bytes straight from the storage nodes it reports.
 
     Args:
@@ -121,8 +117,7 @@ class DirectTransport(Transport):
     """
 
     def __init__(self, control: Transport, reader: DirectReader | None = None) -> None:
-        self.control = control
-        self.address = control.address
+        super().__init__(control)
         self._reader = reader
         self._lock = threading.Lock()
 
@@ -141,33 +136,6 @@ class DirectTransport(Transport):
 
     def close(self) -> None:
         self.control.close()
-
-    def manifest(self, ref: str) -> tuple[str, str, bytes]:
-        return self.control.manifest(ref)
-
-    def list_refs(self, name: str | None = None) -> list[RefInfo]:
-        return self.control.list_refs(name)
-
-    def tag(self, source: str, target: str) -> tuple[str, str]:
-        return self.control.tag(source, target)
-
-    def delete(self, ref: str) -> tuple[str, str]:
-        return self.control.delete(ref)
-
-    def topology(self) -> Topology:
-        return self.control.topology()
-
-    def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
-        return self.control.push(begin, events)
-
-    def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
-        return self.control.start_upload(session, begin)
-
-    def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
-        return self.control.upload(session, events)
-
-    def commit_upload(self, session: str) -> PushResult:
-        return self.control.commit_upload(session)
 
     def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         return self.reader.fetch(digest, offset, length)

@@ -28,16 +28,12 @@ import http.client
 import logging
 import ssl
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 from urllib.parse import urljoin, urlsplit
 
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.settings import Settings
-from mzstore.transport.base import RefInfo, Topology, Transport
-
-if TYPE_CHECKING:
-    from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
+from mzstore.transport.base import ControlledTransport, Transport
 
 log = logging.getLogger("mzstore.transport.http")
 
@@ -123,7 +119,7 @@ def _proxy_address(proxy: str | None) -> tuple[str, int] | None:
     return parts.hostname, parts.port or 80
 
 
-class HttpTransport(Transport):
+class HttpTransport(ControlledTransport):
     """Blob ranges from an HTTP blob URL base, everything else (and every fallback) through ``control``.
 
     Args:
@@ -149,8 +145,7 @@ class HttpTransport(Transport):
         tls_key: str | None = None,
         proxy: str | None = None,
     ) -> None:
-        self.control = control
-        self.address = control.address
+        super().__init__(control)
         self.base_url = base_url.rstrip("/")
         self.token = token
         context = None
@@ -265,31 +260,3 @@ class HttpTransport(Transport):
         self, digest: str, offset: int = 0, timeout: float | None = None
     ) -> Iterator[tuple[int, memoryview]]:
         return self.control.stream_blob(digest, offset, timeout)
-
-    # -- control plane: the server's --------------------------------------------------------------
-    def manifest(self, ref: str) -> tuple[str, str, bytes]:
-        return self.control.manifest(ref)
-
-    def list_refs(self, name: str | None = None) -> list[RefInfo]:
-        return self.control.list_refs(name)
-
-    def tag(self, source: str, target: str) -> tuple[str, str]:
-        return self.control.tag(source, target)
-
-    def delete(self, ref: str) -> tuple[str, str]:
-        return self.control.delete(ref)
-
-    def topology(self) -> Topology:
-        return self.control.topology()
-
-    def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
-        return self.control.push(begin, events)
-
-    def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
-        return self.control.start_upload(session, begin)
-
-    def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
-        return self.control.upload(session, events)
-
-    def commit_upload(self, session: str) -> PushResult:
-        return self.control.commit_upload(session)
