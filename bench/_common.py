@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,17 @@ def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
     if not found:
         raise RuntimeError(f"cannot find the address in {buf!r}")
     return found[-1]
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a child still running, wait up to 30 s for it, then SIGKILL it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cpu_self() -> float:

@@ -58,7 +58,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import cpu_model, cpu_pid, fmt, log, read_address, sha256_file, table
+from _common import cpu_model, cpu_pid, fmt, log, read_address, sha256_file, stop, table
 from bench_lossless import make_synthetic
 
 NS = "mzbench-srv"
@@ -221,12 +221,7 @@ def servers(work: Path, raw_dir: Path) -> Iterator[Servers]:
         yield Servers(address, server.pid, procs, procs[0].pid)
     finally:
         for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(proc)
 
 
 # --------------------------------------------------------------------------- measurements

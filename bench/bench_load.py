@@ -35,7 +35,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -50,7 +49,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_pid, fmt, log, package_versions, read_address, table
+from _common import cpu_pid, fmt, log, package_versions, read_address, stop, table
 
 MB = 1_000_000  # throughput unit (raw bytes)
 MIB = 1024 * 1024
@@ -255,13 +254,7 @@ def serve(work: Path, tls: bool) -> Iterator[Server]:
             raise RuntimeError(f"{exc}\nserver stderr:\n{errlog.read_text()[-4000:]}") from None
         yield Server(address, proc.pid, ca)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         if proc.stdout:
             proc.stdout.close()
         shutil.rmtree(root, ignore_errors=True)

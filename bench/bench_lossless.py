@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from _common import (
     package_versions,
     read_address,
     sha256_file,
+    stop,
     table,
 )
 
@@ -205,13 +205,7 @@ def serve(root: Path, mode: str) -> Iterator[Server]:
             raise RuntimeError(f"{exc}\nserver stderr:\n{errlog.read_text()[-4000:]}") from None
         yield Server(address, proc.pid)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         if proc.stdout:
             proc.stdout.close()
 
