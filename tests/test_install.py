@@ -64,7 +64,9 @@ def test_a_fresh_install_with_the_stock_pip_runs_without_the_extras(venv: Path, 
     )
     assert json.loads(probe.stdout) == [], "the base install pulled in an extra"
     if shutil.which("cc") or shutil.which("gcc"):  # the package's own build compiles the native codec core
-        core = _run([python, "-W", "error", "-c", "from mzstore.codecs import native; print(native.enabled())"])
+        probe_env = {k: v for k, v in os.environ.items() if k != "MZSTORE_NATIVE"}  # the build, not the switch
+        code = "from mzstore.codecs import native; print(native.enabled())"
+        core = _run([python, "-W", "error", "-c", code], env=probe_env)
         assert core.stdout.strip() == "True", core.stderr
 
     gen = torch.Generator().manual_seed(3)
