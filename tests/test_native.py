@@ -149,6 +149,7 @@ QUANT_SPECS = [
     Spec(quant=Quant("int4", 32)),
     Spec(quant=Quant("int4", 128)),
     Spec(prune=Prune(0.5), quant=Quant("int8")),
+    Spec(prune=Prune(0.5), quant=Quant("int4", 64)),
 ]
 
 
@@ -169,6 +170,48 @@ def test_quantized_encode_and_decode_match_numpy(spec: Spec, name: str, rows: in
     dec_fast, dec_ref = both(lambda: QuantCodec().decode(payload, dtype, len(raw)))
     assert dec_fast == dec_ref
     assert dec_ref[0] == "ok"
+
+
+@examples
+@given(
+    group=st.sampled_from([32, 64, 128]),
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 300),
+    magnitude=st.sampled_from([1e-30, 1e-7, 1e-4, 0.02, 1.0, 3e3, 6e4, 1e30]),
+    shape=st.sampled_from(["normal", "ties", "sparse", "constant", "one-sided"]),
+    masked=st.booleans(),
+    f16=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_int4_search_matches_numpy(
+    group: int, rows: int, cols: int, magnitude: float, shape: str, masked: bool, f16: bool, seed: int
+) -> None:
+    """The int4 scale/zero search (grid, least-squares refits, f16 rounding of scales) gives numpy's exact bits."""
+    from mzstore.codecs import quant
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)) * magnitude
+    if shape == "ties":  # values on a coarse grid: rint meets exact halves
+        x = np.round(x / magnitude * 4) / 8 * magnitude
+    elif shape == "sparse":
+        x[rng.random(x.shape) < 0.7] = 0
+    elif shape == "constant":
+        x[:] = magnitude
+    elif shape == "one-sided":
+        x = np.abs(x)
+    xm = x.astype(np.float32)
+    mask = rng.random(xm.shape) > 0.4 if masked else None
+    if mask is not None:
+        xm = np.where(mask, xm, np.float32(0))
+    try:
+        native.core = None
+        ref = quant._int4_encode(xm, mask, group, f16)
+    finally:
+        native.core = CORE
+    fast = quant._int4_encode(xm, mask, group, f16)
+    assert fast[0].view(np.uint32).tolist() == ref[0].view(np.uint32).tolist()
+    assert fast[1].tolist() == ref[1].tolist()
+    assert fast[2].tolist() == ref[2].tolist()
 
 
 def test_hostile_scales_round_the_same_way() -> None:
@@ -246,6 +289,11 @@ def test_a_missing_core_warns_once_and_falls_back(tmp_path: Any) -> None:
         lambda c: c.expand(1, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 1),
         lambda c: c.expand(0, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 7),
         lambda c: c.expand(2, b"", b"", b"", b"", 0, 0, 0, bytearray(0), 0),
+        lambda c: c.int4_params(bytes(8), b"", 1, 2, 0, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(2)),
+        lambda c: c.int4_params(bytes(8), b"", 1, 2, 32, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(1)),
+        lambda c: c.int4_params(bytes(8), b"\x01", 1, 2, 32, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(2)),
+        lambda c: c.int4_params(bytes(8), b"", 1, 2, 32, bytes(4), 3, 1, bytes(4), bytearray(1), bytearray(2)),
+        lambda c: c.int4_params(bytes(7), b"", 1, 2, 32, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(2)),
     ],
 )
 def test_entry_points_check_their_buffers(call: Callable[[Any], Any]) -> None:

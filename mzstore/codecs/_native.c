@@ -18,6 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* ---- buffers ---------------------------------------------------------- */
@@ -540,6 +541,190 @@ done:
     return ret;
 }
 
+/* ---- int4 encode: the per-group scale and zero-point search ------------- */
+
+/* numpy's pairwise sum of n f32 values (FLOAT_pairwise_sum with stride 1): the order of additions of
+ * add.reduce along a contiguous axis, so these sums round exactly as quant.py's .sum(axis=-1). */
+static float pw_sum(const float *a, Py_ssize_t n) {
+    if (n < 8) {
+        float res = 0.f;
+        for (Py_ssize_t i = 0; i < n; i++) res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        float r[8];
+        Py_ssize_t i;
+        for (int j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++) r[j] += a[i + j];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pw_sum(a, n2) + pw_sum(a + n2, n - n2);
+}
+
+/* f32 -> f16 -> f32, round to nearest even (numpy's astype(float16)): overflow to inf, f16 subnormals kept. */
+static float f16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = u & 0x80000000u, a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return f;                       /* inf, NaN */
+    if (a >= 0x477FF000u) a = 0x7F800000u;                /* >= 65520 rounds to inf */
+    else if (a >= 0x38800000u) {                          /* normal f16: keep 10 mantissa bits */
+        uint32_t q = a >> 13, rem = a & 0x1FFFu;
+        if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) q++;
+        a = q << 13;
+    } else if (a < 0x00800000u) a = 0;                    /* f32 subnormal or zero */
+    else {                                                /* f16 subnormal: a multiple of 2^-24 */
+        uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u, shift = 126 - e;
+        uint32_t q = shift > 31 ? 0 : m >> shift;
+        if (shift <= 31) {
+            uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+            if (rem > half || (rem == half && (q & 1u))) q++;
+        }
+        float v = (float)q * 5.9604644775390625e-08f;     /* q * 2^-24, exact */
+        memcpy(&a, &v, 4);
+    }
+    u = sign | a;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float clip15(float v) { return v < 0.f ? 0.f : (v > 15.f ? 15.f : v); }
+
+/* quant._f16_scale / _f32_scale */
+static inline float round_scale(float s, int f16) {
+    if (!f16) return s;
+    float r = f16_round(s);
+    return (r > 0.f && r <= 3.4028234663852886e38f) ? r : 6.103515625e-05f;
+}
+
+/* quant._int4_params.error: codes q of one group for (scale, zero), and the sum of squared errors. */
+static float group_error(const float *restrict g, const float *restrict wf, Py_ssize_t n, float s, float z,
+                         float *restrict q, float *restrict t) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float c = clip15(rintf(g[i] / s) + z);
+        float e = (c - z) * s - g[i];
+        q[i] = c;
+        t[i] = e * e * wf[i];
+    }
+    return pw_sum(t, n);
+}
+
+/* One row-group (n values, padded with 0 / weight 0): quant._int4_params step for step. */
+HOT static void k_int4_group(const float *restrict g, const float *restrict wf, Py_ssize_t n, const float *search,
+                             Py_ssize_t nsearch, int refine, int f16, float *work, float *scale_out, float *zero_out,
+                             float *codes) {
+    float *q = work, *qn = work + n, *t = work + 2 * n, *d = work + 3 * n;
+    float mn = INFINITY, mx = -INFINITY;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (wf[i] != 0.f) {
+            if (g[i] < mn) mn = g[i];
+            if (g[i] > mx) mx = g[i];
+        }
+    float lo = mn < 0.f ? mn : 0.f, hi = mx > 0.f ? mx : 0.f;
+    float best_err = INFINITY, best_s = 1.f, best_z = 0.f;
+    for (Py_ssize_t k = 0; k < nsearch; k++) {
+        float a = search[k], ha = hi * a, la = lo * a;
+        float s = (ha - la) / 15.f;
+        s = round_scale(s > 0.f ? s : 1.f, f16);
+        float z = clip15(rintf(-la / s));
+        float err = group_error(g, wf, n, s, z, q, t);
+        if (err < best_err) {
+            best_err = err;
+            best_s = s;
+            best_z = z;
+        }
+    }
+    group_error(g, wf, n, best_s, best_z, q, t);
+    for (int step = 0; step < refine; step++) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i] = (q[i] - best_z) * wf[i];
+        for (Py_ssize_t i = 0; i < n; i++) t[i] = d[i] * d[i];
+        float den = pw_sum(t, n);
+        for (Py_ssize_t i = 0; i < n; i++) t[i] = g[i] * d[i];
+        float fit = pw_sum(t, n) / (den > 0.f ? den : 1.f);
+        float s = round_scale((den > 0.f && fit > 0.f) ? fit : best_s, f16);
+        for (Py_ssize_t i = 0; i < n; i++) t[i] = (q[i] * s - g[i]) * wf[i];
+        float num = pw_sum(t, n), wsum = pw_sum(wf, n);
+        float z = clip15(rintf(num / (wsum < 1.f ? 1.f : wsum) / s));
+        float err = group_error(g, wf, n, s, z, qn, t);
+        if (err < best_err) {
+            best_err = err;
+            best_s = s;
+            best_z = z;
+            float *swap = q;
+            q = qn;
+            qn = swap;
+        }
+    }
+    *scale_out = best_s;
+    *zero_out = best_z;
+    memcpy(codes, q, (size_t)n * sizeof(float));
+}
+
+/* int4_params(x, mask, rows, cols, group, search, refine, f16, scales, zeros, codes)
+ * quant._int4_params and _int4_codes: x is rows x cols f32 (pruned entries already 0), mask rows x cols
+ * bytes (0 = pruned) or empty; search the clip factors as f32. Writes scales (f32, rows x groups),
+ * zeros (u8, rows x groups) and codes (u8, rows x cols). */
+static PyObject *int4_params(PyObject *self, PyObject *args) {
+    PyObject *xo, *mo, *so, *sco, *zo, *co;
+    Py_ssize_t rows, cols, group;
+    int refine, f16;
+    if (!PyArg_ParseTuple(args, "OOnnnOiiOOO", &xo, &mo, &rows, &cols, &group, &so, &refine, &f16, &sco, &zo, &co))
+        return NULL;
+    PyObject *objs[] = {xo, mo, so, sco, zo, co}, *ret = NULL;
+    Buf b[6];
+    if (get_bufs(objs, b, "rrrwww", "int4_params (x, mask, search, scales, zeros, codes)") < 0) return NULL;
+    float *work = NULL;
+    if (rows < 0 || cols < 0 || group <= 0 || group > 4096 || refine < 0 || (cols && rows > PY_SSIZE_T_MAX / cols / 4)) {
+        PyErr_SetString(PyExc_ValueError, "int4_params: bad shape");
+        goto done;
+    }
+    Py_ssize_t groups = (cols + group - 1) / group;
+    if (LEN(b[0]) != 4 * rows * cols || (LEN(b[1]) && LEN(b[1]) != rows * cols) || LEN(b[2]) % 4 ||
+        LEN(b[3]) != 4 * rows * groups || LEN(b[4]) != rows * groups || LEN(b[5]) != rows * cols) {
+        PyErr_SetString(PyExc_ValueError, "int4_params: buffers do not match the shape");
+        goto done;
+    }
+    work = PyMem_RawMalloc((size_t)group * 7 * sizeof(float));
+    if (!work) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint8_t *xb = PTR(b[0]), *mask = LEN(b[1]) ? PTR(b[1]) : NULL;
+        const float *search = PTR(b[2]);
+        Py_ssize_t nsearch = LEN(b[2]) / 4;
+        uint8_t *scales = PTR(b[3]), *zeros = PTR(b[4]), *codes = PTR(b[5]);
+        Py_BEGIN_ALLOW_THREADS
+        float *g = work + 4 * group, *wf = work + 5 * group, *q = work + 6 * group;
+        for (Py_ssize_t r = 0; r < rows; r++)
+            for (Py_ssize_t k = 0; k < groups; k++) {
+                Py_ssize_t c0 = k * group, m = cols - c0 < group ? cols - c0 : group;
+                const uint8_t *src = xb + 4 * (r * cols + c0);
+                for (Py_ssize_t i = 0; i < group; i++) {
+                    g[i] = i < m ? ldf(src + 4 * i) : 0.f;
+                    wf[i] = i < m && (!mask || mask[r * cols + c0 + i]) ? 1.f : 0.f;
+                }
+                float s, z;
+                k_int4_group(g, wf, group, search, nsearch, refine, f16, work, &s, &z, q);
+                memcpy(scales + 4 * (r * groups + k), &s, 4);
+                zeros[r * groups + k] = (uint8_t)z;
+                for (Py_ssize_t i = 0; i < m; i++) codes[r * cols + c0 + i] = (uint8_t)q[i];
+            }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_RawFree(work);
+    rel_all(b, 6);
+    return ret;
+}
+
 /* ---- the module ------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -551,6 +736,8 @@ static PyMethodDef methods[] = {
     {"pairs_to_plane", pairs_to_plane, METH_VARARGS, "pairs_to_plane(ranks, table, escapes, plane) -> escapes used"},
     {"pairs_to_half", pairs_to_half, METH_VARARGS, "pairs_to_half(ranks, table, escapes, low, words) -> escapes used"},
     {"expand", expand, METH_VARARGS, "expand(method, codes, scales, zeros, table, rows, cols, group, out, fmt)"},
+    {"int4_params", int4_params, METH_VARARGS,
+     "int4_params(x, mask, rows, cols, group, search, refine, f16, scales, zeros, codes): int4 encode"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -561,7 +748,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -19,7 +19,7 @@ import warnings
 from types import ModuleType
 
 #: The interface version this Python code expects of ``_native`` (its ``ABI`` constant).
-ABI = 1
+ABI = 2
 
 
 def _load() -> ModuleType | None:

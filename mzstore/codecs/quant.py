@@ -213,8 +213,7 @@ def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, 
         span = span[span > 0]
         # f16 scales unless the weights are so tiny or huge that f16 cannot hold their scales.
         f16 = bool(((span >= F16_SCALE_RANGE[0]) & (span <= F16_SCALE_RANGE[1])).all())
-        scale, zero = _int4_params(xm, mask, quant.group, f16=f16)
-        q = _int4_codes(xm, scale, zero, quant.group)
+        scale, zero, q = _int4_encode(xm, mask, quant.group, f16)
         codes = q if mask is None else q[mask]
         scales = {S_SCALES16: scale.astype(np.float16)} if f16 else {S_SCALES: scale}
         return {**scales, S_ZEROS: zero, S_CODES: codes.reshape(-1)}
@@ -293,6 +292,28 @@ def _int4_params(x: np.ndarray, mask: np.ndarray | None, group: int, f16: bool =
         best_zero = np.where(better, zero, best_zero)
         q = np.where(better[..., None], q_new, q)
     return best_scale.astype(np.float32), best_zero.astype(np.uint8)
+
+
+def _int4_encode(
+    xm: np.ndarray, mask: np.ndarray | None, group: int, f16: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scales, zero points and codes of a ``rows x cols`` chunk: on the native core when it is there."""
+    core = native.core
+    if core is None:
+        scale, zero = _int4_params(xm, mask, group, f16=f16)
+        return scale, zero, _int4_codes(xm, scale, zero, group)
+    rows, cols = xm.shape
+    groups = -(-cols // group)
+    scale = np.empty((rows, groups), np.float32)
+    zero = np.empty((rows, groups), np.uint8)
+    codes = np.empty((rows, cols), np.uint8)
+    m = b"" if mask is None else np.ascontiguousarray(mask).view(np.uint8)
+    x = np.ascontiguousarray(xm, dtype=np.float32)
+    core.int4_params(x, m, rows, cols, group, _INT4_SEARCH32, INT4_REFINE_STEPS, f16, scale, zero, codes)
+    return scale, zero, codes
+
+
+_INT4_SEARCH32 = np.array(INT4_SEARCH, dtype=np.float32)
 
 
 def _int4_codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
