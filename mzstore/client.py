@@ -241,7 +241,7 @@ class Client:
         from mzstore.codecs.policy import parse_policy
         from mzstore.push.protocol import validate_begin
         from mzstore.push.source import Source, check_has_weights, check_policy_applies, open_source
-        from mzstore.push.upload import begin_for, file_hashes, push_resumable, push_streamed
+        from mzstore.push.upload import begin_for, file_hashes, forget_hashes, push_resumable, push_streamed
 
         src = source if isinstance(source, Source) else open_source(source)
         if not allow_no_weights:
@@ -251,16 +251,23 @@ class Client:
         validate_begin(begin)  # fail before any upload on what the client can check
         policy = parse_policy(codec, keep)
         check_policy_applies(src, policy)
+        remembered = self.settings.cache_dir / "file-hashes.json"
         if resumable:  # each file's sha256 goes first, so the store can skip the files it holds already
-            hashes = file_hashes(src, self.settings.cache_dir / "file-hashes.json")
+            hashes = file_hashes(src, remembered)
             begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes)
         start = time.perf_counter()
         if resumable:
             record = self._session_record(begin, origin or source)
             busy_wait = self.settings.keepalive_s + KEEPALIVE_TIMEOUT_S
-            result, sent = push_resumable(
-                self.transport, src, begin, progress=progress, retries=retries, record=record, busy_wait=busy_wait
-            )
+            try:
+                result, sent = push_resumable(
+                    self.transport, src, begin, progress=progress, retries=retries, record=record, busy_wait=busy_wait
+                )
+            except IntegrityError as exc:
+                # The files are not hashed again as they are sent: the server checks the digests sent
+                # first, so a file changed since fails here. Its remembered hash goes; a rerun rehashes.
+                forget_hashes(src, remembered)
+                raise IntegrityError(f"{exc} (a file changed after it was hashed? push again)") from exc
         else:
             result, sent = push_streamed(self.transport, src, begin, progress)
         return PushInfo(

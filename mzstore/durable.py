@@ -24,12 +24,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 Data = bytes | bytearray | memoryview
+#: Bytes written to one file between background fdatasyncs (:class:`Flusher`).
+FLUSH_BYTES = 64 * 1024 * 1024
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -128,3 +132,53 @@ def process_gone(pid: str) -> bool:
     except PermissionError:  # running, as another user
         return False
     return False
+
+
+class Flusher:
+    """Gets bytes onto the disk while they are still being written (pulled files, pushed shards).
+
+    Linux keeps dirty pages in memory until a share of RAM (10 % by default)
+    is dirty, so a pull of a 1 GB model into a 24 GiB machine used to write
+    all of it in its final fsync, after every chunk was decoded: measured
+    here, 2.1 s of pulling, then 1.4 s of fsync. After every ``FLUSH_BYTES``
+    written to a file, one background thread fdatasyncs it (one sync per file
+    in flight at a time); the commit's fsync has only the tail left.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirty: dict[int, int] = {}
+        self._pending: dict[int, Future[None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def wrote(self, fd: int, n: int) -> None:
+        with self._lock:
+            dirty = self._dirty.get(fd, 0) + n
+            busy = fd in self._pending and not self._pending[fd].done()
+            if dirty < FLUSH_BYTES or busy:
+                self._dirty[fd] = dirty
+                return
+            self._dirty[fd] = 0
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-flush")
+            self._pending[fd] = self._pool.submit(os.fdatasync, fd)
+
+    def wait(self) -> None:
+        """Wait for every background sync; an I/O error of one is raised here (the pull fails)."""
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def drain(self) -> None:
+        """Wait for every background sync, ignoring errors (before closing the files of an aborted pull)."""
+        try:
+            self.wait()
+        except OSError:
+            pass

@@ -130,9 +130,9 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
 ) -> None:
     import os
 
-    from mzstore.pull import staging
+    from mzstore import durable
 
-    monkeypatch.setattr(staging, "FLUSH_BYTES", 64 * 1024)
+    monkeypatch.setattr(durable, "FLUSH_BYTES", 64 * 1024)
     synced: list[int] = []
     real = os.fdatasync
 
@@ -140,7 +140,7 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
         synced.append(fd)
         real(fd)
 
-    monkeypatch.setattr(staging.os, "fdatasync", counting)
+    monkeypatch.setattr(durable.os, "fdatasync", counting)
     small_client.pull("p:1", tmp_path / "out")
     # 8 tensors of 256 KiB: several background syncs ran before the commit's fsync.
     assert len(synced) >= 3
@@ -151,7 +151,7 @@ def test_pull_to_dir_syncs_in_the_background_and_a_sync_error_fails_it(
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(staging.os, "fdatasync", failing)
+    monkeypatch.setattr(durable.os, "fdatasync", failing)
     with pytest.raises(OSError, match="Input/output error"):
         small_client.pull("p:1", tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()

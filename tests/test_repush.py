@@ -146,3 +146,42 @@ def test_a_reused_config_counts_its_own_bytes_not_the_shard_it_lives_in(
     assert config.chunks[0].blob in lossless_blobs  # reused: it lives in a shard of the lossless weights
     assert sizes["int8"] < 0.6 * sizes["lossless"], sizes  # not the lossless weights' shard on top of its own
     assert sizes["lossless"] == lossless.bytes_stored and sizes["int8"] == int8.bytes_stored  # type: ignore[attr-defined]
+
+
+def test_a_file_changed_after_its_hash_was_remembered_fails_the_push_and_is_rehashed(
+    served: tuple[RunningServer, FaultProxy], tmp_path: Path
+) -> None:
+    """Files are not hashed again as they are sent: the server checks the sha256 named up front.
+
+    A file rewritten in place with its size and mtime kept (so the remembered hash is stale), pushed
+    to a store that does not hold the old bytes, is caught by that check: the push fails and stores
+    nothing, the stale hash is forgotten, and the next push stores the new bytes.
+    """
+    import os
+
+    from mzstore.errors import IntegrityError
+
+    _running, proxy = served
+    src = _model(tmp_path / "src")
+    settings = Settings(home=tmp_path / "home", chunk_bytes=256 * 1024)
+    with Client(proxy.address, settings=settings, cache=False) as c:
+        c.push(src, "m/x:v1")
+    assert (settings.cache_dir / "file-hashes.json").exists()
+    victim = src / "model-00002-of-00002.safetensors"
+    before = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float of layers.1.w becomes inf: same size
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    other = build_server(tmp_path / "other", "127.0.0.1:0", Settings(chunk_bytes=256 * 1024))
+    try:
+        with Client(other.address, settings=settings, cache=False) as c:
+            with pytest.raises(IntegrityError, match="changed after it was hashed"):
+                c.push(src, "m/x:v2")
+            assert not c.ls("m/x")
+            c.push(src, "m/x:v2")
+            c.pull("m/x:v2", tmp_path / "out")
+    finally:
+        other.stop(grace=1)
+    got = load_file(str(tmp_path / "out" / victim.name))
+    assert torch.isinf(got["layers.1.w"].reshape(-1)[-1])

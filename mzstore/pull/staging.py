@@ -15,7 +15,7 @@ alone. Folders named without a pid (written by mzstore before this layout)
 are swept once nothing in them has changed for :data:`LEGACY_STALE_S`.
 
 While a pull runs, a background thread fdatasyncs each file every
-:data:`FLUSH_BYTES` (:class:`_Flusher`), so disk writes overlap fetch and
+:data:`~mzstore.durable.FLUSH_BYTES` (:class:`~mzstore.durable.Flusher`), so disk writes overlap fetch and
 decode instead of all waiting for the final fsync.
 """
 
@@ -24,21 +24,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mzstore.durable import fsync_path, process_gone
+from mzstore.durable import Flusher, fsync_path, process_gone
 
 #: Staging folders are ``OUT/.mzstore-partial-<pid>-<12 hex>/``.
 PARTIAL_PREFIX = ".mzstore-partial-"
 _OWNED = re.compile(r"(\d+)-[0-9a-f]{12}")
 #: A staging folder with no owner in its name is a leftover once untouched for this long (seconds).
 LEGACY_STALE_S = 3600.0
-#: Bytes written to one output file between background fdatasyncs.
-FLUSH_BYTES = 64 * 1024 * 1024
 
 
 def partial_owner(name: str) -> str | None:
@@ -84,56 +80,6 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
-class _Flusher:
-    """Gets pulled bytes onto the disk while the pull goes on.
-
-    Linux keeps dirty pages in memory until a share of RAM (10 % by default)
-    is dirty, so a pull of a 1 GB model into a 24 GiB machine used to write
-    all of it in its final fsync, after every chunk was decoded: measured
-    here, 2.1 s of pulling, then 1.4 s of fsync. After every ``FLUSH_BYTES``
-    written to a file, one background thread fdatasyncs it (one sync per file
-    in flight at a time); the commit's fsync has only the tail left.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirty: dict[int, int] = {}
-        self._pending: dict[int, Future[None]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-
-    def wrote(self, fd: int, n: int) -> None:
-        with self._lock:
-            dirty = self._dirty.get(fd, 0) + n
-            busy = fd in self._pending and not self._pending[fd].done()
-            if dirty < FLUSH_BYTES or busy:
-                self._dirty[fd] = dirty
-                return
-            self._dirty[fd] = 0
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-flush")
-            self._pending[fd] = self._pool.submit(os.fdatasync, fd)
-
-    def wait(self) -> None:
-        """Wait for every background sync; an I/O error of one is raised here (the pull fails)."""
-        with self._lock:
-            pending = list(self._pending.values())
-            self._pending.clear()
-        try:
-            for future in pending:
-                future.result()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-    def drain(self) -> None:
-        """Wait for every background sync, ignoring errors (before closing the files of an aborted pull)."""
-        try:
-            self.wait()
-        except OSError:
-            pass
-
-
 class StagedFiles:
     """Files written under ``OUT/.mzstore-partial-<pid>-<random>/`` and moved into place together.
 
@@ -147,7 +93,7 @@ class StagedFiles:
         self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
         self._order: list[str] = []
-        self._flusher = _Flusher()
+        self._flusher = Flusher()
 
     def open(self) -> None:
         """Create the destination and the staging folder (sweeping dead pulls' folders first)."""

@@ -12,7 +12,11 @@ copy: its spool is written in the node's temp directory behind a header
 region reserved up front (:data:`HEADER_RESERVE`), the header is written
 into it at sealing (padded with spaces, which the format allows), and the
 spool itself becomes the staged blob, hashed as it is read back from the
-page cache. :meth:`ShardWriter.publish` renames the staged shards into
+page cache. Such a spool is written by a thread of its own, up to
+:data:`WRITE_AHEAD` bytes behind the ingest, and flushed to the disk in
+the background as it grows (:class:`~mzstore.durable.Flusher`); at sealing,
+its hash and its final fsync run side by side, off the receiving thread.
+:meth:`ShardWriter.publish` renames the staged shards into
 ``blobs/`` just before the manifest is written, so a failed push leaves no
 blob behind. The chunk records handed out by :meth:`append` are filled in
 with their blob digest and absolute offset at sealing; that is what the
@@ -25,11 +29,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mzstore.durable import Flusher
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
 from mzstore.storage.node import temp_prefix
@@ -43,6 +49,8 @@ DIRECT_MIN_BYTES = 256 * 1024 * 1024
 HEADER_RESERVE = 256 * 1024
 #: What the header of a shard costs besides its entries (the metadata keys and braces).
 _HEADER_BASE = 256
+#: Encoded bytes the ingest may hand a shard's writer thread before it waits for the disk.
+WRITE_AHEAD = 64 * 1024 * 1024
 
 
 @dataclass
@@ -74,10 +82,15 @@ class ShardWriter:
         self._spool: Any = None
         self._size = 0
         self._direct: Path | None = None  # see expect()
-        # Shards written once are hashed on a thread of their own while the next one fills:
-        # (the hash, the shard's entries, its header length, its file), settled in order before publishing.
-        self._hashing: list[tuple[Future[tuple[str, Staged]], list[_Entry], int, Path]] = []
+        # Shards written once are hashed on a thread of their own while the next one fills: (the hash,
+        # the final fsync, the shard's entries, its header length, its file), settled in order before publishing.
+        self._hashing: list[tuple[Future[tuple[str, Staged]], Future[None], list[_Entry], int, Path]] = []
         self._hasher: ThreadPoolExecutor | None = None
+        # ... and written by another: the writes not yet known done, with their sizes.
+        self._io: ThreadPoolExecutor | None = None
+        self._writes: deque[tuple[Future[None], int]] = deque()
+        self._ahead = 0
+        self._flusher = Flusher()
         self._reserve = 0
         self._header_bound = _HEADER_BASE
 
@@ -107,16 +120,51 @@ class ShardWriter:
                 delete=False,
             )
             self._spool.seek(self._reserve)  # the header goes in front, at sealing
-        self._spool.write(payload)
+        if self._direct is not None:
+            self._write_behind(self._spool, payload)
+        else:
+            self._spool.write(payload)
         self._entries.append(_Entry(key, chunk, meta, self._size, self._size + len(payload)))
         self._size += len(payload)
         if self._size >= self.shard_bytes:
             self.seal()
 
+    def _write_behind(self, spool: Any, payload: bytes) -> None:
+        """Queue ``payload`` for the writer thread; wait while more than :data:`WRITE_AHEAD` is queued."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-io")
+        self._writes.append((self._io.submit(self._write, spool, payload), len(payload)))
+        self._ahead += len(payload)
+        while self._ahead > WRITE_AHEAD:
+            self._retire_write()
+
+    def _write(self, spool: Any, payload: bytes) -> None:
+        spool.write(payload)
+        self._flusher.wrote(spool.fileno(), len(payload))
+
+    def _retire_write(self) -> None:
+        future, n = self._writes.popleft()
+        self._ahead -= n
+        future.result()  # a write error (a full disk) fails the push here
+
+    def _retire_writes(self) -> None:
+        while self._writes:
+            self._retire_write()
+
+    def _sync_close(self, spool: Any) -> None:
+        """On the writer thread: the shard's last bytes onto the disk (most are already), then close it."""
+        try:
+            self._flusher.wait()
+            spool.flush()
+            os.fsync(spool.fileno())
+        finally:
+            spool.close()
+
     def seal(self) -> None:
         """Finish the current shard, if any, and store it as a blob."""
         if self._spool is None:
             return
+        self._retire_writes()  # every payload of this shard is in its file
         spool, entries = self._spool, self._entries
         self._spool, self._entries, self._size, self._header_bound = None, [], 0, _HEADER_BASE
         adopted = False
@@ -133,12 +181,14 @@ class ShardWriter:
                 if len(header) == self._reserve:  # written into its place: this file is the blob
                     spool.flush()
                     os.pwrite(spool.fileno(), header, 0)
-                    os.fsync(spool.fileno())
-                    spool.close()
                     if self._hasher is None:
                         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-hash")
+                    assert self._io is not None  # a direct spool's payloads went through _write_behind
                     path = Path(spool.name)
-                    self._hashing.append((self._hasher.submit(self.store.adopt_blob, path), entries, len(header), path))
+                    # The hash reads the page cache while the writer thread syncs: both before publishing.
+                    hashed = self._hasher.submit(self.store.adopt_blob, path)
+                    synced = self._io.submit(self._sync_close, spool)
+                    self._hashing.append((hashed, synced, entries, len(header), path))
                     adopted = True
                     self.stats.shards += 1
                     self.stats.bytes_stored += len(header) + (entries[-1].end if entries else 0)
@@ -167,17 +217,23 @@ class ShardWriter:
     def settle(self) -> None:
         """Wait for the shards still being hashed: their chunks get their blob digest and offset."""
         while self._hashing:
-            future, entries, header_len, _ = self._hashing[0]
+            future, synced, entries, header_len, _ = self._hashing[0]
             digest, staged = future.result()  # on failure the rest stay listed, for abort()
+            synced.result()
             self._hashing.pop(0)
             for e in entries:
                 e.chunk.blob = digest
                 e.chunk.offset = header_len + e.begin
             self.stats.blobs.append(digest)
             self.stats.staged.append(staged)
-        if self._hasher is not None:
-            self._hasher.shutdown()
-            self._hasher = None
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        for attr in ("_hasher", "_io"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                pool.shutdown()
+                setattr(self, attr, None)
 
     def publish(self) -> None:
         """Make every sealed shard visible in the store (called just before the manifest)."""
@@ -188,13 +244,22 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unsealed shard and every staged one (on a failed push)."""
+        while self._writes:  # the writer thread is done with the spool before it is closed
+            try:
+                self._retire_write()
+            except Exception:  # noqa: BLE001 - already failing
+                pass
         if self._spool is not None:
             self._spool.close()
             os.unlink(self._spool.name)
             self._spool = None
         self._entries = []
         hashing, self._hashing = self._hashing, []
-        for future, _, _, path in hashing:
+        for future, synced, _, _, path in hashing:
+            try:
+                synced.result()
+            except Exception:  # noqa: BLE001 - the file goes either way
+                pass
             try:
                 self.stats.staged.append(future.result()[1])
             except Exception:  # noqa: BLE001 - a shard that could not be hashed: its file goes
@@ -202,6 +267,5 @@ class ShardWriter:
         for staged in self.stats.staged:
             self.store.discard_blob(staged)
         self.stats.staged = []
-        if self._hasher is not None:
-            self._hasher.shutdown()
-            self._hasher = None
+        self._flusher.drain()
+        self._shutdown()

@@ -67,12 +67,18 @@ def iter_events(
     block: int = TRANSFER_BYTES,
     start: Sequence[int] | None = None,
     ended: Sequence[bool] | None = None,
+    hashes: Sequence[str] | None = None,
 ) -> Iterator[UploadEvent]:
     """Yield the data and end events of every file, in order.
 
     To resume an upload session, ``start`` gives per file the offset the
-    server already holds (those bytes are read and hashed, not sent) and
-    ``ended`` the files it has whole (skipped).
+    server already holds (those bytes are not sent) and ``ended`` the files
+    it has whole (skipped). A file whose sha256 is in ``hashes`` (hashed
+    before the upload, or remembered) is not hashed again: its end event
+    carries that digest, which the server checks against the bytes it got,
+    so a file that changed after it was hashed fails the push instead of
+    storing a torn copy. Other files are hashed as they are read (a resumed
+    one from its start).
     """
     for index, f in enumerate(source.files):
         if ended is not None and ended[index]:
@@ -80,23 +86,30 @@ def iter_events(
                 on_bytes(f.size)
             continue
         skip = start[index] if start is not None else 0
-        hasher = hashlib.sha256()
+        known = hashes[index] if hashes is not None else ""
+        hasher = None if known else hashlib.sha256()
         offset = 0
         with f.opener() as fh:
+            if hasher is None and skip:
+                offset = fh.seek(skip)
+                if on_bytes:
+                    on_bytes(offset)
             while offset < skip and (data := fh.read(min(block, skip - offset))):
-                hasher.update(data)
+                if hasher is not None:
+                    hasher.update(data)
                 offset += len(data)
                 if on_bytes:
                     on_bytes(len(data))
-            if offset != skip:
+            if offset != skip or (hasher is None and skip > f.size):
                 raise IntegrityError(f"{f.path} is shorter than what the server already received: it changed")
             while data := fh.read(block):
-                hasher.update(data)
+                if hasher is not None:
+                    hasher.update(data)
                 yield UploadData(index, offset, data)
                 offset += len(data)
                 if on_bytes:
                     on_bytes(len(data))
-        yield UploadEnd(index, offset, hasher.hexdigest())
+        yield UploadEnd(index, offset, hasher.hexdigest() if hasher is not None else known)
 
 
 #: Bytes read per block when hashing a file.
@@ -153,6 +166,23 @@ def file_hashes(source: Source, remembered: Path | None = None, workers: int = 4
         except OSError as exc:
             log.warning("could not remember file hashes in %s: %s", remembered, exc)
     return out
+
+
+def forget_hashes(source: Source, remembered: Path) -> None:
+    """Drop the remembered sha256 of ``source``'s files (one of them changed after it was hashed)."""
+    try:
+        known = json.loads(remembered.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(known, dict):
+        return
+    paths = {f"{f.disk_path.resolve()}|" for f in source.files if f.disk_path is not None}
+    kept = {k: v for k, v in known.items() if not any(k.startswith(p) for p in paths)}
+    if len(kept) != len(known):
+        try:
+            write_file(remembered, json.dumps(kept).encode(), durable=False)
+        except OSError as exc:
+            log.warning("could not forget file hashes in %s: %s", remembered, exc)
 
 
 class _Counted:
@@ -225,7 +255,9 @@ def push_resumable(
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps({"session": session, "ref": begin.ref}))
             if not all(status.ended):
-                counted = _Counted(iter_events(source, progress, start=status.received, ended=status.ended))
+                hashes = [f.sha256 for f in begin.files] if all(f.sha256 for f in begin.files) else None
+                events = iter_events(source, progress, start=status.received, ended=status.ended, hashes=hashes)
+                counted = _Counted(events)
                 try:
                     transport.upload(session, counted)
                 finally:
