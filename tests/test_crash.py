@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from mzstore.client import Client
 from mzstore.format.manifest import parse_manifest
+from mzstore.format.refs import RefValue
 from mzstore.storage import Store
 from mzstore.storage.admin import fsck
 
@@ -71,7 +72,10 @@ def _check_visible_state(root: Path) -> list[str]:
     for ref in (root / "refs").rglob("*") if (root / "refs").exists() else []:
         if not ref.is_file():
             continue
-        digest = ref.read_text().strip().split(":", 1)[-1]
+        value = RefValue.decode(ref.read_bytes())  # a half-written ref object would not parse
+        if value.digest is None:
+            continue  # a deleted tag's tombstone
+        digest = value.digest.split(":", 1)[-1]
         if digest not in manifests:
             problems.append(f"ref {ref} points at a missing manifest")
             continue

@@ -81,6 +81,23 @@ class NodeSuite:
         assert not node.exists("refs/org/m")
         assert not node.exists("refs/org")
 
+    def test_write_if_asks_about_the_current_value(self, node: Node) -> None:
+        seen: list[bytes | None] = []
+
+        def accept_if(ok: bool):  # type: ignore[no-untyped-def]
+            def accept(current: bytes | None) -> bool:
+                seen.append(current)
+                return ok
+
+            return accept
+
+        assert node.write_if("refs/m/t", b"one", accept_if(True))
+        assert not node.write_if("refs/m/t", b"two", accept_if(False))
+        assert node.read("refs/m/t") == b"one"
+        assert node.write_if("refs/m/t", b"three", accept_if(True))
+        assert node.read("refs/m/t") == b"three"
+        assert seen == [None, b"one", b"one"]
+
     def test_overwrite_replaces_whole_value(self, node: Node) -> None:
         node.write("refs/m/latest", [b"a much longer first value"])
         node.write("refs/m/latest", [b"short"])

@@ -264,32 +264,42 @@ def _admin_report(report: Any, as_json: bool, summary: str) -> None:
         emit(report.to_dict())
     else:
         click.echo(summary)
-        for label in ("missing", "corrupt", "lost", "repaired", "deleted"):
+        for label in ("missing", "corrupt", "lost", "diverged", "repaired", "deleted"):
             for item in getattr(report, label):
                 click.echo(f"  {label}: {item}")
     if not report.ok:
-        raise MzstoreError(f"{len(report.lost)} lost, {len(report.missing)} missing, {len(report.corrupt)} corrupt")
+        raise MzstoreError(
+            f"{len(report.lost)} lost, {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
+            f"{len(report.diverged)} tags disagreeing"
+        )
 
 
 @cli.command()
 @storage_options
-@click.option("--repair", is_flag=True, help="Rewrite missing or corrupt copies from intact ones.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rewrite missing or corrupt copies from intact ones; give every node each tag's winner.",
+)
 @json_option
 def fsck(
     root: str | None, nodes: tuple[str, ...], replicas: int, s3_endpoint_url: str | None, repair: bool, as_json: bool
 ) -> None:
-    """Verify every blob and manifest on every node (exit 1 if anything is missing or corrupt)."""
+    """Verify every blob and manifest on every node, and that the nodes agree on every tag
+    (exit 1 if anything is missing or corrupt, or a tag's nodes disagree)."""
     from mzstore.storage.admin import fsck as run
 
     report = run(_open_store(root, nodes, replicas, s3_endpoint_url, existing=True), repair=repair)
     if repair and report.repaired and not report.lost:
         report.missing.clear()
         report.corrupt.clear()
+        report.diverged.clear()
     _admin_report(
         report,
         as_json,
-        f"checked {report.manifests} manifests and {report.blobs} blobs: {len(report.missing)} missing, "
-        f"{len(report.corrupt)} corrupt, {len(report.lost)} lost, {len(report.repaired)} repaired",
+        f"checked {report.manifests} manifests, {report.blobs} blobs and {report.tags} tags: "
+        f"{len(report.missing)} missing, {len(report.corrupt)} corrupt, {len(report.lost)} lost, "
+        f"{len(report.diverged)} tags disagreeing, {len(report.repaired)} repaired",
     )
 
 

@@ -13,9 +13,16 @@ no server and see exactly what the servers see.
   deleted from nodes that are no longer targets. Rendezvous placement means
   only the blobs whose target set changed move: about 1/(N+1) of the copies
   when going from N to N+1 nodes.
+  It also reads every tag on every node and reports those whose nodes
+  disagree (a node that missed a tag move or a deletion); with ``repair`` it
+  gives every node the winning, highest-versioned value
+  (:mod:`mzstore.storage.tags`).
 * :func:`gc` deletes blobs that no manifest references and manifests that no
   ref points at, but only when they are older than a grace period, so a push
-  in flight (blobs written, manifest not yet) is never collected.
+  in flight (blobs written, manifest not yet) is never collected. Tombstones
+  of deleted tags go too, once they are older than the grace period and every
+  node holds the same one (a node that was away longer than the grace period
+  should be checked with ``fsck --repair`` before it rejoins).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound
 from mzstore.format.manifest import parse_manifest
+from mzstore.storage import tags
 from mzstore.storage.node import Node, node_has, read_stream
 from mzstore.storage.store import Store, blob_key, digest_from_key, manifest_key
 
@@ -47,10 +55,12 @@ class Report:
     copies: int = 0
     deleted: list[str] = field(default_factory=list)
     kept_young: int = 0
+    tags: int = 0
+    diverged: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.lost)
+        return not (self.missing or self.corrupt or self.lost or self.diverged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"ok": self.ok}
@@ -89,9 +99,54 @@ def live_sets(store: Store) -> tuple[set[str], set[str]]:
     return tagged, blobs
 
 
+def _tag_keys(store: Store) -> list[str]:
+    """Every ``refs/<name>/<tag>`` key any reachable node holds."""
+    keys: set[str] = set()
+    for node in store.nodes:
+        try:
+            keys.update(k for k in node.walk("refs") if k.count("/") >= 2)
+        except (MzstoreError, OSError):
+            continue
+    return sorted(keys)
+
+
+def _describe(held: list[tags.Held]) -> str:
+    def one(h: tags.Held) -> str:
+        if h.error is not None:
+            return f"{h.node.url}: unreachable"
+        if h.value is None:
+            return f"{h.node.url}: none"
+        v = h.value.version
+        return f"{h.node.url}: {h.value.digest or 'deleted'} (version {v.time_ms}.{v.counter}.{v.writer or '-'})"
+
+    return "; ".join(one(h) for h in held)
+
+
+def check_tags(store: Store, report: Report, repair: bool = False) -> None:
+    """Report the tags whose nodes disagree; with ``repair``, give every node the winning value."""
+    for key in _tag_keys(store):
+        report.tags += 1
+        held = tags.read_everywhere(store.nodes, key)
+        best = tags.winner(held)
+        if best is None:
+            continue
+        behind = tags.lagging(held, best)
+        if not behind:
+            continue
+        label = key[len("refs/") :]
+        name, tag = label.rsplit("/", 1)
+        report.diverged.append(f"{name}:{tag}: {_describe(held)}")
+        if repair:
+            for node in behind:
+                tags.offer(node, key, best)
+                report.repaired.append(f"{node.url} tag {name}:{tag} → {best.digest or 'deleted'}")
+
+
 def fsck(store: Store, repair: bool = False) -> Report:
-    """Verify every referenced blob on its targets and every manifest; repair if asked."""
+    """Verify every referenced blob on its targets, every manifest, and that every node agrees on every tag;
+    repair if asked."""
     report = Report()
+    check_tags(store, report, repair)
     store._verified.clear()  # fsck re-reads everything
     manifests: set[str] = set()
     for node in store.nodes:
@@ -146,8 +201,11 @@ def rebalance(store: Store) -> Report:
         for node in store.nodes:
             if not node_has(node, manifest_key(digest)):
                 node.write(manifest_key(digest), [data])
-    for entry in store.list_refs():
-        store.set_ref(entry.name, entry.tag, entry.digest)
+    for key in _tag_keys(store):  # tags (and tombstones) as they are, with their versions
+        held = tags.read_everywhere(store.nodes, key)
+        best = tags.winner(held)
+        if best is not None:
+            tags.write_everywhere(store.nodes, key, best)
     holders: dict[str, list[Node]] = {}
     for node in store.nodes:
         for digest in _digests(node, "blobs"):
@@ -178,7 +236,33 @@ def gc(store: Store, grace_s: float = DEFAULT_GRACE_S, now: float | None = None)
     report.manifests = _sweep(store, "manifests", manifest_key, tagged, grace_s, now, report, "manifest ")
     _, live_blobs = live_sets(store)  # after the sweep: blobs of deleted manifests are no longer live
     report.blobs = _sweep(store, "blobs", blob_key, live_blobs, grace_s, now, report, "")
+    _sweep_tombstones(store, grace_s, now, report)
     return report
+
+
+def _sweep_tombstones(store: Store, grace_s: float, now: float, report: Report) -> None:
+    """Delete the tombstones of tags deleted more than ``grace_s`` ago that every node agrees on.
+
+    A tag on which a node is unreachable, or holds anything else, keeps its tombstone: removing it
+    there could let the other value come back.
+    """
+    for key in _tag_keys(store):
+        held = tags.read_everywhere(store.nodes, key)
+        best = tags.winner(held)
+        if best is None or not best.deleted or not all(h.answered for h in held):
+            continue
+        if any(h.value is not None and h.value != best for h in held):
+            continue
+        if now - best.version.time_ms / 1000 < grace_s:
+            report.kept_young += 1
+            continue
+        for h in held:
+            if h.value is not None:
+                try:
+                    h.node.delete(key)
+                except NotFound:
+                    pass
+                report.deleted.append(f"{h.node.url} tombstone {key[len('refs/') :]}")
 
 
 def _sweep(

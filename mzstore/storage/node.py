@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import fcntl
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +42,8 @@ from mzstore.errors import (
 )
 
 TMP_DIR = "tmp"
+#: Lock files of conditional writes (:meth:`LocalNode.write_if`): ``refs.lock``.
+LOCK_DIR = "locks"
 #: Temp files older than this are swept whoever wrote them (a writer on another host, say).
 TEMP_MAX_AGE_S = 24 * 3600
 
@@ -84,6 +88,12 @@ class Node(Protocol):
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read ``length`` bytes (``None``: to the end) at ``offset``."""
+        ...
+
+    def write_if(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+        """Write the small object ``key`` unless ``accept(current)`` says no (``current``: ``None`` when
+        there is none); atomic against other ``write_if`` calls on the same key, from any process.
+        Returns whether it wrote."""
         ...
 
     def size(self, key: str) -> int: ...
@@ -172,6 +182,29 @@ class LocalNode:
     def write(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         self.publish(self.stage(key, chunks), key)
 
+    def write_if(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+        """Under an exclusive ``flock`` of ``ROOT/locks/<top folder of key>.lock`` (one lock for all tags:
+        their writes are rare and short; servers sharing this root take the same one), read, decide,
+        then write through the usual temp file and rename."""
+        locks = self.root / LOCK_DIR
+        try:
+            locks.mkdir(exist_ok=True)
+            fd = os.open(locks / f"{key.split('/', 1)[0]}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _map_oserror(exc, key) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current: bytes | None = self.read(key)
+            except NotFound:
+                current = None
+            if not accept(current):
+                return False
+            self.write(key, [data])
+            return True
+        finally:
+            os.close(fd)  # releases the lock
+
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         try:
             with open(self._path(key), "rb") as fh:
@@ -249,6 +282,11 @@ _EXTRAS = {"s3": "s3", "s3a": "s3"}
 #: Protocols whose ``open(..., "wb")`` publishes bytes as they are written (the
 #: in-process memory file system): writes there are buffered and set at once.
 _WHOLE_VALUE_PROTOCOLS = frozenset({"memory"})
+
+#: Conditional writes (:meth:`FsspecNode.write_if`) tried before giving up on a key that keeps changing.
+CAS_ATTEMPTS = 50
+#: ``write_if`` on file systems with no conditional write (``memory://``, in this process only).
+_PROCESS_LOCK = threading.Lock()
 
 #: Writes up to this size are one PUT; larger ones stream as a multipart upload
 #: of parts this size, completed only after the last chunk (S3's minimum part is 5 MiB).
@@ -442,6 +480,44 @@ class FsspecNode:
                 fh.discard()
             fh.closed = True
             raise
+
+    def write_if(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+        """On S3: read the object and its ETag, decide, and ``PUT`` with ``If-Match: <etag>`` (or
+        ``If-None-Match: *`` when there was none); a precondition that fails means another writer came
+        in between, and the whole step is tried again. Elsewhere (``memory://``): under a process lock.
+        """
+        if self.protocol not in ("s3", "s3a"):
+            with _PROCESS_LOCK:
+                try:
+                    current: bytes | None = self.read(key)
+                except NotFound:
+                    current = None
+                if not accept(current):
+                    return False
+                self.write(key, [data])
+                return True
+        path = self._path(key)
+        bucket, obj, _ = self.fs.split_path(path)
+        for _ in range(CAS_ATTEMPTS):
+            with self._errors(key):
+                info = self._file_info(path)
+                etag = info.get("ETag") if info is not None else None
+                current = bytes(self.fs.cat_file(path)) if info is not None else None
+                if info is not None and (self._file_info(path) or {}).get("ETag") != etag:
+                    continue  # changed while it was read
+            if not accept(current):
+                return False
+            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            try:
+                with self._errors(key):
+                    self.fs.call_s3("put_object", Bucket=bucket, Key=obj, Body=data, **condition)
+                    self.fs.invalidate_cache(path)
+            except MzstoreError as exc:
+                if _s3_error_code(exc.__cause__ or exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    continue
+                raise
+            return True
+        raise Unavailable(f"{self._where()}: {key} kept changing under {CAS_ATTEMPTS} conditional writes")
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)

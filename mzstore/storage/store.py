@@ -4,7 +4,7 @@
 
     blobs/sha256/<2 hex>/<hex>        immutable shards and file blobs
     manifests/sha256/<2 hex>/<hex>    immutable manifest JSON
-    refs/<name>/<tag>                 "sha256:<hex>" of the manifest
+    refs/<name>/<tag>                 {"digest": "sha256:<hex>" | null, "version": [...]}
 
 How it works:
 
@@ -14,8 +14,11 @@ How it works:
   the push (never acknowledge less).
 * **Manifests and refs** go to every node; the write fails unless every node
   took it. Reads use the first node that has a manifest with the right
-  digest; a ref is read from every reachable node and the majority value
-  wins (ties: node order), so one stale or lost node cannot redirect a tag.
+  digest. A tag is a small replicated register (:mod:`mzstore.storage.tags`):
+  each write carries a version, a node keeps the higher one, reads take the
+  highest over the reachable nodes and repair the others, and deleting a
+  tag leaves a versioned tombstone. So concurrent tag moves converge on
+  every node, and losing a node cannot roll a tag back.
 * **Reads verify.** Before serving bytes of a blob from a node, the server
   checks the whole blob's sha256 on that node once (blobs are immutable, so
   the answer is cached per process). A missing, corrupt or unreachable copy
@@ -50,8 +53,8 @@ from pathlib import Path
 
 from mzstore.errors import Conflict, FormatError, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
 from mzstore.format.manifest import digest_of, parse_manifest
-from mzstore.format.refs import Ref, parse_ref, validate_digest, validate_name, validate_tag
-from mzstore.storage import placement
+from mzstore.format.refs import Ref, RefValue, parse_ref, validate_digest, validate_name, validate_tag
+from mzstore.storage import placement, tags
 from mzstore.storage.node import LocalNode, Node, node_has, open_node, read_stream
 
 log = logging.getLogger("mzstore.storage")
@@ -139,6 +142,8 @@ class Store:
         self._repairs: dict[str, Future[None]] = {}  # digest → its repair in flight
         self._repair_pool: ThreadPoolExecutor | None = None
         self._sizes: dict[str, tuple[int, int]] = {}  # manifest digest → (bytes_raw, bytes_stored)
+        #: Versions of this process's tag writes (mzstore.storage.tags).
+        self.clock = tags.HybridClock()
         #: Events a server exports as metrics: copies repaired, copies found corrupt (and, for a
         #: pull-through cache, blobs served from its nodes or fetched upstream).
         self.counts: Counter[str] = Counter()
@@ -438,9 +443,13 @@ class Store:
     def has_manifest(self, digest: str) -> bool:
         return any(node_has(n, manifest_key(digest)) for n in self.nodes)
 
-    # -- refs -----------------------------------------------------------------
-    def set_ref(self, name: str, tag: str, digest: str) -> None:
-        """Point ``name:tag`` at a manifest on every node (all must take it)."""
+    # -- refs (a replicated register: mzstore.storage.tags) ------------------------
+    def set_ref(self, name: str, tag: str, digest: str) -> RefValue:
+        """Point ``name:tag`` at a manifest on every node (all must take it, or hold a newer write).
+
+        The write's version is above every version of the tag any node holds now, so it supersedes
+        every write acknowledged before it began. Returns the value written.
+        """
         validate_digest(digest)
         if not self.has_manifest(digest):
             raise NotFound(f"manifest {digest} not found; refusing to point a tag at it")
@@ -448,8 +457,64 @@ class Store:
         for node in self.nodes:
             if isinstance(node, LocalNode) and (node.root / key).is_dir():
                 raise Conflict(f"{name}:{tag} clashes with the model name {name}/{tag}")
-        for node in self.nodes:
-            node.write(key, [f"{digest}\n".encode("ascii")])
+        return self._write_ref(key, digest)
+
+    def _write_ref(self, key: str, digest: str | None) -> RefValue:
+        for held in tags.read_everywhere(self.nodes, key):
+            if held.value is not None:
+                self.clock.observe(held.value.version)
+        value = RefValue(digest, self.clock.tick())
+        tags.write_everywhere(self.nodes, key, value)
+        return value
+
+    def ref_value(self, name: str, tag: str) -> RefValue:
+        """The winning value of ``name:tag`` over the reachable nodes (a tombstone for a deleted tag).
+
+        Nodes that hold an older value, or none, are repaired in the background.
+
+        Raises:
+            NotFound: no node holds the tag; Unavailable: no node answered.
+        """
+        key = ref_key(name, tag)
+        held = tags.read_everywhere(self.nodes, key)
+        best = tags.winner(held)
+        if best is None:
+            if not any(h.answered for h in held):
+                raise Unavailable(f"{name}:{tag}: no storage node is reachable")
+            raise NotFound(f"{name}:{tag} not found")
+        self.clock.observe(best.version)
+        behind = tags.lagging(held, best)
+        if behind:
+            self._repair_ref_later(key, best, behind)
+        return best
+
+    def get_ref(self, name: str, tag: str) -> str:
+        """The manifest digest ``name:tag`` points at: the highest-versioned value over the reachable nodes."""
+        value = self.ref_value(name, tag)
+        if value.digest is None:
+            raise NotFound(f"{name}:{tag} not found")
+        return value.digest
+
+    def _repair_ref_later(self, key: str, best: RefValue, behind: list[Node]) -> None:
+        """Offer the winning value to the nodes behind, on the repair thread (one repair per tag at a time)."""
+        job = f"ref:{key}"
+        with self._lock:
+            if job in self._repairs:
+                return
+            if self._repair_pool is None:
+                self._repair_pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-repair")
+            future = self._repair_pool.submit(self._repair_ref, key, best, behind)
+            self._repairs[job] = future
+        future.add_done_callback(lambda _: self._repair_done(job, future))
+
+    def _repair_ref(self, key: str, best: RefValue, behind: list[Node]) -> None:
+        for node in behind:
+            try:
+                if tags.offer(node, key, best):
+                    self.counts["ref_repaired"] += 1
+                    log.info("repaired %s on %s", key, node.url)
+            except (MzstoreError, OSError) as exc:
+                log.warning("could not repair %s on %s: %s", key, node.url, exc)
 
     # -- file index (re-pushes send only new files; mzstore.push.reuse) -----------
     def index_file(self, key: str, digest: str) -> None:
@@ -475,31 +540,6 @@ class Store:
                 continue
         return None
 
-    def get_ref(self, name: str, tag: str) -> str:
-        """The majority value of ``name:tag`` over the reachable nodes."""
-        key = ref_key(name, tag)
-        values: list[str] = []
-        unreachable = 0
-        for node in self.nodes:
-            try:
-                text = node.read(key)
-            except (NotFound, Conflict):
-                continue
-            except (MzstoreError, OSError):
-                unreachable += 1
-                continue
-            try:
-                values.append(validate_digest(text.decode("ascii").strip()))
-            except (UnicodeDecodeError, ValueError):
-                continue
-        if not values:
-            if unreachable == len(self.nodes):
-                raise Unavailable(f"{name}:{tag}: no storage node is reachable")
-            raise NotFound(f"{name}:{tag} not found")
-        counts = Counter(values)
-        best = max(counts.values())
-        return next(v for v in values if counts[v] == best)
-
     def resolve(self, ref: str | Ref) -> tuple[Ref, str]:
         """Return the parsed ref and the manifest digest it points to."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
@@ -510,12 +550,10 @@ class Store:
         return parsed, self.get_ref(parsed.name, parsed.tag)
 
     def delete_ref(self, name: str, tag: str) -> str:
+        """Delete ``name:tag``: a versioned tombstone on every node, so a node that missed it cannot bring
+        the tag back (``gc`` removes tombstones after its grace period). Returns the digest it pointed at."""
         digest = self.get_ref(name, tag)
-        for node in self.nodes:
-            try:
-                node.delete(ref_key(name, tag))
-            except NotFound:
-                pass
+        self._write_ref(ref_key(name, tag), None)
         return digest
 
     def list_refs(self, name: str | None = None) -> list[RefEntry]:
