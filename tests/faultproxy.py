@@ -17,8 +17,10 @@ from its own thread:
 
 Actions: :meth:`reset` closes every connection abruptly now (RST, by
 ``SO_LINGER`` 0, as a crashed peer or a middlebox would), :meth:`reset_after`
-does it once when ``n`` more bytes have been forwarded, :meth:`heal` puts
-every knob back.
+does it once when ``n`` more bytes have been forwarded (with
+``graceful=True`` it closes them with a FIN instead, as a server that stops
+early or an idle-timeout middlebox does: the client sees a body cut short),
+:meth:`heal` puts every knob back.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FaultProxy:
         self.resets = 0  # times connections were reset
         self.port = 0
         self._reset_at: int | None = None
+        self._graceful = False
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
@@ -81,9 +84,10 @@ class FaultProxy:
         """Reset every open connection now."""
         self._call(self._reset_all())
 
-    def reset_after(self, n: int) -> None:
-        """Reset every open connection once ``n`` more bytes have been forwarded."""
+    def reset_after(self, n: int, graceful: bool = False) -> None:
+        """Reset (``graceful``: close) every open connection once ``n`` more bytes have been forwarded."""
         self._reset_at = self.forwarded + n
+        self._graceful = graceful
 
     def heal(self) -> None:
         self.latency_s, self.bandwidth, self.blackhole, self.byte_limit, self._reset_at = 0.0, None, False, None, None
@@ -100,10 +104,13 @@ class FaultProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _reset_all(self) -> None:
+    async def _reset_all(self, graceful: bool = False) -> None:
         for pair in list(self._conns):
             for writer in pair:
-                _rst(writer)
+                if graceful:
+                    writer.close()  # FIN, after what was written so far
+                else:
+                    _rst(writer)
         self._conns.clear()
         self.resets += 1
 
@@ -156,9 +163,11 @@ class FaultProxy:
                 if room is not None and len(data) >= room:
                     writer.write(data[: max(room, 0)])
                     self.forwarded += max(room, 0)
+                    graceful = False
                     if self._reset_at is not None and self.forwarded >= self._reset_at:
                         self._reset_at = None  # one-shot
-                    await self._reset_all()
+                        graceful = self._graceful
+                    await self._reset_all(graceful)
                     return
                 writer.write(data)
                 self.forwarded += len(data)

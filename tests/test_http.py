@@ -276,6 +276,10 @@ def test_blobs_on_s3_are_a_redirect_to_a_presigned_url(tmp_path: Path, s3_bucket
         )
         status, h, body = curl("-r", "0-99", f"{streamed.http_url}/blobs/{blob}")  # presigning off: streamed
         assert status == 206 and len(body) == 100 and h["content-range"].startswith("bytes 0-99/")
+        whole = curl(f"{streamed.http_url}/blobs/{blob}")[2]
+        status, h, body = curl("-r", "-10", f"{streamed.http_url}/blobs/{blob}")  # a suffix: the last 10 bytes
+        assert (status, body) == (206, whole[-10:])
+        assert h["content-range"] == f"bytes {len(whole) - 10}-{len(whole) - 1}/{len(whole)}"
         with Client(running.address, cache=False) as c:  # the client follows the redirect
             c.pull("h/m:v1", tmp_path / "out")
         assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()

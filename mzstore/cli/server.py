@@ -145,6 +145,11 @@ def _open_store(
 @click.option(
     "--public-blobs", is_flag=True, help="Let anonymous clients read blobs over HTTP (digests are capabilities)."
 )
+@click.option(
+    "--public-hub",
+    is_flag=True,
+    help="Let anonymous clients read models through the Hugging Face face (HF_ENDPOINT=http://HOST:PORT).",
+)
 @click.option("--no-presign", is_flag=True, help="Stream blobs on S3 nodes instead of redirecting to presigned URLs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
@@ -162,6 +167,7 @@ def serve(
     http: str,
     http_advertise: str | None,
     public_blobs: bool,
+    public_hub: bool,
     no_presign: bool,
     verbose: bool,
 ) -> None:
@@ -214,6 +220,7 @@ def serve(
             http=http_at,
             http_advertise=http_advertise,
             public_blobs=public_blobs,
+            public_hub=public_hub,
             presign=not no_presign,
         )
     except OSError as exc:

@@ -115,7 +115,9 @@ class FileEntry:
 
     ``kind`` is ``"safetensors"`` (then ``header`` is the original JSON
     header text, padding included, and its tensors are in ``tensors``) or
-    ``"file"`` (then ``chunks`` hold its bytes).
+    ``"file"`` (then ``chunks`` hold its bytes). ``decoded_sha256`` is set
+    when a pull writes other bytes than were pushed (lossy tensors): the
+    sha256 of the file a pull writes, recorded at push.
     """
 
     path: str
@@ -124,6 +126,7 @@ class FileEntry:
     sha256: str
     header: str | None = None
     chunks: list[Chunk] = field(default_factory=list)
+    decoded_sha256: str | None = None
 
 
 @dataclass
@@ -375,6 +378,7 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
             sha256=_hex64(f, "sha256", where),
             header=f["header"] if header is not None else None,
             chunks=_chunks(f, where),
+            decoded_sha256=_hex64(f, "decoded_sha256", where) if "decoded_sha256" in f else None,
         )
         if header is not None:
             if fentry.chunks:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,14 +70,37 @@ def _encode_pool() -> ThreadPoolExecutor:
 
 #: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin).
 Mode = str | Spec | tuple[float, float]
-#: (codec, payload, params, sha256 of what a pull decodes, fidelity stats or None)
-_Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None]
+#: (codec, payload, params, BLAKE3 of what a pull decodes, fidelity stats or None, the decoded bytes when
+#: they differ from the raw ones, else None)
+_Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None, memoryview | None]
+
+
+class _Served:
+    """The sha256 of a safetensors file as a pull writes it, when lossy tensors make it differ from the
+    pushed file (``FileEntry.decoded_sha256``): its header, then each chunk's decoded bytes, in file order
+    (the order chunks are emitted and drained)."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.hasher = hashlib.sha256(prefix)
+        self.lossy = False
+        self.entry: FileEntry | None = None
+
+    def update(self, raw: bytes | bytearray, decoded: memoryview | None) -> None:
+        if decoded is None:
+            self.hasher.update(raw)
+        else:
+            self.lossy = True
+            self.hasher.update(decoded)
+
+    def settle(self) -> None:
+        if self.entry is not None and self.lossy:
+            self.entry.decoded_sha256 = self.hasher.hexdigest()
 
 
 class _Job:
     """A chunk queued for encoding, with where its result goes."""
 
-    __slots__ = ("chunk_list", "entry", "future", "key", "meta", "rows")
+    __slots__ = ("chunk_list", "entry", "future", "key", "meta", "raw", "rows", "served")
 
     def __init__(
         self,
@@ -86,6 +110,8 @@ class _Job:
         meta: dict[str, Any],
         key: str,
         entry: TensorEntry | None,
+        served: _Served | None = None,
+        raw: bytes | bytearray = b"",
     ) -> None:
         self.future = future
         self.chunk_list = chunk_list
@@ -93,20 +119,23 @@ class _Job:
         self.meta = meta
         self.key = key
         self.entry = entry
+        self.served = served
+        self.raw = raw
 
 
 def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Encoded:
     """Encode one chunk in a worker thread."""
     if isinstance(mode, str):
         payload, params = get_codec(mode).encode(memoryview(raw), dtype)
-        return mode, payload, params, blake3_hex(raw), None
+        return mode, payload, params, blake3_hex(raw), None, None
     enc = encode_spec(raw, dtype, rows, mode) if isinstance(mode, Spec) else encode_auto(raw, dtype, rows, *mode)
     params = dict(enc.params)
     if enc.codec == "quant":
         # Lets a device target verify the compact bytes before expanding them there.
         params["payload_blake3"] = blake3_hex(enc.payload)
     # A chunk's hash is of its decoded bytes: exactly what a host-side pull verifies.
-    return enc.codec, enc.payload, params, blake3_hex(enc.decoded.data), enc.stats
+    decoded = enc.decoded.data
+    return enc.codec, enc.payload, params, blake3_hex(decoded), enc.stats, decoded if enc.codec == "quant" else None
 
 
 class Ingest:
@@ -138,6 +167,7 @@ class Ingest:
         self.policy: Policy = parse_policy("lossless")
         self.fidelity: dict[int, Stats] = {}
         self.known = KnownFiles(store, chunk_bytes)
+        self._served: list[_Served] = []  # files whose pulled bytes may differ from the pushed ones
         self._reused_tensors: set[int] = set()
         self._reused_blobs: set[str] = set()
         self._reused_ranges: dict[str, set[tuple[int, int]]] = {}  # blob → (offset, length) of reused chunks
@@ -154,15 +184,19 @@ class Ingest:
         key: str,
         entry: TensorEntry | None = None,
         matrix_rows: int = 1,
+        served: _Served | None = None,
     ) -> None:
         future = _encode_pool().submit(_encode, mode, dtype, raw, matrix_rows)
-        self._jobs.append(_Job(future, chunk_list, rows, meta, key, entry))
+        self._jobs.append(_Job(future, chunk_list, rows, meta, key, entry, served, raw if served else b""))
         while len(self._jobs) > self.max_inflight:
             self._drain_one()
 
     def _drain_one(self) -> None:
         job = self._jobs.popleft()
-        codec, payload, params, sha, stats = job.future.result()
+        codec, payload, params, sha, stats, decoded = job.future.result()
+        if job.served is not None:
+            job.served.update(job.raw, decoded)
+            job.raw = b""
         meta = job.meta | {"codec": codec}
         chunk = Chunk(
             blob="",
@@ -212,6 +246,8 @@ class Ingest:
         try:
             self._consume(begin, iter(events))
             self._drain_all()
+            for served in self._served:
+                served.settle()
             self.writer.seal()
             self.writer.publish()
         except BaseException:
@@ -310,6 +346,7 @@ class _SafetensorsSink:
         self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, Mode]] = deque()
         self.current: bytearray | None = None
         self.fill = 0
+        self.served: _Served | None = None
         if upload.size < 8:
             raise FormatError(f"{upload.path}: not a safetensors file: {upload.size} bytes, need at least 8")
 
@@ -347,8 +384,11 @@ class _SafetensorsSink:
                 f"{self.upload.path}: push has more than {limit} tensors, the limit (MZSTORE_MAX_TENSORS)"
             )
         self.header_text = header_bytes.decode("utf-8")
-        for t in header.tensors:
-            policy_mode = self.policy.mode_for(t.name, t.dtype.name, t.shape)
+        modes = [self.policy.mode_for(t.name, t.dtype.name, t.shape) for t in header.tensors]
+        if any(not isinstance(m, str) for m in modes):  # a lossy policy applies: hash what a pull will write
+            self.served = _Served(struct.pack("<Q", len(header_bytes)) + header_bytes)
+            self.ingest._served.append(self.served)
+        for t, policy_mode in zip(header.tensors, modes, strict=True):
             entry = TensorEntry(
                 file=self.upload.path,
                 name=t.name,
@@ -390,6 +430,7 @@ class _SafetensorsSink:
             f"{entry.name}@{plan.index}",
             entry=entry,
             matrix_rows=plan.row_end - plan.row_start if whole_rows else 1,
+            served=self.served,
         )
 
     def _take(self, data: memoryview) -> None:
@@ -415,7 +456,10 @@ class _SafetensorsSink:
             raise FormatError(f"{self.upload.path}: not a safetensors file (too short)")
         if self.queue or self.current is not None:
             raise IntegrityError(f"{self.upload.path}: upload ended inside the tensor data")
-        return FileEntry(self.upload.path, "safetensors", self.upload.size, sha256, header=self.header_text)
+        entry = FileEntry(self.upload.path, "safetensors", self.upload.size, sha256, header=self.header_text)
+        if self.served is not None:
+            self.served.entry = entry  # its decoded_sha256 is set once every chunk is drained
+        return entry
 
 
 class _FileSink:

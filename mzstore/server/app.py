@@ -120,6 +120,7 @@ def build_server(
     http_advertise: str | None = None,
     public_blobs: bool = False,
     presign: bool = True,
+    public_hub: bool = False,
 ) -> RunningServer:
     """Create and start a server over storage nodes.
 
@@ -140,6 +141,7 @@ def build_server(
         http_advertise: the blob URL base clients are told (default: the listener's own URL), for a
             server behind a proxy or a CDN.
         public_blobs: anonymous clients may read blobs over HTTP (tokens still guard everything else).
+        public_hub: anonymous clients may read models through the Hugging Face face (``HF_ENDPOINT``).
         presign: blobs on S3 nodes are answered with a redirect to a presigned URL.
 
     Returns:
@@ -195,7 +197,11 @@ def build_server(
     if http is not None:
         host, port = _http_address(http, listen)
         http_options = HttpOptions(
-            tokens=tokens, public_blobs=public_blobs, presign=presign, ssl_context=tls.ssl_context() if tls else None
+            tokens=tokens,
+            public_blobs=public_blobs,
+            public_hub=public_hub,
+            presign=presign,
+            ssl_context=tls.ssl_context() if tls else None,
         )
         plane = HttpPlane(store, host, port, http_options).start()
     service = (
@@ -297,6 +303,7 @@ def serve(
     http_advertise: str | None = None,
     public_blobs: bool = False,
     presign: bool = True,
+    public_hub: bool = False,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully (with its HTTP plane, by default).
 
@@ -316,6 +323,7 @@ def serve(
         http_advertise=http_advertise,
         public_blobs=public_blobs,
         presign=presign,
+        public_hub=public_hub,
     )
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)

@@ -18,6 +18,10 @@ blobs are content-addressed) and the name-free alias ``/blobs/sha256:<hex>``
     node is a ``307`` to a presigned GET URL (valid ``presign_seconds``), so
     the server carries none of its bytes; without presigning (or for other
     object stores) it is streamed from the node.
+``/api/models/…`` and ``/{repo}/resolve/{revision}/{path}``
+    The Hugging Face Hub face (:mod:`mzstore.server.hub`): ``HF_ENDPOINT``
+    pointed here lets ``huggingface_hub``, transformers and
+    sentence-transformers download models from the store.
 ``GET /metrics``
     Prometheus text format (:mod:`mzstore.server.metrics`).
 ``GET /healthz``, ``GET /readyz``
@@ -62,6 +66,7 @@ from mzstore.errors import (
 from mzstore.format.refs import validate_digest, validate_name
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
+from mzstore.server.hub import HubFace, byte_range
 from mzstore.storage.node import FsspecNode, LocalNode
 from mzstore.storage.store import Store
 
@@ -171,12 +176,14 @@ class HttpOptions:
     Attributes:
         tokens: the token file (``None``: no tokens needed, as the gRPC side).
         public_blobs: anonymous clients may read blobs.
+        public_hub: anonymous clients may read models through the Hugging Face face.
         presign: answer blobs on S3 nodes with a redirect to a presigned URL.
         ssl_context: serve HTTPS with this context (mutual TLS when it asks for client certificates).
     """
 
     tokens: TokenFile | None = None
     public_blobs: bool = False
+    public_hub: bool = False
     presign: bool = True
     ssl_context: ssl.SSLContext | None = None
 
@@ -192,6 +199,7 @@ class HttpPlane:
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+        self.hub = HubFace(store)
 
     @property
     def url(self) -> str:
@@ -212,6 +220,7 @@ class HttpPlane:
             app.router.add_route("HEAD", r"/v2/{name:.+}/blobs/{digest}", self._blob)
             app.router.add_route("GET", "/blobs/{digest}", self._blob)
             app.router.add_route("HEAD", "/blobs/{digest}", self._blob)
+            self.hub.add_routes(app.router)
             app.router.add_get("/metrics", self._metrics)
             app.router.add_get("/healthz", self._healthz)
             app.router.add_get("/readyz", self._readyz)
@@ -253,6 +262,7 @@ class HttpPlane:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._thread = None
+        self.hub.close()
 
     # -- middleware -------------------------------------------------------------------------
     @web.middleware
@@ -277,20 +287,25 @@ class HttpPlane:
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Tokens and scopes, before any storage access (blobs need ``read``; probes and metrics are open)."""
+        """Tokens and scopes, before any storage access (blobs and the Hub face need ``read``; probes and
+        metrics are open)."""
         tokens = self.options.tokens
-        is_blob = "digest" in request.match_info
-        if tokens is None or not is_blob or self.options.public_blobs:
+        info = request.match_info
+        is_blob = "digest" in info
+        is_hub = "repo" in info or "rest" in info
+        if tokens is None or not (is_blob or is_hub):
+            return await handler(request)
+        if (is_blob and self.options.public_blobs) or (is_hub and self.options.public_hub):
             return await handler(request)
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("this server needs a token: send Authorization: Bearer <token>")
+            raise Unauthenticated("this server needs a token: send Authorization: Bearer <token> (HF_TOKEN)")
         grant = tokens.lookup(token.strip())
         if grant is None:
             raise Unauthenticated("the token is not known to this server")
         if not grant.allows("read"):
-            raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; blob reads need read")
+            raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; reads need read")
         return await handler(request)
 
     # -- routes -----------------------------------------------------------------------------
@@ -331,17 +346,10 @@ class HttpPlane:
         status = 200
         if request.headers.get(hdrs.RANGE) is not None:
             try:
-                rng = request.http_range
-            except ValueError:
-                return _error(416, "BadRange", "malformed Range", {hdrs.CONTENT_RANGE: f"bytes */{size}"})
-            first = rng.start if rng.start is not None else 0
-            if rng.start is None and rng.stop is not None:  # suffix: the last N bytes
-                first, last = max(0, size + rng.stop), size
-            else:
-                last = min(size, rng.stop) if rng.stop is not None else size
-            if first >= size or first >= last:
-                return _error(416, "BadRange", "range not satisfiable", {hdrs.CONTENT_RANGE: f"bytes */{size}"})
-            start, end, status = first, last, 206
+                start, end = byte_range(request, size)
+            except ValueError as exc:
+                return _error(416, "BadRange", str(exc), {hdrs.CONTENT_RANGE: f"bytes */{size}"})
+            status = 206
             headers = {**headers, hdrs.CONTENT_RANGE: f"bytes {start}-{end - 1}/{size}"}
         response = web.StreamResponse(status=status, headers=headers)
         response.content_type = "application/octet-stream"

@@ -39,7 +39,10 @@ HTTP_REQUESTS = Counter(
     "mzstore_http_requests_total", "HTTP requests, by route and status.", ["route", "status"], registry=REGISTRY
 )
 BLOB_BYTES = Counter(
-    "mzstore_blob_bytes_served_total", "Blob bytes sent to clients, by plane.", ["plane"], registry=REGISTRY
+    "mzstore_blob_bytes_served_total",
+    "Blob bytes sent to clients, by plane (hub: decoded file bytes of the Hugging Face face).",
+    ["plane"],
+    registry=REGISTRY,
 )
 PUSH_BYTES = Counter(
     "mzstore_push_bytes_total", "Bytes of committed pushes (raw, stored).", ["kind"], registry=REGISTRY
@@ -50,7 +53,7 @@ PUSH_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200),
     registry=REGISTRY,
 )
-for _plane in ("grpc", "http"):
+for _plane in ("grpc", "http", "hub"):
     BLOB_BYTES.labels(_plane)  # present (as 0) before the first byte
 for _kind in ("raw", "stored"):
     PUSH_BYTES.labels(_kind)

@@ -1,0 +1,472 @@
+"""The Hugging Face Hub face: ``HF_ENDPOINT=http://server:PORT`` and the Hub's own clients read the store.
+
+``huggingface_hub`` (``hf_hub_download``, ``snapshot_download``, ``HfApi``,
+the ``hf`` CLI), transformers, sentence-transformers and vLLM's downloader
+all honour ``HF_ENDPOINT``; this module answers the part of the Hub's read
+API they use, on the HTTP plane (:mod:`mzstore.server.http`):
+
+``GET /api/models/{repo}`` and ``GET /api/models/{repo}/revision/{revision}``
+    Model info: ``id``, ``sha`` (the commit), ``siblings``, ``lastModified``,
+    ``private``/``gated``/``disabled`` (all false), ``tags``. With
+    ``?blobs=true`` the siblings carry ``size`` and ``lfs``.
+``GET /api/models/{repo}/tree/{revision}[/{path}]?recursive=true|false``
+    The file listing ``snapshot_download`` and ``list_repo_files`` read:
+    ``{type, path, size, oid, lfs: {oid, size, pointerSize}}`` per file,
+    ``{type: "directory", path, oid}`` per folder, paged with
+    ``Link: <absolute URL>; rel="next"`` (:data:`TREE_PAGE` entries a page).
+``HEAD|GET /{repo}/resolve/{revision}/{path}``
+    The file, exactly as ``mzstore pull -o`` writes it, decoded by the
+    server from its stored chunks (:mod:`mzstore.pull.fileview`): memory
+    stays at a few chunks per response whatever the file size, a ``Range``
+    (``bytes=N-``, ``N-M``, ``-N``) maps to the chunks that cover it and
+    gets ``206``, and a bounded LRU of decoded chunks serves concurrent
+    readers of one model. Headers: ``X-Repo-Commit``, ``ETag`` and
+    ``X-Linked-Etag`` = the sha256 of the bytes served (known before the
+    first byte: the pushed file's sha256 for lossless files, the sha256
+    recorded at push for files with lossy tensors), ``X-Linked-Size``,
+    ``Content-Length``, ``Accept-Ranges: bytes``. No ``X-Xet-*`` header is
+    ever sent, so clients with ``hf_xet`` installed download over plain HTTP.
+
+**Names.** A Hub repo id is ``name`` or ``namespace/name``; it is the
+mzstore model name itself, so only mzstore names of one or two components
+(``org/model``, ``model``) are reachable here, and the Hub's own rules apply
+on top (each part at most 96 characters, no ``--`` or ``..``). Anything else
+is ``404 RepoNotFound`` with a message saying why.
+
+**Revisions.** A revision is an mzstore tag, except:
+
+* ``main`` (the Hub's default branch) is the tag ``main`` when the model has
+  one, else the default tag ``latest``;
+* 40 lowercase hex digits are a commit: the manifest whose digest starts
+  with them. Every response names the commit of the manifest it served
+  (``X-Repo-Commit``, ``sha``): the first 40 hex digits of the manifest
+  digest, so a commit pins exactly one stored version.
+
+A lossy tag serves the dequantized safetensors (the tensors in their own
+dtype, as a plain ``mzstore pull`` writes them); the compressed-tensors form
+(``pull --keep-quantized``) is not served here yet.
+
+**Errors** are what the clients map to their exceptions: ``404`` with
+``X-Error-Code: RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``
+(with ``X-Repo-Commit``, so a client caches the absence; transformers probes
+optional files this way), ``400`` for a malformed path, ``416`` for a range
+it cannot serve, ``401``/``403`` for tokens. Tokens are mzstore's, sent as
+``Authorization: Bearer`` (``HF_TOKEN``), with the ``read`` scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from mzstore.errors import FormatError, MzstoreError, NotFound
+from mzstore.format.manifest import Manifest, parse_manifest, validate_relpath
+from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
+from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
+from mzstore.server import metrics
+from mzstore.storage.store import Store, manifest_key
+
+#: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
+TREE_PAGE = 1000
+#: Decoded chunks kept for concurrent readers (bytes).
+DECODED_CACHE_BYTES = 256 * 1024 * 1024
+#: Parsed manifests kept (manifests are immutable, so they never go stale).
+MANIFESTS_KEPT = 64
+#: The Hub's default branch.
+MAIN = "main"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_HUB_PART = re.compile(r"[\w.-]{1,96}")
+#: A repo id in a route: one or two path segments.
+REPO = r"{repo:[^/]+(?:/[^/]+)?}"
+
+
+class HubError(Exception):
+    """A Hub-style error: status, ``X-Error-Code`` and message (and the commit, for a missing file)."""
+
+    def __init__(self, status: int, code: str, message: str, commit: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.commit = commit
+
+    def response(self) -> web.Response:
+        headers = {"X-Error-Code": self.code, "X-Error-Message": str(self)}
+        if self.commit:
+            headers["X-Repo-Commit"] = self.commit
+        return web.json_response({"error": str(self)}, status=self.status, headers=headers)
+
+
+def repo_name(repo_id: str) -> str:
+    """The mzstore model name of a Hub repo id (the same string), or :class:`HubError` if it does not map."""
+    parts = repo_id.split("/")
+    if len(parts) > 2 or not all(_HUB_PART.fullmatch(p) and "--" not in p and ".." not in p for p in parts):
+        raise HubError(404, "RepoNotFound", f"{repo_id[:120]!r} is not a Hub repo id (name or namespace/name)")
+    try:
+        return validate_name(repo_id)
+    except MzstoreError as exc:
+        raise HubError(404, "RepoNotFound", f"{repo_id!r} does not name an mzstore model: {exc}") from None
+
+
+def commit_of(digest: str) -> str:
+    """The 40-hex commit a manifest digest stands for on this face."""
+    return digest.split(":", 1)[1][:40]
+
+
+def _iso(seconds: float) -> str:
+    """``2026-12-05T19:00:00.000Z``: the Hub's timestamp format (the ``Z`` is required by its client)."""
+    whole = time.gmtime(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{int(seconds * 1000) % 1000:03d}Z"
+
+
+def _lfs(sha256: str, size: int) -> tuple[dict[str, Any], str]:
+    """The ``lfs`` block of a file and its git oid (the sha1 of the git-lfs pointer file, as on the Hub)."""
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    oid = hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
+    return {"oid": sha256, "size": size, "pointerSize": len(pointer)}, oid
+
+
+@dataclass
+class Revision:
+    """A resolved request: the model name, its manifest, and when that version was written."""
+
+    name: str
+    digest: str
+    manifest: Manifest
+    modified: float
+
+    @property
+    def commit(self) -> str:
+        return commit_of(self.digest)
+
+
+class HubFace:
+    """The Hub routes over a :class:`Store` (see the module docstring)."""
+
+    def __init__(self, store: Store, decode_workers: int = 4) -> None:
+        self.store = store
+        self.reader = ChunkReader(self.store.read_blob, DECODED_CACHE_BYTES)
+        self._pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mzstore-hub")
+        self._lock = threading.Lock()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._layouts: dict[tuple[str, str], FileLayout] = {}
+        self._sha: dict[tuple[str, str], str] = {}
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get(f"/api/models/{REPO}/revision/{{rev:.+}}", self._info)
+        router.add_get(f"/api/models/{REPO}/tree/{{rev:[^/]+}}{{path:(/.*)?}}", self._tree)
+        router.add_get(f"/api/models/{REPO}", self._info)
+        router.add_get("/api/models/{rest:.+}", self._unknown_repo)
+        router.add_route("GET", f"/{REPO}/resolve/{{rev:[^/]+}}/{{path:.+}}", self._resolve)
+        router.add_route("HEAD", f"/{REPO}/resolve/{{rev:[^/]+}}/{{path:.+}}", self._resolve)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- resolution ---------------------------------------------------------------------
+    def _manifest(self, digest: str) -> Manifest:
+        with self._lock:
+            hit = self._manifests.get(digest)
+            if hit is not None:
+                self._manifests.move_to_end(digest)
+                return hit
+        manifest = parse_manifest(self.store.get_manifest(digest))
+        with self._lock:
+            self._manifests[digest] = manifest
+            while len(self._manifests) > MANIFESTS_KEPT:
+                old, _ = self._manifests.popitem(last=False)
+                for key in [k for k in self._layouts if k[0] == old]:
+                    del self._layouts[key]
+        return manifest
+
+    def resolve(self, repo_id: str, revision: str) -> Revision:
+        """The stored version ``repo_id@revision`` stands for (blocking: call it on a worker thread)."""
+        name = repo_name(repo_id)
+        if _COMMIT.fullmatch(revision):
+            digest = self._by_commit(name, revision)
+            modified = self._written(manifest_key(digest))
+        else:
+            tags = [revision] if revision != MAIN else [MAIN, DEFAULT_TAG]
+            try:
+                for tag in tags:
+                    validate_tag(tag)
+            except MzstoreError:
+                raise HubError(404, "RevisionNotFound", f"{revision[:140]!r} is not a revision of {repo_id}") from None
+            value = None
+            for tag in tags:
+                try:
+                    value = self.store.ref_value(name, tag)
+                except NotFound:
+                    continue
+                if value.digest is not None:
+                    break
+                value = None
+            if value is None or value.digest is None:
+                if not self._has_model(name):
+                    raise HubError(404, "RepoNotFound", f"repository {repo_id} not found")
+                raise HubError(404, "RevisionNotFound", f"revision {revision} of {repo_id} not found")
+            digest = value.digest
+            modified = value.version.time_ms / 1000 or self._written(manifest_key(digest))
+        return Revision(name, digest, self._manifest(digest), modified)
+
+    def _has_model(self, name: str) -> bool:
+        try:
+            return any(e.name == name for e in self.store.list_refs(name))
+        except MzstoreError:
+            return False
+
+    def _by_commit(self, name: str, commit: str) -> str:
+        """The manifest whose digest starts with ``commit`` and that a tag of ``name`` points at, or did."""
+        prefix = f"manifests/sha256/{commit[:2]}"
+        for node in self.store.nodes:
+            try:
+                keys = list(node.walk(prefix))
+            except (MzstoreError, OSError):
+                continue
+            for key in keys:
+                digest = "sha256:" + key.rsplit("/", 1)[-1]
+                if commit_of(digest) == commit:
+                    return digest
+        if not self._has_model(name):
+            raise HubError(404, "RepoNotFound", f"repository {name} not found")
+        raise HubError(404, "RevisionNotFound", f"commit {commit} not found")
+
+    def _written(self, key: str) -> float:
+        for node in self.store.nodes:
+            try:
+                return node.mtime(key)
+            except (MzstoreError, OSError):
+                continue
+        return 0.0
+
+    def layout(self, rev: Revision, path: str) -> FileLayout:
+        """Where the bytes of ``path`` come from (``EntryNotFound`` if the version has no such file)."""
+        try:
+            validate_relpath(path)
+        except FormatError as exc:
+            raise HubError(400, "BadPath", f"bad file path: {exc}") from None
+        key = (rev.digest, path)
+        with self._lock:
+            hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        try:
+            layout = FileLayout(rev.manifest, path)
+        except FileNotFoundError:
+            raise HubError(404, "EntryNotFound", f"{path} is not in {rev.name}@{rev.commit}", rev.commit) from None
+        with self._lock:
+            self._layouts[key] = layout
+        return layout
+
+    def served_sha256(self, rev: Revision, layout: FileLayout) -> str:
+        """The sha256 of the file as served: recorded in the manifest, or (older lossy pushes) read once."""
+        known = layout.sha256
+        if known:
+            return known
+        key = (rev.digest, layout.entry.path)
+        with self._lock:
+            hit = self._sha.get(key)
+        if hit is None:
+            hit = file_sha256(layout, self.reader)
+            with self._lock:
+                self._sha[key] = hit
+        return hit
+
+    # -- routes -----------------------------------------------------------------------------
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _unknown_repo(self, request: web.Request) -> web.Response:
+        rest = request.match_info["rest"]
+        return HubError(404, "RepoNotFound", f"no such Hub API route or repo id: /api/models/{rest[:200]}").response()
+
+    async def _info(self, request: web.Request) -> web.Response:
+        repo = request.match_info["repo"]
+        revision = request.match_info.get("rev", MAIN)
+        try:
+            rev = await self._run(self.resolve, repo, revision)
+            blobs = request.query.get("blobs", "").lower() == "true"
+            siblings = await self._run(self._siblings, rev, blobs)
+        except HubError as exc:
+            return exc.response()
+        body = {
+            "id": repo,
+            "modelId": repo,
+            "author": repo.split("/")[0] if "/" in repo else None,
+            "sha": rev.commit,
+            "lastModified": _iso(rev.modified),
+            "createdAt": _iso(rev.modified),
+            "private": False,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": ["mzstore", f"mzstore-codec:{rev.manifest.codec}"],
+            "siblings": siblings,
+        }
+        return web.json_response(body, headers={"X-Repo-Commit": rev.commit})
+
+    def _siblings(self, rev: Revision, blobs: bool) -> list[dict[str, Any]]:
+        out = []
+        for f in rev.manifest.files:
+            entry: dict[str, Any] = {"rfilename": f.path}
+            if blobs:
+                layout = self.layout(rev, f.path)
+                sha = self.served_sha256(rev, layout)
+                lfs, oid = _lfs(sha, layout.size)
+                entry |= {"size": layout.size, "blobId": oid, "lfs": {"sha256": sha, **lfs}}
+                del entry["lfs"]["oid"]
+            out.append(entry)
+        return out
+
+    async def _tree(self, request: web.Request) -> web.Response:
+        repo = request.match_info["repo"]
+        sub = request.match_info.get("path", "").strip("/")
+        recursive = request.query.get("recursive", "false").lower() == "true"
+        try:
+            start = int(request.query.get("cursor", "0"))
+        except ValueError:
+            return HubError(400, "BadCursor", "cursor must be an entry index").response()
+        try:
+            rev = await self._run(self.resolve, repo, request.match_info["rev"])
+            entries = await self._run(self._entries, rev, sub, recursive)
+        except HubError as exc:
+            return exc.response()
+        page = entries[start : start + TREE_PAGE]
+        headers = {"X-Repo-Commit": rev.commit}
+        if start + TREE_PAGE < len(entries):
+            nxt = request.url.update_query({"cursor": str(start + TREE_PAGE)})
+            headers[hdrs.LINK] = f'<{nxt}>; rel="next"'
+        return web.json_response(page, headers=headers)
+
+    def _entries(self, rev: Revision, sub: str, recursive: bool) -> list[dict[str, Any]]:
+        if sub:
+            try:
+                validate_relpath(sub)
+            except FormatError as exc:
+                raise HubError(400, "BadPath", f"bad path: {exc}") from None
+        prefix = f"{sub}/" if sub else ""
+        files = [f for f in rev.manifest.files if f.path.startswith(prefix)]
+        if sub and not files:
+            raise HubError(404, "EntryNotFound", f"{sub} is not a folder of {rev.name}@{rev.commit}", rev.commit)
+        out: list[dict[str, Any]] = []
+        folders: set[str] = set()
+        for f in files:
+            rest = f.path[len(prefix) :]
+            parts = rest.split("/")
+            for depth in range(1, len(parts)):
+                if not recursive and depth > 1:
+                    break
+                folders.add(prefix + "/".join(parts[:depth]))
+            if not recursive and len(parts) > 1:
+                continue
+            layout = self.layout(rev, f.path)
+            lfs, oid = _lfs(self.served_sha256(rev, layout), layout.size)
+            out.append({"type": "file", "oid": oid, "size": layout.size, "path": f.path, "lfs": lfs})
+        for folder in sorted(folders):
+            oid = hashlib.sha1(f"{rev.digest}:{folder}".encode()).hexdigest()
+            out.append({"type": "directory", "oid": oid, "size": 0, "path": folder})
+        return sorted(out, key=lambda e: e["path"])
+
+    async def _resolve(self, request: web.Request) -> web.StreamResponse:
+        repo, revision, path = request.match_info["repo"], request.match_info["rev"], request.match_info["path"]
+        try:
+            rev = await self._run(self.resolve, repo, revision)
+            layout = await self._run(self.layout, rev, path)
+            sha = await self._run(self.served_sha256, rev, layout)
+        except HubError as exc:
+            return exc.response()
+        size = layout.size
+        etag = f'"{sha}"'
+        headers = {
+            "X-Repo-Commit": rev.commit,
+            hdrs.ETAG: etag,
+            "X-Linked-Etag": etag,
+            "X-Linked-Size": str(size),
+            hdrs.ACCEPT_RANGES: "bytes",
+            hdrs.CONTENT_DISPOSITION: f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+        }
+        if _COMMIT.fullmatch(revision):
+            headers[hdrs.CACHE_CONTROL] = "private, max-age=31536000, immutable"  # a commit never changes
+        none_match = request.headers.get(hdrs.IF_NONE_MATCH)
+        if none_match is not None and etag in [t.strip().removeprefix("W/") for t in none_match.split(",")]:
+            return web.Response(status=304, headers=headers)
+        start, end, status = 0, size, 200
+        if request.headers.get(hdrs.RANGE) is not None and request.headers.get(hdrs.IF_RANGE, etag).strip() == etag:
+            try:
+                start, end = byte_range(request, size)
+            except ValueError as exc:
+                bad = HubError(416, "BadRange", str(exc))
+                return _with(bad.response(), {hdrs.CONTENT_RANGE: f"bytes */{size}"})
+            status = 206
+            headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        await self._send(response, layout, start, end)
+        await response.write_eof()
+        return response
+
+    async def _send(self, response: web.StreamResponse, layout: FileLayout, start: int, end: int) -> None:
+        """Write ``[start, end)``, decoding the next chunk while the current one goes out."""
+        loop = asyncio.get_running_loop()
+        pieces = list(layout.covering(start, end))
+        pending = None
+        for i, (piece, lo, hi) in enumerate(pieces):
+            if piece.literal is not None:
+                data: bytes | memoryview = piece.literal[lo:hi]
+            else:
+                assert piece.task is not None
+                future = (
+                    pending if pending is not None else loop.run_in_executor(self._pool, self.reader.read, piece.task)
+                )
+                pending = None
+                nxt = next((p for p, _, _ in pieces[i + 1 :] if p.task is not None), None)
+                if nxt is not None and nxt.task is not None:
+                    pending = loop.run_in_executor(self._pool, self.reader.read, nxt.task)
+                try:
+                    data = memoryview(await future)[lo:hi]
+                except MzstoreError:
+                    if pending is not None:
+                        pending.cancel()
+                    raise  # the connection is cut mid-body: the client sees a short file, never wrong bytes
+            await response.write(data)
+            metrics.BLOB_BYTES.labels("hub").inc(len(data))
+
+
+def byte_range(request: web.BaseRequest, size: int) -> tuple[int, int]:
+    """``[start, end)`` of the one ``Range`` of a request for ``size`` bytes: ``bytes=N-``, ``N-M``, ``-N``.
+
+    Raises:
+        ValueError: several ranges, another unit, a malformed or an unsatisfiable range (answer ``416``).
+    """
+    text = request.headers.get(hdrs.RANGE, "")
+    if "," in text:
+        raise ValueError("ask for one byte range per request (Range: bytes=START-END)")
+    try:
+        rng = request.http_range  # a suffix "-N" comes back as slice(-N, None)
+    except ValueError:
+        raise ValueError(f"malformed Range {text[:80]!r}") from None
+    first = rng.start if rng.start is not None else 0
+    if first < 0:
+        first = max(0, size + first)
+    last = min(size, rng.stop) if rng.stop is not None else size
+    if first >= size or first >= last:
+        raise ValueError(f"Range {text[:80]!r} is outside the {size} bytes")
+    return first, last
+
+
+def _with(response: web.Response, headers: dict[str, str]) -> web.Response:
+    response.headers.update(headers)
+    return response
