@@ -44,7 +44,7 @@ SENTENCES = ["A man is eating food.", "The cat sits on the mat.", "mzstore store
 class Hub:
     server: RunningServer
     url: str
-    pulled: dict[str, Path]  # tag → what `mzstore pull -o` wrote
+    pulled: dict[str, Path]  # tag → what `mzstore pull -o` wrote (and "int8+ct": `pull --keep-quantized`)
     digests: dict[str, str]  # tag → manifest digest
     source: Path
 
@@ -59,6 +59,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[
             digests[tag] = c.push(minilm_dir, f"{REPO}:{tag}", codec=codec).digest
             c.pull(f"{REPO}:{tag}", base / f"pulled-{tag}")
             pulled[tag] = base / f"pulled-{tag}"
+        c.pull(f"{REPO}:int8", base / "pulled-int8-ct", keep_quantized=True)
+        pulled["int8+ct"] = base / "pulled-int8-ct"
     assert server.http_url
     yield Hub(server, server.http_url, pulled, digests, minilm_dir)
     server.stop(1)
@@ -176,6 +178,38 @@ def test_model_info_file_lists_and_commits(hub: Hub, tmp_path: Path) -> None:
     for name, data in _files(hub.source).items():
         assert got["sizes"][name] == [len(data), hashlib.sha256(data).hexdigest()]
     assert got["private"] is False and got["modified"].startswith("20")
+
+
+def test_the_compressed_tensors_form_is_its_own_revision(hub: Hub, tmp_path: Path) -> None:
+    """``int8+compressed-tensors`` serves what ``pull --keep-quantized`` writes, under its own commit,
+    which names it back; transformers loads it (compressed-tensors decompresses the int8 codes)."""
+    plain = hub.digests["int8"].split(":")[1][:40]
+    commit = "".join("0123456789abcdef"[15 - int(c, 16)] for c in plain)
+    code = f"""
+        import json, torch
+        from huggingface_hub import HfApi, snapshot_download
+        from transformers import AutoModel
+        rev = "int8+compressed-tensors"
+        path = snapshot_download({REPO!r}, revision=rev)
+        again = snapshot_download({REPO!r}, revision={commit!r}, cache_dir="{tmp_path / "second"}")
+        sha = HfApi().model_info({REPO!r}, revision=rev).sha
+        model = AutoModel.from_pretrained({REPO!r}, revision=rev)
+        ref = AutoModel.from_pretrained({str(hub.pulled["int8"])!r})
+        want, got = ref.state_dict(), model.state_dict()
+        def cos(a, b):
+            a, b = a.float().flatten(), b.float().flatten()
+            return 1.0 if torch.equal(a, b) else torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        shared = [k for k in want if k in got and want[k].is_floating_point()]
+        worst = min((cos(got[k], want[k]), k) for k in shared)
+        print(json.dumps(dict(path=path, again=again, sha=sha, worst=worst, shared=len(shared))))
+    """
+    got = run_client(hub.url, tmp_path / "home", code)
+    assert Path(got["path"]).name == commit == got["sha"] != plain
+    want = _files(hub.pulled["int8+ct"])
+    assert _files(Path(got["path"])) == want == _files(Path(got["again"]))
+    assert "quantization_config" in json.loads(want["config.json"])
+    assert len(want["model.safetensors"]) < 0.7 * (hub.source / "model.safetensors").stat().st_size  # int8 codes
+    assert got["shared"] > 50 and got["worst"][0] > 0.9999, got  # the same int8 weights, decompressed
 
 
 def test_the_served_sha256_of_a_lossy_file_is_recorded_at_push(hub: Hub) -> None:

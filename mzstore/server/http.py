@@ -40,16 +40,12 @@ naming the reason, as the Hugging Face Hub does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -66,7 +62,8 @@ from mzstore.errors import (
 from mzstore.format.refs import validate_digest, validate_name
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
-from mzstore.server.hub import HubFace, byte_range
+from mzstore.server.files import DigestFile, byte_range
+from mzstore.server.hub import HubFace
 from mzstore.storage.node import FsspecNode, LocalNode
 from mzstore.storage.store import Store
 
@@ -81,11 +78,6 @@ PRESIGN_SECONDS = 300
 #: Bytes per read when a blob is streamed from a node that has no file to send.
 STREAM_BLOCK = 4 * 1024 * 1024
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-#: Request headers decided against the digest before aiohttp sees the request.
-_CONDITIONS = frozenset(
-    {"if-none-match", "if-match", "if-range", "if-modified-since", "if-unmodified-since", "accept-encoding"}
-)
-
 #: Status of each domain error on the HTTP plane.
 HTTP_STATUS: dict[type[MzstoreError], int] = {
     InvalidArgument: 400,
@@ -108,65 +100,6 @@ def _status_of(exc: MzstoreError) -> int:
         if isinstance(exc, cls):
             return status
     return 500
-
-
-@contextlib.contextmanager
-def _corked(request: web.BaseRequest) -> Iterator[None]:
-    """``TCP_CORK`` on the connection while a file is sent: only full segments leave (as nginx's ``tcp_nopush``).
-
-    aiohttp turns ``TCP_NODELAY`` on, so each ``sendfile`` batch would be pushed as it comes; corked,
-    the kernel builds full-size segments, which cut the server's CPU per GB served about 2.5x on this
-    machine (``bench/bench_link.py``). Uncorking flushes the tail.
-    """
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    cork = getattr(socket, "TCP_CORK", None)
-    if sock is None or cork is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        yield
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
-
-
-class _BlobFile(web.FileResponse):
-    """A ``FileResponse`` whose ``ETag`` is the blob's digest (aiohttp would make one from mtime and size).
-
-    The conditional headers were decided by the handler against the digest; aiohttp sees a request
-    without them (its own validators would be the mtime ones), and without ``Accept-Encoding`` (so
-    it never picks a compressed sibling file).
-    """
-
-    def __init__(self, path: Path, digest: str, headers: dict[str, str]) -> None:
-        super().__init__(path, chunk_size=1024 * 1024, headers=headers)
-        self._digest = digest
-        self.content_type = "application/octet-stream"
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        if_range = request.headers.get(hdrs.IF_RANGE)
-        clean = {k: v for k, v in request.headers.items() if k.lower() not in _CONDITIONS}
-        if if_range is not None and if_range.strip() != self.headers[hdrs.ETAG]:
-            clean.pop(hdrs.RANGE, None)  # a validator of another version: the whole blob (RFC 9110 13.1.5)
-        with _corked(request):
-            writer = await super().prepare(request.clone(headers=clean))
-        if request.method == "GET" and self.status in (200, 206) and self.content_length:
-            metrics.BLOB_BYTES.labels("http").inc(self.content_length)
-        return writer
-
-    @property  # type: ignore[override]
-    def etag(self) -> Any:
-        return super().etag
-
-    @etag.setter
-    def etag(self, value: Any) -> None:  # FileResponse sets its own; the digest is the one that holds
-        web.StreamResponse.etag.fset(self, self._digest.split(":", 1)[1])  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -332,7 +265,7 @@ class HttpPlane:
         loop = asyncio.get_running_loop()
         node, key = await loop.run_in_executor(None, self.store.blob_location, digest)  # verified once per process
         if isinstance(node, LocalNode):
-            return _BlobFile(node.root / key, digest, headers)
+            return DigestFile(node.root / key, digest.split(":", 1)[1], headers)
         if self.options.presign and isinstance(node, FsspecNode) and hasattr(node.fs, "sign"):
             url = await loop.run_in_executor(None, node.fs.sign, node.base + "/" + key, PRESIGN_SECONDS)
             return web.Response(status=307, headers={**headers, hdrs.LOCATION: str(url)})

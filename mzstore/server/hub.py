@@ -43,8 +43,15 @@ is ``404 RepoNotFound`` with a message saying why.
   digest, so a commit pins exactly one stored version.
 
 A lossy tag serves the dequantized safetensors (the tensors in their own
-dtype, as a plain ``mzstore pull`` writes them); the compressed-tensors form
-(``pull --keep-quantized``) is not served here yet.
+dtype, as a plain ``mzstore pull`` writes them). The revision
+``<tag>+compressed-tensors`` (``main+compressed-tensors`` too) serves what
+``mzstore pull --keep-quantized`` writes instead: int8/fp8/int4 weights as
+their stored codes in the compressed-tensors layout vLLM and transformers
+load, with ``quantization_config`` in ``config.json``. That form is its own
+commit (the 40 hex digits of the plain form's commit, each one's complement
+to 15), so a Hub cache never mixes the two; the server writes the export
+once to its local disk (:class:`Exports`, an LRU bounded in bytes) and
+sends its files with ``sendfile``.
 
 **Errors** are what the clients map to their exceptions: ``404`` with
 ``X-Error-Code: RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``
@@ -59,20 +66,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from mzstore.errors import FormatError, MzstoreError, NotFound
+from mzstore.errors import FormatError, InvalidArgument, MzstoreError, NotFound, UsageError
 from mzstore.format.manifest import Manifest, parse_manifest, validate_relpath
 from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
 from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
+from mzstore.pull.puller import Puller
 from mzstore.server import metrics
+from mzstore.server.files import DigestFile, byte_range
 from mzstore.storage.store import Store, manifest_key
 
 #: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
@@ -83,6 +95,11 @@ DECODED_CACHE_BYTES = 256 * 1024 * 1024
 MANIFESTS_KEPT = 64
 #: The Hub's default branch.
 MAIN = "main"
+#: A revision ending so asks for the compressed-tensors form of a lossy tag.
+FORM_SUFFIX = "+compressed-tensors"
+COMPRESSED = "compressed-tensors"
+#: Bytes of compressed-tensors exports kept on the server's disk (least recently used go first).
+EXPORT_BYTES = 16 * 1024**3
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _HUB_PART = re.compile(r"[\w.-]{1,96}")
 #: A repo id in a route: one or two path segments.
@@ -116,9 +133,15 @@ def repo_name(repo_id: str) -> str:
         raise HubError(404, "RepoNotFound", f"{repo_id!r} does not name an mzstore model: {exc}") from None
 
 
-def commit_of(digest: str) -> str:
-    """The 40-hex commit a manifest digest stands for on this face."""
-    return digest.split(":", 1)[1][:40]
+def commit_of(digest: str, form: str = "") -> str:
+    """The 40-hex commit of a manifest digest on this face: its first 40 hex digits, or (the
+    compressed-tensors form) each of those digits' complement to 15."""
+    head = digest.split(":", 1)[1][:40]
+    return _complement(head) if form else head
+
+
+def _complement(hex_digits: str) -> str:
+    return "".join("0123456789abcdef"[15 - int(c, 16)] for c in hex_digits)
 
 
 def _iso(seconds: float) -> str:
@@ -142,10 +165,90 @@ class Revision:
     digest: str
     manifest: Manifest
     modified: float
+    form: str = ""  # "" (as a pull writes it) or COMPRESSED
 
     @property
     def commit(self) -> str:
-        return commit_of(self.digest)
+        return commit_of(self.digest, self.form)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A file of a compressed-tensors export on the server's disk."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class Exports:
+    """``pull --keep-quantized`` of a manifest, written once into a local folder and kept (LRU by bytes).
+
+    A response that already opened a file keeps reading it if its export is evicted meanwhile (the
+    file is unlinked, not truncated).
+    """
+
+    def __init__(self, store: Store, limit_bytes: int = EXPORT_BYTES) -> None:
+        self.store = store
+        self.limit_bytes = limit_bytes
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+        self._done: OrderedDict[str, dict[str, Exported]] = OrderedDict()
+
+    def files(self, digest: str, manifest: Manifest) -> dict[str, Exported]:
+        """The export's files by path (built on first use; blocking)."""
+        with self._lock:
+            hit = self._done.get(digest)
+            if hit is not None:
+                self._done.move_to_end(digest)
+                return hit
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="mzstore-hub-exports-"))
+            lock = self._building.setdefault(digest, threading.Lock())
+        with lock:  # one build per manifest; others wait for it
+            with self._lock:
+                hit = self._done.get(digest)
+            if hit is not None:
+                return hit
+            files = self._build(digest, manifest)
+            with self._lock:
+                self._done[digest] = files
+                self._building.pop(digest, None)
+                self._evict()
+            return files
+
+    def _build(self, digest: str, manifest: Manifest) -> dict[str, Exported]:
+        assert self._root is not None
+        out = self._root / digest.split(":", 1)[1]
+        shutil.rmtree(out, ignore_errors=True)
+        puller = Puller(self.store.read_blob, durable=False, workers=2)
+        try:
+            puller.to_directory(manifest, out, keep_quantized=True)
+        except (InvalidArgument, UsageError) as exc:
+            shutil.rmtree(out, ignore_errors=True)
+            raise HubError(404, "RevisionNotFound", f"this version has no {COMPRESSED} form: {exc}") from None
+        files = {}
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                hasher = hashlib.sha256()
+                with open(p, "rb") as fh:
+                    while block := fh.read(8 * 1024 * 1024):
+                        hasher.update(block)
+                files[p.relative_to(out).as_posix()] = Exported(p, p.stat().st_size, hasher.hexdigest())
+        return files
+
+    def _evict(self) -> None:
+        held = sum(f.size for files in self._done.values() for f in files.values())
+        while held > self.limit_bytes and len(self._done) > 1:
+            _, files = self._done.popitem(last=False)
+            for f in files.values():
+                held -= f.size
+                f.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
 
 
 class HubFace:
@@ -159,6 +262,7 @@ class HubFace:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._layouts: dict[tuple[str, str], FileLayout] = {}
         self._sha: dict[tuple[str, str], str] = {}
+        self.exports = Exports(store)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"/api/models/{REPO}/revision/{{rev:.+}}", self._info)
@@ -170,6 +274,7 @@ class HubFace:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.exports.close()
 
     # -- resolution ---------------------------------------------------------------------
     def _manifest(self, digest: str) -> Manifest:
@@ -190,8 +295,12 @@ class HubFace:
     def resolve(self, repo_id: str, revision: str) -> Revision:
         """The stored version ``repo_id@revision`` stands for (blocking: call it on a worker thread)."""
         name = repo_name(repo_id)
+        form = ""
+        if revision.endswith(FORM_SUFFIX):
+            revision, form = revision[: -len(FORM_SUFFIX)], COMPRESSED
         if _COMMIT.fullmatch(revision):
-            digest = self._by_commit(name, revision)
+            digest, commit_form = self._by_commit(name, revision)
+            form = form or commit_form
             modified = self._written(manifest_key(digest))
         else:
             tags = [revision] if revision != MAIN else [MAIN, DEFAULT_TAG]
@@ -215,7 +324,7 @@ class HubFace:
                 raise HubError(404, "RevisionNotFound", f"revision {revision} of {repo_id} not found")
             digest = value.digest
             modified = value.version.time_ms / 1000 or self._written(manifest_key(digest))
-        return Revision(name, digest, self._manifest(digest), modified)
+        return Revision(name, digest, self._manifest(digest), modified, form)
 
     def _has_model(self, name: str) -> bool:
         try:
@@ -223,18 +332,20 @@ class HubFace:
         except MzstoreError:
             return False
 
-    def _by_commit(self, name: str, commit: str) -> str:
-        """The manifest whose digest starts with ``commit`` and that a tag of ``name`` points at, or did."""
-        prefix = f"manifests/sha256/{commit[:2]}"
-        for node in self.store.nodes:
-            try:
-                keys = list(node.walk(prefix))
-            except (MzstoreError, OSError):
-                continue
-            for key in keys:
-                digest = "sha256:" + key.rsplit("/", 1)[-1]
-                if commit_of(digest) == commit:
-                    return digest
+    def _by_commit(self, name: str, commit: str) -> tuple[str, str]:
+        """The manifest a commit names, and the form (a commit of the compressed-tensors form is the
+        complement of the manifest's own)."""
+        for head, form in ((commit, ""), (_complement(commit), COMPRESSED)):
+            prefix = f"manifests/sha256/{head[:2]}"
+            for node in self.store.nodes:
+                try:
+                    keys = list(node.walk(prefix))
+                except (MzstoreError, OSError):
+                    continue
+                for key in keys:
+                    digest = "sha256:" + key.rsplit("/", 1)[-1]
+                    if commit_of(digest) == head:
+                        return digest, form
         if not self._has_model(name):
             raise HubError(404, "RepoNotFound", f"repository {name} not found")
         raise HubError(404, "RevisionNotFound", f"commit {commit} not found")
@@ -314,16 +425,29 @@ class HubFace:
         }
         return web.json_response(body, headers={"X-Repo-Commit": rev.commit})
 
-    def _siblings(self, rev: Revision, blobs: bool) -> list[dict[str, Any]]:
+    def listing(self, rev: Revision) -> list[tuple[str, int, str]]:
+        """``(path, size, sha256)`` of every file of the revision, as served (blocking)."""
+        if rev.form:
+            return [(p, f.size, f.sha256) for p, f in self.exports.files(rev.digest, rev.manifest).items()]
         out = []
         for f in rev.manifest.files:
-            entry: dict[str, Any] = {"rfilename": f.path}
+            layout = self.layout(rev, f.path)
+            out.append((f.path, layout.size, self.served_sha256(rev, layout)))
+        return out
+
+    def _siblings(self, rev: Revision, blobs: bool) -> list[dict[str, Any]]:
+        if not blobs and not rev.form:
+            return [{"rfilename": f.path} for f in rev.manifest.files]
+        out = []
+        for path, size, sha in self.listing(rev):
+            entry: dict[str, Any] = {"rfilename": path}
             if blobs:
-                layout = self.layout(rev, f.path)
-                sha = self.served_sha256(rev, layout)
-                lfs, oid = _lfs(sha, layout.size)
-                entry |= {"size": layout.size, "blobId": oid, "lfs": {"sha256": sha, **lfs}}
-                del entry["lfs"]["oid"]
+                lfs, oid = _lfs(sha, size)
+                entry |= {
+                    "size": size,
+                    "blobId": oid,
+                    "lfs": {"sha256": sha, "size": size, "pointerSize": lfs["pointerSize"]},
+                }
             out.append(entry)
         return out
 
@@ -354,23 +478,21 @@ class HubFace:
             except FormatError as exc:
                 raise HubError(400, "BadPath", f"bad path: {exc}") from None
         prefix = f"{sub}/" if sub else ""
-        files = [f for f in rev.manifest.files if f.path.startswith(prefix)]
+        files = [f for f in self.listing(rev) if f[0].startswith(prefix)]
         if sub and not files:
             raise HubError(404, "EntryNotFound", f"{sub} is not a folder of {rev.name}@{rev.commit}", rev.commit)
         out: list[dict[str, Any]] = []
         folders: set[str] = set()
-        for f in files:
-            rest = f.path[len(prefix) :]
-            parts = rest.split("/")
+        for path, size, sha in files:
+            parts = path[len(prefix) :].split("/")
             for depth in range(1, len(parts)):
                 if not recursive and depth > 1:
                     break
                 folders.add(prefix + "/".join(parts[:depth]))
             if not recursive and len(parts) > 1:
                 continue
-            layout = self.layout(rev, f.path)
-            lfs, oid = _lfs(self.served_sha256(rev, layout), layout.size)
-            out.append({"type": "file", "oid": oid, "size": layout.size, "path": f.path, "lfs": lfs})
+            lfs, oid = _lfs(sha, size)
+            out.append({"type": "file", "oid": oid, "size": size, "path": path, "lfs": lfs})
         for folder in sorted(folders):
             oid = hashlib.sha1(f"{rev.digest}:{folder}".encode()).hexdigest()
             out.append({"type": "directory", "oid": oid, "size": 0, "path": folder})
@@ -380,22 +502,15 @@ class HubFace:
         repo, revision, path = request.match_info["repo"], request.match_info["rev"], request.match_info["path"]
         try:
             rev = await self._run(self.resolve, repo, revision)
+            if rev.form:
+                return await self._exported(request, rev, path)
             layout = await self._run(self.layout, rev, path)
             sha = await self._run(self.served_sha256, rev, layout)
         except HubError as exc:
             return exc.response()
         size = layout.size
         etag = f'"{sha}"'
-        headers = {
-            "X-Repo-Commit": rev.commit,
-            hdrs.ETAG: etag,
-            "X-Linked-Etag": etag,
-            "X-Linked-Size": str(size),
-            hdrs.ACCEPT_RANGES: "bytes",
-            hdrs.CONTENT_DISPOSITION: f'inline; filename="{path.rsplit("/", 1)[-1]}"',
-        }
-        if _COMMIT.fullmatch(revision):
-            headers[hdrs.CACHE_CONTROL] = "private, max-age=31536000, immutable"  # a commit never changes
+        headers = self._headers(rev, revision, path, sha, size)
         none_match = request.headers.get(hdrs.IF_NONE_MATCH)
         if none_match is not None and etag in [t.strip().removeprefix("W/") for t in none_match.split(",")]:
             return web.Response(status=304, headers=headers)
@@ -417,6 +532,42 @@ class HubFace:
         await self._send(response, layout, start, end)
         await response.write_eof()
         return response
+
+    def _headers(self, rev: Revision, revision: str, path: str, sha: str, size: int) -> dict[str, str]:
+        headers = {
+            "X-Repo-Commit": rev.commit,
+            hdrs.ETAG: f'"{sha}"',
+            "X-Linked-Etag": f'"{sha}"',
+            "X-Linked-Size": str(size),
+            hdrs.ACCEPT_RANGES: "bytes",
+            hdrs.CONTENT_DISPOSITION: f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+        }
+        if _COMMIT.fullmatch(revision):
+            headers[hdrs.CACHE_CONTROL] = "private, max-age=31536000, immutable"  # a commit never changes
+        return headers
+
+    async def _exported(self, request: web.Request, rev: Revision, path: str) -> web.StreamResponse:
+        """A file of the compressed-tensors form: from its export on disk, with ``sendfile``."""
+        try:
+            validate_relpath(path)
+        except FormatError as exc:
+            raise HubError(400, "BadPath", f"bad file path: {exc}") from None
+        files = await self._run(self.exports.files, rev.digest, rev.manifest)
+        found = files.get(path)
+        if found is None:
+            raise HubError(404, "EntryNotFound", f"{path} is not in {rev.name}@{rev.commit}", rev.commit)
+        headers = self._headers(rev, request.match_info["rev"], path, found.sha256, found.size)
+        none_match = request.headers.get(hdrs.IF_NONE_MATCH)
+        if none_match is not None and headers[hdrs.ETAG] in [t.strip() for t in none_match.split(",")]:
+            return web.Response(status=304, headers=headers)
+        if request.headers.get(hdrs.RANGE) is not None:
+            try:
+                byte_range(request, found.size)
+            except ValueError as exc:
+                return _with(
+                    HubError(416, "BadRange", str(exc)).response(), {hdrs.CONTENT_RANGE: f"bytes */{found.size}"}
+                )
+        return DigestFile(found.path, found.sha256, headers, plane="hub")
 
     async def _send(self, response: web.StreamResponse, layout: FileLayout, start: int, end: int) -> None:
         """Write ``[start, end)``, decoding the next chunk while the current one goes out."""
@@ -443,28 +594,6 @@ class HubFace:
                     raise  # the connection is cut mid-body: the client sees a short file, never wrong bytes
             await response.write(data)
             metrics.BLOB_BYTES.labels("hub").inc(len(data))
-
-
-def byte_range(request: web.BaseRequest, size: int) -> tuple[int, int]:
-    """``[start, end)`` of the one ``Range`` of a request for ``size`` bytes: ``bytes=N-``, ``N-M``, ``-N``.
-
-    Raises:
-        ValueError: several ranges, another unit, a malformed or an unsatisfiable range (answer ``416``).
-    """
-    text = request.headers.get(hdrs.RANGE, "")
-    if "," in text:
-        raise ValueError("ask for one byte range per request (Range: bytes=START-END)")
-    try:
-        rng = request.http_range  # a suffix "-N" comes back as slice(-N, None)
-    except ValueError:
-        raise ValueError(f"malformed Range {text[:80]!r}") from None
-    first = rng.start if rng.start is not None else 0
-    if first < 0:
-        first = max(0, size + first)
-    last = min(size, rng.stop) if rng.stop is not None else size
-    if first >= size or first >= last:
-        raise ValueError(f"Range {text[:80]!r} is outside the {size} bytes")
-    return first, last
 
 
 def _with(response: web.Response, headers: dict[str, str]) -> web.Response:
