@@ -232,6 +232,31 @@ def test_the_served_sha256_of_a_lossy_file_is_recorded_at_push(hub: Hub) -> None
     assert face.served_sha256(rev, face.layout(rev, "model.safetensors")) == pulled
 
 
+def test_concurrent_readers_of_a_file_decode_each_chunk_once(hub: Hub) -> None:
+    """The decoded-chunk LRU serves every reader after the first decode; a chunk in flight is awaited, not redone."""
+    import threading
+
+    from mzstore.format.manifest import parse_manifest
+    from mzstore.pull.fileview import ChunkReader, FileLayout, read_range
+
+    manifest = parse_manifest(hub.server.store.get_manifest(hub.digests["int8"]))
+    layout = FileLayout(manifest, "model.safetensors")
+    reader = ChunkReader(hub.server.store.read_blob)
+    want = (hub.pulled["int8"] / "model.safetensors").read_bytes()
+    got: list[bytes] = []
+
+    def read() -> None:
+        got.append(b"".join(bytes(b) for b in read_range(layout, reader, 0, layout.size)))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 4
+    assert reader.decoded == sum(1 for p in layout.pieces if p.task is not None)
+
+
 def test_tree_listings_are_paged(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mzstore.server import hub as face
 
