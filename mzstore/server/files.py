@@ -1,20 +1,137 @@
-"""Files sent over HTTP with ``sendfile``: a digest for an ``ETag``, corked segments, one byte range.
+"""What the HTTP faces share: model files as a pull writes them, and files sent with ``sendfile``.
 
-Shared by the blob routes (:mod:`mzstore.server.http`) and the Hugging Face
-face (:mod:`mzstore.server.hub`).
+:class:`ServedFiles` is the one decoded-file reader of a server: parsed
+manifests, file layouts (:mod:`mzstore.pull.fileview`), the sha256 of each
+file as served, and a response writer that decodes the next chunk while the
+current one goes out; the Hugging Face face (:mod:`mzstore.server.hub`) and
+the S3 face (:mod:`mzstore.server.s3`) use the same instance, so they share
+its LRU of decoded chunks. :class:`DigestFile` sends a file from disk with
+``sendfile`` under a sha256 ``ETag`` (blob routes, exported files), and
+:func:`byte_range` reads the one ``Range`` of a request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
+from mzstore.errors import MzstoreError
+from mzstore.format.manifest import Manifest, parse_manifest
+from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
 from mzstore.server import metrics
+from mzstore.storage.store import Store
+
+T = TypeVar("T")
+#: Decoded chunks kept for concurrent readers (bytes).
+DECODED_CACHE_BYTES = 256 * 1024 * 1024
+#: Parsed manifests kept (manifests are immutable, so they never go stale).
+MANIFESTS_KEPT = 64
+
+
+class ServedFiles:
+    """Files of stored models as ``mzstore pull -o`` writes them, readable at any range (see the module docstring)."""
+
+    def __init__(self, store: Store, decode_workers: int = 4) -> None:
+        self.store = store
+        self.reader = ChunkReader(store.read_blob, DECODED_CACHE_BYTES)
+        self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mzstore-files")
+        self._lock = threading.Lock()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._layouts: dict[tuple[str, str], FileLayout] = {}
+        self._sha: dict[tuple[str, str], str] = {}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the decode pool (storage reads and decoding block)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def manifest(self, digest: str) -> Manifest:
+        """The parsed manifest (kept: manifests never change)."""
+        with self._lock:
+            hit = self._manifests.get(digest)
+            if hit is not None:
+                self._manifests.move_to_end(digest)
+                return hit
+        manifest = parse_manifest(self.store.get_manifest(digest))
+        with self._lock:
+            self._manifests[digest] = manifest
+            while len(self._manifests) > MANIFESTS_KEPT:
+                old, _ = self._manifests.popitem(last=False)
+                for key in [k for k in self._layouts if k[0] == old]:
+                    del self._layouts[key]
+        return manifest
+
+    def layout(self, digest: str, manifest: Manifest, path: str) -> FileLayout:
+        """Where the bytes of ``path`` come from.
+
+        Raises:
+            FileNotFoundError: the version has no such file.
+        """
+        key = (digest, path)
+        with self._lock:
+            hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        layout = FileLayout(manifest, path)
+        with self._lock:
+            self._layouts[key] = layout
+        return layout
+
+    def sha256(self, digest: str, layout: FileLayout) -> str:
+        """The sha256 of the file as served: recorded in the manifest, or (older lossy pushes) read once."""
+        known = layout.sha256
+        if known:
+            return known
+        key = (digest, layout.entry.path)
+        with self._lock:
+            hit = self._sha.get(key)
+        if hit is None:
+            hit = file_sha256(layout, self.reader)
+            with self._lock:
+                self._sha[key] = hit
+        return hit
+
+    async def send(self, response: web.StreamResponse, layout: FileLayout, start: int, end: int, plane: str) -> None:
+        """Write ``[start, end)`` of the file, decoding the next chunk while the current one goes out.
+
+        A chunk that fails its check raises after the headers went out: the connection is cut, and the
+        client sees a short body (``Content-Length`` tells it), never wrong bytes.
+        """
+        loop = asyncio.get_running_loop()
+        pieces = list(layout.covering(start, end))
+        pending = None
+        for i, (piece, lo, hi) in enumerate(pieces):
+            if piece.literal is not None:
+                data: bytes | memoryview = piece.literal[lo:hi]
+            else:
+                assert piece.task is not None
+                future = (
+                    pending if pending is not None else loop.run_in_executor(self.pool, self.reader.read, piece.task)
+                )
+                pending = None
+                nxt = next((p for p, _, _ in pieces[i + 1 :] if p.task is not None), None)
+                if nxt is not None and nxt.task is not None:
+                    pending = loop.run_in_executor(self.pool, self.reader.read, nxt.task)
+                try:
+                    data = memoryview(await future)[lo:hi]
+                except MzstoreError:
+                    if pending is not None:
+                        pending.cancel()
+                    raise
+            await response.write(data)
+            metrics.BLOB_BYTES.labels(plane).inc(len(data))
+
 
 #: Request headers decided against the digest before aiohttp sees the request.
 CONDITIONS = frozenset(

@@ -62,7 +62,7 @@ from mzstore.errors import (
 from mzstore.format.refs import validate_digest, validate_name
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
-from mzstore.server.files import DigestFile, byte_range
+from mzstore.server.files import DigestFile, ServedFiles, byte_range
 from mzstore.server.hub import HubFace
 from mzstore.storage.node import FsspecNode, LocalNode
 from mzstore.storage.store import Store
@@ -124,7 +124,9 @@ class HttpOptions:
 class HttpPlane:
     """The HTTP listener of a server: started in a thread, stopped with the server."""
 
-    def __init__(self, store: Store, host: str, port: int, options: HttpOptions | None = None) -> None:
+    def __init__(
+        self, store: Store, host: str, port: int, options: HttpOptions | None = None, files: ServedFiles | None = None
+    ) -> None:
         self.store = store
         self.options = options or HttpOptions()
         self.host = host
@@ -132,7 +134,9 @@ class HttpPlane:
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
-        self.hub = HubFace(store)
+        self._own_files = files is None
+        self.files = files or ServedFiles(store)
+        self.hub = HubFace(store, self.files)
 
     @property
     def url(self) -> str:
@@ -196,6 +200,8 @@ class HttpPlane:
         self._thread.join(30)
         self._thread = None
         self.hub.close()
+        if self._own_files:
+            self.files.close()
 
     # -- middleware -------------------------------------------------------------------------
     @web.middleware

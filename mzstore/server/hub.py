@@ -63,7 +63,6 @@ it cannot serve, ``401``/``403`` for tokens. Tokens are mzstore's, sent as
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import shutil
@@ -71,7 +70,6 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,20 +77,15 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from mzstore.errors import FormatError, InvalidArgument, MzstoreError, NotFound, UsageError
-from mzstore.format.manifest import Manifest, parse_manifest, validate_relpath
+from mzstore.format.manifest import Manifest, validate_relpath
 from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
-from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
+from mzstore.pull.fileview import FileLayout
 from mzstore.pull.puller import Puller
-from mzstore.server import metrics
-from mzstore.server.files import DigestFile, byte_range
+from mzstore.server.files import DigestFile, ServedFiles, byte_range
 from mzstore.storage.store import Store, manifest_key
 
 #: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
 TREE_PAGE = 1000
-#: Decoded chunks kept for concurrent readers (bytes).
-DECODED_CACHE_BYTES = 256 * 1024 * 1024
-#: Parsed manifests kept (manifests are immutable, so they never go stale).
-MANIFESTS_KEPT = 64
 #: The Hub's default branch.
 MAIN = "main"
 #: A revision ending so asks for the compressed-tensors form of a lossy tag.
@@ -254,14 +247,9 @@ class Exports:
 class HubFace:
     """The Hub routes over a :class:`Store` (see the module docstring)."""
 
-    def __init__(self, store: Store, decode_workers: int = 4) -> None:
+    def __init__(self, store: Store, files: ServedFiles | None = None) -> None:
         self.store = store
-        self.reader = ChunkReader(self.store.read_blob, DECODED_CACHE_BYTES)
-        self._pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mzstore-hub")
-        self._lock = threading.Lock()
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
-        self._layouts: dict[tuple[str, str], FileLayout] = {}
-        self._sha: dict[tuple[str, str], str] = {}
+        self.files = files or ServedFiles(store)
         self.exports = Exports(store)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
@@ -273,24 +261,9 @@ class HubFace:
         router.add_route("HEAD", f"/{REPO}/resolve/{{rev:[^/]+}}/{{path:.+}}", self._resolve)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.exports.close()
 
     # -- resolution ---------------------------------------------------------------------
-    def _manifest(self, digest: str) -> Manifest:
-        with self._lock:
-            hit = self._manifests.get(digest)
-            if hit is not None:
-                self._manifests.move_to_end(digest)
-                return hit
-        manifest = parse_manifest(self.store.get_manifest(digest))
-        with self._lock:
-            self._manifests[digest] = manifest
-            while len(self._manifests) > MANIFESTS_KEPT:
-                old, _ = self._manifests.popitem(last=False)
-                for key in [k for k in self._layouts if k[0] == old]:
-                    del self._layouts[key]
-        return manifest
 
     def resolve(self, repo_id: str, revision: str) -> Revision:
         """The stored version ``repo_id@revision`` stands for (blocking: call it on a worker thread)."""
@@ -324,7 +297,7 @@ class HubFace:
                 raise HubError(404, "RevisionNotFound", f"revision {revision} of {repo_id} not found")
             digest = value.digest
             modified = value.version.time_ms / 1000 or self._written(manifest_key(digest))
-        return Revision(name, digest, self._manifest(digest), modified, form)
+        return Revision(name, digest, self.files.manifest(digest), modified, form)
 
     def _has_model(self, name: str) -> bool:
         try:
@@ -364,36 +337,18 @@ class HubFace:
             validate_relpath(path)
         except FormatError as exc:
             raise HubError(400, "BadPath", f"bad file path: {exc}") from None
-        key = (rev.digest, path)
-        with self._lock:
-            hit = self._layouts.get(key)
-        if hit is not None:
-            return hit
         try:
-            layout = FileLayout(rev.manifest, path)
+            return self.files.layout(rev.digest, rev.manifest, path)
         except FileNotFoundError:
             raise HubError(404, "EntryNotFound", f"{path} is not in {rev.name}@{rev.commit}", rev.commit) from None
-        with self._lock:
-            self._layouts[key] = layout
-        return layout
 
     def served_sha256(self, rev: Revision, layout: FileLayout) -> str:
-        """The sha256 of the file as served: recorded in the manifest, or (older lossy pushes) read once."""
-        known = layout.sha256
-        if known:
-            return known
-        key = (rev.digest, layout.entry.path)
-        with self._lock:
-            hit = self._sha.get(key)
-        if hit is None:
-            hit = file_sha256(layout, self.reader)
-            with self._lock:
-                self._sha[key] = hit
-        return hit
+        """The sha256 of the file as served (see :meth:`ServedFiles.sha256`)."""
+        return self.files.sha256(rev.digest, layout)
 
     # -- routes -----------------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self.files.run(fn, *args)
 
     async def _unknown_repo(self, request: web.Request) -> web.Response:
         rest = request.match_info["rest"]
@@ -529,7 +484,7 @@ class HubFace:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        await self._send(response, layout, start, end)
+        await self.files.send(response, layout, start, end, "hub")
         await response.write_eof()
         return response
 
@@ -568,32 +523,6 @@ class HubFace:
                     HubError(416, "BadRange", str(exc)).response(), {hdrs.CONTENT_RANGE: f"bytes */{found.size}"}
                 )
         return DigestFile(found.path, found.sha256, headers, plane="hub")
-
-    async def _send(self, response: web.StreamResponse, layout: FileLayout, start: int, end: int) -> None:
-        """Write ``[start, end)``, decoding the next chunk while the current one goes out."""
-        loop = asyncio.get_running_loop()
-        pieces = list(layout.covering(start, end))
-        pending = None
-        for i, (piece, lo, hi) in enumerate(pieces):
-            if piece.literal is not None:
-                data: bytes | memoryview = piece.literal[lo:hi]
-            else:
-                assert piece.task is not None
-                future = (
-                    pending if pending is not None else loop.run_in_executor(self._pool, self.reader.read, piece.task)
-                )
-                pending = None
-                nxt = next((p for p, _, _ in pieces[i + 1 :] if p.task is not None), None)
-                if nxt is not None and nxt.task is not None:
-                    pending = loop.run_in_executor(self._pool, self.reader.read, nxt.task)
-                try:
-                    data = memoryview(await future)[lo:hi]
-                except MzstoreError:
-                    if pending is not None:
-                        pending.cancel()
-                    raise  # the connection is cut mid-body: the client sees a short file, never wrong bytes
-            await response.write(data)
-            metrics.BLOB_BYTES.labels("hub").inc(len(data))
 
 
 def _with(response: web.Response, headers: dict[str, str]) -> web.Response:
