@@ -247,15 +247,30 @@ def token() -> None:
     "--prefix", "prefixes", multiple=True, metavar="NAME/", help="Only write models under this prefix. Repeatable."
 )
 @click.option("--token-file", type=click.Path(dir_okay=False), required=True, help="File to append to (created 0600).")
-def token_add(name: str, scopes: str, prefixes: tuple[str, ...], token_file: str) -> None:
-    """Create a token NAME, append its hash to the token file and print the token (shown once)."""
+@click.option(
+    "--s3",
+    "s3",
+    is_flag=True,
+    help="An S3 access key and secret for the S3 face (SigV4; the secret is stored in the file) instead of a token.",
+)
+def token_add(name: str, scopes: str, prefixes: tuple[str, ...], token_file: str, s3: bool) -> None:
+    """Create a token NAME, append its hash to the token file and print the token (shown once).
+
+    With --s3: create an S3 access key id and secret, append them, and print them as AWS_* variables.
+    """
     import os
 
-    from mzstore.server.auth import new_token, parse_token_file, token_line
+    from mzstore.server.auth import new_s3_credentials, new_token, parse_token_file, s3_line, token_line
 
-    secret = new_token()
     try:
-        line = token_line(name, secret, scopes, prefixes)
+        if s3:
+            key, secret = new_s3_credentials()
+            line = s3_line(name, key, secret, scopes, prefixes)
+            shown = f"AWS_ACCESS_KEY_ID={key}\nAWS_SECRET_ACCESS_KEY={secret}"
+        else:
+            secret = new_token()
+            line = token_line(name, secret, scopes, prefixes)
+            shown = secret
     except MzstoreError as exc:
         raise click.UsageError(str(exc)) from None
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -263,7 +278,7 @@ def token_add(name: str, scopes: str, prefixes: tuple[str, ...], token_file: str
         f.write(line + "\n")
     with open(token_file) as f:
         parse_token_file(f.read(), token_file)  # fail now, not at the server's next start
-    click.echo(secret)
+    click.echo(shown)
 
 
 def _admin_report(report: Any, as_json: bool, summary: str) -> None:

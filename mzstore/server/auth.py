@@ -9,7 +9,12 @@ How it works:
       ci-bot    read,write   sha256:9f86d081884c7d65…  team-a/
       reader    read         sha256:2c26b46b68ffc68f…
 
-  Only the sha256 of each token is stored. Tokens are 256-bit random strings
+  A line whose third field is ``s3:<ACCESS KEY ID>:<SECRET>`` is an S3
+  credential for the S3 face (``mzstore token add NAME --s3``): S3 clients
+  sign requests with SigV4, an HMAC keyed by the secret, so the server must
+  hold the secret itself to check them (:mod:`mzstore.server.sigv4`), as
+  every S3 server does; keep the file 0600 (``token add`` creates it so).
+  Only the sha256 of each bearer token is stored. Tokens are 256-bit random strings
   (``mzstore token add``), so a fast unsalted hash is enough: nobody can
   guess a preimage, and a hash lookup costs nothing per request (scrypt or
   argon2 are for low-entropy passwords). The file is re-read when its
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -112,16 +118,57 @@ def token_line(name: str, token: str, scopes: str, prefixes: tuple[str, ...] = (
     return " ".join([name, scopes, hash_token(token), *prefixes])
 
 
+S3_PREFIX = "s3:"
+_ACCESS_KEY = re.compile(r"[A-Z0-9]{16,128}")
+_SECRET = re.compile(r"[A-Za-z0-9_+/=-]{20,128}")
+
+
+def new_s3_credentials() -> tuple[str, str]:
+    """A fresh S3 access key id (``MZS3`` + 16 upper-case letters and digits) and secret (240 bits)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    return "MZS3" + "".join(secrets.choice(alphabet) for _ in range(16)), secrets.token_urlsafe(30)
+
+
+def s3_line(name: str, access_key: str, secret: str, scopes: str, prefixes: tuple[str, ...] = ()) -> str:
+    """One token-file line for an S3 credential (the secret is stored: SigV4 checks need it)."""
+    token_line(name, "x", scopes, prefixes)  # the same checks of name, scopes and prefixes
+    if not _ACCESS_KEY.fullmatch(access_key) or not _SECRET.fullmatch(secret):
+        raise InvalidArgument("an S3 access key id is 16+ upper-case letters and digits; a secret 20+ characters")
+    return " ".join([name, scopes, f"{S3_PREFIX}{access_key}:{secret}", *prefixes])
+
+
+def parse_s3_credentials(text: str, source: str = "token file") -> dict[str, tuple[str, Grant]]:
+    """Access key id → (secret, :class:`Grant`) of the ``s3:`` lines.
+
+    Raises:
+        InvalidArgument: a malformed ``s3:`` line, or an access key listed twice.
+    """
+    creds: dict[str, tuple[str, Grant]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 3 or not fields[2].startswith(S3_PREFIX):
+            continue
+        where = f"{source}:{number}"
+        key, _, secret = fields[2][len(S3_PREFIX) :].partition(":")
+        if not _ACCESS_KEY.fullmatch(key) or not _SECRET.fullmatch(secret):
+            raise InvalidArgument(f"{where}: expected 'NAME SCOPES s3:<ACCESS KEY ID>:<SECRET> [PREFIX …]'")
+        if key in creds:
+            raise InvalidArgument(f"{where}: the same access key is listed twice")
+        creds[key] = (secret, Grant(fields[0], _parse_scopes(fields[1], where), tuple(fields[3:])))
+    return creds
+
+
 def parse_token_file(text: str, source: str = "token file") -> dict[str, Grant]:
-    """Token hash → :class:`Grant`.
+    """Token hash → :class:`Grant` (``s3:`` lines are read by :func:`parse_s3_credentials`).
 
     Raises:
         InvalidArgument: a malformed line (named by its number), or a duplicate hash.
     """
+    parse_s3_credentials(text, source)  # a malformed s3: line fails the file as well
     grants: dict[str, Grant] = {}
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
-        if not fields:
+        if not fields or (len(fields) >= 3 and fields[2].startswith(S3_PREFIX)):
             continue
         where = f"{source}:{number}"
         if len(fields) < 3 or not fields[2].startswith(HASH_PREFIX) or len(fields[2]) != len(HASH_PREFIX) + 64:
@@ -141,6 +188,7 @@ class TokenFile:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._grants: dict[str, Grant] = {}
+        self._s3: dict[str, tuple[str, Grant]] = {}
         self._reload()
 
     def _reload(self) -> None:
@@ -153,15 +201,24 @@ class TokenFile:
         except OSError as exc:
             raise InvalidArgument(f"cannot read token file {self.path}: {exc.strerror or exc}") from None
         self._grants = parse_token_file(text, str(self.path))
+        self._s3 = parse_s3_credentials(text, str(self.path))
         self._stamp = stamp
 
-    def lookup(self, token: str) -> Grant | None:
+    def _fresh(self) -> None:
         with self._lock:
             try:
                 self._reload()
             except MzstoreError:
                 pass  # a half-written or removed file keeps the last good grants
+
+    def lookup(self, token: str) -> Grant | None:
+        self._fresh()
         return self._grants.get(hash_token(token))
+
+    def lookup_s3(self, access_key: str) -> tuple[str, Grant] | None:
+        """The secret and grant of an S3 access key id, or ``None``."""
+        self._fresh()
+        return self._s3.get(access_key)
 
 
 def _bearer(metadata: Any) -> str | None:

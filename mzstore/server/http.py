@@ -46,6 +46,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Self
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -121,53 +122,44 @@ class HttpOptions:
     ssl_context: ssl.SSLContext | None = None
 
 
-class HttpPlane:
-    """The HTTP listener of a server: started in a thread, stopped with the server."""
+class Listener:
+    """An aiohttp application on its own event loop, in a thread of the server process.
 
-    def __init__(
-        self, store: Store, host: str, port: int, options: HttpOptions | None = None, files: ServedFiles | None = None
-    ) -> None:
-        self.store = store
-        self.options = options or HttpOptions()
+    Subclasses fill the application in :meth:`build`; :meth:`start` binds (port 0: a free one, read
+    back into ``port``) and :meth:`stop` closes it with its connections.
+    """
+
+    name = "mzstore-http"
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
-        self._own_files = files is None
-        self.files = files or ServedFiles(store)
-        self.hub = HubFace(store, self.files)
 
     @property
     def url(self) -> str:
         """``http(s)://host:port`` of the listener (an unspecified host stays ``*``: see the client)."""
-        scheme = "https" if self.options.ssl_context else "http"
+        scheme = "https" if self.ssl_context else "http"
         host = "*" if self.host in ("", "0.0.0.0", "::", "[::]") else self.host
         return f"{scheme}://{host}:{self.port}"
 
-    # -- lifecycle ----------------------------------------------------------------------
-    def start(self) -> HttpPlane:
+    def build(self) -> web.Application:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         """Bind and serve in a background thread; ``port`` is the bound port afterwards."""
         ready: asyncio.Future[None] = self._loop.create_future()
 
         async def boot() -> None:
-            app = web.Application(middlewares=[self._observe, self._guard], client_max_size=1024)
-            app.on_response_prepare.append(self._count)
-            app.router.add_route("GET", r"/v2/{name:.+}/blobs/{digest}", self._blob)
-            app.router.add_route("HEAD", r"/v2/{name:.+}/blobs/{digest}", self._blob)
-            app.router.add_route("GET", "/blobs/{digest}", self._blob)
-            app.router.add_route("HEAD", "/blobs/{digest}", self._blob)
-            self.hub.add_routes(app.router)
-            app.router.add_get("/metrics", self._metrics)
-            app.router.add_get("/healthz", self._healthz)
-            app.router.add_get("/readyz", self._readyz)
+            app = self.build()
             # keep-alive connections idle this long are closed; a client that stops reading a body
             # is dropped by the kernel's send timeout, never holding a thread (the loop is async)
             self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
             await self._runner.setup()
-            site = web.TCPSite(
-                self._runner, self.host or None, self.port, ssl_context=self.options.ssl_context, backlog=512
-            )
+            site = web.TCPSite(self._runner, self.host or None, self.port, ssl_context=self.ssl_context, backlog=512)
             await site.start()
             sockets = getattr(site._server, "sockets", None) or []
             if sockets:
@@ -184,7 +176,7 @@ class HttpPlane:
             ready.set_result(None)
             self._loop.run_forever()
 
-        self._thread = threading.Thread(target=run, name="mzstore-http", daemon=True)
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
         self._thread.start()
         waited = asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 30), self._loop)
         waited.result(35)
@@ -199,6 +191,39 @@ class HttpPlane:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._thread = None
+        self.closed()
+
+    def closed(self) -> None:
+        """Called once the listener has stopped."""
+
+
+class HttpPlane(Listener):
+    """The HTTP listener of a server: blobs, the Hugging Face face, metrics and probes."""
+
+    def __init__(
+        self, store: Store, host: str, port: int, options: HttpOptions | None = None, files: ServedFiles | None = None
+    ) -> None:
+        self.options = options or HttpOptions()
+        super().__init__(host, port, self.options.ssl_context)
+        self.store = store
+        self._own_files = files is None
+        self.files = files or ServedFiles(store)
+        self.hub = HubFace(store, self.files)
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[self._observe, self._guard], client_max_size=1024)
+        app.on_response_prepare.append(self._count)
+        app.router.add_route("GET", r"/v2/{name:.+}/blobs/{digest}", self._blob)
+        app.router.add_route("HEAD", r"/v2/{name:.+}/blobs/{digest}", self._blob)
+        app.router.add_route("GET", "/blobs/{digest}", self._blob)
+        app.router.add_route("HEAD", "/blobs/{digest}", self._blob)
+        self.hub.add_routes(app.router)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    def closed(self) -> None:
         self.hub.close()
         if self._own_files:
             self.files.close()
