@@ -150,6 +150,16 @@ def _open_store(
     is_flag=True,
     help="Let anonymous clients read models through the Hugging Face face (HF_ENDPOINT=http://HOST:PORT).",
 )
+@click.option(
+    "--s3",
+    "s3",
+    envvar="MZSTORE_S3",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve a read-only S3 API here (AWS_ENDPOINT_URL for boto3, the Run:ai streamer…) [env MZSTORE_S3].",
+)
+@click.option("--s3-bucket", default="mzstore", show_default=True, help="The S3 face's bucket name.")
+@click.option("--public-s3", is_flag=True, help="Serve unsigned S3 requests even with a token file.")
 @click.option("--no-presign", is_flag=True, help="Stream blobs on S3 nodes instead of redirecting to presigned URLs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(
@@ -168,6 +178,9 @@ def serve(
     http_advertise: str | None,
     public_blobs: bool,
     public_hub: bool,
+    s3: str | None,
+    s3_bucket: str,
+    public_s3: bool,
     no_presign: bool,
     verbose: bool,
 ) -> None:
@@ -221,6 +234,9 @@ def serve(
             http_advertise=http_advertise,
             public_blobs=public_blobs,
             public_hub=public_hub,
+            s3=s3,
+            s3_bucket=s3_bucket,
+            public_s3=public_s3,
             presign=not no_presign,
         )
     except OSError as exc:

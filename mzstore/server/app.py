@@ -34,8 +34,10 @@ from mzstore.errors import InvalidArgument
 from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.push.sessions import UploadSessions
 from mzstore.server.auth import TokenFile, TokenInterceptor
+from mzstore.server.files import ServedFiles
 from mzstore.server.http import HttpOptions, HttpPlane
 from mzstore.server.metrics import MetricsInterceptor, watch_store
+from mzstore.server.s3 import DEFAULT_BUCKET, S3Options, S3Plane
 from mzstore.server.service import StoreService
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
@@ -84,6 +86,7 @@ class RunningServer:
     health: health.HealthServicer
     store: Store
     http: HttpPlane | None = None
+    s3: S3Plane | None = None
 
     @property
     def address(self) -> str:
@@ -94,8 +97,15 @@ class RunningServer:
         """``http://127.0.0.1:PORT`` of the HTTP plane, if it runs."""
         return f"{self.http.url.split('://')[0]}://127.0.0.1:{self.http.port}" if self.http else None
 
+    @property
+    def s3_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` of the S3 face, if it runs."""
+        return f"http://127.0.0.1:{self.s3.port}" if self.s3 else None
+
     def stop(self, grace: float | None = 5.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.s3 is not None:
+            self.s3.stop()
         if self.http is not None:
             self.http.stop()
         self.server.stop(grace).wait()
@@ -121,6 +131,9 @@ def build_server(
     public_blobs: bool = False,
     presign: bool = True,
     public_hub: bool = False,
+    s3: str | None = None,
+    s3_bucket: str = DEFAULT_BUCKET,
+    public_s3: bool = False,
 ) -> RunningServer:
     """Create and start a server over storage nodes.
 
@@ -142,6 +155,8 @@ def build_server(
             server behind a proxy or a CDN.
         public_blobs: anonymous clients may read blobs over HTTP (tokens still guard everything else).
         public_hub: anonymous clients may read models through the Hugging Face face (``HF_ENDPOINT``).
+        s3: ``HOST:PORT`` of the read-only S3 face (:mod:`mzstore.server.s3`; ``None``: off), its bucket
+            ``s3_bucket``; ``public_s3``: unsigned requests are served even with a token file.
         presign: blobs on S3 nodes are answered with a redirect to a presigned URL.
 
     Returns:
@@ -194,6 +209,7 @@ def build_server(
     )
     watch_store(store)
     plane = None
+    files = ServedFiles(store)  # one decoded-file reader for the Hugging Face and S3 faces
     if http is not None:
         host, port = _http_address(http, listen)
         http_options = HttpOptions(
@@ -203,7 +219,14 @@ def build_server(
             presign=presign,
             ssl_context=tls.ssl_context() if tls else None,
         )
-        plane = HttpPlane(store, host, port, http_options).start()
+        plane = HttpPlane(store, host, port, http_options, files).start()
+    s3_plane = None
+    if s3 is not None:
+        host, _, s3_port = s3.rpartition(":")
+        if not s3_port.isdigit() or int(s3_port) > 65535:
+            raise InvalidArgument(f"--s3 must be HOST:PORT, got {s3!r}")
+        s3_options = S3Options(bucket=s3_bucket, tokens=tokens, public=public_s3)
+        s3_plane = S3Plane(store, host.strip("[]"), int(s3_port), s3_options, files).start()
     service = (
         PullThroughService(store, settings)
         if isinstance(store, PullThroughStore)
@@ -216,13 +239,15 @@ def build_server(
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
-        if plane is not None:
-            plane.stop()
+        for listener in (plane, s3_plane):
+            if listener is not None:
+                listener.stop()
+        files.close()
         raise OSError(f"cannot listen on {listen}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, store, plane)
+    return RunningServer(server, port, health_servicer, store, plane, s3_plane)
 
 
 def _http_address(http: str, listen: str) -> tuple[str, int]:
@@ -304,6 +329,9 @@ def serve(
     public_blobs: bool = False,
     presign: bool = True,
     public_hub: bool = False,
+    s3: str | None = None,
+    s3_bucket: str = DEFAULT_BUCKET,
+    public_s3: bool = False,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully (with its HTTP plane, by default).
 
@@ -324,6 +352,9 @@ def serve(
         public_blobs=public_blobs,
         presign=presign,
         public_hub=public_hub,
+        s3=s3,
+        s3_bucket=s3_bucket,
+        public_s3=public_s3,
     )
     host = listen.rsplit(":", 1)[0]
     where = ", ".join(running.store.urls)
@@ -336,6 +367,7 @@ def serve(
     security += " with tokens" if auth is not None else ""
     log.info("mzstore serving %s%s on %s:%d%s%s", where, copies, host, running.port, fronts, security)
     blobs = f"; blobs over HTTP at {running.http.url}" if running.http else ""
+    blobs += f"; S3 (bucket {running.s3.options.bucket}) at {running.s3.url}" if running.s3 else ""
     print(f"mzstore serving {where}{copies} on {host}:{running.port}{fronts}{security}{blobs}", flush=True)
     stop = threading.Event()
 

@@ -40,7 +40,7 @@ HTTP_REQUESTS = Counter(
 )
 BLOB_BYTES = Counter(
     "mzstore_blob_bytes_served_total",
-    "Blob bytes sent to clients, by plane (hub: decoded file bytes of the Hugging Face face).",
+    "Blob bytes sent to clients, by plane (hub, s3: decoded file bytes of the Hugging Face and S3 faces).",
     ["plane"],
     registry=REGISTRY,
 )
@@ -53,7 +53,7 @@ PUSH_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200),
     registry=REGISTRY,
 )
-for _plane in ("grpc", "http", "hub"):
+for _plane in ("grpc", "http", "hub", "s3"):
     BLOB_BYTES.labels(_plane)  # present (as 0) before the first byte
 for _kind in ("raw", "stored"):
     PUSH_BYTES.labels(_kind)
