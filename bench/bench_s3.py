@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""S3 face benchmark (issue 18): the Run:ai Model Streamer reading a checkpoint from mzstore's S3 face.
+
+Three sources of the same synthetic bf16 checkpoint (1 GiB by default), on
+loopback, in the same run, interleaved ``--runs`` times:
+
+* ``mzstore S3 face``: ``mzstore serve --s3`` (its own process), the
+  checkpoint pushed lossless; the face decodes it as it serves the ranged
+  GETs;
+* ``moto (raw file)``: moto's S3 server (``python -m moto.server``, its own
+  process) holding the raw file, the S3 server the tests use;
+* ``local file``: the streamer reading the file from disk (the work
+  directory; use ``--work /dev/shm`` to keep the VM's disk out of it).
+
+Each run is a fresh interpreter that times ``SafetensorsStreamer().stream_file``
+plus reading every tensor (imports left out), the call vLLM's
+``--load-format runai_streamer`` makes; the server's CPU seconds are read
+from ``/proc`` around it. The first run from each S3 source checks every
+tensor against the file. Prints medians, each beside the local file's time.
+
+Usage::
+
+    .venv/bin/python bench/bench_s3.py [--runs 3] [--size-gb 1.0737] [--work /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import cpu_model, cpu_pid, fmt, log, read_address, stop, table
+from bench_lossless import make_synthetic
+
+GB = 1e9
+CHILD = """
+import json, sys, time, torch
+from runai_model_streamer import SafetensorsStreamer
+source, check = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+n = 0
+tensors = {}
+with SafetensorsStreamer() as streamer:
+    streamer.stream_file(source)
+    for name, tensor in streamer.get_tensors():
+        n += tensor.numel() * tensor.element_size()
+        if check != "-":
+            tensors[name] = tensor.clone()
+seconds = time.perf_counter() - start
+same = None
+if check != "-":
+    from safetensors.torch import load_file
+    want = load_file(check)
+    same = len(want) == len(tensors) and all(torch.equal(tensors[k], want[k]) for k in want)
+print(json.dumps({"seconds": seconds, "bytes": n, "same": same}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_child(source: str, endpoint: str | None, check: str) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+    }
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    done = subprocess.run([sys.executable, "-c", CHILD, source, check], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"streaming {source} failed:\n{done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if check != "-" and not out["same"]:
+        raise RuntimeError(f"{source}: the streamed tensors differ from the file")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per source (medians are printed)")
+    ap.add_argument("--size-gb", type=float, default=2**30 / GB, help="checkpoint size (default 1 GiB)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-", dir=args.work))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        model = work / "model"
+        model.mkdir()
+        src = model / "model.safetensors"
+        log(f"making a {args.size_gb:.2f} GB bf16 checkpoint")
+        shape = make_synthetic(src, int(args.size_gb * GB))
+        size = src.stat().st_size
+        mz = Path(sys.executable).with_name("mzstore")
+        cmd = [str(mz)] if mz.exists() else [sys.executable, "-m", "mzstore.cli"]
+        s3_port = free_port()
+        server = subprocess.Popen(
+            [*cmd, "serve", "--root", str(work / "store"), "--listen", "127.0.0.1:0", "--http", "off",
+             "--s3", f"127.0.0.1:{s3_port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(server)
+        address = read_address(server, timeout=60)
+        log("pushing to mzstore (lossless)")
+        subprocess.run([*cmd, "push", str(model), "bench/s3:v1", "--server", address, "-q"], check=True)
+        moto_port = free_port()
+        moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(moto)
+        import boto3
+
+        moto_url = f"http://127.0.0.1:{moto_port}"
+        client = boto3.client(
+            "s3", endpoint_url=moto_url, aws_access_key_id="bench", aws_secret_access_key="b", region_name="us-east-1"
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket="raw")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        log("uploading the raw file to moto")
+        client.upload_file(str(src), "raw", "model.safetensors")
+        sources = {
+            "mzstore S3 face": (
+                "s3://mzstore/bench/s3/v1/model.safetensors",
+                f"http://127.0.0.1:{s3_port}",
+                server.pid,
+            ),
+            "moto (raw file)": ("s3://raw/model.safetensors", moto_url, moto.pid),
+            "local file": (str(src), None, None),
+        }
+        for name, (source, endpoint, _) in sources.items():
+            if endpoint:
+                log(f"warm-up and check: {name}")
+                run_child(source, endpoint, str(src))
+        times: dict[str, list[float]] = {n: [] for n in sources}
+        cpu: dict[str, list[float]] = {n: [] for n in sources}
+        for i in range(args.runs):
+            for name, (source, endpoint, pid) in sources.items():
+                log(f"run {i + 1}/{args.runs}: {name}")
+                before = cpu_pid(pid) if pid else None
+                out = run_child(source, endpoint, "-")
+                times[name].append(out["seconds"])
+                if pid and before is not None:
+                    cpu[name].append(((cpu_pid(pid) or 0.0) - before) / (size / GB))
+        local = statistics.median(times["local file"])
+        rows = []
+        for name in sources:
+            t = statistics.median(times[name])
+            rows.append(
+                [
+                    name,
+                    str(len(times[name])),
+                    fmt(t, ".2f"),
+                    fmt(size / t / 1e6, ".0f"),
+                    fmt(local / t, ".2f"),
+                    fmt(statistics.median(cpu[name]), ".2f") if cpu[name] else "-",
+                ]
+            )
+        print()
+        print(f"# bench_s3: Run:ai stream_file of a {size / GB:.3f} GB bf16 checkpoint ({shape['layers']} layers)")
+        print(f"# {cpu_model()}, {os.cpu_count()} CPUs; everything on loopback; medians of {args.runs} runs")
+        headers = ["source", "runs", "seconds", "MB/s", "x local file", "server CPU s/GB"]
+        print(table("Run:ai Model Streamer (x local file = local seconds / these seconds)", headers, rows))
+        return 0
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
