@@ -195,6 +195,27 @@ def test_s3fs_reads_and_lists(face: Face) -> None:
     assert f"mzstore/{MODEL}/v1/1_Pooling" in names and f"mzstore/{MODEL}/v1/model.safetensors" in names
 
 
+def test_the_aws_cli_lists_and_copies(face: Face, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ENDPOINT_URL": face.url,
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    aws = str(Path(sys.executable).with_name("aws"))
+
+    def run(*args: str) -> str:
+        done = subprocess.run([aws, "s3", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    listed = run("ls", f"s3://mzstore/{MODEL}/int8/")
+    assert "PRE 1_Pooling/" in listed and "model.safetensors" in listed
+    run("cp", "--recursive", f"s3://mzstore/{MODEL}/int8/", str(tmp_path / "copy"))
+    assert _files(tmp_path / "copy") == _files(face.pulled["int8"])
+
+
 # --- the Run:ai Model Streamer (what vLLM's runai_streamer loader calls) -----------------------------
 
 STREAM = """
