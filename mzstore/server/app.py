@@ -99,8 +99,8 @@ class RunningServer:
 
     @property
     def s3_url(self) -> str | None:
-        """``http://127.0.0.1:PORT`` of the S3 face, if it runs."""
-        return f"http://127.0.0.1:{self.s3.port}" if self.s3 else None
+        """``http(s)://127.0.0.1:PORT`` of the S3 face, if it runs."""
+        return f"{self.s3.url.split('://')[0]}://127.0.0.1:{self.s3.port}" if self.s3 else None
 
     def stop(self, grace: float | None = 5.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -226,7 +226,8 @@ def build_server(
         if not s3_port.isdigit() or int(s3_port) > 65535:
             raise InvalidArgument(f"--s3 must be HOST:PORT, got {s3!r}")
         s3_options = S3Options(bucket=s3_bucket, tokens=tokens, public=public_s3)
-        s3_plane = S3Plane(store, host.strip("[]"), int(s3_port), s3_options, files).start()
+        s3_context = tls.ssl_context() if tls else None
+        s3_plane = S3Plane(store, host.strip("[]"), int(s3_port), s3_options, files, s3_context).start()
     service = (
         PullThroughService(store, settings)
         if isinstance(store, PullThroughStore)

@@ -43,6 +43,7 @@ file's ``s3:`` lines (``mzstore token add NAME --s3``) whose scope allows
 from __future__ import annotations
 
 import base64
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import hdrs, web
 
-from mzstore.errors import MzstoreError, NotFound
+from mzstore.errors import InvalidArgument, MzstoreError, NotFound, Unavailable
 from mzstore.format.manifest import FileEntry, Manifest
 from mzstore.format.refs import validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
@@ -142,9 +143,15 @@ class S3Plane(Listener):
     name = "mzstore-s3"
 
     def __init__(
-        self, store: Store, host: str, port: int, options: S3Options | None = None, files: ServedFiles | None = None
+        self,
+        store: Store,
+        host: str,
+        port: int,
+        options: S3Options | None = None,
+        files: ServedFiles | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(host, port)
+        super().__init__(host, port, ssl_context)
         self.store = store
         self.options = options or S3Options()
         self._own_files = files is None
@@ -171,8 +178,10 @@ class S3Plane(Listener):
             return exc.response(head=request.method == "HEAD")
         except NotFound as exc:
             return S3Error("NoSuchKey", str(exc), request.path).response(head=request.method == "HEAD")
+        except InvalidArgument as exc:
+            return S3Error("InvalidArgument", str(exc), request.path).response(head=request.method == "HEAD")
         except MzstoreError as exc:
-            code = "ServiceUnavailable" if exc.reason in ("Unavailable", "UNAVAILABLE") else "InternalError"
+            code = "ServiceUnavailable" if isinstance(exc, Unavailable) else "InternalError"
             return S3Error(code, str(exc), request.path).response(head=request.method == "HEAD")
 
     async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
