@@ -7,10 +7,16 @@ loopback, in the same run, interleaved ``--runs`` times:
 * ``mzstore S3 face``: ``mzstore serve --s3`` (its own process), the
   checkpoint pushed lossless; the face decodes it as it serves the ranged
   GETs;
-* ``moto (raw file)``: moto's S3 server (``python -m moto.server``, its own
-  process) holding the raw file, the S3 server the tests use;
+* ``moto (raw file)``: moto's S3 server (``ThreadedMotoServer`` in a process
+  of its own) holding the raw file, the S3 server the tests use;
 * ``local file``: the streamer reading the file from disk (the work
   directory; use ``--work /dev/shm`` to keep the VM's disk out of it).
+
+A source that fails or takes over ``--timeout`` seconds is reported, not
+retried. moto is not made for large objects: it builds the whole object
+for every ranged GET and slices it (``moto/s3/responses.py``,
+``_handle_range_header``), so under the streamer's concurrent ranges a
+1 GiB object does not finish; run ``--size-gb 0.13`` for a size it serves.
 
 Each run is a fresh interpreter that times ``SafetensorsStreamer().stream_file``
 plus reading every tensor (imports left out), the call vLLM's
@@ -64,13 +70,25 @@ print(json.dumps({"seconds": seconds, "bytes": n, "same": same}))
 """
 
 
+MOTO = """
+import logging, resource, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False).start()
+while True:
+    time.sleep(3600)
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def run_child(source: str, endpoint: str | None, check: str) -> dict[str, float]:
+def run_child(source: str, endpoint: str | None, check: str, timeout: float) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {
         "AWS_ACCESS_KEY_ID": "bench",
@@ -81,7 +99,12 @@ def run_child(source: str, endpoint: str | None, check: str) -> dict[str, float]
     }
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint
-    done = subprocess.run([sys.executable, "-c", CHILD, source, check], env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, source, check], env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"streaming {source} took over {timeout:.0f} s") from None
     if done.returncode != 0:
         raise RuntimeError(f"streaming {source} failed:\n{done.stderr[-2000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -95,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per source (medians are printed)")
     ap.add_argument("--size-gb", type=float, default=2**30 / GB, help="checkpoint size (default 1 GiB)")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds one stream may take before its source fails")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-s3-", dir=args.work))
     procs: list[subprocess.Popen[bytes]] = []
@@ -119,10 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         log("pushing to mzstore (lossless)")
         subprocess.run([*cmd, "push", str(model), "bench/s3:v1", "--server", address, "-q"], check=True)
         moto_port = free_port()
-        moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        moto = subprocess.Popen(  # threaded, as the tests run it (moto's CLI server serves one request at a time)
+            [sys.executable, "-c", MOTO, str(moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         procs.append(moto)
         import boto3
@@ -151,23 +173,33 @@ def main(argv: list[str] | None = None) -> int:
             "moto (raw file)": ("s3://raw/model.safetensors", moto_url, moto.pid),
             "local file": (str(src), None, None),
         }
+        failed: dict[str, str] = {}
         for name, (source, endpoint, _) in sources.items():
             if endpoint:
                 log(f"warm-up and check: {name}")
-                run_child(source, endpoint, str(src))
+                try:
+                    run_child(source, endpoint, str(src), args.timeout)
+                except RuntimeError as exc:
+                    failed[name] = str(exc).splitlines()[-1][:150]
+                    log(f"{name} failed: {failed[name]}")
         times: dict[str, list[float]] = {n: [] for n in sources}
         cpu: dict[str, list[float]] = {n: [] for n in sources}
         for i in range(args.runs):
             for name, (source, endpoint, pid) in sources.items():
+                if name in failed:
+                    continue
                 log(f"run {i + 1}/{args.runs}: {name}")
                 before = cpu_pid(pid) if pid else None
-                out = run_child(source, endpoint, "-")
+                out = run_child(source, endpoint, "-", args.timeout)
                 times[name].append(out["seconds"])
                 if pid and before is not None:
                     cpu[name].append(((cpu_pid(pid) or 0.0) - before) / (size / GB))
         local = statistics.median(times["local file"])
         rows = []
         for name in sources:
+            if name in failed:
+                rows.append([name, "0", "failed", "", "", failed[name]])
+                continue
             t = statistics.median(times[name])
             rows.append(
                 [
