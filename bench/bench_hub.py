@@ -38,37 +38,27 @@ import tempfile
 from pathlib import Path
 
 from _common import cpu_model, cpu_pid, fmt, log, read_address, sha256_file, stop, table
-from bench_link import GRPC_PORT, HTTP_PORT, NGINX_PORT, NS, SRV_IP, limit, link, mzstore_cmd, rate_bytes, sh
+from bench_link import (
+    GRPC_PORT,
+    HTTP_PORT,
+    NGINX_CONF,
+    NGINX_PORT,
+    NS,
+    SRV_IP,
+    limit,
+    link,
+    mzstore_cmd,
+    rate_bytes,
+    sh,
+)
 from bench_lossless import make_synthetic
 
 GB = 1e9
 REPO = "bench/hub"
 NGINX_COMMIT = "0" * 40
 
-NGINX_CONF = """
-user root;
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen {ip}:{port};
-        root {root};
-        add_header X-Repo-Commit {commit} always;
-        location /api/ {{ default_type application/json; }}
-    }}
-}}
-"""
+#: What nginx adds to bench_link's server block: the commit header on every answer, JSON for the API files.
+NGINX_EXTRA = "add_header X-Repo-Commit {commit} always; location /api/ {{ default_type application/json; }}"
 
 CHILD = """
 import json, sys, time
@@ -146,7 +136,8 @@ def _run(args: argparse.Namespace, rates: list[str], work: Path) -> int:
     prefix = work / "nginx"
     prefix.mkdir()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, ip=SRV_IP, port=NGINX_PORT, root=mirror, commit=NGINX_COMMIT))
+    extra = NGINX_EXTRA.format(commit=NGINX_COMMIT)
+    conf.write_text(NGINX_CONF.format(prefix=prefix, ip=SRV_IP, port=NGINX_PORT, root=mirror, extra=extra))
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
     times: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}

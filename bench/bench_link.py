@@ -91,6 +91,7 @@ http {{
     server {{
         listen {ip}:{port};
         root {root};
+        {extra}
     }}
 }}
 """
@@ -201,7 +202,7 @@ def servers(work: Path, raw_dir: Path) -> Iterator[Servers]:
     prefix = work / "nginx"
     prefix.mkdir(exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, ip=SRV_IP, port=NGINX_PORT, root=raw_dir))
+    conf.write_text(NGINX_CONF.format(prefix=prefix, ip=SRV_IP, port=NGINX_PORT, root=raw_dir, extra=""))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -199,6 +199,15 @@ class DigestFile(web.FileResponse):
         web.StreamResponse.etag.fset(self, self._sha256)  # type: ignore[attr-defined]
 
 
+async def start_body(request: web.BaseRequest, status: int, headers: dict[str, str], length: int) -> web.StreamResponse:
+    """Send the status and headers of a streamed ``application/octet-stream`` body of ``length`` bytes."""
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = "application/octet-stream"
+    response.content_length = length
+    await response.prepare(request)
+    return response
+
+
 def byte_range(request: web.BaseRequest, size: int) -> tuple[int, int]:
     """``[start, end)`` of the one ``Range`` of a request for ``size`` bytes: ``bytes=N-``, ``N-M``, ``-N``.
 

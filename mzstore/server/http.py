@@ -63,7 +63,7 @@ from mzstore.errors import (
 from mzstore.format.refs import validate_digest, validate_name
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
-from mzstore.server.files import DigestFile, ServedFiles, byte_range
+from mzstore.server.files import DigestFile, ServedFiles, byte_range, start_body
 from mzstore.server.hub import HubFace
 from mzstore.storage.node import FsspecNode, LocalNode
 from mzstore.storage.store import Store
@@ -315,10 +315,7 @@ class HttpPlane(Listener):
                 return _error(416, "BadRange", str(exc), {hdrs.CONTENT_RANGE: f"bytes */{size}"})
             status = 206
             headers = {**headers, hdrs.CONTENT_RANGE: f"bytes {start}-{end - 1}/{size}"}
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = "application/octet-stream"
-        response.content_length = end - start
-        await response.prepare(request)
+        response = await start_body(request, status, headers, end - start)
         if request.method == "HEAD":
             return response
         offset = start

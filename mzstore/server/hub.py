@@ -81,7 +81,7 @@ from mzstore.format.manifest import Manifest, validate_relpath
 from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
 from mzstore.pull.puller import Puller
-from mzstore.server.files import DigestFile, ServedFiles, byte_range
+from mzstore.server.files import DigestFile, ServedFiles, byte_range, start_body
 from mzstore.storage.store import Store, manifest_key
 
 #: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
@@ -478,10 +478,7 @@ class HubFace:
                 return _with(bad.response(), {hdrs.CONTENT_RANGE: f"bytes */{size}"})
             status = 206
             headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = "application/octet-stream"
-        response.content_length = end - start
-        await response.prepare(request)
+        response = await start_body(request, status, headers, end - start)
         if request.method == "HEAD":
             return response
         await self.files.send(response, layout, start, end, "hub")

@@ -59,7 +59,7 @@ from mzstore.format.refs import validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
-from mzstore.server.files import ServedFiles, byte_range
+from mzstore.server.files import ServedFiles, byte_range, start_body
 from mzstore.server.http import Listener
 from mzstore.server.sigv4 import SignatureError, is_signed, verify
 from mzstore.storage.store import Store, manifest_key
@@ -411,10 +411,7 @@ class S3Plane(Listener):
                 raise S3Error("InvalidRange", str(exc), key, {hdrs.CONTENT_RANGE: f"bytes */{size}"}) from None
             status = 206
             headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = "application/octet-stream"
-        response.content_length = end - start
-        await response.prepare(request)
+        response = await start_body(request, status, headers, end - start)
         if request.method == "GET":
             await self.files.send(response, layout, start, end, "s3")
         await response.write_eof()

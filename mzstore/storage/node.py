@@ -139,6 +139,18 @@ def read_stream(node: Node, key: str) -> Iterator[bytes]:
         offset += len(block)
 
 
+def _decide_and_write(node: Node, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+    """``write_if``'s step, for a caller that holds the key's lock: read, ask ``accept``, write."""
+    try:
+        current: bytes | None = node.read(key)
+    except NotFound:
+        current = None
+    if not accept(current):
+        return False
+    node.write(key, [data])
+    return True
+
+
 def _map_oserror(exc: OSError, key: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"storage node is full while writing {key}")
@@ -194,14 +206,7 @@ class LocalNode:
             raise _map_oserror(exc, key) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current: bytes | None = self.read(key)
-            except NotFound:
-                current = None
-            if not accept(current):
-                return False
-            self.write(key, [data])
-            return True
+            return _decide_and_write(self, key, data, accept)
         finally:
             os.close(fd)  # releases the lock
 
@@ -488,14 +493,7 @@ class FsspecNode:
         """
         if self.protocol not in ("s3", "s3a"):
             with _PROCESS_LOCK:
-                try:
-                    current: bytes | None = self.read(key)
-                except NotFound:
-                    current = None
-                if not accept(current):
-                    return False
-                self.write(key, [data])
-                return True
+                return _decide_and_write(self, key, data, accept)
         path = self._path(key)
         bucket, obj, _ = self.fs.split_path(path)
         for _ in range(CAS_ATTEMPTS):
