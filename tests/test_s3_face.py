@@ -361,3 +361,25 @@ def test_token_add_s3_prints_credentials(tmp_path: Path) -> None:
     creds = parse_s3_credentials(tokens.read_text())
     assert creds[lines["AWS_ACCESS_KEY_ID"]][0] == lines["AWS_SECRET_ACCESS_KEY"]
     assert oct(tokens.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_pull_through_cache_serves_upstream_tags_on_both_faces(minilm_dir: Path, tmp_path: Path) -> None:
+    """The faces resolve tags through Store.resolve, as gRPC does: a cache answers for tags only upstream has."""
+    from mzstore.server.upstream import PullThroughStore
+
+    upstream = build_server(tmp_path / "upstream", "127.0.0.1:0")
+    cache = build_server(
+        tmp_path / "cache", "127.0.0.1:0", upstream=upstream.address, http="127.0.0.1:0", s3="127.0.0.1:0"
+    )
+    try:
+        with Client(upstream.address, cache=False) as c:
+            c.push(minilm_dir, f"{MODEL}:v1")
+        data = s3(cache.s3_url or "").get_object(Bucket="mzstore", Key=f"{MODEL}/v1/config.json")["Body"].read()
+        assert data == (minilm_dir / "config.json").read_bytes()
+        with urllib.request.urlopen(f"{cache.http_url}/{MODEL}/resolve/v1/tokenizer.json", timeout=60) as resp:
+            assert resp.read() == (minilm_dir / "tokenizer.json").read_bytes()
+    finally:
+        cache.stop(1)
+        if isinstance(cache.store, PullThroughStore):
+            cache.store.close()
+        upstream.stop(1)

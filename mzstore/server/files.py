@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from mzstore.errors import MzstoreError
+from mzstore.errors import MzstoreError, NotFound
 from mzstore.format.manifest import Manifest, parse_manifest
+from mzstore.format.refs import Ref
 from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
 from mzstore.server import metrics
-from mzstore.storage.store import Store
+from mzstore.storage.store import Store, manifest_key
 
 T = TypeVar("T")
 #: Decoded chunks kept for concurrent readers (bytes).
@@ -55,6 +56,32 @@ class ServedFiles:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the decode pool (storage reads and decoding block)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def tag(self, name: str, tag: str) -> tuple[str, float] | None:
+        """The manifest digest of ``name:tag`` and when the tag was written (POSIX seconds), or ``None``.
+
+        Resolved by :meth:`Store.resolve`, the code every face shares: on a pull-through cache it asks
+        the upstream (within its TTL), elsewhere it reads the versioned tag on the nodes.
+        """
+        try:
+            _, digest = self.store.resolve(Ref(name, tag))
+        except NotFound:
+            return None
+        try:
+            value = self.store.ref_value(name, tag)
+            written = value.version.time_ms / 1000 if value.digest == digest else 0.0
+        except MzstoreError:
+            written = 0.0
+        return digest, written or self.written(manifest_key(digest))
+
+    def written(self, key: str) -> float:
+        """When ``key`` was written on the first node that can say (0 when none can)."""
+        for node in self.store.nodes:
+            try:
+                return node.mtime(key)
+            except (MzstoreError, OSError):
+                continue
+        return 0.0
 
     def manifest(self, digest: str) -> Manifest:
         """The parsed manifest (kept: manifests never change)."""

@@ -76,7 +76,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from mzstore.errors import FormatError, InvalidArgument, MzstoreError, NotFound, UsageError
+from mzstore.errors import FormatError, InvalidArgument, MzstoreError, UsageError
 from mzstore.format.manifest import Manifest, validate_relpath
 from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
@@ -274,7 +274,7 @@ class HubFace:
         if _COMMIT.fullmatch(revision):
             digest, commit_form = self._by_commit(name, revision)
             form = form or commit_form
-            modified = self._written(manifest_key(digest))
+            modified = self.files.written(manifest_key(digest))
         else:
             tags = [revision] if revision != MAIN else [MAIN, DEFAULT_TAG]
             try:
@@ -282,21 +282,16 @@ class HubFace:
                     validate_tag(tag)
             except MzstoreError:
                 raise HubError(404, "RevisionNotFound", f"{revision[:140]!r} is not a revision of {repo_id}") from None
-            value = None
+            found = None
             for tag in tags:
-                try:
-                    value = self.store.ref_value(name, tag)
-                except NotFound:
-                    continue
-                if value.digest is not None:
+                found = self.files.tag(name, tag)
+                if found is not None:
                     break
-                value = None
-            if value is None or value.digest is None:
+            if found is None:
                 if not self._has_model(name):
                     raise HubError(404, "RepoNotFound", f"repository {repo_id} not found")
                 raise HubError(404, "RevisionNotFound", f"revision {revision} of {repo_id} not found")
-            digest = value.digest
-            modified = value.version.time_ms / 1000 or self._written(manifest_key(digest))
+            digest, modified = found
         return Revision(name, digest, self.files.manifest(digest), modified, form)
 
     def _has_model(self, name: str) -> bool:
@@ -322,14 +317,6 @@ class HubFace:
         if not self._has_model(name):
             raise HubError(404, "RepoNotFound", f"repository {name} not found")
         raise HubError(404, "RevisionNotFound", f"commit {commit} not found")
-
-    def _written(self, key: str) -> float:
-        for node in self.store.nodes:
-            try:
-                return node.mtime(key)
-            except (MzstoreError, OSError):
-                continue
-        return 0.0
 
     def layout(self, rev: Revision, path: str) -> FileLayout:
         """Where the bytes of ``path`` come from (``EntryNotFound`` if the version has no such file)."""

@@ -62,7 +62,7 @@ from mzstore.server.auth import TokenFile
 from mzstore.server.files import ServedFiles, byte_range, start_body
 from mzstore.server.http import Listener
 from mzstore.server.sigv4 import SignatureError, is_signed, verify
-from mzstore.storage.store import Store, manifest_key
+from mzstore.storage.store import Store
 
 DEFAULT_BUCKET = "mzstore"
 #: The most keys one ListObjects page returns (S3's own limit).
@@ -239,26 +239,18 @@ class S3Plane(Listener):
             try:
                 validate_name(name)
                 validate_tag(tag)
-                value = self.store.ref_value(name, tag)
+                found = self.files.tag(name, tag)
             except (MzstoreError, ValueError):
                 continue
-            if value.digest is None:
+            if found is None:
                 continue
-            manifest = self.files.manifest(value.digest)
+            digest, modified = found
+            manifest = self.files.manifest(digest)
             entry = next((f for f in manifest.files if f.path == path), None)
             if entry is None:
                 break
-            modified = value.version.time_ms / 1000 or self._written(value.digest)
-            return Obj(key, value.digest, manifest, entry, modified)
+            return Obj(key, digest, manifest, entry, modified)
         raise S3Error("NoSuchKey", "The specified key does not exist.", key)
-
-    def _written(self, digest: str) -> float:
-        for node in self.store.nodes:
-            try:
-                return node.mtime(manifest_key(digest))
-            except (MzstoreError, OSError):
-                continue
-        return time.time()
 
     def _describe(self, obj: Obj) -> tuple[FileLayout, str]:
         layout = self.files.layout(obj.digest, obj.manifest, obj.entry.path)
@@ -269,16 +261,16 @@ class S3Plane(Listener):
         out = []
         for ref in self.store.list_refs():
             try:
-                value = self.store.ref_value(ref.name, ref.tag)
-                if value.digest is None:
+                found = self.files.tag(ref.name, ref.tag)
+                if found is None:
                     continue
-                manifest = self.files.manifest(value.digest)
+                digest, modified = found
+                manifest = self.files.manifest(digest)
             except MzstoreError:
                 continue
-            modified = value.version.time_ms / 1000 or self._written(value.digest)
             for f in manifest.files:
-                layout = self.files.layout(value.digest, manifest, f.path)
-                sha = self.files.sha256(value.digest, layout)
+                layout = self.files.layout(digest, manifest, f.path)
+                sha = self.files.sha256(digest, layout)
                 out.append((f"{ref.name}/{ref.tag}/{f.path}", layout.size, sha, modified))
         return sorted(out)
 
