@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NATIVE := $(VENV)/.native
 
-.PHONY: setup system-deps demo test test-numpy test-slow fuzz lint protos bench clean
+.PHONY: setup system-deps demo test test-numpy test-slow fuzz fuzz-native lint protos bench clean
 
 setup: $(STAMP) $(NATIVE)
 
@@ -63,6 +63,18 @@ test-slow: setup
 # The parser fuzz tests run bounded in `make test`; this runs them long (override MZSTORE_FUZZ_EXAMPLES).
 fuzz: setup
 	MZSTORE_FUZZ_EXAMPLES=$${MZSTORE_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m fuzz tests/test_fuzz.py
+
+# Differential fuzzing of the native codec core against numpy (atheris): FUZZ_SECONDS (default 60) of
+# coverage-guided libFuzzer growing build/fuzz-corpus, then every input of the corpus replayed with the
+# core built under AddressSanitizer (build/asan; gcc's ASan runtime breaks atheris's coverage, so it
+# checks the corpus rather than guiding the search).
+FUZZ_SECONDS ?= 60
+fuzz-native: setup
+	$(PY) fuzz/fuzz_native.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=8192 build/fuzz-corpus
+	rm -rf build/asan build/asan-tmp
+	CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g" $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
+	MZSTORE_NATIVE_LIB=$$(ls build/asan/mzstore/codecs/_native*.so) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 $(PY) fuzz/fuzz_native.py -runs=0 build/fuzz-corpus
 
 protos: setup
 	$(PY) scripts/gen_protos.py

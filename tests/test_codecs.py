@@ -546,3 +546,25 @@ def test_the_exponent_coder_is_chosen_by_estimate_and_the_choice_is_the_smaller(
     both, _ = lossless.encode(raw, dtype)
     assert len(both) == len(payload), "running both coders would not have found a smaller payload"
     assert lossless.decode(payload, dtype, len(raw)).tobytes() == raw
+
+
+def test_a_corrupt_zstd_frame_leaves_no_state_behind() -> None:
+    """A frame that fails mid-way drops the thread's decompressor: the next frame's outcome (its error message,
+    too) is what it would be on a fresh thread (fuzz/fuzz_native.py found messages that depended on the
+    previous failure)."""
+    import zstandard
+
+    from mzstore.codecs import lossless
+
+    raw = bytes(range(256)) * 400
+    frame = zstandard.ZstdCompressor(level=3).compress(raw)
+    lossless.zstd_read_into(zstandard.ZstdCompressor().compress(b"x" * 10), memoryview(bytearray(10)))
+    used = lossless._dctx()
+    for broken in (frame[: len(frame) // 2], frame[:12] + bytes(reversed(frame[12:]))):  # cut short; garbled blocks
+        with pytest.raises(CodecError):
+            lossless.zstd_read_into(broken, memoryview(bytearray(len(raw))))
+        assert lossless._dctx() is not used, "a new decompressor after a failure"
+        used = lossless._dctx()
+    out = bytearray(len(raw))
+    lossless.zstd_read_into(zstandard.ZstdCompressor().compress(raw), memoryview(out))
+    assert out == raw

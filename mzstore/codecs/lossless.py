@@ -126,8 +126,10 @@ def zstd_read_into(data: bytes | bytearray | memoryview, target: memoryview) -> 
                 got += n
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
+        _local.dctx = None  # a context that failed mid-frame colours the next error (fuzz/fuzz_native.py found it)
         raise CodecError(f"corrupt zstd stream: {exc}") from None
     if got != size or extra:
+        _local.dctx = None
         raise CodecError(f"zstd stream does not decode to {size} bytes")
 
 

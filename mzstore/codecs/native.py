@@ -9,7 +9,9 @@ the same bytes and the same errors.
 
 ``MZSTORE_NATIVE=0`` turns the core off (CI runs the codec tests that way
 too). A checkout or wheel built without a C compiler has no core: mzstore
-then runs on numpy and says so once.
+then runs on numpy and says so once. ``MZSTORE_NATIVE_LIB=PATH`` loads
+another build of the module instead (``make fuzz-native`` loads one built
+with AddressSanitizer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def _load() -> ModuleType | None:
     if os.environ.get("MZSTORE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        from mzstore.codecs import _native  # type: ignore[attr-defined]
+        other = os.environ.get("MZSTORE_NATIVE_LIB")
+        if other:
+            _native = _load_file(other)
+        else:
+            from mzstore.codecs import _native  # type: ignore[attr-defined,no-redef]
     except ImportError:
         warnings.warn(
             "mzstore: the native codec core is not built (was a C compiler missing at install?); "
@@ -43,6 +49,18 @@ def _load() -> ModuleType | None:
         )
         return None
     return _native
+
+
+def _load_file(path: str) -> ModuleType:
+    """The module ``mzstore.codecs._native`` from the extension file at ``path``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mzstore.codecs._native", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"MZSTORE_NATIVE_LIB={path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 #: The loaded core. Call sites read ``native.core`` each time, so tests can set it to ``None``.
