@@ -142,13 +142,7 @@ def file_hashes(source: Source, remembered: Path | None = None, workers: int = 4
     file), a file on disk whose path, size, mtime and inode are unchanged since it was last hashed
     is not read again, as ``huggingface_hub`` keeps an upload cache.
     """
-    known: dict[str, str] = {}
-    if remembered is not None:
-        try:
-            loaded = json.loads(remembered.read_text())
-            known = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            known = {}
+    known = _remembered(remembered) if remembered is not None else {}
     ids = [_identity(f) for f in source.files]
     todo = [i for i, key in enumerate(ids) if key is None or not isinstance(known.get(key), str)]
     out = [known.get(key, "") if key is not None else "" for key in ids]
@@ -168,14 +162,18 @@ def file_hashes(source: Source, remembered: Path | None = None, workers: int = 4
     return out
 
 
+def _remembered(path: Path) -> dict[str, str]:
+    """The remembered hashes in ``path`` (none when it is missing or unreadable)."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def forget_hashes(source: Source, remembered: Path) -> None:
     """Drop the remembered sha256 of ``source``'s files (one of them changed after it was hashed)."""
-    try:
-        known = json.loads(remembered.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(known, dict):
-        return
+    known = _remembered(remembered)
     paths = {f"{f.disk_path.resolve()}|" for f in source.files if f.disk_path is not None}
     kept = {k: v for k, v in known.items() if not any(k.startswith(p) for p in paths)}
     if len(kept) != len(known):

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ class ServedFiles:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._layouts: dict[tuple[str, str], FileLayout] = {}
         self._sha: dict[tuple[str, str], str] = {}
+        self._tag_times: dict[tuple[str, str, str], float] = {}  # (name, tag, digest) → when written
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -61,27 +63,26 @@ class ServedFiles:
         """The manifest digest of ``name:tag`` and when the tag was written (POSIX seconds), or ``None``.
 
         Resolved by :meth:`Store.resolve`, the code every face shares: on a pull-through cache it asks
-        the upstream (within its TTL), elsewhere it reads the versioned tag on the nodes.
+        the upstream (within its TTL), elsewhere it reads the versioned tag on the nodes. When the tag
+        was written is read once per tag and digest (the version does not change while the digest stays).
         """
         try:
             _, digest = self.store.resolve(Ref(name, tag))
         except NotFound:
             return None
-        try:
-            value = self.store.ref_value(name, tag)
-            written = value.version.time_ms / 1000 if value.digest == digest else 0.0
-        except MzstoreError:
-            written = 0.0
-        return digest, written or self.written(manifest_key(digest))
-
-    def written(self, key: str) -> float:
-        """When ``key`` was written on the first node that can say (0 when none can)."""
-        for node in self.store.nodes:
+        key = (name, tag, digest)
+        with self._lock:
+            written = self._tag_times.get(key)
+        if written is None:
             try:
-                return node.mtime(key)
-            except (MzstoreError, OSError):
-                continue
-        return 0.0
+                value = self.store.ref_value(name, tag)
+                written = value.version.time_ms / 1000 if value.digest == digest else 0.0
+            except MzstoreError:
+                written = 0.0
+            written = written or self.store.written(manifest_key(digest))
+            with self._lock:
+                self._tag_times[key] = written
+        return digest, written
 
     def manifest(self, digest: str) -> Manifest:
         """The parsed manifest (kept: manifests never change)."""
@@ -224,6 +225,11 @@ class DigestFile(web.FileResponse):
     @etag.setter
     def etag(self, value: Any) -> None:  # FileResponse sets its own; the digest is the one that holds
         web.StreamResponse.etag.fset(self, self._sha256)  # type: ignore[attr-defined]
+
+
+def iso_utc(seconds: float) -> str:
+    """``2026-12-05T19:00:00.000Z``: the timestamp form of the Hub's API and of S3 listings."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
 
 
 async def start_body(request: web.BaseRequest, status: int, headers: dict[str, str], length: int) -> web.StreamResponse:

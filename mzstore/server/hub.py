@@ -68,7 +68,6 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +80,7 @@ from mzstore.format.manifest import Manifest, validate_relpath
 from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
 from mzstore.pull.puller import Puller
-from mzstore.server.files import DigestFile, ServedFiles, byte_range, start_body
+from mzstore.server.files import DigestFile, ServedFiles, byte_range, iso_utc, start_body
 from mzstore.storage.store import Store, manifest_key
 
 #: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
@@ -135,12 +134,6 @@ def commit_of(digest: str, form: str = "") -> str:
 
 def _complement(hex_digits: str) -> str:
     return "".join("0123456789abcdef"[15 - int(c, 16)] for c in hex_digits)
-
-
-def _iso(seconds: float) -> str:
-    """``2026-12-05T19:00:00.000Z``: the Hub's timestamp format (the ``Z`` is required by its client)."""
-    whole = time.gmtime(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{int(seconds * 1000) % 1000:03d}Z"
 
 
 def _lfs(sha256: str, size: int) -> tuple[dict[str, Any], str]:
@@ -224,11 +217,9 @@ class Exports:
         files = {}
         for p in sorted(out.rglob("*")):
             if p.is_file():
-                hasher = hashlib.sha256()
                 with open(p, "rb") as fh:
-                    while block := fh.read(8 * 1024 * 1024):
-                        hasher.update(block)
-                files[p.relative_to(out).as_posix()] = Exported(p, p.stat().st_size, hasher.hexdigest())
+                    sha = hashlib.file_digest(fh, "sha256").hexdigest()
+                files[p.relative_to(out).as_posix()] = Exported(p, p.stat().st_size, sha)
         return files
 
     def _evict(self) -> None:
@@ -274,7 +265,7 @@ class HubFace:
         if _COMMIT.fullmatch(revision):
             digest, commit_form = self._by_commit(name, revision)
             form = form or commit_form
-            modified = self.files.written(manifest_key(digest))
+            modified = self.store.written(manifest_key(digest))
         else:
             tags = [revision] if revision != MAIN else [MAIN, DEFAULT_TAG]
             try:
@@ -355,8 +346,8 @@ class HubFace:
             "modelId": repo,
             "author": repo.split("/")[0] if "/" in repo else None,
             "sha": rev.commit,
-            "lastModified": _iso(rev.modified),
-            "createdAt": _iso(rev.modified),
+            "lastModified": iso_utc(rev.modified),
+            "createdAt": iso_utc(rev.modified),
             "private": False,
             "gated": False,
             "disabled": False,
@@ -451,19 +442,12 @@ class HubFace:
         except HubError as exc:
             return exc.response()
         size = layout.size
-        etag = f'"{sha}"'
         headers = self._headers(rev, revision, path, sha, size)
-        none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-        if none_match is not None and etag in [t.strip().removeprefix("W/") for t in none_match.split(",")]:
-            return web.Response(status=304, headers=headers)
-        start, end, status = 0, size, 200
-        if request.headers.get(hdrs.RANGE) is not None and request.headers.get(hdrs.IF_RANGE, etag).strip() == etag:
-            try:
-                start, end = byte_range(request, size)
-            except ValueError as exc:
-                bad = HubError(416, "BadRange", str(exc))
-                return _with(bad.response(), {hdrs.CONTENT_RANGE: f"bytes */{size}"})
-            status = 206
+        span = _span(request, headers, size)
+        if isinstance(span, web.Response):
+            return span
+        start, end, status = span
+        if status == 206:
             headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
         response = await start_body(request, status, headers, end - start)
         if request.method == "HEAD":
@@ -496,19 +480,26 @@ class HubFace:
         if found is None:
             raise HubError(404, "EntryNotFound", f"{path} is not in {rev.name}@{rev.commit}", rev.commit)
         headers = self._headers(rev, request.match_info["rev"], path, found.sha256, found.size)
-        none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-        if none_match is not None and headers[hdrs.ETAG] in [t.strip() for t in none_match.split(",")]:
-            return web.Response(status=304, headers=headers)
-        if request.headers.get(hdrs.RANGE) is not None:
-            try:
-                byte_range(request, found.size)
-            except ValueError as exc:
-                return _with(
-                    HubError(416, "BadRange", str(exc)).response(), {hdrs.CONTENT_RANGE: f"bytes */{found.size}"}
-                )
-        return DigestFile(found.path, found.sha256, headers, plane="hub")
+        span = _span(request, headers, found.size)
+        if isinstance(span, web.Response):
+            return span
+        return DigestFile(found.path, found.sha256, headers, plane="hub")  # it sends the range itself
 
 
-def _with(response: web.Response, headers: dict[str, str]) -> web.Response:
-    response.headers.update(headers)
-    return response
+def _span(request: web.Request, headers: dict[str, str], size: int) -> tuple[int, int, int] | web.Response:
+    """``(start, end, status)`` of what to send: the one ``Range`` (``206``; unless ``If-Range`` names
+    another version), else all (``200``); or the response that answers instead: ``304`` for a matching
+    ``If-None-Match``, ``416`` for a range that cannot be served."""
+    etag = headers[hdrs.ETAG]
+    none_match = request.headers.get(hdrs.IF_NONE_MATCH)
+    if none_match is not None and etag in [t.strip().removeprefix("W/") for t in none_match.split(",")]:
+        return web.Response(status=304, headers=headers)
+    if request.headers.get(hdrs.RANGE) is None or request.headers.get(hdrs.IF_RANGE, etag).strip() != etag:
+        return 0, size, 200
+    try:
+        start, end = byte_range(request, size)
+    except ValueError as exc:
+        response = HubError(416, "BadRange", str(exc)).response()
+        response.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
+        return response
+    return start, end, 206

@@ -59,7 +59,7 @@ from mzstore.format.refs import validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
 from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
-from mzstore.server.files import ServedFiles, byte_range, start_body
+from mzstore.server.files import ServedFiles, byte_range, iso_utc, start_body
 from mzstore.server.http import Listener
 from mzstore.server.sigv4 import SignatureError, is_signed, verify
 from mzstore.storage.store import Store
@@ -113,6 +113,14 @@ class S3Error(Exception):
         )
 
 
+#: The S3 code of a domain error that reaches the face (subclasses included).
+_S3_CODE: dict[type[MzstoreError], str] = {
+    NotFound: "NoSuchKey",
+    InvalidArgument: "InvalidArgument",
+    Unavailable: "ServiceUnavailable",
+}
+
+
 @dataclass
 class S3Options:
     """How the S3 face is set up: the bucket's name, the token file, anonymous reads."""
@@ -131,10 +139,6 @@ class Obj:
     manifest: Manifest
     entry: FileEntry
     modified: float
-
-
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(seconds))
 
 
 class S3Plane(Listener):
@@ -175,14 +179,11 @@ class S3Plane(Listener):
         try:
             return await handler(request)
         except S3Error as exc:
-            return exc.response(head=request.method == "HEAD")
-        except NotFound as exc:
-            return S3Error("NoSuchKey", str(exc), request.path).response(head=request.method == "HEAD")
-        except InvalidArgument as exc:
-            return S3Error("InvalidArgument", str(exc), request.path).response(head=request.method == "HEAD")
+            error = exc
         except MzstoreError as exc:
-            code = "ServiceUnavailable" if isinstance(exc, Unavailable) else "InternalError"
-            return S3Error(code, str(exc), request.path).response(head=request.method == "HEAD")
+            code = next((c for cls, c in _S3_CODE.items() if isinstance(exc, cls)), "InternalError")
+            error = S3Error(code, str(exc), request.path)
+        return error.response(head=request.method == "HEAD")
 
     async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
         metrics.HTTP_REQUESTS.labels(f"s3:{request.get('s3_op', 'unknown')}", str(response.status)).inc()
@@ -310,7 +311,7 @@ class S3Plane(Listener):
         b = escape(self.options.bucket)
         return _xml(
             f'<ListAllMyBucketsResult xmlns="{XMLNS}"><Owner><ID>mzstore</ID><DisplayName>mzstore</DisplayName>'
-            f"</Owner><Buckets><Bucket><Name>{b}</Name><CreationDate>{_iso(0)}</CreationDate></Bucket></Buckets>"
+            f"</Owner><Buckets><Bucket><Name>{b}</Name><CreationDate>{iso_utc(0)}</CreationDate></Bucket></Buckets>"
             "</ListAllMyBucketsResult>"
         )
 
@@ -376,7 +377,7 @@ class S3Plane(Listener):
                 parts.append(f"<NextMarker>{escape(enc(last))}</NextMarker>")
         for key, size, etag, modified in contents:
             parts.append(
-                f"<Contents><Key>{escape(enc(key))}</Key><LastModified>{_iso(modified)}</LastModified>"
+                f"<Contents><Key>{escape(enc(key))}</Key><LastModified>{iso_utc(modified)}</LastModified>"
                 f"<ETag>&quot;{etag}&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
             )
         parts.extend(f"<CommonPrefixes><Prefix>{escape(enc(p))}</Prefix></CommonPrefixes>" for p in prefixes)

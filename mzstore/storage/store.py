@@ -46,10 +46,11 @@ import logging
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mzstore.errors import Conflict, FormatError, IntegrityError, InvalidArgument, MzstoreError, NotFound, Unavailable
 from mzstore.format.manifest import digest_of, parse_manifest
@@ -182,13 +183,8 @@ class Store:
 
         The file is moved into ``blobs/`` by :meth:`publish_blob`; one the node holds already is removed.
         """
-        hasher = hashlib.sha256()
-        block = bytearray(BLOCK)
-        view = memoryview(block)
         with open(path, "rb", buffering=0) as fh:
-            while n := fh.readinto(block):
-                hasher.update(view[:n])
-        digest = "sha256:" + hasher.hexdigest()
+            digest = "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
         only = self.nodes[0]
         assert isinstance(only, LocalNode), "adopt_blob takes files from local_stage_dir()"
         if only.exists(blob_key(digest)):
@@ -337,19 +333,23 @@ class Store:
 
     def _repair_later(self, digest: str, source: Node, broken: list[Node]) -> None:
         """Queue :meth:`_repair` on the background thread, unless this blob's repair is already queued."""
+        self._queue_repair(digest, self._repair, digest, source, broken)
+
+    def _queue_repair(self, job: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the repair thread, unless a repair named ``job`` is queued or running."""
         with self._lock:
-            if digest in self._repairs:
+            if job in self._repairs:
                 return
             if self._repair_pool is None:
                 self._repair_pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-repair")
-            future = self._repair_pool.submit(self._repair, digest, source, broken)
-            self._repairs[digest] = future
-        future.add_done_callback(lambda _: self._repair_done(digest, future))
+            future = self._repair_pool.submit(fn, *args)
+            self._repairs[job] = future
+        future.add_done_callback(lambda _: self._repair_done(job, future))
 
-    def _repair_done(self, digest: str, future: Future[None]) -> None:
+    def _repair_done(self, job: str, future: Future[None]) -> None:
         with self._lock:
-            if self._repairs.get(digest) is future:
-                del self._repairs[digest]
+            if self._repairs.get(job) is future:
+                del self._repairs[job]
 
     def wait_repairs(self, timeout: float | None = None) -> bool:
         """Wait for the repairs reads have queued; ``False`` if some are still running after ``timeout``."""
@@ -497,15 +497,7 @@ class Store:
 
     def _repair_ref_later(self, key: str, best: RefValue, behind: list[Node]) -> None:
         """Offer the winning value to the nodes behind, on the repair thread (one repair per tag at a time)."""
-        job = f"ref:{key}"
-        with self._lock:
-            if job in self._repairs:
-                return
-            if self._repair_pool is None:
-                self._repair_pool = ThreadPoolExecutor(1, thread_name_prefix="mzstore-repair")
-            future = self._repair_pool.submit(self._repair_ref, key, best, behind)
-            self._repairs[job] = future
-        future.add_done_callback(lambda _: self._repair_done(job, future))
+        self._queue_repair(f"ref:{key}", self._repair_ref, key, best, behind)
 
     def _repair_ref(self, key: str, best: RefValue, behind: list[Node]) -> None:
         for node in behind:
@@ -582,7 +574,7 @@ class Store:
             except (NotFound, FormatError, ValueError):
                 continue
             raw, stored = self._model_sizes(digest)
-            out.append(RefEntry(ref_name, tag, digest, raw, stored, self._written(ref_key(ref_name, tag))))
+            out.append(RefEntry(ref_name, tag, digest, raw, stored, self.written(ref_key(ref_name, tag))))
         return out
 
     def _model_sizes(self, digest: str) -> tuple[int, int]:
@@ -600,7 +592,7 @@ class Store:
             self._sizes[digest] = sizes
         return sizes
 
-    def _written(self, key: str) -> float:
+    def written(self, key: str) -> float:
         """When ``key`` was last written on any node holding it (POSIX seconds; 0 if no node can say)."""
         times = []
         for node in self.nodes:
