@@ -87,6 +87,7 @@ class RunningServer:
     store: Store
     http: HttpPlane | None = None
     s3: S3Plane | None = None
+    files: ServedFiles | None = None  # the decoded-file reader the HTTP and S3 faces share
 
     @property
     def address(self) -> str:
@@ -108,6 +109,8 @@ class RunningServer:
             self.s3.stop()
         if self.http is not None:
             self.http.stop()
+        if self.files is not None:
+            self.files.close()
         self.server.stop(grace).wait()
 
 
@@ -210,24 +213,18 @@ def build_server(
     watch_store(store)
     plane = None
     files = ServedFiles(store)  # one decoded-file reader for the Hugging Face and S3 faces
+    context = tls.ssl_context() if tls and (http is not None or s3 is not None) else None
     if http is not None:
         host, port = _http_address(http, listen)
         http_options = HttpOptions(
-            tokens=tokens,
-            public_blobs=public_blobs,
-            public_hub=public_hub,
-            presign=presign,
-            ssl_context=tls.ssl_context() if tls else None,
+            tokens=tokens, public_blobs=public_blobs, public_hub=public_hub, presign=presign, ssl_context=context
         )
         plane = HttpPlane(store, host, port, http_options, files).start()
     s3_plane = None
     if s3 is not None:
-        host, _, s3_port = s3.rpartition(":")
-        if not s3_port.isdigit() or int(s3_port) > 65535:
-            raise InvalidArgument(f"--s3 must be HOST:PORT, got {s3!r}")
+        host, port = _host_port(s3, "--s3 must be HOST:PORT")
         s3_options = S3Options(bucket=s3_bucket, tokens=tokens, public=public_s3)
-        s3_context = tls.ssl_context() if tls else None
-        s3_plane = S3Plane(store, host.strip("[]"), int(s3_port), s3_options, files, s3_context).start()
+        s3_plane = S3Plane(store, host, port, s3_options, files, context).start()
     service = (
         PullThroughService(store, settings)
         if isinstance(store, PullThroughStore)
@@ -248,7 +245,7 @@ def build_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, store, plane, s3_plane)
+    return RunningServer(server, port, health_servicer, store, plane, s3_plane, files)
 
 
 def _http_address(http: str, listen: str) -> tuple[str, int]:
@@ -256,9 +253,14 @@ def _http_address(http: str, listen: str) -> tuple[str, int]:
     if http == "auto":
         host, _, port = listen.rpartition(":")
         return host.strip("[]"), int(port) + 1 if int(port) else 0
-    host, _, port = http.rpartition(":")
+    return _host_port(http, "--http must be HOST:PORT, 'auto' or 'off'")
+
+
+def _host_port(text: str, usage: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` (``[v6]:PORT`` too); :class:`InvalidArgument` saying ``usage`` if not."""
+    host, _, port = text.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
-        raise InvalidArgument(f"--http must be HOST:PORT, 'auto' or 'off', got {http!r}")
+        raise InvalidArgument(f"{usage}, got {text!r}")
     return host.strip("[]"), int(port)
 
 
