@@ -2,7 +2,7 @@
 """Decode and verify speed of one chunk: what a pull spends its CPU on (issue #5).
 
 For a 16 MiB chunk (the default chunk size) of Gaussian weights in bf16,
-fp16 and fp32, and of the same bf16 weights quantized to int8, it prints
+fp16 and fp32, and of the same weights quantized to int8 and ECSQ, it prints
 the median time of ``decode_into`` on one thread and the rate on two
 threads, beside same-run baselines: a plain ``numpy.copyto`` of the chunk
 (what reading an uncompressed file costs at best) and the decoded-chunk
@@ -113,6 +113,29 @@ def main() -> None:
         lambda i: expand_into(compact, dtype, outs[i]),
         size,
     )
+    # ECSQ at the steps ecsq:size=0.14 gives MiniLM's matrices (0.1-0.4), and one fine enough for two byte planes.
+    for step, target in ((0.3, "BF16"), (0.3, "F32"), (0.1, "F32"), (0.01, "F32")):
+        tdt = get_dtype(target)
+        raw = weights.to(torch.bfloat16 if target == "BF16" else torch.float32).view(torch.uint8).numpy()
+        raw = raw.reshape(-1)[:size].copy()
+        nrows = size // (2048 * tdt.bits // 8)
+        enc = encode_spec(raw.data, tdt, nrows, parse_policy(f"ecsq:step={step}").spec)
+        quant.decode_into(enc.payload, tdt, outs[0])
+        assert np.array_equal(outs[0], np.asarray(enc.decoded)), "ecsq decode differs from what encode recorded"
+        line(
+            f"ecsq:step={step} -> {target} (stored {len(enc.payload) / size:.3f})",
+            lambda p=enc.payload, d=tdt: quant.decode_into(p, d, outs[0]),
+            lambda i, p=enc.payload, d=tdt: quant.decode_into(p, d, outs[i]),
+            size,
+        )
+        if step == 0.3:
+            compact = unpack(enc.payload, size, tdt)
+            line(
+                f"ecsq:step={step} -> {target}, expand only",
+                lambda c=compact, d=tdt: expand_into(c, d, outs[0]),
+                lambda i, c=compact, d=tdt: expand_into(c, d, outs[i]),
+                size,
+            )
     print(f"codec core: {'native (mzstore/codecs/_native.c)' if native.enabled() else 'numpy (MZSTORE_NATIVE=0)'}")
 
 

@@ -57,7 +57,7 @@ MIB = 1024 * 1024
 REF = "bench/minilm:v1"
 WEIGHTS = "model.safetensors"
 
-#: Policies measured by default (``int4`` is g128).
+#: Policies measured by default (``int4`` is g32).
 DEFAULT_POLICIES = (
     "lossless",
     "int8",
@@ -69,10 +69,25 @@ DEFAULT_POLICIES = (
     "prune:0.5,int8",
     "prune:2:4,int8",
     "prune:2:4",
+    "ecsq:size=0.1",
+    "ecsq:size=0.12",
+    "ecsq:size=0.14",
+    "ecsq:cos=0.99",
+    "ecsq:cos=0.995",
+    "ecsq:size=0.12+probe",
+    "ecsq:size=0.14+probe",
+    "ecsq:cos=0.995+probe",
 )
+#: A policy written ``ecsq:…+probe`` is pushed with ``probe=True`` (push --probe).
+PROBE_SUFFIX = "+probe"
 RTN_INT8 = "rtn-int8 (baseline)"
 RTN_INT4 = "rtn-int4:g128 (baseline)"
 RTN_INT4_GROUP = 128
+NF4 = "nf4:g64 (QLoRA, peer)"
+HQQ = "hqq-int4:g64 (peer)"
+PEER_GROUP = 64
+#: ECSQ targets of the compression issue: (policy prefix, ratio <=, cos >=). HQQ int4 g64: 0.964 at 0.142.
+ECSQ_TARGETS = ((0.14, 0.995), (0.12, 0.99))
 
 #: The issue's targets. Ratios are stored tensor bytes / model.safetensors bytes.
 LOSSLESS_TARGETS = {"fp32": 0.83, "bf16": 0.67}
@@ -266,6 +281,7 @@ class Row:
     load_s: float = 0.0
     embed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float:
@@ -345,7 +361,9 @@ def bench_policy(
         with fresh_server(work) as address, Client(address) as client:
             log(f"{policy}: push {i + 1}/{runs}")
             start = time.perf_counter()
-            info = client.push(model_dir, REF, codec=policy)
+            codec, probe = policy.removesuffix(PROBE_SUFFIX), policy.endswith(PROBE_SUFFIX)
+            info = client.push(model_dir, REF, codec=codec, probe=probe)
+            row.allocation = info.allocation
             row.encode_runs.append(time.perf_counter() - start)
             row.raw_bytes = info.bytes_raw
             row.push_bytes_stored = info.bytes_stored
@@ -506,6 +524,93 @@ def rtn_int4_decode(parts: tuple[np.ndarray, ...], rows: int, cols: int, group: 
     z = z[: rows * groups].reshape(rows, groups).astype(np.float32)
     y = (q.reshape(rows, groups, group).astype(np.float32) - z[..., None]) * scale[..., None]
     return y.reshape(rows, groups * group)[:, :cols]
+
+
+#: The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table).
+NF4_LEVELS = np.array(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0],
+    dtype=np.float32,
+)  # fmt: skip
+#: QLoRA's double quantization: block absmaxes as int8 with one f32 scale per 256 of them.
+NF4_DQ_BLOCK = 256
+
+
+def _blocks(x: np.ndarray, group: int) -> np.ndarray:
+    """Flattened ``x`` as rows of ``group`` (zero-padded)."""
+    flat = x.reshape(-1)
+    pad = -flat.size % group
+    return np.pad(flat, (0, pad)).reshape(-1, group)
+
+
+def nf4_encode(x: np.ndarray, group: int = PEER_GROUP) -> tuple[np.ndarray, ...]:
+    """NF4 with double quantization, as bitsandbytes stores it: per block of ``group`` an absmax,
+    each value the nearest NF4 level of ``x / absmax``; absmaxes as int8 per 256 blocks with an f32 scale.
+    Codes are packed two per byte."""
+    g = _blocks(x, group)
+    absmax = np.abs(g).max(axis=1).astype(np.float32)
+    absmax[absmax == 0] = 1
+    am = _blocks(absmax, NF4_DQ_BLOCK)
+    dq_scale = (np.abs(am).max(axis=1) / 127).astype(np.float32)
+    dq_scale[dq_scale == 0] = 1
+    am_q = np.clip(np.rint(am / dq_scale[:, None]), -127, 127).astype(np.int8)
+    absmax_dq = (am_q.astype(np.float32) * dq_scale[:, None]).reshape(-1)[: absmax.size]
+    absmax_dq[absmax_dq == 0] = np.float32(1e-30)
+    # Nearest level: midpoints between sorted levels.
+    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+    q = np.searchsorted(mids, (g / absmax_dq[:, None]).reshape(-1)).astype(np.uint8)
+    codes = q[0::2] | (q[1::2] << 4)
+    return codes, am_q.reshape(-1)[: absmax.size], dq_scale
+
+
+def nf4_decode(parts: tuple[np.ndarray, ...], rows: int, cols: int, group: int = PEER_GROUP) -> np.ndarray:
+    codes, am_q, dq_scale = parts
+    absmax = (_blocks(am_q.astype(np.float32), NF4_DQ_BLOCK) * dq_scale[:, None]).reshape(-1)[: am_q.size]
+    absmax[absmax == 0] = np.float32(1e-30)
+    q = np.empty(codes.size * 2, dtype=np.uint8)
+    q[0::2], q[1::2] = codes & 15, codes >> 4
+    y = NF4_LEVELS[q].reshape(-1, group) * absmax[:, None]
+    return y.reshape(-1)[: rows * cols].reshape(rows, cols)
+
+
+def hqq_encode(x: np.ndarray, group: int = PEER_GROUP, iters: int = 20) -> tuple[np.ndarray, ...]:
+    """HQQ (Badri & Shaji 2023), 4 bits, groups of ``group``, its default settings: min/max scale
+    and zero, then the zero point refined by half-quadratic optimization with an l_p (p = 0.7) error
+    (beta 10, kappa 1.01, early stop). Scale and zero are stored in f16, as HQQ does by default."""
+    g = _blocks(x, group).astype(np.float32)
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    scale = np.float32(15) / np.maximum(hi - lo, np.float32(1e-8))  # HQQ's scale multiplies: q = x * s + z
+    zero = -lo * scale
+    scale = scale.astype(np.float16).astype(np.float32)
+    beta, kappa, p = 10.0, 1.01, 0.7
+    best_err = np.inf
+    best_zero = zero.copy()
+    for _ in range(iters):
+        q = np.clip(np.rint(g * scale[:, None] + zero[:, None]), 0, 15)
+        r = (q - zero[:, None]) / scale[:, None]
+        e = g - r
+        shrunk = np.sign(e) * np.maximum(np.abs(e) - (1.0 / beta) * np.power(np.abs(e) + 1e-8, p - 1), 0)
+        zero = np.mean(q - (g - shrunk) * scale[:, None], axis=1)
+        beta *= kappa
+        err = float(np.abs(g - r).mean())
+        if err < best_err:
+            best_err, best_zero = err, zero.copy()
+        else:
+            break
+    zero16 = best_zero.astype(np.float16)
+    q = np.clip(np.rint(g * scale[:, None] + zero16.astype(np.float32)[:, None]), 0, 15).astype(np.uint8).reshape(-1)
+    codes = q[0::2] | (q[1::2] << 4)
+    return codes, scale.astype(np.float16), zero16
+
+
+def hqq_decode(parts: tuple[np.ndarray, ...], rows: int, cols: int, group: int = PEER_GROUP) -> np.ndarray:
+    codes, scale, zero = parts
+    q = np.empty(codes.size * 2, dtype=np.uint8)
+    q[0::2], q[1::2] = codes & 15, codes >> 4
+    y = (q.reshape(-1, group).astype(np.float32) - zero.astype(np.float32)[:, None]) / scale.astype(np.float32)[:, None]
+    return y.reshape(-1)[: rows * cols].reshape(rows, cols)
 
 
 def bench_baseline(
@@ -719,6 +824,21 @@ def target_rows(rows: list[Row], bf16: dict[str, Any] | None) -> list[dict[str, 
             auto.fidelity.mean_cos >= AUTO_COS and bool(below) if int8 else None,
             f"int8 ratio {int8.ratio:.3f}" if int8 else "int8 not run",
         )
+    peers = [by[p] for p in (HQQ, NF4) if p in by and by[p].fidelity is not None]
+    peer_ref = "; ".join(
+        f"{r.policy.split(' ')[0]} {r.ratio:.3f} / {r.fidelity.mean_cos:.4f}" for r in peers if r.fidelity
+    )
+    for max_ratio, min_cos in ECSQ_TARGETS:
+        # Every ecsq row that fits the size, and the best cosine among them.
+        fits = [r for p, r in by.items() if p.startswith("ecsq") and r.fidelity and r.ratio <= max_ratio]
+        best = max(fits, key=lambda r: r.fidelity.mean_cos if r.fidelity else 0.0, default=None)
+        add(
+            f"ecsq cos at ratio <= {max_ratio}",
+            f">= {min_cos}",
+            f"{best.fidelity.mean_cos:.4f} ({best.policy}, {best.ratio:.3f})" if best and best.fidelity else "not run",
+            best.fidelity.mean_cos >= min_cos if best and best.fidelity else None,
+            peer_ref,
+        )
     return out
 
 
@@ -773,7 +893,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--policies is empty")
     for policy in args.policy_list:
         try:
-            parse_policy(policy)
+            parse_policy(policy.removesuffix(PROBE_SUFFIX))
         except InvalidArgument as exc:
             p.error(f"--policies: {policy!r}: {exc}")
     return args
@@ -813,20 +933,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.runs,
                 )
             )
-            rows.append(
-                bench_baseline(
-                    RTN_INT4,
-                    rtn_int4_encode,
-                    rtn_int4_decode,
-                    model_dir,
-                    original,
-                    header,
-                    ref_emb,
-                    emb,
-                    work,
-                    args.runs,
-                )
-            )
+            for name, enc, dec in (
+                (RTN_INT4, rtn_int4_encode, rtn_int4_decode),
+                (NF4, nf4_encode, nf4_decode),
+                (HQQ, hqq_encode, hqq_decode),
+            ):
+                rows.append(bench_baseline(name, enc, dec, model_dir, original, header, ref_emb, emb, work, args.runs))
         bf16 = bf16_lossless(model_dir, work)
 
         print(results_table(rows))
@@ -848,6 +960,14 @@ def main(argv: list[str] | None = None) -> int:
                 mix = ", ".join(f"{k} {v}" for k, v in sorted(r.chunk_codecs.items()))
                 n = sum(v for c, v in r.tensor_codecs.items() if c != "lossless")
                 print(f"{r.policy} chose, per chunk of the {n} tensors it applied to: {mix}")
+        for r in rows:
+            if r.allocation:
+                a = r.allocation
+                extra = f", probe-measured cos {a['probe_cos']:.4f}" if "probe_cos" in a else ""
+                print(
+                    f"{r.policy}: allocation by {a['source']}, global step {a['step']:g}, predicted size "
+                    f"{a.get('predicted_size', float('nan')):.4f}, predicted cos {a.get('predicted_cos', float('nan')):.4f}{extra}"
+                )
         for r in rows:
             if r.worst_tensor:
                 print(f"worst tensor of {r.policy}: {r.worst_tensor}")

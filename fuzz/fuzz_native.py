@@ -10,7 +10,7 @@ libFuzzer stops and writes the input to ``crash-*``.
 
 The seed corpus is valid payloads of every kind (lossless bf16/f16/f32/f64
 and integer dtypes, with and without pair-coded exponents and escapes; int8,
-fp8, int4 and pruned chunks), written to the corpus directory when it is
+fp8, int4, ecsq and pruned chunks), written to the corpus directory when it is
 empty, so mutations start from inputs that reach deep into the decoders.
 
 ``make fuzz-native`` runs this for ``FUZZ_SECONDS`` (default 60) with
@@ -109,10 +109,16 @@ def seeds() -> list[bytes]:
                 raw = _weights(rng, n, dtype, escapes)
                 out.append(bytes([k]) + struct.pack("<I", len(raw)) + LosslessCodec().encode(raw, DTYPES[dtype])[0])
         else:
-            for spec in (Quant("int8"), Quant("fp8"), Quant("int4", 32)):
+            for spec in (
+                Quant("int8"),
+                Quant("fp8"),
+                Quant("int4", 32),
+                Quant("ecsq", step=0.3),
+                Quant("ecsq", step=0.004),
+            ):
                 rows, cols = 6, 96
                 raw = _weights(rng, rows * cols, dtype, False)
-                for prune in (None, Prune(0.5)):
+                for prune in (None,) if spec.kind == "ecsq" else (None, Prune(0.5)):
                     payload = encode_spec(raw, DTYPES[dtype], rows, Spec(prune=prune, quant=spec)).payload
                     out.append(bytes([k]) + struct.pack("<I", len(raw)) + payload)
     return out

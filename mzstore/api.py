@@ -170,6 +170,7 @@ def push(
     retries: int = 5,
     origin: str | os.PathLike[str] | None = None,
     allow_no_weights: bool = False,
+    probe: bool = False,
     server: str | None = None,
     settings: Settings | None = None,
     timeout: float | None = None,
@@ -193,6 +194,7 @@ def push(
             retries=retries,
             origin=origin,
             allow_no_weights=allow_no_weights,
+            probe=probe,
         )
 
 

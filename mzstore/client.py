@@ -69,6 +69,8 @@ class PushInfo:
     shards: int
     skipped: list[str]
     worst: dict[str, Any] | None = None
+    #: ``ecsq`` pushes: the allocation recorded in the manifest (its ``source``: probe, roles or uniform).
+    allocation: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class Client:
         retries: int = 5,
         origin: str | os.PathLike[str] | None = None,
         allow_no_weights: bool = False,
+        probe: bool = False,
     ) -> PushInfo:
         """Upload ``source`` (file or directory) and store it as ``ref``, encoded with ``codec``.
 
@@ -230,6 +233,9 @@ class Client:
                 :class:`Source`; with it a rerun of a killed push resumes its session.
             allow_no_weights: store a source with no weights (only configs, ONNX, GGUF…),
                 which is refused by default as the likely mistake it is.
+            probe: ``ecsq`` policies: measure each tensor's sensitivity with random tokens through the
+                model (a Hugging Face directory; needs torch and transformers) instead of the role
+                table (:mod:`mzstore.push.probe`). ``PushInfo.allocation`` says which ran.
 
         Raises:
             InvalidArgument: bad source, ref or policy, a policy with nothing to apply to, or a
@@ -238,7 +244,9 @@ class Client:
             DeadlineExceeded: the push took longer than ``settings.push_timeout``.
             A failed push stores no ref; pushing again is safe (content-addressed, nothing duplicated).
         """
+        from mzstore.codecs.allocation import Allocation
         from mzstore.codecs.policy import parse_policy
+        from mzstore.push.allocate import plan_allocation
         from mzstore.push.protocol import validate_begin
         from mzstore.push.source import Source, check_has_weights, check_policy_applies, open_source
         from mzstore.push.upload import begin_for, file_hashes, forget_hashes, push_resumable, push_streamed
@@ -247,14 +255,23 @@ class Client:
         if not allow_no_weights:
             named = origin or source
             check_has_weights(src, os.fspath(named) if isinstance(named, (str, os.PathLike)) else "the source")
-        begin = begin_for(src, ref, codec, annotations, tuple(keep))
-        validate_begin(begin)  # fail before any upload on what the client can check
         policy = parse_policy(codec, keep)
+        # Ref, files and annotations are checked before any work (the allocation comes next, then the whole).
+        validate_begin(begin_for(src, ref, "lossless", annotations, tuple(keep)))
         check_policy_applies(src, policy)
+        allocation: Allocation | None = None
+        if policy.ecsq is not None:  # the client holds the whole model: it decides each tensor's step
+            named = origin or source
+            where = Path(os.fspath(named)) if isinstance(named, (str, os.PathLike)) else None
+            allocation = plan_allocation(src, policy, probe=probe, origin=where if where and where.is_dir() else None)
+        begin = begin_for(
+            src, ref, codec, annotations, tuple(keep), allocation=allocation.to_json() if allocation else ""
+        )
+        validate_begin(begin)  # fail before any upload on what the client can check
         remembered = self.settings.cache_dir / "file-hashes.json"
         if resumable:  # each file's sha256 goes first, so the store can skip the files it holds already
             hashes = file_hashes(src, remembered)
-            begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes)
+            begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes, begin.allocation)
         start = time.perf_counter()
         if resumable:
             record = self._session_record(begin, origin or source)
@@ -282,6 +299,7 @@ class Client:
             shards=result.shards,
             skipped=src.skipped,
             worst=self._worst(result.ref, result.digest) if policy.lossy else None,
+            allocation=allocation.record() if allocation is not None else None,
         )
 
     def _session_record(self, begin: UploadBegin, origin: object) -> Path | None:
@@ -290,7 +308,14 @@ class Client:
         if where is None:
             return None
         key = json.dumps(
-            [self.server, where, begin.ref, begin.codec, list(begin.keep), [(f.path, f.size) for f in begin.files]]
+            [
+                self.server,
+                where,
+                begin.ref,
+                begin.storage_policy,
+                list(begin.keep),
+                [(f.path, f.size) for f in begin.files],
+            ]
         )
         return self.settings.cache_dir / "uploads" / (hashlib.sha256(key.encode()).hexdigest() + ".json")
 

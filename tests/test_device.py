@@ -25,6 +25,8 @@ POLICIES = [
     "prune:2:4,int4:g64",
     "prune:0.5,fp8",
     "auto:cos=0.99",
+    "ecsq:size=0.2",
+    "ecsq:step=0.02",  # fine enough that some codes need the second byte plane
 ]
 
 
@@ -73,7 +75,7 @@ def test_device_path_verifies_stored_bytes(small_client: Client, model_dir: Path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("policy", ["lossless", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("policy", ["lossless", "int8", "int4", "fp8", "ecsq:size=0.2", "ecsq:step=0.02"])
 def test_cuda_load_matches_cpu(small_client: Client, model_dir: Path, policy: str) -> None:
     small_client.push(model_dir, "dev/m:v1", codec=policy)
     cpu = small_client.load_state_dict("dev/m:v1")

@@ -264,7 +264,7 @@ def test_sharded_checkpoint_index_is_rewritten(small_client: Client, sharded_lla
 
 
 def test_auto_with_one_spec_per_tensor_exports_mixed_precision(small_client: Client, tmp_path: Path) -> None:
-    """auto picking fp8 for one module and int8 for another: two config groups, mixed-precision."""
+    """auto (servable: no ECSQ) picking fp8 for one module and int8 for another: two config groups."""
     g = np.random.default_rng(0)
     src = _linear_model(
         tmp_path / "src",
@@ -274,10 +274,10 @@ def test_auto_with_one_spec_per_tensor_exports_mixed_precision(small_client: Cli
             "layers.0.fc2.bias": torch.zeros(256, dtype=torch.bfloat16),
         },
     )
-    manifest = _push(small_client, src, "test/mixed:v1", "auto:cos=0.99")
+    manifest = _push(small_client, src, "test/mixed:v1", "auto:cos=0.99:servable")
     codecs = {t.name: t.codec for t in manifest.tensors}
-    assert codecs["layers.0.fc1.weight"] == "auto:cos=0.99→fp8"
-    assert codecs["layers.0.fc2.weight"] == "auto:cos=0.99→int8"
+    assert codecs["layers.0.fc1.weight"] == "auto:cos=0.99:servable→fp8"
+    assert codecs["layers.0.fc2.weight"] == "auto:cos=0.99:servable→int8"
     ok, why = exportable(manifest)
     assert ok, why
     out = tmp_path / "exported"
@@ -315,8 +315,8 @@ def test_tensor_with_chunks_of_different_specs_is_refused(small_client: Client, 
     g = np.random.default_rng(0)
     rows = np.concatenate([g.uniform(-1, 1, (128, 256)), g.standard_t(1.5, (128, 256))]).astype(np.float32)
     src = _linear_model(tmp_path / "src", {"layers.0.fc1.weight": torch.from_numpy(rows).bfloat16()})
-    manifest = _push(small_client, src, "test/auto:v1", "auto:cos=0.99")
-    assert manifest.tensors[0].codec == "auto:cos=0.99→fp8+int8"
+    manifest = _push(small_client, src, "test/auto:v1", "auto:cos=0.99:servable")
+    assert manifest.tensors[0].codec == "auto:cos=0.99:servable→fp8+int8"
     _refused(manifest, small_client, tmp_path / "out", "layers.0.fc1.weight: its chunks mix fp8 and int8")
 
 

@@ -23,20 +23,21 @@ from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.manifest import Manifest
 from mzstore.server.app import build_server
 
-POLICIES = ["int8", "int4", "int4:g32", "fp8", "prune:2:4,int8", "auto:cos=0.99"]
+POLICIES = ["int8", "int4", "int4:g32", "fp8", "prune:2:4,int8", "auto:cos=0.99", "ecsq:size=0.14"]
 #: Mean cosine of sentence embeddings to the original model's, per policy.
 MIN_EMBEDDING_COS = {
     "int8": 0.999,
     "fp8": 0.995,
     "int4:g32": 0.97,
     "auto:cos=0.99": 0.99,
-    "int4": 0.93,
+    "int4": 0.97,  # = int4:g32 (g128 kept 0.961 on MiniLM, below what int4 promises)
+    "ecsq:size=0.14": 0.993,  # the issue's target is 0.995 on bench_lossy's sentences (measured 0.9953)
     "prune:2:4,int8": 0.3,  # lossy by design (half the weights gone, no fine-tuning): it just has to run
 }
 #: Stored tensor bytes / size of model.safetensors.
-MAX_STORED_RATIO = {"int8": 0.25, "int4:g32": 0.15, "int4": 0.15, "auto:cos=0.99": 0.23}
+MAX_STORED_RATIO = {"int8": 0.25, "int4:g32": 0.15, "int4": 0.15, "auto:cos=0.99": 0.15, "ecsq:size=0.14": 0.1405}
 #: What the manifest records per eligible tensor.
-RECORDED_CODEC = {"int4": "int4:g128"}
+RECORDED_CODEC = {"int4": "int4:g32"}
 
 SENTENCES = [
     "A model store ships weights to many GPUs.",
@@ -206,7 +207,7 @@ def test_stored_bytes_ratio(pushed, minilm_dir, policy):
 def test_manifest_codecs_and_fidelity(pushed, original_tensors, policy):
     p = pushed(policy)
     m = p.manifest
-    assert m.codec == ("int4:g128" if policy == "int4" else policy)
+    assert m.codec == ("int4:g32" if policy == "int4" else policy)
     assert {t.name for t in m.tensors} == set(original_tensors)
     lossy = 0
     for t in m.tensors:
@@ -217,6 +218,9 @@ def test_manifest_codecs_and_fidelity(pushed, original_tensors, policy):
             lossy += 1
             if policy.startswith("auto"):
                 assert t.codec.startswith("auto:cos=0.99→"), t.codec
+            elif policy.startswith("ecsq"):  # each tensor records the step its allocation gave it
+                assert re.fullmatch(r"ecsq:step=[0-9.e-]+", t.codec), t.codec
+                assert {c.params["spec"] for c in t.chunks} == {t.codec}
             else:
                 assert t.codec == RECORDED_CODEC.get(policy, policy), (t.name, t.codec)
             f = t.fidelity
@@ -406,3 +410,40 @@ def test_corrupt_lossy_chunk_is_never_returned_as_data(server, client, root, tmp
     with pytest.raises(IntegrityError):
         client.load_state_dict("org/m:v1")
     assert info.digest == client.manifest("org/m:v1")[1]
+
+
+# --- ecsq: the allocation ---------------------------------------------------------------------------------
+
+
+def test_ecsq_allocation_is_recorded_and_met(pushed, minilm_dir):
+    """The client's allocation reaches the manifest, its size prediction holds, and steps follow the role table."""
+    p = pushed("ecsq:size=0.14")
+    a = p.manifest.allocation
+    assert a is not None and p.info.allocation == a
+    assert a["source"] == "roles" and a["target"] == "size=0.14"
+    stored = sum(c.length for t in p.manifest.tensors for c in t.chunks)
+    ratio = stored / (minilm_dir / "model.safetensors").stat().st_size
+    assert abs(ratio - 0.14) < 0.003, ratio  # the bisection aims at 0.14, and the sample predicts within 2 %
+    assert abs(a["predicted_size"] - ratio) < 0.003
+    steps = {t.name: float(t.codec.split("=")[1]) for t in p.manifest.tensors if t.codec.startswith("ecsq")}
+    # Least sensitive per weight: the word embeddings get a coarser step than any FFN input matrix.
+    ffn_in = [s for n, s in steps.items() if "intermediate.dense" in n]
+    assert len(ffn_in) == 6 and steps["embeddings.word_embeddings.weight"] > 2 * max(ffn_in)
+
+
+def test_ecsq_without_allocation_is_refused(server, root):
+    """A raw gRPC client sending ecsq:size without the allocation gets a clear error; nothing is stored."""
+    import grpc
+
+    from mzstore.v1 import store_pb2 as pb
+    from mzstore.v1 import store_pb2_grpc as rpc
+
+    before = store_files(root)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpc.StoreStub(channel)
+        begin = pb.PushBegin(ref="raw/m:v1", codec="ecsq:size=0.14", files=[pb.FileInfo(path="a", size=1, kind="file")])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Push(iter([pb.PushRequest(begin=begin)]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "allocation" in (info.value.details() or "")
+    assert store_files(root) == before

@@ -150,6 +150,8 @@ QUANT_SPECS = [
     Spec(quant=Quant("int4", 128)),
     Spec(prune=Prune(0.5), quant=Quant("int8")),
     Spec(prune=Prune(0.5), quant=Quant("int4", 64)),
+    Spec(quant=Quant("ecsq", step=0.3)),
+    Spec(quant=Quant("ecsq", step=0.005)),  # two byte planes
 ]
 
 

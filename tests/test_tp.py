@@ -34,7 +34,7 @@ def llama_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("codec", ["lossless", "int8"])
+@pytest.mark.parametrize("codec", ["lossless", "int8", "ecsq:size=0.2"])
 def test_union_of_rank_slices_is_the_full_tensor(
     small_client: Client, llama_dir: Path, tp_size: int, codec: str
 ) -> None:

@@ -29,7 +29,14 @@ from mzstore.errors import MzstoreError
     "--codec",
     default="lossless",
     show_default=True,
-    help="Policy: lossless, int8, int4[:g32|g64|g128], fp8, prune:AMOUNT, prune:N:M, prune:…,int8, auto[:cos=X].",
+    help="Policy: lossless, int8, int4[:g32|g64|g128], fp8, prune:AMOUNT, prune:N:M, prune:…,int8, auto[:cos=X], "
+    "ecsq:size=S (stored/raw), ecsq:cos=C (output cosine), ecsq:step=D.",
+)
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="ecsq: measure each tensor's sensitivity with random tokens through the model (a Hugging Face "
+    "directory; needs torch and transformers) instead of the role table by tensor name.",
 )
 @click.option(
     "--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors exact (glob, or re:REGEX). Repeatable."
@@ -64,6 +71,7 @@ def push(
     keep: tuple[str, ...],
     annotations: tuple[str, ...],
     allow_no_weights: bool,
+    probe: bool,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     quiet: bool,
@@ -113,6 +121,7 @@ def push(
             resumable=not no_resume,
             origin=source,
             allow_no_weights=allow_no_weights,
+            probe=probe,
         )
     if as_json:
         emit(asdict(info))
@@ -127,6 +136,22 @@ def push(
         f"{info.tensors} tensors, {info.chunks} chunks, {info.shards} shard(s), "
         f"{info.seconds:.2f} s ({info.bytes_raw / max(info.seconds, 1e-9) / 1e6:.0f} MB/s)"
     )
+    if info.allocation:
+        a = info.allocation
+        predicted = ", ".join(
+            f"{label} {a[key]:.4f}"
+            for key, label in (
+                ("predicted_size", "size"),
+                ("predicted_cos", "cos"),
+                ("probe_cos", "probe-measured cos"),
+            )
+            if key in a
+        )
+        click.echo(
+            f"  ecsq allocation by {a['source']}: {a['target']}, global step {a['step']:g} (predicted {predicted})"
+        )
+        if a.get("note"):
+            click.echo(f"  note: {a['note']}")
     if info.worst:
         w = info.worst
         snr = "exact" if w.get("snr_db") is None else f"SNR {w['snr_db']:.1f} dB"

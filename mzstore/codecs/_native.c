@@ -431,7 +431,7 @@ done:
 /* ---- quantized chunks: codes x scale, cast to the tensor's dtype -------- */
 
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
-enum { Q_INT8 = 0, Q_FP8 = 1, Q_INT4 = 2 };
+enum { Q_INT8 = 0, Q_FP8 = 1, Q_INT4 = 2, Q_ECSQ = 3 };
 
 /* f32 -> bf16, round to nearest even; a NaN becomes the quiet NaN of its sign (floats.f32_to_bf16_into). */
 static inline uint16_t to_bf16(float y) {
@@ -475,6 +475,28 @@ static inline void span_int4(const uint8_t *restrict codes, float zero, float sc
         }
 }
 
+/* ECSQ: the table value of each zigzag code (low byte, plus the high byte's page when there is one) times the
+ * row's scale. */
+static inline void row_ecsq(const uint8_t *restrict lo, const uint8_t *restrict hi, const float *restrict table,
+                            float scale, Py_ssize_t cols, uint8_t *restrict out, int fmt) {
+    if (hi) {
+        if (fmt == OUT_BF16)
+            for (Py_ssize_t j = 0; j < cols; j++) st16(out + 2 * j, to_bf16(table[lo[j] | (hi[j] << 8)] * scale));
+        else
+            for (Py_ssize_t j = 0; j < cols; j++) {
+                float y = table[lo[j] | (hi[j] << 8)] * scale;
+                memcpy(out + 4 * j, &y, 4);
+            }
+    } else if (fmt == OUT_BF16) {
+        for (Py_ssize_t j = 0; j < cols; j++) st16(out + 2 * j, to_bf16(table[lo[j]] * scale));
+    } else {
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            float y = table[lo[j]] * scale;
+            memcpy(out + 4 * j, &y, 4);
+        }
+    }
+}
+
 HOT static void expand_rows(int method, const uint8_t *codes, const uint8_t *scales, const uint8_t *zeros,
                         const float *table, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t group, uint8_t *out,
                         int fmt) {
@@ -485,6 +507,8 @@ HOT static void expand_rows(int method, const uint8_t *codes, const uint8_t *sca
         uint8_t *orow = out + width * r * cols;
         if (method == Q_INT8) {
             row_int8((const int8_t *)cr, ldf(scales + 4 * r), cols, orow, fmt);
+        } else if (method == Q_ECSQ) {
+            row_ecsq(cr, zeros ? zeros + r * cols : NULL, table, ldf(scales + 4 * r), cols, orow, fmt);
         } else if (method == Q_FP8) {
             row_fp8(cr, table, ldf(scales + 4 * r), cols, orow, fmt);
         } else {
@@ -501,6 +525,7 @@ HOT static void expand_rows(int method, const uint8_t *codes, const uint8_t *sca
  *   int8: y = (float)(int8)code * scale[row]
  *   fp8:  y = table[code] * scale[row]                     (table: the 256 e4m3 values as f32)
  *   int4: y = ((float)code - (float)zero[row, g]) * scale[row, g],  g = col / group
+ *   ecsq: y = table[code | high << 8] * scale[row]          (zeros: the high plane or empty; table: f32 pages)
  * then y is cast to f32 or bf16 into out. */
 static PyObject *expand(PyObject *self, PyObject *args) {
     PyObject *co, *so, *zo, *to, *oo;
@@ -513,26 +538,49 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     if (get_bufs(objs, b, "rrrrw", "expand (codes, scales, zeros, table, out)") < 0) return NULL;
     Buf c = b[0], s = b[1], z = b[2], t = b[3], o = b[4];
     if (rows < 0 || cols < 0 || (method == Q_INT4 && group <= 0) || (fmt != OUT_F32 && fmt != OUT_BF16) ||
-        method < Q_INT8 || method > Q_INT4) {
+        method < Q_INT8 || method > Q_ECSQ) {
         PyErr_SetString(PyExc_ValueError, "expand: bad shape, method or format");
         goto done;
     }
     Py_ssize_t groups = method == Q_INT4 ? (cols + group - 1) / group : 1;
     Py_ssize_t width = fmt == OUT_BF16 ? 2 : 4;
+    /* ECSQ: zeros is the high byte plane (empty when there is none), table the f32 values of 256 codes per page. */
+    int ecsq_high = method == Q_ECSQ && LEN(z) > 0;
+    Py_ssize_t pages = LEN(t) / 1024;
     if ((cols && rows > PY_SSIZE_T_MAX / cols / 4) || LEN(c) != rows * cols || LEN(s) != 4 * rows * groups ||
         LEN(o) != width * rows * cols || (method == Q_INT4 && LEN(z) != rows * groups) ||
-        (method == Q_FP8 && LEN(t) != 1024)) {
+        (method == Q_FP8 && LEN(t) != 1024) ||
+        (method == Q_ECSQ && (LEN(t) % 1024 || pages < 1 || pages > 256 || (ecsq_high ? LEN(z) != rows * cols : pages != 1)))) {
         PyErr_SetString(PyExc_ValueError, "expand: buffers do not match the shape");
         goto done;
     }
+    if (ecsq_high) {
+        const uint8_t *hb = PTR(z);
+        uint8_t top = 0;
+        for (Py_ssize_t i = 0; i < LEN(z); i++) top = hb[i] > top ? hb[i] : top;
+        if (LEN(z) && top >= pages) {
+            PyErr_SetString(PyExc_ValueError, "expand: an ecsq code is beyond its table");
+            goto done;
+        }
+    }
     {
         const uint8_t *tb = PTR(t);
-        float table[256];
+        float fp8[256], *table = fp8;
         if (method == Q_FP8)
             for (int i = 0; i < 256; i++) table[i] = ldf(tb + 4 * i);
+        if (method == Q_ECSQ) {
+            table = PyMem_RawMalloc((size_t)LEN(t));
+            if (!table) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            memcpy(table, tb, (size_t)LEN(t));
+        }
         Py_BEGIN_ALLOW_THREADS
-        expand_rows(method, PTR(c), PTR(s), PTR(z), table, rows, cols, group, PTR(o), fmt);
+        expand_rows(method, PTR(c), PTR(s), ecsq_high || method == Q_INT4 ? PTR(z) : NULL, table, rows, cols, group,
+                    PTR(o), fmt);
         Py_END_ALLOW_THREADS
+        if (table != fp8) PyMem_RawFree(table);
     }
     ret = Py_None;
     Py_INCREF(ret);
@@ -748,7 +796,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

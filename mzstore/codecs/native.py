@@ -21,7 +21,7 @@ import warnings
 from types import ModuleType
 
 #: The interface version this Python code expects of ``_native`` (its ``ABI`` constant).
-ABI = 2
+ABI = 3
 
 
 def _load() -> ModuleType | None:

@@ -15,14 +15,24 @@ How it works, per chunk (a run of rows of one weight matrix, viewed as
      ``[a·min, a·max]`` with the least squared error over a grid of ``a``
      in [0.55, 1] (plain min/max rounding is ``a = 1``), then refined by
      least squares (see :func:`_int4_params`);
-   - ``fp8``: e4m3 codes with one f32 scale per row (``absmax / 448``).
+   - ``fp8``: e4m3 codes with one f32 scale per row (``absmax / 448``);
+   - ``ecsq:step=D``: entropy-coded uniform scalar quantization. Each row
+     is divided by its RMS ``s`` (stored as f16), then ``q = round(x / s / D)``
+     with no clipping; each symbol's reconstruction value is the mean of the
+     normalized values that fell in it (an f16 table per chunk, indexed by
+     the zigzag code ``z = 2q`` or ``-2q - 1``), except ``q = 0``, which is 0. Codes are stored as a byte
+     plane of ``z & 255`` and, only when some ``|q| >= 128``, a second plane
+     of ``z >> 8``. Group scales, clip search and outlier handling are not
+     needed: the entropy coder spends bits where values are. The step of
+     each tensor comes from the push's bit allocation
+     (:mod:`mzstore.codecs.allocation`).
 3. **entropy**: each section (mask, scales, zero points, codes) is zstd-coded
    or kept raw, whichever is smaller; codes use the literal-heavy parameters
    of exponent planes, and int4 codes are coded one per byte, which gets
    within 0.03 bit of their entropy (3.70 bits for g128 on MiniLM).
 
-Decoding reconstructs ``y = (q - z) · s`` in f32 (one exact subtraction, one
-correctly rounded multiply) and casts to the original dtype with
+Decoding reconstructs ``y = (q - z) · s`` (ecsq: ``y = table[z] · s``) in f32
+(one exact subtraction, one correctly rounded multiply) and casts to the original dtype with
 round-to-nearest-even. The same formula gives the same bits in numpy and in
 torch on any device, so the hash of the decoded bytes recorded in the
 manifest holds wherever the chunk is expanded.
@@ -50,16 +60,18 @@ from mzstore.codecs import native
 from mzstore.codecs.base import scratch
 from mzstore.codecs.floats import E4M3_TABLE, bf16_to_f32, f32_to_bf16_into, f32_to_e4m3
 from mzstore.codecs.lossless import LosslessCodec, exponent_cctx, zstd_decompress, zstd_read_into
-from mzstore.codecs.policy import Prune, Quant, Spec
+from mzstore.codecs.policy import ECSQ_STEP_RANGE, Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType
 
 MAGIC = b"MZQ1"
 _HEAD = struct.Struct("<4sBBHQQB3x")
 _SECTION = struct.Struct("<BBQQ")
-METHODS = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
+METHODS = {"none": 0, "int8": 1, "int4": 2, "fp8": 3, "ecsq": 4}
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
-S_MASK, S_SCALES, S_ZEROS, S_CODES, S_VALUES, S_SCALES16 = 1, 2, 3, 4, 5, 6
+S_MASK, S_SCALES, S_ZEROS, S_CODES, S_VALUES, S_SCALES16, S_HIGH, S_TABLE = 1, 2, 3, 4, 5, 6, 7, 8
+#: ECSQ symbols are zigzag codes below this (|q| <= 32767); the table holds 256 entries per high byte in use.
+ECSQ_MAX_CODE = 1 << 16
 _RAW, _ZSTD = 0, 1
 #: Clip-range shrink factors tried per int4 group (1.0 = plain min/max).
 INT4_SEARCH = tuple(1.0 - 0.05 * i for i in range(10))
@@ -217,7 +229,61 @@ def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, 
         codes = q if mask is None else q[mask]
         scales = {S_SCALES16: scale.astype(np.float16)} if f16 else {S_SCALES: scale}
         return {**scales, S_ZEROS: zero, S_CODES: codes.reshape(-1)}
+    if quant.kind == "ecsq":
+        if mask is not None:
+            raise CodecError("ecsq does not combine with pruning")
+        return ecsq_quantize(x, quant.step)
     raise CodecError(f"unknown quantizer {quant.kind}")
+
+
+def row_rms(x: np.ndarray) -> np.ndarray:
+    """Each row's root mean square, in f32 (accumulated in f64)."""
+    cols = max(1, x.shape[1])
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64) / cols).astype(np.float32)
+
+
+def ecsq_row_scales(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The row scales of an ECSQ chunk as they will be stored (f16 when every nonzero one fits), and whether f16."""
+    rms = row_rms(x)
+    nonzero = rms[rms > 0]
+    f16 = bool(((nonzero >= F16_SCALE_RANGE[0]) & (nonzero <= F16_SCALE_RANGE[1])).all())
+    return (rms.astype(np.float16).astype(np.float32) if f16 else rms), f16
+
+
+def zigzag(q: np.ndarray) -> np.ndarray:
+    """Signed symbols → non-negative codes: 0, -1, 1, -2 … → 0, 1, 2, 3 …"""
+    return np.where(q >= 0, q * 2, -q * 2 - 1)
+
+
+def ecsq_quantize(x: np.ndarray, step: float) -> dict[int, np.ndarray]:
+    """ECSQ sections of a ``rows × cols`` f32 chunk: row scales, code planes and the reconstruction table."""
+    if not ECSQ_STEP_RANGE[0] <= step <= ECSQ_STEP_RANGE[1]:
+        raise CodecError(f"ecsq step {step!r} is outside [{ECSQ_STEP_RANGE[0]:g}, {ECSQ_STEP_RANGE[1]:g}]")
+    scale, f16 = ecsq_row_scales(x)
+    divisor = np.where(scale > 0, scale, np.float32(1))
+    xn = (x / divisor[:, None]).reshape(-1)
+    limit = ECSQ_MAX_CODE // 2 - 1
+    z = zigzag(np.clip(np.rint(xn * np.float32(1.0 / step)), -limit, limit).astype(np.int32))
+    planes = int(z.max()) // 256 + 1 if z.size else 1
+    count = np.bincount(z, minlength=256 * planes)
+    total = np.bincount(z, weights=xn, minlength=256 * planes)
+    table = np.where(count > 0, total / np.maximum(count, 1), 0).astype(np.float16)
+    table[0] = 0  # the zero bin gives exactly 0: exact zeros (pruned weights, padding) stay zero
+    out: dict[int, np.ndarray] = {S_SCALES16 if f16 else S_SCALES: scale.astype(np.float16) if f16 else scale}
+    out[S_CODES] = (z & 255).astype(np.uint8)
+    if planes > 1:
+        out[S_HIGH] = (z >> 8).astype(np.uint8)
+    out[S_TABLE] = table
+    return out
+
+
+def ecsq_reconstruct(x: np.ndarray, step: float) -> np.ndarray:
+    """The f32 values a pull gets back for a ``rows × cols`` f32 matrix quantized as one ECSQ chunk."""
+    sections = ecsq_quantize(x, step)
+    decoded: dict[int, np.ndarray] = {k: v for k, v in sections.items() if k not in (S_SCALES16, S_TABLE)}
+    decoded[S_SCALES] = sections.get(S_SCALES16, sections.get(S_SCALES)).astype(np.float32)  # type: ignore[union-attr]
+    decoded[S_TABLE] = sections[S_TABLE].astype(np.float32)
+    return dequantize("ecsq", decoded, x.shape[0], x.shape[1], 0, None)
 
 
 def _grouped(a: np.ndarray, group: int, fill: float | bool) -> np.ndarray:
@@ -346,6 +412,13 @@ def dequantize(
         vals = E4M3_TABLE[codes]
         s = scale[:, None] if row_idx is None else scale[row_idx]
         y = (vals.reshape(rows, cols) if row_idx is None else vals) * s
+    elif method == "ecsq":
+        z = codes.astype(np.intp)
+        if S_HIGH in sections:
+            z |= sections[S_HIGH].astype(np.intp) << 8
+        table = sections[S_TABLE]
+        s = scale[:, None] if row_idx is None else scale[row_idx]
+        y = (table[z].reshape(rows, cols) if row_idx is None else table[z]) * s
     elif method == "int4":
         groups = -(-cols // group)
         scale = scale.reshape(rows, groups)
@@ -404,7 +477,7 @@ class Compact:
     values: bytes | bytearray | memoryview | None = None  # prune-only: lossless payload of kept values
 
 
-_SECTION_DTYPES = {S_SCALES: np.float32, S_ZEROS: np.uint8, S_CODES: np.uint8}
+_SECTION_DTYPES = {S_SCALES: np.float32, S_ZEROS: np.uint8, S_CODES: np.uint8, S_HIGH: np.uint8}
 #: Scratch slots of transiently unpacked sections: this plus the section id (see :func:`unpack`).
 _SECTION_SLOT = 16
 
@@ -435,13 +508,17 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
     if method == "int4" and group not in (32, 64, 128):
         raise CodecError(f"bad int4 group size {group}")
     n = rows * cols
+    ecsq = method == "ecsq"
+    n_scales = rows * (-(-cols // group) if method == "int4" else 1)
     limits = {
         S_MASK: (n + 7) // 8,
-        S_SCALES: 4 * rows * (-(-cols // group) if method == "int4" else 1),
-        S_SCALES16: 2 * rows * (-(-cols // group) if method == "int4" else 0),
+        S_SCALES: 4 * n_scales,
+        S_SCALES16: 2 * n_scales if method in ("int4", "ecsq") else 0,
         S_ZEROS: rows * (-(-cols // group) if method == "int4" else 0),
         S_CODES: n,
         S_VALUES: raw_len + 64 + 32 * 16,
+        S_HIGH: n if ecsq else 0,
+        S_TABLE: 2 * ECSQ_MAX_CODE if ecsq else 0,
     }
     pos = _HEAD.size + nsec * _SECTION.size
     if len(view) < pos:
@@ -471,10 +548,12 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
             out.mask = np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(rows, cols)
         elif sid == S_VALUES:
             out.values = data
-        elif sid == S_SCALES16:
+        elif sid in (S_SCALES16, S_TABLE):
             if len(data) % 2:
-                raise CodecError("quantized payload has a partial f16 scale")
-            out.sections[S_SCALES] = np.frombuffer(data, dtype=np.float16).astype(np.float32)
+                raise CodecError("quantized payload has a partial f16 value")
+            out.sections[S_SCALES if sid == S_SCALES16 else S_TABLE] = np.frombuffer(data, np.float16).astype(
+                np.float32
+            )
         else:
             itemsize = np.dtype(_SECTION_DTYPES[sid]).itemsize
             if len(data) % itemsize:
@@ -486,6 +565,7 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
         raise CodecError("quantized payload mask flag does not match its sections")
     kept = n if out.mask is None else int(out.mask.sum())
     need = {S_CODES} | ({S_SCALES} if method != "none" else set()) | ({S_ZEROS} if method == "int4" else set())
+    need |= {S_TABLE} if ecsq else set()
     if method == "none":
         need = set()
         if out.values is None or out.mask is None:
@@ -495,13 +575,33 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
     if method != "none":
         if len(out.sections[S_CODES]) != kept:
             raise CodecError("quantized payload has the wrong number of codes")
-        if len(out.sections[S_SCALES]) != rows * (-(-cols // group) if method == "int4" else 1) or (
+        if len(out.sections[S_SCALES]) != n_scales or (
             method == "int4" and len(out.sections[S_ZEROS]) != limits[S_ZEROS]
         ):
             raise CodecError("quantized payload has the wrong number of scales")
         if method == "int4" and (out.sections[S_CODES] > 15).any():
             raise CodecError("int4 codes out of range")
+    if ecsq:
+        _check_ecsq(out, kept)
     return out
+
+
+def _check_ecsq(c: Compact, kept: int) -> None:
+    """Every ECSQ code indexes the table: 256 entries without a high plane, else 256 per high byte in use."""
+    table = c.sections[S_TABLE]
+    high = c.sections.get(S_HIGH)
+    if len(table) % 256 or not table.size:
+        raise CodecError("ecsq table is not a whole number of 256-entry pages")
+    if not np.isfinite(table).all():
+        raise CodecError("ecsq table holds a value that is not finite")
+    if high is None:
+        if len(table) != 256:
+            raise CodecError("ecsq table has pages no code can reach")
+        return
+    if len(high) != kept:
+        raise CodecError("ecsq payload has the wrong number of high bytes")
+    if kept and int(high.max()) >= len(table) // 256:
+        raise CodecError("ecsq code out of the table's range")
 
 
 def expand(c: Compact, dtype: DType) -> np.ndarray:
@@ -517,7 +617,7 @@ _EXPAND_BLOCK = 512 * 1024
 _F32_SLOT = 10
 #: The native core's method and output codes (``_native.c``: Q_INT8.., OUT_F32..). F16 targets keep
 #: numpy's cast, which may round through the CPU's F16C instructions.
-_NATIVE_METHODS = {"int8": 0, "fp8": 1, "int4": 2}
+_NATIVE_METHODS = {"int8": 0, "fp8": 1, "int4": 2, "ecsq": 3}
 _NATIVE_OUT = {"F32": 0, "BF16": 1}
 
 
@@ -547,8 +647,8 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
             _NATIVE_METHODS[c.method],
             c.sections[S_CODES],
             c.sections[S_SCALES],
-            c.sections[S_ZEROS] if c.method == "int4" else b"",
-            E4M3_TABLE if c.method == "fp8" else b"",
+            c.sections[S_ZEROS] if c.method == "int4" else c.sections.get(S_HIGH, b""),
+            E4M3_TABLE if c.method == "fp8" else c.sections.get(S_TABLE, b""),
             c.rows,
             c.cols,
             c.group if c.method == "int4" else 1,
@@ -654,17 +754,24 @@ AUTO_CANDIDATES = (
 #: ``auto:cos=C`` aims at a model whose outputs keep cosine C; each chunk must
 #: keep ``1 - (1 - C) / AUTO_MARGIN`` on its own. Measured on MiniLM, the error
 #: of the sentence embeddings is 2 (int8) to 8 (int4) times the error of the
-#: weights of the matrices that multiply activations.
-AUTO_MARGIN = 10.0
+#: weights of the matrices that multiply activations, and the errors of all
+#: tensors add up. Margins 10 and 1 sufficed while every candidate was a fixed
+#: grid that overshot its chunk's target; the ECSQ candidate lands on the
+#: target, and with those margins MiniLM ended at 0.9888 for ``cos=0.99``.
+#: 15 and 2 give 0.9937 at 0.138 of the raw size (bench/bench_lossy.py).
+AUTO_MARGIN = 15.0
 #: Embedding tables are looked up, not multiplied: their error reaches the
 #: output without that amplification (MiniLM: int4 word embeddings alone give
-#: embedding cosine 0.998 for a weight cosine of 0.995), so they get margin 1.
+#: embedding cosine 0.998 for a weight cosine of 0.995), so their margin is 2.
+AUTO_EMBEDDING_MARGIN = 2.0
 EMBEDDING_PATTERN = re.compile(r"(^|[._])(embed_tokens|word_embeddings|wte|tok_embeddings|embeddings?)([._]|$)", re.I)
 
 
 def auto_margin(name: str) -> float:
     """How much tighter than the model target a tensor's chunks must be."""
-    return 1.0 if EMBEDDING_PATTERN.search(name) and "position" not in name.lower() else AUTO_MARGIN
+    if EMBEDDING_PATTERN.search(name) and "position" not in name.lower():
+        return AUTO_EMBEDDING_MARGIN
+    return AUTO_MARGIN
 
 
 def auto_chunk_target(cos: float, margin: float = AUTO_MARGIN) -> float:
@@ -681,10 +788,17 @@ AUTO_SAMPLE_SLACK = 2.0
 
 
 def encode_auto(
-    raw: bytes | bytearray | memoryview, dtype: DType, rows: int, cos: float, margin: float = AUTO_MARGIN
+    raw: bytes | bytearray | memoryview,
+    dtype: DType,
+    rows: int,
+    cos: float,
+    margin: float = AUTO_MARGIN,
+    servable: bool = False,
 ) -> Encoded:
     """The smallest candidate that keeps :func:`auto_chunk_target` of ``cos``, else lossless.
 
+    Candidates: ECSQ at the step predicted for the target (:func:`auto_ecsq_step`; not when
+    ``servable``), then :data:`AUTO_CANDIDATES`.
     Each candidate's error is first estimated on a sample of rows; one whose sample falls clearly
     short is not encoded in full. A 4-bit candidate that passes ends the search (every later one
     stores more bits per weight). The chosen encoding's error is always measured on the whole
@@ -693,7 +807,7 @@ def encode_auto(
     target = auto_chunk_target(cos, margin)
     lenient = 1.0 - (1.0 - target) * AUTO_SAMPLE_SLACK
     sample = _row_sample(raw, dtype, rows)
-    best: Encoded | None = None
+    best = None if servable else _auto_ecsq(raw, dtype, rows, target)
     for spec in AUTO_CANDIDATES:
         if sample is not None and encode_spec(sample[0], dtype, sample[1], spec).stats.cosine < lenient:
             continue
@@ -707,6 +821,30 @@ def encode_auto(
         x = to_f32(raw, dtype)
         return Encoded("lossless", lossless_payload, lossless_params, Stats.of(x, x), np.frombuffer(raw, np.uint8))
     return best
+
+
+#: ``auto``'s ECSQ candidate: the step whose error keeps the chunk's cosine target, from high-rate theory
+#: (relative error ``step² / 12``, cosine ``1 - error / 2``), tightened by this factor up to
+#: :data:`AUTO_ECSQ_TRIES` times while the measured cosine falls short.
+AUTO_ECSQ_TIGHTEN = 0.8
+AUTO_ECSQ_TRIES = 3
+
+
+def auto_ecsq_step(target: float) -> float:
+    """The ECSQ step predicted to keep a chunk's cosine at ``target``."""
+    lo, hi = ECSQ_STEP_RANGE
+    return float(f"{min(hi, max(lo, math.sqrt(24.0 * max(1.0 - target, 0.0)))):.6g}")
+
+
+def _auto_ecsq(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, target: float) -> Encoded | None:
+    """``auto``'s ECSQ candidate: the coarsest of a few steps that meets ``target``, or ``None``."""
+    step = auto_ecsq_step(target)
+    for _ in range(AUTO_ECSQ_TRIES):
+        enc = encode_spec(raw, dtype, rows, Spec(quant=Quant("ecsq", step=step)))
+        if enc.stats.cosine >= target:
+            return enc
+        step = float(f"{max(ECSQ_STEP_RANGE[0], step * AUTO_ECSQ_TIGHTEN):.6g}")
+    return None
 
 
 def _row_sample(raw: bytes | bytearray | memoryview, dtype: DType, rows: int) -> tuple[bytes, int] | None:

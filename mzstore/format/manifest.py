@@ -11,7 +11,10 @@ the sha256 of those bytes. It records:
   each chunk names its blob digest, offset and length in that blob, the row
   range it covers, its codec parameters and the hash of its decoded bytes
   (``blake3``; manifests written before it carry ``sha256``, still read).
-* ``sizes``: raw and stored bytes; ``annotations``: free lineage notes.
+* ``sizes``: raw and stored bytes; ``annotations``: free lineage notes;
+* ``allocation`` (``ecsq`` pushes only): how the per-tensor steps were chosen
+  (``source`` probe/roles/uniform, ``target``, the global ``step``, the
+  predicted size and cosine, the probe's measured cosine).
 
 :func:`parse_manifest` validates structure, types and bounds before any
 field is used, so a corrupt or hostile manifest is a :class:`FormatError`,
@@ -140,6 +143,7 @@ class Manifest:
     bytes_raw: int
     bytes_stored: int
     annotations: dict[str, str] = field(default_factory=dict)
+    allocation: dict[str, str | float] | None = None
     schema: str = SCHEMA
     #: Length of the manifest's own bytes when parsed (not serialized).
     manifest_bytes: int = 0
@@ -160,6 +164,8 @@ class Manifest:
             "sizes": {"raw": self.bytes_raw, "stored": self.bytes_stored},
             "annotations": dict(self.annotations),
         }
+        if self.allocation is not None:  # absent otherwise: manifests without one keep their digests
+            obj["allocation"] = dict(self.allocation)
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @property
@@ -450,6 +456,15 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
     annotations = _req(obj, "annotations", dict, "manifest")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise FormatError("manifest: annotations must map strings to strings")
+    allocation = obj.get("allocation")
+    if allocation is not None and (
+        not isinstance(allocation, dict)
+        or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+            for k, v in allocation.items()
+        )
+    ):
+        raise FormatError("manifest: allocation must map names to strings or numbers")
     return Manifest(
         files=files,
         tensors=tensors,
@@ -458,6 +473,7 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
         bytes_raw=_req(sizes, "raw", int, "sizes"),
         bytes_stored=_req(sizes, "stored", int, "sizes"),
         annotations=annotations,
+        allocation=allocation,
         manifest_bytes=len(data),
     )
 

@@ -358,6 +358,9 @@ def _plan_tensor(t: TensorEntry, dense: Sequence[str]) -> tuple[TensorPlan, str]
     why = _dense_reason(t, dense)
     if why:
         return TensorPlan(t, "dense", note=why), ""
+    if any(s.startswith("ecsq") for s in specs):
+        # Entropy-coded symbols with a per-chunk table: no compressed-tensors scheme (nor vLLM kernel) reads them.
+        return TensorPlan(t, "dense", note="ecsq (entropy-coded) has no compressed-tensors scheme"), ""
     refused = TensorPlan(t, "refused")
     if len(specs) > 1:
         return refused, (
@@ -428,7 +431,7 @@ def plan_export(manifest: Manifest, dense: Sequence[str] = DEFAULT_DENSE) -> Exp
             "no tensor is stored quantized"
             if not lossy
             else f"no Linear weight is stored quantized (the {len(lossy)} quantized tensors, e.g. "
-            f"{lossy[0].entry.name}, would all be written dequantized)"
+            f"{lossy[0].entry.name}, would all be written dequantized: {lossy[0].note})"
         )
 
     # New names must not collide with tensors already in the file (e.g. a pre-quantized model).

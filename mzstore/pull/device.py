@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from mzstore.codecs.quant import E4M3_TABLE, S_CODES, S_SCALES, S_ZEROS, Compact, expand, unpack
+from mzstore.codecs.quant import E4M3_TABLE, S_CODES, S_HIGH, S_SCALES, S_TABLE, S_ZEROS, Compact, expand, unpack
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.hashing import blake3_hex
@@ -88,8 +88,10 @@ def torch_expand(c: Compact, dtype_name: str, device: Any, upload: Upload | None
     if c.method == "none":  # pruned, not quantized: the kept values are lossless bytes, decoded on the host
         (dense,) = send([expand(c, get_dtype(dtype_name))])
         return dense
-    if c.method not in ("int8", "fp8", "int4"):
+    if c.method not in ("int8", "fp8", "int4", "ecsq"):
         raise InvalidArgument(f"unknown quantization method {c.method}")
+    if c.method == "ecsq":
+        return _torch_ecsq(c, target, send)
     arrays = [c.sections[S_CODES], c.sections[S_SCALES]]
     if c.method == "int4":
         arrays.append(c.sections[S_ZEROS])
@@ -125,6 +127,21 @@ def torch_expand(c: Compact, dtype_name: str, device: Any, upload: Upload | None
         dense = torch.zeros((c.rows, c.cols), dtype=torch.float32, device=device)
         dense[rows_idx, cols_idx] = y
         y = dense
+    return y.to(target).reshape(-1).view(torch.uint8)
+
+
+def _torch_ecsq(c: Compact, target: Any, send: Upload) -> Any:
+    """ECSQ on the device: ``table[low | high << 8] * scale[row]`` in f32 (the host's formula), then the cast."""
+    import torch
+
+    arrays = [c.sections[S_CODES], c.sections[S_SCALES], c.sections[S_TABLE]]
+    if S_HIGH in c.sections:
+        arrays.append(c.sections[S_HIGH])
+    sent = send(arrays)
+    index = sent[0].long()
+    if len(sent) > 3:
+        index |= sent[3].long() << 8
+    y = sent[2][index].reshape(c.rows, c.cols) * sent[1][:, None]
     return y.to(target).reshape(-1).view(torch.uint8)
 
 

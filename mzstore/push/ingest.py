@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mzstore.codecs import get_codec
+from mzstore.codecs.allocation import Allocation
 from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
 from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
@@ -68,8 +69,9 @@ def _encode_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin).
-Mode = str | Spec | tuple[float, float]
+#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin,
+#: servable: no ECSQ).
+Mode = str | Spec | tuple[float, float, bool]
 #: (codec, payload, params, BLAKE3 of what a pull decodes, fidelity stats or None, the decoded bytes when
 #: they differ from the raw ones, else None)
 _Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None, memoryview | None]
@@ -242,6 +244,10 @@ class Ingest:
         validate_begin(begin, self.limits)
         ref = parse_ref(begin.ref)
         self.policy = parse_policy(begin.codec, begin.keep)
+        allocation = None
+        if begin.allocation:  # ecsq: each tensor's step, decided by the client (validate_begin checked it)
+            allocation = Allocation.from_json(begin.allocation)
+            self.policy = self.policy.with_steps(allocation.steps)
         self.writer.expect(sum(f.size for f in begin.files))
         try:
             self._consume(begin, iter(events))
@@ -271,6 +277,7 @@ class Ingest:
             bytes_raw=sum(f.size for f in self.files),
             bytes_stored=self.writer.stats.bytes_stored + self._reused_bytes(),
             annotations=dict(begin.annotations),
+            allocation=allocation.record() if allocation is not None else None,
         )
         data = manifest.to_json()
         digest = self.store.commit(ref.name, ref.tag, data, [*self.writer.stats.blobs, *sorted(self._reused_blobs)])
@@ -395,10 +402,14 @@ class _SafetensorsSink:
                 dtype=t.dtype.name,
                 shape=list(t.shape),
                 data_offsets=[t.begin, t.end],
-                codec=mode_name(policy_mode),
+                codec=self.policy.text if isinstance(policy_mode, float) else mode_name(policy_mode),
                 chunks=[],
             )
-            mode: Mode = (policy_mode, auto_margin(t.name)) if isinstance(policy_mode, float) else policy_mode
+            mode: Mode = (
+                (policy_mode, auto_margin(t.name), self.policy.auto_servable)
+                if isinstance(policy_mode, float)
+                else policy_mode
+            )
             self.ingest.tensors.append(entry)
             for plan in plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes):
                 self.queue.append((entry, t.dtype, plan, mode))

@@ -22,6 +22,7 @@ data (the client calls it too, to fail before uploading).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,15 @@ class UploadBegin:
     source_kind: str = "hf-dir"
     annotations: dict[str, str] = field(default_factory=dict)
     keep: tuple[str, ...] = ()
+    #: ``ecsq`` policies: the client's bit allocation (:class:`mzstore.codecs.allocation.Allocation` JSON).
+    allocation: str = ""
+
+    @property
+    def storage_policy(self) -> str:
+        """What decides how the safetensors files are stored: the policy, and the allocation's digest."""
+        if not self.allocation:
+            return self.codec
+        return f"{self.codec}#{hashlib.sha256(self.allocation.encode()).hexdigest()[:24]}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,19 @@ def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
 
     if parse_ref(begin.ref).digest:
         raise InvalidArgument("push to a name[:tag], not to a digest")
-    parse_policy(begin.codec, begin.keep)
+    policy = parse_policy(begin.codec, begin.keep)
+    if policy.ecsq is not None:
+        if begin.allocation:
+            from mzstore.codecs.allocation import Allocation
+
+            Allocation.from_json(begin.allocation)
+        elif policy.ecsq.target != "step":
+            raise InvalidArgument(
+                f"{policy.text} needs the bit allocation its client computes (mzstore push does); "
+                "without one, only ecsq:step=D (one step for every tensor) can be pushed"
+            )
+    elif begin.allocation:
+        raise InvalidArgument("an allocation goes only with an ecsq policy")
     if begin.source_kind not in SOURCE_KINDS:
         raise InvalidArgument(f"unknown source kind {begin.source_kind[:40]!r}")
     if not begin.files:

@@ -120,7 +120,7 @@ class KnownFiles:
             if not upload.sha256:
                 continue
             try:
-                digest = self.store.indexed_file(file_key(upload, begin.codec, begin.keep, self.chunk_bytes))
+                digest = self.store.indexed_file(file_key(upload, begin.storage_policy, begin.keep, self.chunk_bytes))
             except MzstoreError:
                 continue
             manifest = self._manifest(digest) if digest else None
@@ -151,6 +151,6 @@ class KnownFiles:
         for upload, entry in zip(begin.files, files, strict=True):
             if entry.sha256:
                 key = file_key(
-                    dataclasses.replace(upload, sha256=entry.sha256), begin.codec, begin.keep, self.chunk_bytes
+                    dataclasses.replace(upload, sha256=entry.sha256), begin.storage_policy, begin.keep, self.chunk_bytes
                 )
                 self.store.index_file(key, digest)

@@ -151,6 +151,7 @@ class UploadSessions:
             source_kind=raw["source_kind"],
             annotations=raw["annotations"],
             keep=tuple(raw["keep"]),
+            allocation=raw.get("allocation", ""),
         )
 
     def status(self, session: str) -> UploadStatus:

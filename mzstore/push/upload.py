@@ -49,6 +49,7 @@ def begin_for(
     annotations: dict[str, str] | None = None,
     keep: tuple[str, ...] = (),
     hashes: Sequence[str] | None = None,
+    allocation: str = "",
 ) -> UploadBegin:
     """The first message of a push; with ``hashes`` (per file), the store can skip files it holds."""
     return UploadBegin(
@@ -58,6 +59,7 @@ def begin_for(
         source_kind=source.kind,
         annotations=dict(annotations or {}),
         keep=tuple(keep),
+        allocation=allocation,
     )
 
 

@@ -213,6 +213,7 @@ def _begin(b: pb.PushBegin) -> UploadBegin:
         source_kind=b.source_kind or "hf-dir",
         annotations=dict(b.annotations),
         keep=tuple(b.keep),
+        allocation=b.allocation,
     )
 
 

@@ -146,6 +146,7 @@ def begin_proto(begin: UploadBegin) -> pb.PushBegin:
         source_kind=begin.source_kind,
         annotations=begin.annotations,
         keep=list(begin.keep),
+        allocation=begin.allocation,
     )
 
 
