@@ -61,14 +61,14 @@ def fine_tune(base: Path, out: Path, steps: int, lr: float, seed: int = 0) -> di
     losses = []
     for _ in range(steps):
         batch = [pairs[i] for i in rng.choice(len(pairs), 8, replace=False)]
-        a = model(model.tokenize([p[0] for p in batch]))["sentence_embedding"]
-        b = model(model.tokenize([p[1] for p in batch]))["sentence_embedding"]
+        a = model(model.preprocess([p[0] for p in batch]))["sentence_embedding"]
+        b = model(model.preprocess([p[1] for p in batch]))["sentence_embedding"]
         scores = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T * 20
         loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(batch)))
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     seconds = time.perf_counter() - start
     model.save(str(out), safe_serialization=True)
     v1, v2 = load_file(str(base / WEIGHTS)), load_file(str(out / WEIGHTS))

@@ -171,6 +171,7 @@ def push(
     origin: str | os.PathLike[str] | None = None,
     allow_no_weights: bool = False,
     probe: bool = False,
+    base: str | None = None,
     server: str | None = None,
     settings: Settings | None = None,
     timeout: float | None = None,
@@ -195,6 +196,7 @@ def push(
             origin=origin,
             allow_no_weights=allow_no_weights,
             probe=probe,
+            base=base,
         )
 
 

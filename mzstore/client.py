@@ -217,6 +217,7 @@ class Client:
         origin: str | os.PathLike[str] | None = None,
         allow_no_weights: bool = False,
         probe: bool = False,
+        base: str | None = None,
     ) -> PushInfo:
         """Upload ``source`` (file or directory) and store it as ``ref``, encoded with ``codec``.
 
@@ -236,6 +237,10 @@ class Client:
             probe: ``ecsq`` policies: measure each tensor's sensitivity with random tokens through the
                 model (a Hugging Face directory; needs torch and transformers) instead of the role
                 table (:mod:`mzstore.push.probe`). ``PushInfo.allocation`` says which ran.
+            base: a model in the store (``name:tag`` or ``name@sha256:…``) this one derives from: each
+                tensor the policy stores lossless is stored as an exact XOR delta against the base's
+                tensor of the same name, dtype and shape (:mod:`mzstore.codecs.delta`), so a fine-tune
+                costs what changed, and a client that holds the base's chunks fetches only the deltas.
 
         Raises:
             InvalidArgument: bad source, ref or policy, a policy with nothing to apply to, or a
@@ -257,7 +262,7 @@ class Client:
             check_has_weights(src, os.fspath(named) if isinstance(named, (str, os.PathLike)) else "the source")
         policy = parse_policy(codec, keep)
         # Ref, files and annotations are checked before any work (the allocation comes next, then the whole).
-        validate_begin(begin_for(src, ref, "lossless", annotations, tuple(keep)))
+        validate_begin(begin_for(src, ref, "lossless", annotations, tuple(keep), base=base or ""))
         check_policy_applies(src, policy)
         allocation: Allocation | None = None
         if policy.ecsq is not None:  # the client holds the whole model: it decides each tensor's step
@@ -265,13 +270,19 @@ class Client:
             where = Path(os.fspath(named)) if isinstance(named, (str, os.PathLike)) else None
             allocation = plan_allocation(src, policy, probe=probe, origin=where if where and where.is_dir() else None)
         begin = begin_for(
-            src, ref, codec, annotations, tuple(keep), allocation=allocation.to_json() if allocation else ""
+            src,
+            ref,
+            codec,
+            annotations,
+            tuple(keep),
+            allocation=allocation.to_json() if allocation else "",
+            base=base or "",
         )
         validate_begin(begin)  # fail before any upload on what the client can check
         remembered = self.settings.cache_dir / "file-hashes.json"
         if resumable:  # each file's sha256 goes first, so the store can skip the files it holds already
             hashes = file_hashes(src, remembered)
-            begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes, begin.allocation)
+            begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes, begin.allocation, begin.base)
         start = time.perf_counter()
         if resumable:
             record = self._session_record(begin, origin or source)

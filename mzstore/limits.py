@@ -46,6 +46,9 @@ MAX_MANIFEST_FILES = 100_000
 MAX_CHUNK_BYTES = 1024 * 1024 * 1024
 #: Longest codec name recorded for a chunk.
 MAX_CODEC_NAME = 64
+#: Deepest chain of deltas (``push --base`` of a model that is itself a delta): each level costs a pull
+#: one more chunk fetch and decode.
+MAX_DELTA_DEPTH = 4
 
 # --- names (mzstore.format.refs) ---------------------------------------------------
 

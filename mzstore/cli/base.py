@@ -220,7 +220,7 @@ def connect(
 SPEAKS = {
     "manifest": "mzstore.manifest.v1",
     "wire": "mzstore.v1 (gRPC)",
-    "codecs": "lossless MZL1, quant MZQ1 (int8, int4, fp8, prune), zstd",
+    "codecs": "lossless MZL1, quant MZQ1 (int8, int4, fp8, ecsq, prune), zstd, delta",
     "shards": "safetensors",
 }
 

@@ -92,6 +92,17 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         f"(ratio {ratio:.3f}, manifest {human(m.manifest_bytes)})"
     )
     click.echo(f"blobs: {len(m.blobs())}")
+    if m.base is not None:
+        deltas = sum(c.codec == "delta" for t in m.tensors for c in t.chunks)
+        click.echo(f"base: {m.base} ({deltas} chunks stored as deltas against it)")
+    if m.allocation is not None:
+        a = m.allocation
+        click.echo(
+            f"ecsq allocation: by {a.get('source')}, {a.get('target')}, global step {a.get('step')}"
+            + "".join(
+                f", {k.replace('_', ' ')} {a[k]}" for k in ("predicted_size", "predicted_cos", "probe_cos") if k in a
+            )
+        )
     for k, v in sorted(m.annotations.items()):
         click.echo(f"annotation {k}: {v}")
     click.echo("files:")
@@ -111,8 +122,9 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         cos = f"{fid['cosine']:.6f}" if "cosine" in fid else "exact"
         snr = "-" if fid.get("snr_db") is None else f"{fid['snr_db']:.1f}"
         err = f"{fid['max_abs_err']:.3g}" if "max_abs_err" in fid else "-"
+        codec = t.codec + (" Δ" if any(c.codec == "delta" for c in t.chunks) else "")
         click.echo(
-            f"  {_cut(t.name, 48):<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {_cut(t.codec, 18):<18} "
+            f"  {_cut(t.name, 48):<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {_cut(codec, 18):<18} "
             f"{human(raw):>9} {human(stored):>9} {stored / raw if raw else 1.0:>6.3f} "
             f"{8 * stored / numel if numel else 0:>6.2f} {cos:>9} {snr:>7} {err:>9}"
         )

@@ -33,6 +33,11 @@ from mzstore.errors import MzstoreError
     "ecsq:size=S (stored/raw), ecsq:cos=C (output cosine), ecsq:step=D.",
 )
 @click.option(
+    "--base",
+    metavar="REF",
+    help="Store lossless tensors as exact deltas against this model's (a fine-tune of REF costs what changed).",
+)
+@click.option(
     "--probe",
     is_flag=True,
     help="ecsq: measure each tensor's sensitivity with random tokens through the model (a Hugging Face "
@@ -72,6 +77,7 @@ def push(
     annotations: tuple[str, ...],
     allow_no_weights: bool,
     probe: bool,
+    base: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     quiet: bool,
@@ -90,8 +96,11 @@ def push(
     from mzstore.push.protocol import validate_annotations
     from mzstore.push.source import open_source
 
-    server, (ref,) = with_server(server, ref)
+    server, (ref, *bases) = with_server(server, ref, *([base] if base else []))
     parse_ref(ref)
+    base = bases[0] if bases else None
+    if base:
+        parse_ref(base)
     notes: dict[str, str] = {}
     for item in annotations:
         key, sep, value = item.partition("=")
@@ -122,6 +131,7 @@ def push(
             origin=source,
             allow_no_weights=allow_no_weights,
             probe=probe,
+            base=base,
         )
     if as_json:
         emit(asdict(info))

@@ -26,6 +26,7 @@ KNOWN_CODECS: dict[str, dict[str, str]] = {
     "lossless": {"class": "mzstore.codecs.lossless:LosslessCodec"},
     "quant": {"class": "mzstore.codecs.quant:QuantCodec"},
     "zstd": {"class": "mzstore.codecs.lossless:ZstdCodec"},
+    "delta": {"class": "mzstore.codecs.delta:DeltaCodec"},
 }
 
 _cache: dict[str, Codec] = {}

@@ -40,6 +40,7 @@ from mzstore.format.safetensors import parse_header
 from mzstore.limits import (
     MAX_CHUNK_BYTES,
     MAX_CODEC_NAME,
+    MAX_DELTA_DEPTH,
     MAX_HEADER_BYTES,
     MAX_INT,
     MAX_MANIFEST_BYTES,
@@ -66,6 +67,10 @@ class Chunk:
         codec: codec name.
         params: codec parameters chosen at encode time.
         blake3: hex BLAKE3 of the decoded bytes (what new manifests carry), else ``None``.
+        base: codec ``delta`` (``push --base``): the base model's chunk whose decoded bytes this
+            chunk's decoded XOR delta applies to, with its location and hash, so decoding and gc
+            need nothing but this manifest. A base chunk may itself be a delta, at most
+            :data:`MAX_DELTA_DEPTH` deep.
 
     Exactly one of ``sha256`` and ``blake3`` is set; the other is left out of
     the JSON, so a manifest written with sha256 re-serializes byte for byte.
@@ -80,6 +85,16 @@ class Chunk:
     codec: str
     params: dict[str, Any] = field(default_factory=dict)
     blake3: str | None = None
+    base: Chunk | None = None
+
+    def chain(self) -> list[Chunk]:
+        """This chunk and its bases, nearest first."""
+        out: list[Chunk] = []
+        c: Chunk | None = self
+        while c is not None:
+            out.append(c)
+            c = c.base
+        return out
 
     @property
     def decoded_hash(self) -> str:
@@ -144,6 +159,9 @@ class Manifest:
     bytes_stored: int
     annotations: dict[str, str] = field(default_factory=dict)
     allocation: dict[str, str | float] | None = None
+    #: ``push --base``: the digest of the base model's manifest (its chunks that deltas apply to are in
+    #: the deltas' ``base``; this is the lineage, and gc keeps that manifest while this one lives).
+    base: str | None = None
     schema: str = SCHEMA
     #: Length of the manifest's own bytes when parsed (not serialized).
     manifest_bytes: int = 0
@@ -166,6 +184,8 @@ class Manifest:
         }
         if self.allocation is not None:  # absent otherwise: manifests without one keep their digests
             obj["allocation"] = dict(self.allocation)
+        if self.base is not None:
+            obj["base"] = self.base
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @property
@@ -177,18 +197,25 @@ class Manifest:
         return [c for t in self.tensors for c in t.chunks] + [c for f in self.files for c in f.chunks]
 
     def blobs(self) -> set[str]:
-        """Every blob digest this manifest references."""
-        return {c.blob for c in self.chunks()}
+        """Every blob digest this manifest references (the base chunks of deltas included)."""
+        return {b.blob for c in self.chunks() for b in c.chain()}
 
     def tensors_of(self, path: str) -> list[TensorEntry]:
         return [t for t in self.tensors if t.file == path]
 
 
 def _strip(d: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` fields, the entry's own and its chunks' (a chunk has one decoded hash)."""
+    """Drop ``None`` fields, the entry's own and its chunks' (a chunk has one decoded hash; most have no base)."""
     out = {k: v for k, v in d.items() if v is not None}
     if "chunks" in out:
-        out["chunks"] = [{k: v for k, v in c.items() if v is not None} for c in out["chunks"]]
+        out["chunks"] = [_strip_chunk(c) for c in out["chunks"]]
+    return out
+
+
+def _strip_chunk(c: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in c.items() if v is not None}
+    if "base" in out:
+        out["base"] = _strip_chunk(out["base"])
     return out
 
 
@@ -259,7 +286,17 @@ def _hex64(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _chunk(obj: object, where: str) -> Chunk:
+def _is_digest(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        validate_digest(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _chunk(obj: object, where: str, depth: int = 0) -> Chunk:
     if not isinstance(obj, dict):
         raise FormatError(f"manifest: {where} is not an object")
     rows = _req(obj, "rows", list, where)
@@ -292,6 +329,18 @@ def _chunk(obj: object, where: str) -> Chunk:
         raise FormatError(f"manifest: {where} is larger than the {MAX_CHUNK_BYTES}-byte chunk limit")
     if chunk.offset + chunk.length > MAX_INT:
         raise FormatError(f"manifest: {where}.offset + length is larger than 2**63 - 1")
+    if "base" in obj:
+        if codec != "delta":
+            raise FormatError(f"manifest: {where} has a base but is not a delta")
+        if depth >= MAX_DELTA_DEPTH:
+            raise FormatError(f"manifest: {where} is a delta more than {MAX_DELTA_DEPTH} deep")
+        chunk.base = _chunk(obj["base"], f"{where}.base", depth + 1)
+        if chunk.base.raw_length != chunk.raw_length:
+            raise FormatError(
+                f"manifest: {where}.base decodes to {chunk.base.raw_length} bytes, not {chunk.raw_length}"
+            )
+    elif codec == "delta":
+        raise FormatError(f"manifest: {where} is a delta without its base")
     return chunk
 
 
@@ -465,6 +514,9 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
         )
     ):
         raise FormatError("manifest: allocation must map names to strings or numbers")
+    base = obj.get("base")
+    if base is not None and not _is_digest(base):
+        raise FormatError("manifest: base is not a manifest digest")
     return Manifest(
         files=files,
         tensors=tensors,
@@ -474,6 +526,7 @@ def parse_manifest(data: bytes, *, max_tensors: int = MAX_TENSORS, max_files: in
         bytes_stored=_req(sizes, "stored", int, "sizes"),
         annotations=annotations,
         allocation=allocation,
+        base=base,
         manifest_bytes=len(data),
     )
 

@@ -219,11 +219,16 @@ class ChunkCache:
         """Bytes of chunk payloads held."""
         return sum(p.stat().st_size for p in self.chunks.glob("*/*") if p.is_file())
 
+    @staticmethod
+    def _cached_only(blob: str, offset: int, length: int) -> bytes:
+        """The fetch of :meth:`verify`: a delta's base is checked from the cache only."""
+        raise IntegrityError(f"the base chunk at {blob[:19]}… +{offset} is not cached")
+
     def verify(self) -> CacheReport:
         """Decode and check every chunk a cached manifest names; remove the bad ones."""
         import numpy as np
 
-        from mzstore.pull.pipeline import decode_verified
+        from mzstore.pull.pipeline import base_reader, decode_verified
         from mzstore.pull.plan import plan_pull
 
         report = CacheReport()
@@ -233,12 +238,16 @@ class ChunkCache:
                 path = self.path(task.chunk)
                 if path.name in seen or not path.exists():
                     continue
+                bases = task.chunk.chain()[1:]
+                if any(not self.path(b).exists() for b in bases):
+                    continue  # a delta whose base is not cached: nothing to check it against here
                 seen.add(path.name)
                 report.checked += 1
                 try:
                     payload = path.read_bytes()
                     out = np.empty(task.chunk.raw_length, dtype=np.uint8)
-                    decode_verified(task.chunk, task.dtype, task.tensor or task.file, payload, out)
+                    base_of = base_reader(self._cached_only, task.dtype, task.tensor or task.file, cache=self)
+                    decode_verified(task.chunk, task.dtype, task.tensor or task.file, payload, out, base_of)
                 except (IntegrityError, OSError) as exc:
                     report.problems.append(f"{path.name[:16]} ({info.get('ref', '?')}): {exc}")
                     report.bytes_removed += path.stat().st_size if path.exists() else 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from mzstore.errors import FormatError
 from mzstore.format.manifest import FileEntry, Manifest
-from mzstore.pull.pipeline import decode_verified, read_retrying
+from mzstore.pull.pipeline import base_reader, decode_verified, read_retrying
 from mzstore.pull.plan import ChunkTask, file_tasks, tensor_tasks
 
 #: ``fetch(blob, offset, length)``: stored bytes of a blob range.
@@ -135,7 +135,8 @@ class ChunkReader:
             payload = read_retrying(self.fetch, c.blob, c.offset, c.length)
             out = np.empty(c.raw_length, dtype=np.uint8)
             what = f"{task.file}" + (f" tensor {task.tensor}" if task.tensor else "")
-            data = decode_verified(c, task.dtype, what, payload, out).tobytes()
+            base_of = base_reader(self.fetch, task.dtype, what) if c.base is not None else None
+            data = decode_verified(c, task.dtype, what, payload, out, base_of).tobytes()
         except BaseException as exc:
             with self._lock:
                 del self._inflight[key]

@@ -99,11 +99,26 @@ class PullStats:
         )
 
 
-def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytearray, out: np.ndarray) -> np.ndarray:
+#: Reads a delta's base chunk: its decoded, verified bytes (see :func:`base_reader`).
+BaseOf = Callable[[Chunk], "np.ndarray"]
+
+
+def decode_verified(
+    chunk: Chunk,
+    dtype: str,
+    what: str,
+    payload: bytes | bytearray,
+    out: np.ndarray,
+    base_of: BaseOf | None = None,
+) -> np.ndarray:
     """Decode a chunk's stored bytes into ``out`` and check the hash of the result.
 
+    A delta chunk (``push --base``) is decoded against its base chunk's bytes, which ``base_of`` reads,
+    decodes and verifies first.
+
     Raises:
-        IntegrityError: wrong length, undecodable payload, or a hash mismatch.
+        IntegrityError: wrong length, undecodable payload, a hash mismatch, or a delta with no way to read
+            its base.
     """
     if len(payload) != chunk.length:
         raise IntegrityError(f"chunk of {what}: got {len(payload)} bytes, expected {chunk.length}")
@@ -112,12 +127,61 @@ def decode_verified(chunk: Chunk, dtype: str, what: str, payload: bytes | bytear
     from mzstore.codecs import get_codec  # numpy and the codecs: loaded by the first decoder, while reads go on
 
     try:
-        get_codec(chunk.codec).decode_into(payload, get_dtype(dtype), out)
+        if chunk.base is not None:
+            if base_of is None:
+                raise IntegrityError(f"chunk of {what} is a delta, and its base cannot be read here")
+            from mzstore.codecs.delta import DeltaCodec
+
+            DeltaCodec().apply_into(payload, get_dtype(dtype), base_of(chunk.base), out)
+        else:
+            get_codec(chunk.codec).decode_into(payload, get_dtype(dtype), out)
     except CodecError as exc:
         raise IntegrityError(f"chunk of {what} does not decode: {exc}") from None
     if not chunk.matches(out.data):
         raise IntegrityError(f"chunk rows {chunk.rows} of {what}: decoded bytes fail their {chunk.hash_name} check")
     return out
+
+
+def base_reader(
+    fetch: Fetch,
+    dtype: str,
+    what: str,
+    *,
+    cache: Cache | None = None,
+    on_fetched: Callable[[int], None] | None = None,
+    retries: int = 3,
+    stop: threading.Event | None = None,
+) -> BaseOf:
+    """How a delta chunk's base is read: from ``cache`` when it holds it (an edge device that has the base
+    model), else fetched (and then cached); decoded, against its own base if it is a delta too, and verified.
+    ``on_fetched`` is told the bytes each fetch moved."""
+    import numpy as np
+
+    def base_of(c: Chunk) -> np.ndarray:
+        out = np.empty(c.raw_length, dtype=np.uint8)
+        label = f"{what} (its base)"
+        if cache is not None:
+            hit = cache.get(c)
+            if hit is not None:
+                try:
+                    return decode_verified(c, dtype, label, hit, out, base_of)
+                except IntegrityError:
+                    cache.evict(c)
+        kept: list[bytes | bytearray] = []
+
+        def use(data: bytes | bytearray) -> np.ndarray:
+            decoded = decode_verified(c, dtype, label, data, out, base_of)
+            kept.append(data)
+            return decoded
+
+        decoded, n = fetch_checked(fetch, c, use, retries=retries, stop=stop)
+        if on_fetched is not None:
+            on_fetched(n)
+        if cache is not None:
+            cache.put(c, kept[-1])
+        return decoded
+
+    return base_of
 
 
 def fetch_checked(
@@ -301,6 +365,14 @@ def run_pull(
     def place(task: ChunkTask, cached: bytes | None, payload: bytes | bytearray | memoryview | None) -> None:
         what = task.tensor or task.file
         compact = sink.compact(task)
+        fetched_bases: list[int] = []
+        base_of = (
+            base_reader(
+                fetch, task.dtype, what, cache=cache, on_fetched=fetched_bases.append, retries=retries, stop=stop
+            )
+            if task.chunk.base is not None
+            else None
+        )
 
         def use(data: bytes | bytearray) -> np.ndarray | None:
             if compact:
@@ -309,7 +381,7 @@ def run_pull(
                     raise IntegrityError(f"chunk of {what}: got {len(data)} bytes, expected {task.chunk.length}")
                 sink.write_payload(task, data)
                 return None
-            return decode_verified(task.chunk, task.dtype, what, data, sink.target(task))
+            return decode_verified(task.chunk, task.dtype, what, data, sink.target(task), base_of)
 
         out: np.ndarray | None = None
         if cached is not None:
@@ -350,7 +422,7 @@ def run_pull(
             sink.write(task, out)
         with lock:
             stats.chunks += 1
-            stats.bytes_transferred += fetched
+            stats.bytes_transferred += fetched + sum(fetched_bases)
             if cached is not None:
                 stats.chunks_cached += 1
                 stats.bytes_cached += len(cached)

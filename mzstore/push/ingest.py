@@ -29,20 +29,25 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mzstore.codecs import get_codec
 from mzstore.codecs.allocation import Allocation
+from mzstore.codecs.delta import DeltaCodec
 from mzstore.codecs.policy import Policy, Spec, mode_name, parse_policy
 from mzstore.codecs.quant import Stats, auto_margin, encode_auto, encode_spec
 from mzstore.errors import FormatError, IntegrityError, InvalidArgument, ResourceExhausted
 from mzstore.format.dtypes import DType, get_dtype, row_bytes
 from mzstore.format.hashing import blake3_hex
-from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
+from mzstore.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from mzstore.format.refs import parse_ref
-from mzstore.format.safetensors import parse_header, read_header_len
-from mzstore.limits import MAX_CHUNK_BYTES
+from mzstore.format.safetensors import TensorInfo, parse_header, read_header_len
+from mzstore.limits import MAX_CHUNK_BYTES, MAX_DELTA_DEPTH
+from mzstore.pull.pipeline import BaseOf, base_reader
 from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
 from mzstore.push.protocol import (
     PushResult,
@@ -69,9 +74,20 @@ def _encode_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, or auto (model cosine target, margin,
-#: servable: no ECSQ).
-Mode = str | Spec | tuple[float, float, bool]
+@dataclass(frozen=True)
+class DeltaMode:
+    """``push --base``: a lossless chunk encoded against ``base`` (the base model's chunk of the same rows),
+    whose decoded bytes ``read`` gives."""
+
+    base: Chunk
+    read: BaseOf
+
+
+#: How a chunk is encoded: a lossless codec name, a prune/quantize spec, auto (model cosine target, margin,
+#: servable: no ECSQ), or a delta against a base chunk.
+Mode = str | Spec | tuple[float, float, bool] | DeltaMode
+#: The codec name :func:`_encode` returns for a chunk whose bytes are its base chunk's: stored as that chunk.
+SAME_AS_BASE = "=base"
 #: (codec, payload, params, BLAKE3 of what a pull decodes, fidelity stats or None, the decoded bytes when
 #: they differ from the raw ones, else None)
 _Encoded = tuple[str, bytes, dict[str, Any], str, Stats | None, memoryview | None]
@@ -102,7 +118,7 @@ class _Served:
 class _Job:
     """A chunk queued for encoding, with where its result goes."""
 
-    __slots__ = ("chunk_list", "entry", "future", "key", "meta", "raw", "rows", "served")
+    __slots__ = ("base", "chunk_list", "entry", "future", "key", "meta", "raw", "rows", "served")
 
     def __init__(
         self,
@@ -114,7 +130,9 @@ class _Job:
         entry: TensorEntry | None,
         served: _Served | None = None,
         raw: bytes | bytearray = b"",
+        base: Chunk | None = None,
     ) -> None:
+        self.base = base
         self.future = future
         self.chunk_list = chunk_list
         self.rows = rows
@@ -127,6 +145,8 @@ class _Job:
 
 def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Encoded:
     """Encode one chunk in a worker thread."""
+    if isinstance(mode, DeltaMode):
+        return _encode_delta(mode, dtype, raw)
     if isinstance(mode, str):
         payload, params = get_codec(mode).encode(memoryview(raw), dtype)
         return mode, payload, params, blake3_hex(raw), None, None
@@ -138,6 +158,26 @@ def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Enc
     # A chunk's hash is of its decoded bytes: exactly what a host-side pull verifies.
     decoded = enc.decoded.data
     return enc.codec, enc.payload, params, blake3_hex(decoded), enc.stats, decoded if enc.codec == "quant" else None
+
+
+#: A delta larger than this share of the raw chunk is compared with the chunk coded on its own.
+DELTA_CHECK_SHARE = 0.5
+
+
+def _encode_delta(mode: DeltaMode, dtype: DType, raw: bytes | bytearray) -> _Encoded:
+    """A chunk against its base chunk: the base itself when the bytes are the same, else the XOR delta,
+    unless coding the chunk on its own is smaller (a tensor that changed entirely)."""
+    base = mode.read(mode.base)
+    data = np.frombuffer(raw, dtype=np.uint8)
+    sha = blake3_hex(raw)
+    if np.array_equal(data, base):
+        return SAME_AS_BASE, b"", {}, sha, None, None
+    payload, params = DeltaCodec().encode_against(raw, base, dtype)
+    if len(payload) > DELTA_CHECK_SHARE * len(raw):
+        plain, plain_params = get_codec("lossless").encode(memoryview(raw), dtype)
+        if len(plain) <= len(payload):
+            return "lossless", plain, plain_params, sha, None, None
+    return "delta", payload, params, sha, None, None
 
 
 class Ingest:
@@ -173,6 +213,8 @@ class Ingest:
         self._reused_tensors: set[int] = set()
         self._reused_blobs: set[str] = set()
         self._reused_ranges: dict[str, set[tuple[int, int]]] = {}  # blob → (offset, length) of reused chunks
+        self.base_digest: str | None = None  # push --base: the base model's manifest
+        self.base_tensors: dict[str, TensorEntry] = {}
 
     # -- chunk pipeline ------------------------------------------------------
     def _submit(
@@ -189,7 +231,8 @@ class Ingest:
         served: _Served | None = None,
     ) -> None:
         future = _encode_pool().submit(_encode, mode, dtype, raw, matrix_rows)
-        self._jobs.append(_Job(future, chunk_list, rows, meta, key, entry, served, raw if served else b""))
+        base = mode.base if isinstance(mode, DeltaMode) else None
+        self._jobs.append(_Job(future, chunk_list, rows, meta, key, entry, served, raw if served else b"", base))
         while len(self._jobs) > self.max_inflight:
             self._drain_one()
 
@@ -199,6 +242,12 @@ class Ingest:
         if job.served is not None:
             job.served.update(job.raw, decoded)
             job.raw = b""
+        if codec == SAME_AS_BASE:  # the base's chunk as it is stored: nothing new to write
+            assert job.base is not None
+            job.chunk_list.append(job.base)
+            self._share(job.base)
+            self.n_chunks += 1
+            return
         meta = job.meta | {"codec": codec}
         chunk = Chunk(
             blob="",
@@ -210,12 +259,20 @@ class Ingest:
             codec=codec,
             params=params,
             blake3=sha,
+            base=job.base if codec == "delta" else None,
         )
+        if chunk.base is not None:
+            self._reused_blobs.update(b.blob for b in chunk.base.chain())
         if stats is not None and job.entry is not None:
             self.fidelity.setdefault(id(job.entry), Stats()).merge(stats)
         job.chunk_list.append(chunk)
         self.n_chunks += 1
         self.writer.append(job.key, payload, chunk, meta | {"rows": job.rows, "params": params, "blake3": sha})
+
+    def _share(self, chunk: Chunk) -> None:
+        """A chunk of another manifest that this one uses as it is (its blobs, and its bases')."""
+        self._reused_blobs.update(b.blob for b in chunk.chain())
+        self._reused_ranges.setdefault(chunk.blob, set()).add((chunk.offset, chunk.length))
 
     def _drain_all(self) -> None:
         while self._jobs:
@@ -244,6 +301,10 @@ class Ingest:
         validate_begin(begin, self.limits)
         ref = parse_ref(begin.ref)
         self.policy = parse_policy(begin.codec, begin.keep)
+        if begin.base:  # its tensors, by name, for the sinks to delta against
+            _, self.base_digest = self.store.resolve(begin.base)
+            base = parse_manifest(self.store.get_manifest(self.base_digest))
+            self.base_tensors = {t.name: t for t in base.tensors}
         allocation = None
         if begin.allocation:  # ecsq: each tensor's step, decided by the client (validate_begin checked it)
             allocation = Allocation.from_json(begin.allocation)
@@ -278,6 +339,7 @@ class Ingest:
             bytes_stored=self.writer.stats.bytes_stored + self._reused_bytes(),
             annotations=dict(begin.annotations),
             allocation=allocation.record() if allocation is not None else None,
+            base=self.base_digest,
         )
         data = manifest.to_json()
         digest = self.store.commit(ref.name, ref.tag, data, [*self.writer.stats.blobs, *sorted(self._reused_blobs)])
@@ -411,9 +473,28 @@ class _SafetensorsSink:
                 else policy_mode
             )
             self.ingest.tensors.append(entry)
-            for plan in plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes):
-                self.queue.append((entry, t.dtype, plan, mode))
+            plans = plan_tensor(t.dtype, t.shape, t.nbytes, self.ingest.chunk_bytes)
+            bases = self._base_chunks(t, plans) if policy_mode == "lossless" else None
+            read = base_reader(self.ingest.store.read_blob, t.dtype.name, f"{t.name} of the base") if bases else None
+            for i, plan in enumerate(plans):
+                base = bases[i] if bases is not None else None
+                chunk_mode: Mode = DeltaMode(base, read) if base is not None and read is not None else mode
+                self.queue.append((entry, t.dtype, plan, chunk_mode))
         self._flush_empty()
+
+    def _base_chunks(self, t: TensorInfo, plans: list[ChunkPlan]) -> list[Chunk | None] | None:
+        """The base model's chunk for each planned chunk of ``t`` (same name, dtype, shape, rows, bytes),
+        ``None`` where there is none or its delta chain is already :data:`MAX_DELTA_DEPTH` deep."""
+        entry = self.ingest.base_tensors.get(t.name)
+        if entry is None or entry.dtype != t.dtype.name or entry.shape != list(t.shape):
+            return None
+        if len(entry.chunks) != len(plans):
+            return None
+        out: list[Chunk | None] = []
+        for plan, c in zip(plans, entry.chunks, strict=True):
+            fits = c.rows == [plan.row_start, plan.row_end] and c.raw_length == plan.nbytes and plan.nbytes > 0
+            out.append(c if fits and len(c.chain()) <= MAX_DELTA_DEPTH else None)
+        return out if any(c is not None for c in out) else None
 
     def _flush_empty(self) -> None:
         """Emit chunks that need no data (zero-size tensors)."""

@@ -59,13 +59,18 @@ class UploadBegin:
     keep: tuple[str, ...] = ()
     #: ``ecsq`` policies: the client's bit allocation (:class:`mzstore.codecs.allocation.Allocation` JSON).
     allocation: str = ""
+    #: ``push --base``: the base model's ref; lossless tensors are stored as deltas against it.
+    base: str = ""
 
     @property
     def storage_policy(self) -> str:
-        """What decides how the safetensors files are stored: the policy, and the allocation's digest."""
-        if not self.allocation:
-            return self.codec
-        return f"{self.codec}#{hashlib.sha256(self.allocation.encode()).hexdigest()[:24]}"
+        """What decides how the safetensors files are stored: the policy, the allocation's digest, the base."""
+        text = self.codec
+        if self.allocation:
+            text += f"#{hashlib.sha256(self.allocation.encode()).hexdigest()[:24]}"
+        if self.base:
+            text += f"#base={self.base}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ def validate_begin(begin: UploadBegin, limits: Limits | None = None) -> None:
 
     if parse_ref(begin.ref).digest:
         raise InvalidArgument("push to a name[:tag], not to a digest")
+    if begin.base:
+        parse_ref(begin.base)
     policy = parse_policy(begin.codec, begin.keep)
     if policy.ecsq is not None:
         if begin.allocation:

@@ -152,6 +152,7 @@ class UploadSessions:
             annotations=raw["annotations"],
             keep=tuple(raw["keep"]),
             allocation=raw.get("allocation", ""),
+            base=raw.get("base", ""),
         )
 
     def status(self, session: str) -> UploadStatus:

@@ -50,6 +50,7 @@ def begin_for(
     keep: tuple[str, ...] = (),
     hashes: Sequence[str] | None = None,
     allocation: str = "",
+    base: str = "",
 ) -> UploadBegin:
     """The first message of a push; with ``hashes`` (per file), the store can skip files it holds."""
     return UploadBegin(
@@ -60,6 +61,7 @@ def begin_for(
         annotations=dict(annotations or {}),
         keep=tuple(keep),
         allocation=allocation,
+        base=base,
     )
 
 

@@ -214,6 +214,7 @@ def _begin(b: pb.PushBegin) -> UploadBegin:
         annotations=dict(b.annotations),
         keep=tuple(b.keep),
         allocation=b.allocation,
+        base=b.base,
     )
 
 

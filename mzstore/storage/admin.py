@@ -18,7 +18,8 @@ no server and see exactly what the servers see.
   gives every node the winning, highest-versioned value
   (:mod:`mzstore.storage.tags`).
 * :func:`gc` deletes blobs that no manifest references and manifests that no
-  ref points at, but only when they are older than a grace period, so a push
+  ref points at (a manifest that is the ``base`` of a live one, ``push --base``,
+  is live, and a delta's base chunks are among its manifest's blobs), but only when they are older than a grace period, so a push
   in flight (blobs written, manifest not yet) is never collected. Tombstones
   of deleted tags go too, once they are older than the grace period and every
   node holds the same one (a node that was away longer than the grace period
@@ -85,18 +86,29 @@ def _intact(store: Store, node: Node, digest: str) -> bool | None:
 
 
 def live_sets(store: Store) -> tuple[set[str], set[str]]:
-    """Manifests referenced by refs, and blobs referenced by any stored manifest."""
+    """Manifests referenced by refs (and the bases of those, ``push --base``, transitively), and blobs
+    referenced by any stored manifest (a delta's base chunks included)."""
     manifests: set[str] = set()
     for node in store.nodes:
         manifests.update(_digests(node, "manifests"))
     blobs: set[str] = set()
+    bases: dict[str, str] = {}
     for digest in manifests:
         try:
-            blobs.update(parse_manifest(store.get_manifest(digest)).blobs())
+            manifest = parse_manifest(store.get_manifest(digest))
         except MzstoreError:
             continue
-    tagged = {e.digest for e in store.list_refs()}
-    return tagged, blobs
+        blobs.update(manifest.blobs())
+        if manifest.base is not None:
+            bases[digest] = manifest.base
+    live = {e.digest for e in store.list_refs()}
+    todo = list(live)
+    while todo:  # a delta keeps its base manifest: the lineage `inspect` shows, and fsck checks
+        base = bases.get(todo.pop())
+        if base is not None and base not in live:
+            live.add(base)
+            todo.append(base)
+    return live, blobs
 
 
 def _tag_keys(store: Store) -> list[str]:
@@ -165,7 +177,11 @@ def fsck(store: Store, repair: bool = False) -> Report:
                 if repair:
                     node.write(manifest_key(digest), [data])
                     report.repaired.append(f"{node.url} manifest {digest}")
-        referenced.update(parse_manifest(data).blobs())
+        manifest = parse_manifest(data)
+        referenced.update(manifest.blobs())
+        if manifest.base is not None and manifest.base not in manifests:
+            # Its chunks carry their base chunks, so it still pulls; the lineage is what is gone.
+            report.missing.append(f"manifest {digest}: its base manifest {manifest.base}")
     for digest in sorted(referenced):
         report.blobs += 1
         states = {node.url: _intact(store, node, digest) for node in store.nodes}

@@ -147,6 +147,7 @@ def begin_proto(begin: UploadBegin) -> pb.PushBegin:
         annotations=begin.annotations,
         keep=list(begin.keep),
         allocation=begin.allocation,
+        base=begin.base,
     )
 
 

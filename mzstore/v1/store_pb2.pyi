@@ -17,7 +17,7 @@ class PushRequest(_message.Message):
     def __init__(self, begin: _Optional[_Union[PushBegin, _Mapping]] = ..., data: _Optional[_Union[FileData, _Mapping]] = ..., end: _Optional[_Union[FileEnd, _Mapping]] = ...) -> None: ...
 
 class PushBegin(_message.Message):
-    __slots__ = ("ref", "codec", "files", "source_kind", "annotations", "keep", "allocation")
+    __slots__ = ("ref", "codec", "files", "source_kind", "annotations", "keep", "allocation", "base")
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class PushBegin(_message.Message):
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     ref: str
     codec: str
     files: _containers.RepeatedCompositeFieldContainer[FileInfo]
@@ -39,7 +40,8 @@ class PushBegin(_message.Message):
     annotations: _containers.ScalarMap[str, str]
     keep: _containers.RepeatedScalarFieldContainer[str]
     allocation: str
-    def __init__(self, ref: _Optional[str] = ..., codec: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., source_kind: _Optional[str] = ..., annotations: _Optional[_Mapping[str, str]] = ..., keep: _Optional[_Iterable[str]] = ..., allocation: _Optional[str] = ...) -> None: ...
+    base: str
+    def __init__(self, ref: _Optional[str] = ..., codec: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., source_kind: _Optional[str] = ..., annotations: _Optional[_Mapping[str, str]] = ..., keep: _Optional[_Iterable[str]] = ..., allocation: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
 
 class FileInfo(_message.Message):
     __slots__ = ("path", "size", "kind", "sha256")
