@@ -27,13 +27,15 @@ The table's numbers are MiniLM's probe (``a`` summed over its six layers),
 so on other models the *allocation* transfers well (the ordering of roles
 is the robust part) and a ``cos=`` target is an estimate; ``--probe``
 measures it. Predictions use a sample of each tensor's rows (at most
-:data:`SAMPLE_VALUES` values): stored bits from the empirical entropy of the
-symbols (zstd lands within 1.5 % of it, :data:`CODER_OVERHEAD`), error from
-quantizing the sample with its bin means, as the codec does.
+:data:`SAMPLE_VALUES` values): stored bits from an optimal Huffman code of
+the sampled symbols, byte plane by byte plane, as zstd codes them (at least
+one bit per symbol, which matters at low rates; :data:`CODER_OVERHEAD`),
+error from quantizing the sample with its bin means, as the codec does.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -47,8 +49,9 @@ from mzstore.errors import InvalidArgument
 
 #: Values sampled per tensor (evenly spaced rows) for the size and error predictions.
 SAMPLE_VALUES = 1 << 16
-#: Stored bits per symbol over the sample's entropy (zstd's Huffman literals; measured 1.004-1.014 on MiniLM).
-CODER_OVERHEAD = 1.015
+#: Stored bits per symbol over what a Huffman code of the sample's histogram spends (zstd codes literals with
+#: Huffman tables per block, in four streams, with their headers).
+CODER_OVERHEAD = 1.005
 #: Bits per row (its f16 scale), per table entry in use (f16), per chunk (headers) on top of the symbols.
 ROW_BITS = 16
 ENTRY_BITS = 16
@@ -133,10 +136,11 @@ class TensorSample:
             return float(chunks * CHUNK_BITS)
         q = self.symbols(step)
         z = np.where(q >= 0, 2 * q, -2 * q - 1)
-        planes = [z] if int(z.max()) < 256 else [z & 255, z >> 8]
-        entropy = sum(min(8.0, _entropy(plane) * CODER_OVERHEAD) for plane in planes)  # a plane is stored raw at worst
+        bits = min(8.0, _huffman_bits(z & 255) * CODER_OVERHEAD)  # stored raw at worst
+        if int(z.max()) >= 256:  # the high plane is nearly all zeros: zstd's matches take it near its entropy
+            bits += _entropy(z >> 8)
         used = len(np.unique(z))
-        return self.numel * entropy + self.rows * ROW_BITS + chunks * (used * ENTRY_BITS + CHUNK_BITS)
+        return self.numel * bits + self.rows * ROW_BITS + chunks * (used * ENTRY_BITS + CHUNK_BITS)
 
     def rel_mse(self, step: float) -> float:
         """Predicted relative squared error (error energy / signal energy) at ``step``, with bin means."""
@@ -156,6 +160,25 @@ def _entropy(symbols: np.ndarray) -> float:
     counts = np.bincount(symbols.ravel())
     p = counts[counts > 0] / symbols.size
     return float(-(p * np.log2(p)).sum())
+
+
+def _huffman_bits(symbols: np.ndarray) -> float:
+    """Bits per symbol of an optimal Huffman code for the symbols' histogram (zstd's literal coder): at
+    least one bit per symbol, which is what costs at low rates (1.5 bits of entropy → 2.2 bits)."""
+    counts = np.bincount(symbols.ravel())
+    counts = counts[counts > 0]
+    if len(counts) <= 1:
+        return 0.0  # one symbol: zstd stores the block as a run
+    # Merge the two lightest groups until one is left; each merge lengthens the codes of both by a bit.
+    heap = [(int(c), i, [i]) for i, c in enumerate(counts)]
+    heapq.heapify(heap)
+    lengths = np.zeros(len(counts))
+    while len(heap) > 1:
+        c1, i1, m1 = heapq.heappop(heap)
+        c2, _, m2 = heapq.heappop(heap)
+        lengths[m1 + m2] += 1
+        heapq.heappush(heap, (c1 + c2, i1, m1 + m2))
+    return float((lengths * counts).sum() / counts.sum())
 
 
 def sample_rows(x: np.ndarray, limit: int = SAMPLE_VALUES) -> np.ndarray:

@@ -284,7 +284,9 @@ def parse_policy(text: str, keep: tuple[str, ...] | list[str] = ()) -> Policy:
         if isinstance(parsed, Ecsq):
             if len(stages) > 1:
                 raise InvalidArgument("ecsq cannot be combined with other stages")
-            return Policy(str(parsed), keep=tuple(keep), ecsq=parsed)
+            # ecsq:step=D is one spec for every tensor; size and cos get theirs from the allocation.
+            spec = Spec(quant=Quant("ecsq", step=parsed.value)) if parsed.target == "step" else Spec()
+            return Policy(str(parsed), spec, keep=tuple(keep), ecsq=parsed)
         if isinstance(parsed, AutoTarget):
             if len(stages) > 1:
                 raise InvalidArgument("auto cannot be combined with other stages")

@@ -719,7 +719,13 @@ class Encoded:
 
 
 def encode_spec(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, spec: Spec) -> Encoded:
-    """Encode one chunk with a prune/quantize spec; ``rows`` is how many matrix rows it holds."""
+    """Encode one chunk with a prune/quantize spec; ``rows`` is how many matrix rows it holds.
+
+    Raises:
+        CodecError: ``spec`` neither prunes nor quantizes, or the chunk holds NaN or infinite values.
+    """
+    if spec.lossless:
+        raise CodecError("encode_spec needs a prune or quantize stage (lossless chunks use the lossless codec)")
     x = to_f32(raw, dtype)
     r, c = chunk_matrix(len(x) * (dtype.bits // 8), dtype, rows)
     x = x.reshape(r, c)
