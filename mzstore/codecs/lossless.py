@@ -58,18 +58,13 @@ def _cctx() -> zstandard.ZstdCompressor:
     return ctx
 
 
-#: zstd parameters for exponent planes and quantized codes. These have few
-#: repeats worth a match, and every short match the fast strategy takes splits
-#: the literal run whose Huffman coding is where the gain is. Forcing 7-byte
-#: minimum matches leaves it mostly literals: on MiniLM bf16 exponent planes
-#: this gives 0.348 of the plane vs 0.367 for level 1 (order-0 entropy: 0.327),
-#: and encodes 30 % faster. The smallest hash table (64 entries) finds fewer
-#: matches still: ECSQ codes of MiniLM's word embeddings at 2.25 bits of
-#: Huffman code take 3.36 MB instead of 3.69 MB (a pure Huffman code: 3.30 MB;
-#: zstd level 19: 3.30 MB at 1/20 the speed), encode at 450 instead of 320 MB/s
-#: and decode at 1.06 instead of 0.78 GB/s; the lossless planes are unchanged.
-#: Decoding is plain zstd.
-EXPONENT_PARAMS = {"window_log": 17, "min_match": 7, "hash_log": 6, "chain_log": 6, "search_log": 1}
+#: zstd parameters for exponent planes. Exponents have few repeats worth a
+#: match, and every short match the fast strategy takes splits the literal
+#: run whose Huffman coding is where the gain is. Forcing 7-byte minimum
+#: matches leaves it mostly literals: on MiniLM bf16 exponent planes this
+#: gives 0.348 of the plane vs 0.367 for level 1 (order-0 entropy: 0.327),
+#: and encodes 30 % faster. Decoding is plain zstd.
+EXPONENT_PARAMS = {"window_log": 17, "min_match": 7, "hash_log": 12, "chain_log": 12, "search_log": 1}
 
 
 def exponent_cctx() -> zstandard.ZstdCompressor:
