@@ -77,6 +77,8 @@ DEFAULT_POLICIES = (
     "ecsq:size=0.12+probe",
     "ecsq:size=0.14+probe",
     "ecsq:cos=0.995+probe",
+    "lowrank:energy=0.99",
+    "lowrank:energy=0.999,int8",
 )
 #: A policy written ``ecsq:…+probe`` is pushed with ``probe=True`` (push --probe).
 PROBE_SUFFIX = "+probe"
@@ -193,7 +195,7 @@ def tensor_cosine(x: np.ndarray, y: np.ndarray) -> float:
 
 def split_policies(text: str) -> list[str]:
     """``--policies`` → policies. Split on ``;`` if present, else on ``,`` where a
-    quantizer right after a prune stage belongs to it (``prune:2:4,int8`` is one policy)."""
+    quantizer right after a prune or lowrank stage belongs to it (``prune:2:4,int8`` is one policy)."""
     if ";" in text:
         return [p.strip() for p in text.split(";") if p.strip()]
     out: list[str] = []
@@ -201,7 +203,7 @@ def split_policies(text: str) -> list[str]:
         if not tok:
             continue
         quantizer = tok in ("int8", "fp8") or tok.startswith("int4")
-        if quantizer and out and out[-1].startswith("prune:") and "," not in out[-1]:
+        if quantizer and out and out[-1].startswith(("prune:", "lowrank:")) and "," not in out[-1]:
             out[-1] = f"{out[-1]},{tok}"
         else:
             out.append(tok)

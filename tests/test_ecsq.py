@@ -463,3 +463,17 @@ def test_probe_measures_the_model(client: Client, minilm_dir: Path) -> None:
     steps = {t.name: float(t.codec.split("=")[1]) for t in manifest.tensors if t.codec.startswith("ecsq")}
     # The pooler does not reach the last hidden state: the probe measures it as insensitive (coarsest step).
     assert steps["pooler.dense.weight"] == max(steps.values())
+
+
+def test_names_without_a_role_get_a_uniform_allocation(tmp_path: Path) -> None:
+    """No tensor name has a role: every tensor gets the same step, and the allocation says "uniform"."""
+    from mzstore.push.allocate import plan_allocation
+    from mzstore.push.source import open_source
+
+    gen = torch.Generator().manual_seed(2)
+    path = tmp_path / "conv.safetensors"
+    save_file({f"conv{i}.weight": torch.randn(64, 3, 3, 32, generator=gen) * 0.1 for i in range(3)}, str(path))
+    alloc = plan_allocation(open_source(path), parse_policy("ecsq:size=0.2"))
+    assert alloc.source == "uniform"
+    assert len(set(alloc.steps.values())) == 1 and set(alloc.steps) == {f"conv{i}.weight" for i in range(3)}
+    assert alloc.predicted_size == pytest.approx(0.2, rel=0.01)

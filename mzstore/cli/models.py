@@ -111,7 +111,7 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         click.echo(f"  {f.path:<40} {f.kind:<12} {human(f.size):>10} → {human(stored):>10}")
     click.echo(f"tensors ({len(m.tensors)}):")
     click.echo(
-        f"  {'name':<48} {'dtype':<5} {'shape':<14} {'codec':<18} {'raw':>9} {'stored':>9} {'ratio':>6} "
+        f"  {'name':<48} {'dtype':<5} {'shape':<14} {'codec':<28} {'raw':>9} {'stored':>9} {'ratio':>6} "
         f"{'bits/w':>6} {'cosine':>9} {'SNR dB':>7} {'max err':>9}"
     )
     for t in m.tensors:
@@ -122,9 +122,11 @@ def inspect(ctx: click.Context, ref: str, server: str | None, as_json: bool) -> 
         cos = f"{fid['cosine']:.6f}" if "cosine" in fid else "exact"
         snr = "-" if fid.get("snr_db") is None else f"{fid['snr_db']:.1f}"
         err = f"{fid['max_abs_err']:.3g}" if "max_abs_err" in fid else "-"
-        codec = t.codec + (" Δ" if any(c.codec == "delta" for c in t.chunks) else "")
+        # What was used where: auto's choice (lowrank, ecsq, a grid) without the target, a delta marked.
+        codec = ("auto→" + t.codec.split("→", 1)[1]) if "→" in t.codec else t.codec
+        codec += " Δ" if any(c.codec == "delta" for c in t.chunks) else ""
         click.echo(
-            f"  {_cut(t.name, 48):<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {_cut(codec, 18):<18} "
+            f"  {_cut(t.name, 48):<48} {t.dtype:<5} {'x'.join(map(str, t.shape)) or 'scalar':<14} {_cut(codec, 28):<28} "
             f"{human(raw):>9} {human(stored):>9} {stored / raw if raw else 1.0:>6.3f} "
             f"{8 * stored / numel if numel else 0:>6.2f} {cos:>9} {snr:>7} {err:>9}"
         )

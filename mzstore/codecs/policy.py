@@ -10,6 +10,9 @@ Grammar (comma-separated stages, at most one pruner and one quantizer)::
     prune:AMOUNT                magnitude pruning, AMOUNT in (0, 1) of the weights set to zero
     prune:N:M                   N of every M consecutive weights kept (2:4)
     prune:…,int8 / int4 / fp8   pruning then quantization of what is kept
+    lowrank:energy=E            per chunk, a truncated SVD keeping E of the squared singular
+    lowrank:rank=N              values (or rank N); factors stored exact, or as int8 with
+    lowrank:…,int8              ``,int8`` (rarely pays on trained weights: see the docs)
     auto[:cos=0.99]             per chunk, the smallest of ecsq (at the step predicted for the
                                 target), int4:g128/g64/g32, fp8, int8 and lossless whose cosine
                                 to the original meets the target
@@ -100,21 +103,38 @@ class Prune:
         return f"prune:{self.n}:{self.m}" if self.m else f"prune:{self.amount:g}"
 
 
+#: Largest rank a ``lowrank:rank=N`` stage may ask for.
+MAX_LOWRANK_RANK = 4096
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A truncated SVD per chunk: the smallest rank keeping ``energy`` of the squared singular values,
+    or a fixed ``rank``. Recorded per chunk with the rank used (``lowrank:r=12``)."""
+
+    energy: float = 0.0
+    rank: int = 0
+
+    def __str__(self) -> str:
+        return f"lowrank:rank={self.rank}" if self.rank else f"lowrank:energy={self.energy:g}"
+
+
 @dataclass(frozen=True)
 class Spec:
-    """What one tensor gets: exact, or prune and/or quantize."""
+    """What one tensor gets: exact, or prune and/or quantize, or a low-rank split (factors exact or int8)."""
 
     prune: Prune | None = None
     quant: Quant | None = None
+    lowrank: LowRank | None = None
 
     @property
     def lossless(self) -> bool:
-        return self.prune is None and self.quant is None
+        return self.prune is None and self.quant is None and self.lowrank is None
 
     def __str__(self) -> str:
         if self.lossless:
             return "lossless"
-        return ",".join(str(s) for s in (self.prune, self.quant) if s is not None)
+        return ",".join(str(s) for s in (self.prune, self.lowrank, self.quant) if s is not None)
 
 
 @dataclass(frozen=True)
@@ -196,9 +216,21 @@ def _number(text: str, what: str) -> float:
     return value
 
 
-def _parse_stage(stage: str) -> Prune | Quant | Ecsq | AutoTarget:
+def _parse_stage(stage: str) -> Prune | Quant | Ecsq | AutoTarget | LowRank:
     parts = stage.split(":")
     head = parts[0]
+    if head == "lowrank" and len(parts) == 2:
+        key, _, value = parts[1].partition("=")
+        if key == "energy" and value:
+            energy = _number(value, "lowrank energy")
+            if not 0 < energy < 1:
+                raise InvalidArgument(f"lowrank energy must be between 0 and 1 (exclusive), got {value}")
+            return LowRank(energy=energy)
+        if key == "rank" and value.isdigit() and 1 <= int(value) <= MAX_LOWRANK_RANK:
+            return LowRank(rank=int(value))
+        raise InvalidArgument(
+            f"lowrank takes lowrank:energy=E (0 < E < 1) or lowrank:rank=N (1..{MAX_LOWRANK_RANK}), got {stage!r}"
+        )
     if head == "ecsq" and len(parts) == 2:
         target, _, value = parts[1].partition("=")
         if target not in ECSQ_TARGETS or not value:
@@ -252,7 +284,7 @@ def _parse_stage(stage: str) -> Prune | Quant | Ecsq | AutoTarget:
         return AutoTarget(cos, servable)
     raise InvalidArgument(
         f"unknown codec stage {stage!r}; use lossless, int8, int4[:g32|g64|g128], fp8, "
-        "prune:AMOUNT, prune:N:M, auto[:cos=X] or ecsq:size=S|cos=C|step=D"
+        "prune:AMOUNT, prune:N:M, lowrank:energy=E|rank=N, auto[:cos=X] or ecsq:size=S|cos=C|step=D"
     )
 
 
@@ -275,6 +307,7 @@ def parse_policy(text: str, keep: tuple[str, ...] | list[str] = ()) -> Policy:
         return Policy("lossless", keep=tuple(keep))
     prune: Prune | None = None
     quant: Quant | None = None
+    lowrank: LowRank | None = None
     auto: AutoTarget | None = None
     stages = [s.strip() for s in text.split(",")]
     for stage in stages:
@@ -291,7 +324,15 @@ def parse_policy(text: str, keep: tuple[str, ...] | list[str] = ()) -> Policy:
             if len(stages) > 1:
                 raise InvalidArgument("auto cannot be combined with other stages")
             auto = parsed
+        elif isinstance(parsed, LowRank):
+            if lowrank is not None or prune is not None:
+                raise InvalidArgument("at most one lowrank stage, and not with pruning")
+            if quant is not None:
+                raise InvalidArgument("lowrank comes before the quantizer of its factors: lowrank:…,int8")
+            lowrank = parsed
         elif isinstance(parsed, Prune):
+            if lowrank is not None:
+                raise InvalidArgument("lowrank does not combine with pruning")
             if prune is not None:
                 raise InvalidArgument("at most one prune stage")
             if quant is not None:
@@ -301,7 +342,9 @@ def parse_policy(text: str, keep: tuple[str, ...] | list[str] = ()) -> Policy:
             if quant is not None:
                 raise InvalidArgument("at most one quantizer (int8, int4 or fp8)")
             quant = parsed
-    spec = Spec(prune, quant)
+    if lowrank is not None and quant is not None and quant.kind != "int8":
+        raise InvalidArgument(f"lowrank factors are stored exact or as int8, not {quant}")
+    spec = Spec(prune, quant, lowrank)
     if auto is None:
         return Policy(str(spec), spec, None, tuple(keep))
     canonical = f"auto:cos={auto.cos:g}" + (":servable" if auto.servable else "")

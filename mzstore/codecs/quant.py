@@ -60,16 +60,18 @@ from mzstore.codecs import native
 from mzstore.codecs.base import scratch
 from mzstore.codecs.floats import E4M3_TABLE, bf16_to_f32, f32_to_bf16_into, f32_to_e4m3
 from mzstore.codecs.lossless import EXPONENT_PARAMS, LosslessCodec, zstd_decompress, zstd_read_into
-from mzstore.codecs.policy import ECSQ_STEP_RANGE, Prune, Quant, Spec
+from mzstore.codecs.policy import ECSQ_STEP_RANGE, LowRank, Prune, Quant, Spec
 from mzstore.errors import CodecError
-from mzstore.format.dtypes import DType
+from mzstore.format.dtypes import DType, get_dtype
 
 MAGIC = b"MZQ1"
 _HEAD = struct.Struct("<4sBBHQQB3x")
 _SECTION = struct.Struct("<BBQQ")
-METHODS = {"none": 0, "int8": 1, "int4": 2, "fp8": 3, "ecsq": 4}
+METHODS = {"none": 0, "int8": 1, "int4": 2, "fp8": 3, "ecsq": 4, "lowrank": 5}
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
 S_MASK, S_SCALES, S_ZEROS, S_CODES, S_VALUES, S_SCALES16, S_HIGH, S_TABLE = 1, 2, 3, 4, 5, 6, 7, 8
+#: lowrank: the factors A (rows x rank) and B (rank x cols), lossless-coded f32 or int8 codes with row scales.
+S_LR_A, S_LR_B, S_LR_ASCALE, S_LR_BSCALE = 9, 10, 11, 12
 #: ECSQ symbols are zigzag codes below this (|q| <= 32767); the table holds 256 entries per high byte in use.
 ECSQ_MAX_CODE = 1 << 16
 _RAW, _ZSTD = 0, 1
@@ -80,6 +82,7 @@ INT4_REFINE_STEPS = 3
 FP8_MAX = 448.0
 _local = threading.local()
 _lossless = LosslessCodec()
+DTYPE_F32 = get_dtype("F32")
 
 
 #: zstd parameters for quantized codes: the exponent planes' (7-byte minimum matches), with the smallest
@@ -294,6 +297,47 @@ def ecsq_quantize(x: np.ndarray, step: float) -> dict[int, np.ndarray]:
     return out
 
 
+def lowrank_rank(singular: np.ndarray, lowrank: LowRank) -> int:
+    """The rank a chunk keeps: the fixed one (at most the chunk's), or the smallest keeping the energy."""
+    if lowrank.rank:
+        return max(1, min(lowrank.rank, len(singular)))
+    energy = np.cumsum(singular.astype(np.float64) ** 2)
+    if not len(energy) or energy[-1] == 0:
+        return 1
+    return int(min(len(singular), np.searchsorted(energy, lowrank.energy * energy[-1]) + 1))
+
+
+def _int8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = _safe_scale(_row_absmax(a) / np.float32(127))
+    return np.clip(np.rint(a / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def lowrank_factors(x: np.ndarray, lowrank: LowRank, int8: bool) -> tuple[int, dict[int, np.ndarray | bytes]]:
+    """The rank and the sections of a truncated SVD of a ``rows × cols`` chunk: ``A = U·S`` and ``B = Vᵀ``,
+    lossless-coded f32, or int8 with one scale per row of each (``int8``)."""
+    u, s, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    rank = lowrank_rank(s, lowrank)
+    a = np.ascontiguousarray((u[:, :rank] * s[:rank]).astype(np.float32))
+    b = np.ascontiguousarray(vt[:rank].astype(np.float32))
+    if int8:
+        qa, sa = _int8_rows(a)
+        qb, sb = _int8_rows(b)
+        return rank, {S_LR_A: qa.view(np.uint8), S_LR_ASCALE: sa, S_LR_B: qb.view(np.uint8), S_LR_BSCALE: sb}
+    f32 = DTYPE_F32
+    return rank, {S_LR_A: _lossless.encode(a.tobytes(), f32)[0], S_LR_B: _lossless.encode(b.tobytes(), f32)[0]}
+
+
+def lowrank_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``A·B`` in f32, summed over the rank in order, one rounded multiply and one rounded add per term:
+    the same bits in numpy and in torch on any device (a BLAS matmul's summation order is not fixed)."""
+    y = np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)
+    term = np.empty_like(y)
+    for k in range(a.shape[1]):
+        np.multiply(a[:, k : k + 1], b[k : k + 1, :], out=term)
+        np.add(y, term, out=y)
+    return y
+
+
 def ecsq_reconstruct(x: np.ndarray, step: float) -> np.ndarray:
     """The f32 values a pull gets back for a ``rows × cols`` f32 matrix quantized as one ECSQ chunk."""
     sections = ecsq_quantize(x, step)
@@ -415,6 +459,8 @@ def dequantize(
     mask: np.ndarray | None,
 ) -> np.ndarray:
     """Rebuild the dense ``rows × cols`` f32 chunk (pruned entries are 0)."""
+    if method == "lowrank":
+        return lowrank_product(sections[S_LR_A].reshape(rows, group), sections[S_LR_B].reshape(group, cols))
     codes = sections[S_CODES]
     scale = sections[S_SCALES]
     row_idx: np.ndarray | None = None
@@ -524,6 +570,8 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
     method = METHOD_NAMES[method_id]
     if method == "int4" and group not in (32, 64, 128):
         raise CodecError(f"bad int4 group size {group}")
+    if method == "lowrank" and not 1 <= group <= min(rows, cols):
+        raise CodecError(f"lowrank payload has rank {group}, outside [1, {min(rows, cols)}]")
     n = rows * cols
     ecsq = method == "ecsq"
     n_scales = rows * (-(-cols // group) if method == "int4" else 1)
@@ -537,10 +585,18 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
         S_HIGH: n if ecsq else 0,
         S_TABLE: 2 * ECSQ_MAX_CODE if ecsq else 0,
     }
+    if method == "lowrank":  # only the factors: lossless-coded f32 (a little over 4 bytes each at worst), or int8
+        limits = {
+            S_LR_A: 4 * rows * group + 64 + 32 * 16,
+            S_LR_B: 4 * group * cols + 64 + 32 * 16,
+            S_LR_ASCALE: 4 * rows,
+            S_LR_BSCALE: 4 * group,
+        }
     pos = _HEAD.size + nsec * _SECTION.size
     if len(view) < pos:
         raise CodecError("quantized payload is truncated in its section table")
     out = Compact(method, rows, cols, group, None)
+    factors: dict[int, bytes | bytearray | memoryview] = {}
     for i in range(nsec):
         sid, coding, stored, raw = _SECTION.unpack_from(view, _HEAD.size + i * _SECTION.size)
         if sid not in limits or raw > limits[sid]:
@@ -561,7 +617,9 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
             raise CodecError(f"unknown section coding {coding}")
         if len(data) != raw:
             raise CodecError("quantized payload section has the wrong size")
-        if sid == S_MASK:
+        if sid in (S_LR_A, S_LR_B, S_LR_ASCALE, S_LR_BSCALE):
+            factors[sid] = data
+        elif sid == S_MASK:
             out.mask = np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(rows, cols)
         elif sid == S_VALUES:
             out.values = data
@@ -578,6 +636,12 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
             out.sections[sid] = np.frombuffer(data, dtype=_SECTION_DTYPES[sid])
     if pos != len(view):
         raise CodecError("quantized payload has trailing bytes")
+    if method == "lowrank":
+        if pruned:
+            raise CodecError("a lowrank payload is not pruned")
+        out.sections[S_LR_A] = _factor(factors, S_LR_A, S_LR_ASCALE, rows, group)
+        out.sections[S_LR_B] = _factor(factors, S_LR_B, S_LR_BSCALE, group, cols)
+        return out
     if bool(pruned) != (out.mask is not None):
         raise CodecError("quantized payload mask flag does not match its sections")
     kept = n if out.mask is None else int(out.mask.sum())
@@ -601,6 +665,25 @@ def unpack(payload: bytes | bytearray | memoryview, raw_len: int, dtype: DType, 
     if ecsq:
         _check_ecsq(out, kept)
     return out
+
+
+def _factor(
+    sections: dict[int, bytes | bytearray | memoryview], sid: int, scale_sid: int, rows: int, cols: int
+) -> np.ndarray:
+    """A lowrank factor as f32 ``rows × cols``: int8 codes times their row scales (one rounded multiply),
+    or the lossless-coded f32 values."""
+    data = sections.get(sid)
+    if data is None:
+        raise CodecError("lowrank payload lacks a factor")
+    scale = sections.get(scale_sid)
+    if scale is None:
+        if (S_LR_ASCALE in sections) != (S_LR_BSCALE in sections):
+            raise CodecError("lowrank payload has int8 scales for one factor only")
+        return _lossless.decode(data, DTYPE_F32, 4 * rows * cols).view(np.float32).reshape(rows, cols)
+    if len(data) != rows * cols or len(scale) != 4 * rows:
+        raise CodecError("lowrank int8 factor has the wrong size")
+    codes = np.frombuffer(data, np.int8).reshape(rows, cols)
+    return codes.astype(np.float32) * np.frombuffer(scale, np.float32)[:, None]
 
 
 def _check_ecsq(c: Compact, kept: int) -> None:
@@ -658,7 +741,7 @@ def expand_into(c: Compact, dtype: DType, out: np.ndarray) -> None:
             dense[c.mask] = vals.reshape(kept, itemsize)
         return
     core = native.core
-    if core is not None and c.mask is None and dtype.name in _NATIVE_OUT:
+    if core is not None and c.mask is None and dtype.name in _NATIVE_OUT and c.method in _NATIVE_METHODS:
         # One pass on the native core: codes x scale, rounded to the dtype, written into ``out``.
         core.expand(
             _NATIVE_METHODS[c.method],
@@ -748,6 +831,12 @@ def encode_spec(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, sp
     x = x.reshape(r, c)
     if not np.isfinite(x).all():
         raise CodecError("tensor has NaN or infinite values; keep it exact (--keep)")
+    if spec.lowrank is not None:
+        rank, factors = lowrank_factors(x, spec.lowrank, int8=spec.quant is not None)
+        payload = _pack("lowrank", False, rank, r, c, factors)
+        decoded = expand(unpack(payload, len(x.reshape(-1)) * (dtype.bits // 8), dtype), dtype)
+        stats = Stats.of(x.reshape(-1), to_f32(decoded, dtype))
+        return Encoded("quant", payload, {"spec": str(spec), "rank": rank}, stats, decoded)
     mask = prune_mask(x, spec.prune) if spec.prune else None
     sections: dict[int, np.ndarray | bytes] = {}
     if mask is not None:
@@ -831,6 +920,9 @@ def encode_auto(
     lenient = 1.0 - (1.0 - target) * AUTO_SAMPLE_SLACK
     sample = _row_sample(raw, dtype, rows)
     best = None if servable else _auto_ecsq(raw, dtype, rows, target)
+    if not servable:
+        low = _auto_lowrank(raw, dtype, rows, target, best)
+        best = low if low is not None else best
     for spec in AUTO_CANDIDATES:
         if sample is not None and encode_spec(sample[0], dtype, sample[1], spec).stats.cosine < lenient:
             continue
@@ -868,6 +960,35 @@ def _auto_ecsq(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, tar
             return enc
         step = float(f"{max(ECSQ_STEP_RANGE[0], step * AUTO_ECSQ_TIGHTEN):.6g}")
     return None
+
+
+#: ``auto`` tries a low-rank split only on chunks of at most this many values (an SVD per chunk: 0.1 s at 1 Mi).
+AUTO_LOWRANK_MAX_VALUES = 1 << 20
+
+
+def _auto_lowrank(
+    raw: bytes | bytearray | memoryview, dtype: DType, rows: int, target: float, best: Encoded | None
+) -> Encoded | None:
+    """``auto``'s low-rank candidate (int8 factors), when its rank for ``target`` makes it smaller than ``best``.
+
+    The rank keeps ``target²`` of the singular values' energy (the cosine of a truncation is the square root
+    of the energy it keeps) plus a quarter of the rest for the int8 error; it is encoded only when its
+    factors' bytes undercut ``best``'s payload, and kept only when its measured cosine meets ``target``.
+    Trained weight matrices are rarely low-rank: on MiniLM it never pays (see docs/architecture.md).
+    """
+    r, c = chunk_matrix(len(raw), dtype, rows)
+    if r < 2 or c < 2 or r * c > AUTO_LOWRANK_MAX_VALUES:
+        return None
+    x = to_f32(raw, dtype).reshape(r, c)
+    if not np.isfinite(x).all():
+        return None
+    s = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    energy = target**2 + (1 - target**2) * 0.75
+    rank = lowrank_rank(s, LowRank(energy=min(energy, 1 - 1e-12)))
+    if best is not None and (r + c) * rank + 4 * (r + rank) >= len(best.payload):
+        return None
+    enc = encode_spec(raw, dtype, rows, Spec(quant=Quant("int8"), lowrank=LowRank(rank=rank)))
+    return enc if enc.stats.cosine >= target and (best is None or len(enc.payload) < len(best.payload)) else None
 
 
 def _row_sample(raw: bytes | bytearray | memoryview, dtype: DType, rows: int) -> tuple[bytes, int] | None:

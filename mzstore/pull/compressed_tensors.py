@@ -358,6 +358,8 @@ def _plan_tensor(t: TensorEntry, dense: Sequence[str]) -> tuple[TensorPlan, str]
     why = _dense_reason(t, dense)
     if why:
         return TensorPlan(t, "dense", note=why), ""
+    if any(s.startswith("lowrank") for s in specs):
+        return TensorPlan(t, "dense", note="low-rank factors have no compressed-tensors scheme"), ""
     if any(s.startswith("ecsq") for s in specs):
         # Entropy-coded symbols with a per-chunk table: no compressed-tensors scheme (nor vLLM kernel) reads them.
         return TensorPlan(t, "dense", note="ecsq (entropy-coded) has no compressed-tensors scheme"), ""

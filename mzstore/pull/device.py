@@ -46,7 +46,19 @@ from typing import Any
 
 import numpy as np
 
-from mzstore.codecs.quant import E4M3_TABLE, S_CODES, S_HIGH, S_SCALES, S_TABLE, S_ZEROS, Compact, expand, unpack
+from mzstore.codecs.quant import (
+    E4M3_TABLE,
+    S_CODES,
+    S_HIGH,
+    S_LR_A,
+    S_LR_B,
+    S_SCALES,
+    S_TABLE,
+    S_ZEROS,
+    Compact,
+    expand,
+    unpack,
+)
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.hashing import blake3_hex
@@ -88,10 +100,12 @@ def torch_expand(c: Compact, dtype_name: str, device: Any, upload: Upload | None
     if c.method == "none":  # pruned, not quantized: the kept values are lossless bytes, decoded on the host
         (dense,) = send([expand(c, get_dtype(dtype_name))])
         return dense
-    if c.method not in ("int8", "fp8", "int4", "ecsq"):
+    if c.method not in ("int8", "fp8", "int4", "ecsq", "lowrank"):
         raise InvalidArgument(f"unknown quantization method {c.method}")
     if c.method == "ecsq":
         return _torch_ecsq(c, target, send)
+    if c.method == "lowrank":
+        return _torch_lowrank(c, target, send)
     arrays = [c.sections[S_CODES], c.sections[S_SCALES]]
     if c.method == "int4":
         arrays.append(c.sections[S_ZEROS])
@@ -142,6 +156,19 @@ def _torch_ecsq(c: Compact, target: Any, send: Upload) -> Any:
     if len(sent) > 3:
         index |= sent[3].long() << 8
     y = sent[2][index].reshape(c.rows, c.cols) * sent[1][:, None]
+    return y.to(target).reshape(-1).view(torch.uint8)
+
+
+def _torch_lowrank(c: Compact, target: Any, send: Upload) -> Any:
+    """``A·B`` on the device summed over the rank in order, a rounded multiply and add per term (the host's
+    :func:`~mzstore.codecs.quant.lowrank_product`; a matmul would not give the same bits)."""
+    import torch
+
+    a, b = send([c.sections[S_LR_A], c.sections[S_LR_B]])
+    a, b = a.reshape(c.rows, c.group), b.reshape(c.group, c.cols)
+    y = torch.zeros((c.rows, c.cols), dtype=torch.float32, device=a.device)
+    for k in range(c.group):
+        y.add_(a[:, k : k + 1] * b[k : k + 1, :])
     return y.to(target).reshape(-1).view(torch.uint8)
 
 
