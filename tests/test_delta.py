@@ -345,3 +345,38 @@ def test_small_changes_cost_little() -> None:
     new = base * (1 + rng.standard_normal(base.size).astype(np.float32) * 1e-4)
     payload, _ = DeltaCodec().encode_against(new.tobytes(), base.view(np.uint8), DTYPES["F32"])
     assert len(payload) < 0.4 * new.nbytes
+
+
+def test_a_real_fine_tune_of_minilm_ships_as_a_small_delta(small_server, minilm_dir: Path, tmp_path: Path) -> None:
+    """A few AdamW steps with sentence-transformers on the CPU (every weight moves), pushed with --base: exact
+    on pull, well under half the plain push, and an edge device holding v1 moves only the delta."""
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(minilm_dir), device="cpu")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    pairs = [("A cat sleeps on the sofa.", "A kitten naps on the couch."), ("Rates rose.", "The bank raised rates.")]
+    for _ in range(5):
+        a = model(model.preprocess([p[0] for p in pairs]))["sentence_embedding"]
+        b = model(model.preprocess([p[1] for p in pairs]))["sentence_embedding"]
+        scores = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T * 20
+        torch.nn.functional.cross_entropy(scores, torch.arange(len(pairs))).backward()
+        opt.step()
+        opt.zero_grad()
+    tuned = tmp_path / "tuned"
+    model.save(str(tuned), safe_serialization=True)
+    with Client(small_server.address) as c:
+        c.push(minilm_dir, "mini/lm:v1")
+        plain = c.push(tuned, "mini/lm:plain")
+        c.push(tuned, "mini/lm:v2", base="mini/lm:v1")
+        base_chunks = {(ch.blob, ch.offset) for t in _manifest(c, "mini/lm:v1").tensors for ch in t.chunks}
+        m = _manifest(c, "mini/lm:v2")
+    own = sum(ch.length for t in m.tensors for ch in t.chunks if (ch.blob, ch.offset) not in base_chunks)
+    assert own < 0.5 * plain.bytes_stored, (own, plain.bytes_stored)
+    settings = load_settings({**os.environ, "MZSTORE_HOME": str(tmp_path / "edge")})
+    with Client(small_server.address, settings=settings) as device:
+        device.pull("mini/lm:v1", tmp_path / "v1")
+        update = device.pull("mini/lm:v2", tmp_path / "v2")
+    assert _sha(tmp_path / "v2" / WEIGHTS) == _sha(tuned / WEIGHTS)
+    assert update.bytes_transferred < 0.5 * plain.bytes_stored
