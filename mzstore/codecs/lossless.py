@@ -67,12 +67,21 @@ def _cctx() -> zstandard.ZstdCompressor:
 EXPONENT_PARAMS = {"window_log": 17, "min_match": 7, "hash_log": 12, "chain_log": 12, "search_log": 1}
 
 
-def exponent_cctx() -> zstandard.ZstdCompressor:
-    ctx = getattr(_local, "ecctx", None)
+def fast_cctx(params: dict[str, int]) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor with the fast strategy and ``params`` (one per parameter set)."""
+    key = tuple(sorted(params.items()))
+    cache: dict[tuple[tuple[str, int], ...], zstandard.ZstdCompressor] | None = getattr(_local, "fast", None)
+    if cache is None:
+        cache = _local.fast = {}
+    ctx = cache.get(key)
     if ctx is None:
-        params = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **EXPONENT_PARAMS)
-        ctx = _local.ecctx = zstandard.ZstdCompressor(compression_params=params)
+        settings = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **params)
+        ctx = cache[key] = zstandard.ZstdCompressor(compression_params=settings)
     return ctx
+
+
+def exponent_cctx() -> zstandard.ZstdCompressor:
+    return fast_cctx(EXPONENT_PARAMS)
 
 
 def _dctx() -> zstandard.ZstdDecompressor:

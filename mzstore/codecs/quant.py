@@ -59,7 +59,7 @@ import zstandard
 from mzstore.codecs import native
 from mzstore.codecs.base import scratch
 from mzstore.codecs.floats import E4M3_TABLE, bf16_to_f32, f32_to_bf16_into, f32_to_e4m3
-from mzstore.codecs.lossless import EXPONENT_PARAMS, LosslessCodec, zstd_decompress, zstd_read_into
+from mzstore.codecs.lossless import EXPONENT_PARAMS, LosslessCodec, fast_cctx, zstd_decompress, zstd_read_into
 from mzstore.codecs.policy import ECSQ_STEP_RANGE, LowRank, Prune, Quant, Spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DType, get_dtype
@@ -92,14 +92,6 @@ DTYPE_F32 = get_dtype("F32")
 #: 450 instead of 320 MB/s, decoded at 1.06 instead of 0.78 GB/s. (The exponent planes of the lossless
 #: codec gain nothing from it.)
 CODES_PARAMS = {**EXPONENT_PARAMS, "hash_log": 6, "chain_log": 6}
-
-
-def _codes_cctx() -> zstandard.ZstdCompressor:
-    ctx = getattr(_local, "codes_cctx", None)
-    if ctx is None:
-        params = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **CODES_PARAMS)
-        ctx = _local.codes_cctx = zstandard.ZstdCompressor(compression_params=params)
-    return ctx
 
 
 def _cctx() -> zstandard.ZstdCompressor:
@@ -515,7 +507,7 @@ def _pack(
         raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
         # Codes take few values and rarely repeat in runs: literal-heavy parameters
         # code them near their entropy (int4 g128: 3.70 bits vs 4.08 at level 3).
-        coder = _codes_cctx() if sid == S_CODES else _cctx()
+        coder = fast_cctx(CODES_PARAMS) if sid == S_CODES else _cctx()
         packed = coder.compress(raw) if raw else b""
         if len(packed) < len(raw):
             heads.append(_SECTION.pack(sid, _ZSTD, len(packed), len(raw)))
