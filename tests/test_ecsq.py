@@ -477,3 +477,50 @@ def test_names_without_a_role_get_a_uniform_allocation(tmp_path: Path) -> None:
     assert alloc.source == "uniform"
     assert len(set(alloc.steps.values())) == 1 and set(alloc.steps) == {f"conv{i}.weight" for i in range(3)}
     assert alloc.predicted_size == pytest.approx(0.2, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer LlamaForCausalLM saved as several safetensors shards with an index (bf16)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, max_shard_size="100KB")
+    assert len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+def test_sharded_model_with_the_probe(client: Client, sharded_llama: Path, tmp_path: Path) -> None:
+    """One allocation over every shard; the probe builds the causal LM's base model and maps the file's
+    names (``model.`` prefix) to its parameters; ``lm_head``, which that model lacks, keeps its role value."""
+    info = client.push(sharded_llama, "llama/m:v1", codec="ecsq:size=0.25", probe=True)
+    a = info.allocation
+    assert a is not None and a["source"] == "probe", a
+    _, _, manifest = client.manifest("llama/m:v1")
+    lossy = [t for t in manifest.tensors if t.codec.startswith("ecsq")]
+    assert len({t.file for t in lossy}) > 2  # one allocation spans the shards
+    assert any(t.name == "lm_head.weight" for t in lossy)
+    stored = sum(c.length for t in manifest.tensors for c in t.chunks)
+    raw = sum(p.stat().st_size for p in sharded_llama.glob("*.safetensors"))
+    assert stored / raw == pytest.approx(0.25, abs=0.02)
+    out = tmp_path / "out"
+    client.pull("llama/m:v1", out)
+    loaded = client.load_state_dict("llama/m:v1")
+    from safetensors.torch import load_file
+
+    pulled = {}
+    for f in out.glob("*.safetensors"):
+        pulled.update(load_file(str(f)))
+    assert set(pulled) == set(loaded)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor.view(torch.uint8), pulled[name].view(torch.uint8)), name
