@@ -3,11 +3,14 @@
 How it works::
 
     UploadBegin ──▶ validate ref, policy, file list          (nothing stored yet)
+                    ecsq: each tensor's step from the client's allocation
+                    --base: the base manifest's tensors, by name
     UploadData* ──▶ per file, in order:
                       safetensors: 8-byte prefix → strict header parse →
                                    plan row chunks → fill one chunk at a time
                       other files: fixed-size byte chunks
                     each full chunk → worker pool: BLAKE3(raw) + codec.encode
+                                      (--base: against the base's chunk of the same rows)
                     results drained in order → ShardWriter (spool → sealed shard blobs)
     UploadEnd   ──▶ size and sha256 of the file checked against what arrived
     end of stream ─▶ seal last shard → manifest → ref (Store.commit)
@@ -165,8 +168,9 @@ DELTA_CHECK_SHARE = 0.5
 
 
 def _encode_delta(mode: DeltaMode, dtype: DType, raw: bytes | bytearray) -> _Encoded:
-    """A chunk against its base chunk: the base itself when the bytes are the same, else the XOR delta,
-    unless coding the chunk on its own is smaller (a tensor that changed entirely)."""
+    """A chunk against its base chunk: the base chunk itself when the bytes are the same, else the delta
+    (:mod:`mzstore.codecs.delta`), unless coding the chunk on its own is smaller (a tensor that changed
+    entirely)."""
     base = mode.read(mode.base)
     data = np.frombuffer(raw, dtype=np.uint8)
     sha = blake3_hex(raw)
