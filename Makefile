@@ -53,7 +53,8 @@ test: setup system-deps lint
 
 # The codec and pull tests once more on the numpy reference codecs (the native core turned off).
 NUMPY_TESTS := tests/test_codecs.py tests/test_lossy_codecs.py tests/test_fuzz.py tests/test_native.py \
-	tests/test_roundtrip.py tests/test_pipeline.py tests/test_keep_quantized.py tests/test_chunk_hash.py
+	tests/test_roundtrip.py tests/test_pipeline.py tests/test_keep_quantized.py tests/test_chunk_hash.py \
+	tests/test_ecsq.py tests/test_lowrank.py
 test-numpy: setup
 	MZSTORE_NATIVE=0 $(PY) -m pytest -q -m "not slow" $(NUMPY_TESTS)
 
