@@ -281,6 +281,7 @@ def test_auto_step_meets_the_chunk_target() -> None:
         ("model.layers.0.mlp.down_proj.weight", "ffn_out"),
         ("model.embed_tokens.weight", "embed"),
         ("lm_head.weight", "head"),
+        ("bert.pooler.dense.weight", "pooler"),
         ("transformer.h.0.attn.c_attn.weight", "qkv"),
         ("transformer.h.0.mlp.c_proj.weight", "ffn_out"),
         ("transformer.wte.weight", "embed"),

@@ -70,7 +70,8 @@ ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for role, pattern in (
         ("position", r"(position|token_type)_?embed|wpe\b|embed_positions"),
         ("embed", r"word_embeddings|embed_tokens|tok_embeddings|\bwte\b|\bembeddings?\.weight$|shared\.weight$"),
-        ("head", r"lm_head|\bpooler\b|classifier|score\.weight$"),
+        ("pooler", r"\bpooler\b"),
+        ("head", r"lm_head|classifier|score\.weight$"),
         ("q", r"[._](query|q_proj|q|wq)\."),
         ("k", r"[._](key|k_proj|k|wk)\."),
         ("v", r"[._](value|v_proj|v|wv)\."),
@@ -86,6 +87,9 @@ ROLE_SENSITIVITY: dict[str, float] = {
     "embed": 0.66,
     "position": 0.14,
     "head": 0.66,
+    # BERT's pooler feeds only the pooled [CLS] output, which mean-pooling embedders and the hidden states
+    # never see (the probe measures 0 on MiniLM); a classifier on it would, so it is low, not zero.
+    "pooler": 0.05,
     "q": 0.43,
     "k": 0.43,
     "v": 1.64,
