@@ -157,3 +157,23 @@ def stop_serve(proc: subprocess.Popen) -> int:
     """SIGTERM (graceful shutdown) and wait; return the exit code."""
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=30)
+
+
+def save_tiny_llama(out: Path, hidden: int = 256, intermediate: int = 512, max_shard_size: str | None = None) -> Path:
+    """A 2-layer LlamaForCausalLM in bf16 (seed 0) saved as a Hugging Face directory at ``out``."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import start_serve, stop_serve, store_files
+from conftest import save_tiny_llama, start_serve, stop_serve, store_files
 from safetensors.torch import save_file
 
 from mzstore.client import Client
@@ -483,20 +483,7 @@ def test_names_without_a_role_get_a_uniform_allocation(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer LlamaForCausalLM saved as several safetensors shards with an index (bf16)."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, max_shard_size="100KB")
+    out = save_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=128, intermediate=256, max_shard_size="100KB")
     assert len(list(out.glob("*.safetensors"))) > 2
     return out
 
