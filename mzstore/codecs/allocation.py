@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mzstore.codecs.policy import ECSQ_STEP_RANGE, Ecsq
+from mzstore.codecs.quant import ecsq_normalize, zigzag
 from mzstore.errors import InvalidArgument
 
 #: Values sampled per tensor (evenly spaced rows) for the size and error predictions.
@@ -119,27 +120,28 @@ class TensorSample:
         numel: its number of values.
         rows: its rows (dim 0), each with its own scale.
         values: a sample of its rows, each divided by its RMS (f32, 1-D).
+        itemsize: bytes per element of its dtype (how many chunks it makes).
     """
 
     name: str
     numel: int
     rows: int
     values: np.ndarray
+    itemsize: int = 4
 
     def symbols(self, step: float) -> np.ndarray:
         return np.rint(self.values * np.float32(1.0 / step)).astype(np.int64)
 
-    def bits(self, step: float, itemsize: int = 4) -> float:
+    def bits(self, step: float) -> float:
         """Predicted stored bits of the whole tensor at ``step``.
 
         The symbols cost their entropy (of each byte plane apart when there are two, as they are coded),
         plus the row scales and, per chunk, a table entry per symbol in use and a header.
         """
-        chunks = max(1, -(-self.numel * itemsize // CHUNK_BYTES))
+        chunks = max(1, -(-self.numel * self.itemsize // CHUNK_BYTES))
         if not self.values.size:
             return float(chunks * CHUNK_BITS)
-        q = self.symbols(step)
-        z = np.where(q >= 0, 2 * q, -2 * q - 1)
+        z = zigzag(self.symbols(step))
         bits = min(8.0, _huffman_bits(z & 255) * CODER_OVERHEAD)  # stored raw at worst
         if int(z.max()) >= 256:  # the high plane is nearly all zeros: zstd's matches take it near its entropy
             bits += _entropy(z >> 8)
@@ -185,15 +187,21 @@ def _huffman_bits(symbols: np.ndarray) -> float:
     return float((lengths * counts).sum() / counts.sum())
 
 
+def sampled_rows(rows: int, cols: int, limit: int = SAMPLE_VALUES) -> np.ndarray:
+    """The indices of the evenly spaced rows sampled from a ``rows × cols`` matrix (about ``limit`` values)."""
+    return np.linspace(0, rows - 1, max(1, min(rows, limit // max(1, cols)))).astype(np.intp)
+
+
+def normalized_sample(picked: np.ndarray, limit: int = SAMPLE_VALUES) -> np.ndarray:
+    """Sampled rows divided by their scales as the codec stores them (:func:`ecsq_normalize`), flat, at most
+    ``limit`` values."""
+    return ecsq_normalize(picked)[0].reshape(-1)[:limit].astype(np.float32)
+
+
 def sample_rows(x: np.ndarray, limit: int = SAMPLE_VALUES) -> np.ndarray:
     """Evenly spaced rows of a ``rows × cols`` f32 matrix, each divided by its RMS, at most ``limit`` values."""
     rows, cols = x.shape
-    take = max(1, min(rows, limit // max(1, cols)))
-    picked = x[np.linspace(0, rows - 1, take).astype(np.intp)]
-    rms = np.sqrt(np.einsum("ij,ij->i", picked, picked, dtype=np.float64) / max(1, cols)).astype(np.float32)
-    rms = rms.astype(np.float16).astype(np.float32)
-    rms = np.where(rms > 0, rms, np.float32(1))
-    return (picked / rms[:, None]).reshape(-1)[:limit].astype(np.float32)
+    return normalized_sample(x[sampled_rows(rows, cols, limit)], limit)
 
 
 def role_sensitivities(names: list[str]) -> dict[str, float] | None:

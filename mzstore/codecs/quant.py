@@ -222,8 +222,7 @@ def quantize(x: np.ndarray, mask: np.ndarray | None, quant: Quant) -> dict[int, 
     """
     xm = x if mask is None else np.where(mask, x, np.float32(0))
     if quant.kind == "int8":
-        scale = _safe_scale(_row_absmax(xm) / np.float32(127))
-        q = np.clip(np.rint(xm / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = _int8_rows(xm)
         codes = q if mask is None else q[mask]
         return {S_SCALES: scale, S_CODES: codes.reshape(-1)}
     if quant.kind == "fp8":
@@ -254,12 +253,14 @@ def row_rms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64) / cols).astype(np.float32)
 
 
-def ecsq_row_scales(x: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The row scales of an ECSQ chunk as they will be stored (f16 when every nonzero one fits), and whether f16."""
+def ecsq_normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Each row of a ``rows × cols`` f32 matrix divided by its stored scale (its RMS, rounded to f16 when
+    every nonzero one fits; an all-zero row stays zero), the scales, and whether they are f16."""
     rms = row_rms(x)
     nonzero = rms[rms > 0]
     f16 = bool(((nonzero >= F16_SCALE_RANGE[0]) & (nonzero <= F16_SCALE_RANGE[1])).all())
-    return (rms.astype(np.float16).astype(np.float32) if f16 else rms), f16
+    scale = rms.astype(np.float16).astype(np.float32) if f16 else rms
+    return x / np.where(scale > 0, scale, np.float32(1))[:, None], scale, f16
 
 
 def zigzag(q: np.ndarray) -> np.ndarray:
@@ -271,9 +272,8 @@ def ecsq_quantize(x: np.ndarray, step: float) -> dict[int, np.ndarray]:
     """ECSQ sections of a ``rows × cols`` f32 chunk: row scales, code planes and the reconstruction table."""
     if not ECSQ_STEP_RANGE[0] <= step <= ECSQ_STEP_RANGE[1]:
         raise CodecError(f"ecsq step {step!r} is outside [{ECSQ_STEP_RANGE[0]:g}, {ECSQ_STEP_RANGE[1]:g}]")
-    scale, f16 = ecsq_row_scales(x)
-    divisor = np.where(scale > 0, scale, np.float32(1))
-    xn = (x / divisor[:, None]).reshape(-1)
+    normalized, scale, f16 = ecsq_normalize(x)
+    xn = normalized.reshape(-1)
     limit = ECSQ_MAX_CODE // 2 - 1
     z = zigzag(np.clip(np.rint(xn * np.float32(1.0 / step)), -limit, limit).astype(np.int32))
     planes = int(z.max()) // 256 + 1 if z.size else 1
@@ -300,6 +300,7 @@ def lowrank_rank(singular: np.ndarray, lowrank: LowRank) -> int:
 
 
 def _int8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes with one f32 scale per row (``absmax / 127``): the int8 quantizer."""
     scale = _safe_scale(_row_absmax(a) / np.float32(127))
     return np.clip(np.rint(a / scale[:, None]), -127, 127).astype(np.int8), scale
 
@@ -823,17 +824,15 @@ def encode_spec(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, sp
     x = x.reshape(r, c)
     if not np.isfinite(x).all():
         raise CodecError("tensor has NaN or infinite values; keep it exact (--keep)")
-    if spec.lowrank is not None:
-        rank, factors = lowrank_factors(x, spec.lowrank, int8=spec.quant is not None)
-        payload = _pack("lowrank", False, rank, r, c, factors)
-        decoded = expand(unpack(payload, len(x.reshape(-1)) * (dtype.bits // 8), dtype), dtype)
-        stats = Stats.of(x.reshape(-1), to_f32(decoded, dtype))
-        return Encoded("quant", payload, {"spec": str(spec), "rank": rank}, stats, decoded)
+    params: dict[str, Any] = {"spec": str(spec)}
     mask = prune_mask(x, spec.prune) if spec.prune else None
     sections: dict[int, np.ndarray | bytes] = {}
     if mask is not None:
         sections[S_MASK] = np.packbits(mask.reshape(-1))
-    if spec.quant is None:
+    if spec.lowrank is not None:
+        params["rank"], factors = lowrank_factors(x, spec.lowrank, int8=spec.quant is not None)
+        payload = _pack("lowrank", False, params["rank"], r, c, factors)
+    elif spec.quant is None:
         kept = np.frombuffer(raw, np.uint8).reshape(r, c, -1)[mask]
         sections[S_VALUES] = _lossless.encode(kept.tobytes(), dtype)[0]
         payload = _pack("none", True, 0, r, c, sections)
@@ -843,7 +842,7 @@ def encode_spec(raw: bytes | bytearray | memoryview, dtype: DType, rows: int, sp
         payload = _pack(spec.quant.kind, mask is not None, spec.quant.group, r, c, sections)
     decoded = expand(unpack(payload, len(x.reshape(-1)) * (dtype.bits // 8), dtype), dtype)
     y = to_f32(decoded, dtype)
-    return Encoded("quant", payload, {"spec": str(spec)}, Stats.of(x.reshape(-1), y), decoded)
+    return Encoded("quant", payload, params, Stats.of(x.reshape(-1), y), decoded)
 
 
 AUTO_CANDIDATES = (

@@ -21,23 +21,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from mzstore.codecs.allocation import (
-    SAMPLE_VALUES,
     Allocation,
     TensorSample,
     allocate,
+    normalized_sample,
     role_sensitivities,
-    sample_rows,
+    sampled_rows,
     uniform_sensitivities,
 )
 from mzstore.codecs.lossless import LosslessCodec
 from mzstore.codecs.policy import Policy
 from mzstore.codecs.quant import to_f32
 from mzstore.errors import InvalidArgument
-from mzstore.format.safetensors import parse_header, read_header_len
-from mzstore.push.source import Source
+from mzstore.push.source import Source, safetensors_files
 
 log = logging.getLogger("mzstore.push")
 
@@ -55,35 +52,28 @@ def sample_source(source: Source, policy: Policy) -> tuple[list[TensorSample], f
     samples: list[TensorSample] = []
     kept = 0.0
     raw = 0
-    for f in source.files:
-        if f.kind != "safetensors":
-            continue
+    for f, fh, header in safetensors_files(source):
         raw += f.size
-        with f.opener() as fh:
-            prefix = fh.read(8)
-            n = read_header_len(prefix, f.size)
-            header = parse_header(fh.read(n), f.size)
-            kept += 8 + n
-            base = header.data_start
-            for t in header.tensors:
-                if policy.mode_for(t.name, t.dtype.name, t.shape) == "lossless":
-                    take = min(t.nbytes, KEPT_SAMPLE_BYTES)
-                    if take:
-                        fh.seek(base + t.begin)
-                        part = fh.read(take)
-                        kept += t.nbytes * len(lossless.encode(part, t.dtype)[0]) / max(1, len(part))
-                    continue
-                rows = t.shape[0]
-                cols = t.numel // rows
-                width = cols * t.dtype.bits // 8
-                take = max(1, min(rows, SAMPLE_VALUES // max(1, cols)))
-                picked = np.linspace(0, rows - 1, take).astype(np.intp)
-                parts = []
-                for r in picked:
-                    fh.seek(base + t.begin + int(r) * width)
-                    parts.append(fh.read(width))
-                x = to_f32(b"".join(parts), t.dtype).reshape(take, cols)
-                samples.append(TensorSample(t.name, t.numel, rows, sample_rows(x)))
+        kept += header.data_start  # the length prefix and the header, stored in the manifest
+        base = header.data_start
+        for t in header.tensors:
+            if policy.mode_for(t.name, t.dtype.name, t.shape) == "lossless":
+                take = min(t.nbytes, KEPT_SAMPLE_BYTES)
+                if take:
+                    fh.seek(base + t.begin)
+                    part = fh.read(take)
+                    kept += t.nbytes * len(lossless.encode(part, t.dtype)[0]) / max(1, len(part))
+                continue
+            rows = t.shape[0]
+            cols = t.numel // rows
+            width = cols * t.dtype.bits // 8
+            picked = sampled_rows(rows, cols)
+            parts = []
+            for r in picked:
+                fh.seek(base + t.begin + int(r) * width)
+                parts.append(fh.read(width))
+            x = to_f32(b"".join(parts), t.dtype).reshape(len(picked), cols)
+            samples.append(TensorSample(t.name, t.numel, rows, normalized_sample(x), max(1, t.dtype.bits // 8)))
     return samples, kept, raw
 
 

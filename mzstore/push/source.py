@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -31,7 +31,7 @@ from typing import BinaryIO
 from mzstore.codecs.policy import LOSSY_DTYPES, MIN_LOSSY_NUMEL, Policy
 from mzstore.errors import FormatError, InvalidArgument, NotFound, requires
 from mzstore.format.manifest import path_selected
-from mzstore.format.safetensors import parse_header, read_header_len
+from mzstore.format.safetensors import Header, parse_header, read_header_len
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -171,22 +171,30 @@ def open_source(path: str | os.PathLike[str], include: Sequence[str] = (), exclu
     return Source(kind, out, skipped)
 
 
+def safetensors_files(source: Source) -> Iterator[tuple[SourceFile, BinaryIO, Header]]:
+    """Each safetensors file of ``source``, open, with its parsed header (the file closes when the next one
+    is asked for).
+
+    Raises:
+        FormatError: if a header is malformed (the server would refuse it too).
+    """
+    for f in source.files:
+        if f.kind != "safetensors":
+            continue
+        with f.opener() as fh:
+            n = read_header_len(fh.read(8), f.size)
+            yield f, fh, parse_header(fh.read(n), f.size)
+
+
 def source_tensors(source: Source) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """``(file, tensor, dtype, shape)`` of every tensor, read from the safetensors headers.
 
     Raises:
         FormatError: if a header is malformed (the server would refuse it too).
     """
-    out: list[tuple[str, str, str, tuple[int, ...]]] = []
-    for f in source.files:
-        if f.kind != "safetensors":
-            continue
-        with f.opener() as fh:
-            prefix = fh.read(8)
-            n = read_header_len(prefix, f.size)
-            header = parse_header(fh.read(n), f.size)
-        out.extend((f.path, t.name, t.dtype.name, t.shape) for t in header.tensors)
-    return out
+    return [
+        (f.path, t.name, t.dtype.name, t.shape) for f, _, header in safetensors_files(source) for t in header.tensors
+    ]
 
 
 #: How many file names :func:`check_has_weights` lists before summarizing.
