@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """S3 face benchmark (issue 18): the Run:ai Model Streamer reading a checkpoint from mzstore's S3 face.
 
-Three sources of the same synthetic bf16 checkpoint (1 GiB by default), on
+Four sources of the same synthetic bf16 checkpoint (1 GiB by default), on
 loopback, in the same run, interleaved ``--runs`` times:
 
 * ``mzstore S3 face``: ``mzstore serve --s3`` (its own process), the
-  checkpoint pushed lossless; the face decodes it as it serves the ranged
-  GETs;
+  checkpoint pushed lossless. Its first read decodes the file as it
+  serves the ranged GETs and keeps it decoded on the server's disk
+  (``MZSTORE_FILES_CACHE``); that read is timed once on a fresh server
+  (``first read``), and the timed runs that follow are sent with
+  ``sendfile``;
+* ``mzstore S3 face, decoding every read``: a second server with
+  ``MZSTORE_FILES_CACHE=0``, which decodes and verifies every chunk of
+  every read (how the face served before it kept files);
 * ``moto (raw file)``: moto's S3 server (``ThreadedMotoServer`` in a process
   of its own) holding the raw file, the S3 server the tests use;
 * ``local file``: the streamer reading the file from disk (the work
@@ -41,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from _common import cpu_model, cpu_pid, fmt, log, read_address, stop, table
@@ -113,6 +120,23 @@ def run_child(source: str, endpoint: str | None, check: str, timeout: float) -> 
     return out
 
 
+def wait_kept(http_port: int, size: int, timeout: float) -> float:
+    """Seconds until the server's ``mzstore_decoded_files_bytes`` reaches ``size`` (its file is kept decoded)."""
+    start = time.monotonic()
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        kept = next(
+            (float(line.split()[-1]) for line in text.splitlines() if line.startswith("mzstore_decoded_files_bytes ")),
+            0.0,
+        )
+        if kept >= size:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"the server kept {kept:.0f} of {size} bytes decoded after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="timed runs per source (medians are printed)")
@@ -131,17 +155,34 @@ def main(argv: list[str] | None = None) -> int:
         size = src.stat().st_size
         mz = Path(sys.executable).with_name("mzstore")
         cmd = [str(mz)] if mz.exists() else [sys.executable, "-m", "mzstore.cli"]
-        s3_port = free_port()
-        server = subprocess.Popen(
-            [*cmd, "serve", "--root", str(work / "store"), "--listen", "127.0.0.1:0", "--http", "off",
-             "--s3", f"127.0.0.1:{s3_port}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        procs.append(server)
-        address = read_address(server, timeout=60)
-        log("pushing to mzstore (lossless)")
-        subprocess.run([*cmd, "push", str(model), "bench/s3:v1", "--server", address, "-q"], check=True)
+
+        def mzstore_server(name: str, files_cache: str | None) -> tuple[subprocess.Popen[bytes], int, int]:
+            """A server with its S3 face (and its HTTP plane, for /metrics), the checkpoint pushed lossless."""
+            s3_port, http_port = free_port(), free_port()
+            proc = subprocess.Popen(
+                [*cmd, "serve", "--root", str(work / name), "--listen", "127.0.0.1:0",
+                 "--http", f"127.0.0.1:{http_port}", "--s3", f"127.0.0.1:{s3_port}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k != "MZSTORE_FILES_CACHE"}
+                | ({"MZSTORE_FILES_CACHE": files_cache} if files_cache is not None else {}),
+            )  # fmt: skip
+            procs.append(proc)
+            address = read_address(proc, timeout=60)
+            log(f"pushing to mzstore ({name}, lossless)")
+            subprocess.run([*cmd, "push", str(model), "bench/s3:v1", "--server", address, "-q"], check=True)
+            return proc, s3_port, http_port
+
+        server, s3_port, http_port = mzstore_server("store", None)  # the default cache size
+        plain, plain_s3_port, _ = mzstore_server("store-nokeep", "0")
+        key = "s3://mzstore/bench/s3/v1/model.safetensors"
+        # The first read of the keeping server, timed once: it decodes, and the file is written beside it.
+        log("first read from the mzstore S3 face (the file is kept decoded meanwhile)")
+        before = cpu_pid(server.pid)
+        first = run_child(key, f"http://127.0.0.1:{s3_port}", "-", args.timeout)
+        kept_after = wait_kept(http_port, size, args.timeout)
+        first_cpu = ((cpu_pid(server.pid) or 0.0) - (before or 0.0)) / (size / GB)  # the read and the write
+        log(f"kept decoded {kept_after:.1f} s after the first read ended")
         moto_port = free_port()
         moto = subprocess.Popen(  # threaded, as the tests run it (moto's CLI server serves one request at a time)
             [sys.executable, "-c", MOTO, str(moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -165,11 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         log("uploading the raw file to moto")
         client.upload_file(str(src), "raw", "model.safetensors")
         sources = {
-            "mzstore S3 face": (
-                "s3://mzstore/bench/s3/v1/model.safetensors",
-                f"http://127.0.0.1:{s3_port}",
-                server.pid,
-            ),
+            "mzstore S3 face": (key, f"http://127.0.0.1:{s3_port}", server.pid),
+            "mzstore S3 face, decoding every read": (key, f"http://127.0.0.1:{plain_s3_port}", plain.pid),
             "moto (raw file)": ("s3://raw/model.safetensors", moto_url, moto.pid),
             "local file": (str(src), None, None),
         }
@@ -195,7 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                 if pid and before is not None:
                     cpu[name].append(((cpu_pid(pid) or 0.0) - before) / (size / GB))
         local = statistics.median(times["local file"])
-        rows = []
+        rows = [
+            [
+                "mzstore S3 face, first read",
+                "1",
+                fmt(first["seconds"], ".2f"),
+                fmt(size / first["seconds"] / 1e6, ".0f"),
+                fmt(local / first["seconds"], ".2f"),
+                fmt(first_cpu, ".2f"),
+            ]
+        ]
         for name in sources:
             if name in failed:
                 rows.append([name, "0", "failed", "", "", failed[name]])

@@ -53,6 +53,8 @@ KEEPALIVE_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 #: The longest any call may run on a server, whatever deadline the client sent (``MZSTORE_MAX_DEADLINE``).
 DEFAULT_MAX_DEADLINE_S = 24 * 3600.0
+#: Server: bytes of files kept decoded on disk for the Hugging Face and S3 faces (``MZSTORE_FILES_CACHE``).
+DEFAULT_FILES_CACHE_BYTES = 16 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Settings:
         keepalive_s: idle seconds between keepalive pings, client and server (``MZSTORE_KEEPALIVE``).
         max_concurrent_rpcs: server: calls at once before RESOURCE_EXHAUSTED (``MZSTORE_MAX_CONCURRENT_RPCS``).
         max_deadline_s: server: the longest a call may run, whatever the client asked (``MZSTORE_MAX_DEADLINE``).
+        files_cache_bytes: server: bytes of model files the Hugging Face and S3 faces keep decoded on
+            disk and send with ``sendfile`` on later reads (``MZSTORE_FILES_CACHE``; 0 decodes every read).
     """
 
     server: str = DEFAULT_SERVER
@@ -155,6 +159,7 @@ class Settings:
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     max_deadline_s: float = DEFAULT_MAX_DEADLINE_S
+    files_cache_bytes: int = DEFAULT_FILES_CACHE_BYTES
 
     @property
     def cache_dir(self) -> Path:
@@ -297,6 +302,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         keepalive_s=_seconds(env, "MZSTORE_KEEPALIVE", DEFAULT_KEEPALIVE_S),
         max_concurrent_rpcs=_int(env, "MZSTORE_MAX_CONCURRENT_RPCS", DEFAULT_MAX_CONCURRENT_RPCS),
         max_deadline_s=_seconds(env, "MZSTORE_MAX_DEADLINE", DEFAULT_MAX_DEADLINE_S),
+        files_cache_bytes=_int(env, "MZSTORE_FILES_CACHE", DEFAULT_FILES_CACHE_BYTES, allow_zero=True),
     )
 
 

@@ -212,7 +212,8 @@ def build_server(
     )
     watch_store(store)
     plane = None
-    files = ServedFiles(store)  # one decoded-file reader for the Hugging Face and S3 faces
+    # one decoded-file reader for the Hugging Face and S3 faces, keeping files decoded on the spool's disk
+    files = ServedFiles(store, decoded_bytes=settings.files_cache_bytes, decoded_dir=spool)
     context = tls.ssl_context() if tls and (http is not None or s3 is not None) else None
     if http is not None:
         host, port = _http_address(http, listen)

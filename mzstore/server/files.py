@@ -5,7 +5,10 @@ manifests, file layouts (:mod:`mzstore.pull.fileview`), the sha256 of each
 file as served, and a response writer that decodes the next chunk while the
 current one goes out; the Hugging Face face (:mod:`mzstore.server.hub`) and
 the S3 face (:mod:`mzstore.server.s3`) use the same instance, so they share
-its LRU of decoded chunks. :class:`DigestFile` sends a file from disk with
+its LRU of decoded chunks. :class:`DecodedFiles` keeps files that were read
+decoded once on the server's disk, so repeat reads (a fleet of inference
+servers loading one model through a face) are sent with ``sendfile``
+instead of decoded again. :class:`DigestFile` sends a file from disk with
 ``sendfile`` under a sha256 ``ETag`` (blob routes, exported files), and
 :func:`byte_range` reads the one ``Range`` of a request.
 """
@@ -14,37 +17,184 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import hdrs, web
 
 from mzstore.errors import MzstoreError, NotFound
 from mzstore.format.manifest import Manifest, parse_manifest
 from mzstore.format.refs import Ref
-from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256
+from mzstore.pull.fileview import ChunkReader, FileLayout, file_sha256, read_range
 from mzstore.server import metrics
+from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Store, manifest_key
 
 T = TypeVar("T")
+log = logging.getLogger("mzstore.files")
 #: Decoded chunks kept for concurrent readers (bytes).
 DECODED_CACHE_BYTES = 256 * 1024 * 1024
 #: Parsed manifests kept (manifests are immutable, so they never go stale).
 MANIFESTS_KEPT = 64
+#: Files smaller than this are decoded for every read (one chunk: ``sendfile`` would save little).
+MATERIALIZE_MIN_BYTES = 16 * 1024 * 1024
+#: Free disk a decoded file leaves beside itself; below it, files are decoded for every read.
+FREE_MARGIN_BYTES = 1024**3
+
+
+class DecodedFiles:
+    """Files decoded once onto the server's disk, then sent with ``sendfile`` (an LRU bounded in bytes).
+
+    A read of a file of at least :data:`MATERIALIZE_MIN_BYTES` that is not here yet is served by
+    decoding, as before, and queues the file: one builder thread writes it in file order through
+    the server's :class:`ChunkReader` (so chunks a request just decoded are not decoded twice), and
+    only a whole file is renamed into place. Every chunk of it passed its decoded-hash check on the
+    way (the reader never returns a chunk that failed), the header bytes come from the manifest,
+    and the layout tiles the file exactly: the file is the served bytes by construction, with the
+    sha256 the manifest records, which names it. It is not re-read on each send: like nginx's or a
+    CDN's cache, the copy is trusted on the disk it was written to, for the life of the server
+    (the folder is a temp dir, removed when the server stops).
+
+    Evicted files are unlinked; a response that already opened one keeps reading it.
+    """
+
+    def __init__(self, reader: ChunkReader, limit_bytes: int, root: Path | None = None) -> None:
+        self.reader = reader
+        self.limit_bytes = limit_bytes
+        self._parent = root
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+        self._done: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._queued: set[str] = set()
+        self._failed: set[str] = set()
+        self._closed = False
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="mzstore-decoded-files")
+        #: Files written, and sends served from them (for tests and the bench).
+        self.built = 0
+        self.hits = 0
+
+    def open(self, sha256: str) -> BinaryIO | None:
+        """The decoded file named ``sha256``, opened for reading, or ``None`` when it is not here."""
+        with self._lock:
+            hit = self._done.get(sha256)
+            if hit is None:
+                return None
+            try:
+                fh = open(hit[0], "rb")  # under the lock: eviction cannot unlink it between lookup and open
+            except OSError:
+                del self._done[sha256]
+                return None
+            self._done.move_to_end(sha256)
+            self.hits += 1
+            return fh
+
+    def want(self, sha256: str, layout: FileLayout) -> None:
+        """Queue ``layout``'s file (served as ``sha256``) for writing, unless it is small, too big, here or queued."""
+        if not sha256 or layout.size < MATERIALIZE_MIN_BYTES or layout.size > self.limit_bytes:
+            return
+        with self._lock:
+            if self._closed or sha256 in self._done or sha256 in self._queued or sha256 in self._failed:
+                return
+            self._queued.add(sha256)
+        try:
+            self._builder.submit(self._build, sha256, layout)
+        except RuntimeError:  # shut down meanwhile
+            with self._lock:
+                self._queued.discard(sha256)
+
+    def wait(self) -> None:
+        """Block until the files queued so far are written (tests, the bench)."""
+        self._builder.submit(lambda: None).result()
+
+    def _dir(self) -> Path:
+        with self._lock:
+            if self._root is None:
+                if self._parent is not None:
+                    self._parent.mkdir(parents=True, exist_ok=True)
+                # named for its writer, so a restarted server sweeps a dead one's folder (sweep_temp)
+                self._root = Path(tempfile.mkdtemp(prefix=temp_prefix("decoded-files"), dir=self._parent))
+            return self._root
+
+    def _build(self, sha256: str, layout: FileLayout) -> None:
+        tmp: Path | None = None
+        try:
+            root = self._dir()
+            free = shutil.disk_usage(root).free
+            if free < layout.size + FREE_MARGIN_BYTES:
+                log.warning("not keeping %s decoded: %d bytes free on %s", layout.entry.path, free, root)
+                return
+            tmp = root / f".{sha256}.{threading.get_ident()}.part"
+            with open(tmp, "wb") as fh:
+                for block in read_range(layout, self.reader, 0, layout.size):
+                    fh.write(block)
+            final = root / sha256
+            os.replace(tmp, final)
+            tmp = None
+            with self._lock:
+                if self._closed:
+                    final.unlink(missing_ok=True)
+                    return
+                self._done[sha256] = (final, layout.size)
+                self.built += 1
+                metrics.DECODED_FILES_BYTES.inc(layout.size)
+                self._evict()
+        except (MzstoreError, OSError) as exc:
+            log.warning("could not keep %s decoded: %s", layout.entry.path, exc)
+            if isinstance(exc, MzstoreError):
+                with self._lock:
+                    self._failed.add(sha256)  # a chunk that fails its check fails again: serve by decoding
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._queued.discard(sha256)
+
+    def _evict(self) -> None:
+        held = sum(size for _, size in self._done.values())
+        while held > self.limit_bytes and self._done:
+            _, (path, size) = self._done.popitem(last=False)
+            path.unlink(missing_ok=True)
+            held -= size
+            metrics.DECODED_FILES_BYTES.dec(size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            root, self._root = self._root, None
+            metrics.DECODED_FILES_BYTES.dec(sum(size for _, size in self._done.values()))
+            self._done.clear()
+        self._builder.shutdown(wait=True, cancel_futures=True)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class ServedFiles:
-    """Files of stored models as ``mzstore pull -o`` writes them, readable at any range (see the module docstring)."""
+    """Files of stored models as ``mzstore pull -o`` writes them, readable at any range (see the module docstring).
 
-    def __init__(self, store: Store, decode_workers: int = 4) -> None:
+    ``decoded_bytes`` bounds the files kept decoded on disk (:class:`DecodedFiles`; 0 keeps none),
+    in a temp dir under ``decoded_dir`` (default: the system's).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        decode_workers: int = 4,
+        decoded_bytes: int = 0,
+        decoded_dir: Path | None = None,
+    ) -> None:
         self.store = store
         self.reader = ChunkReader(store.read_blob, DECODED_CACHE_BYTES)
+        self.decoded = DecodedFiles(self.reader, decoded_bytes, decoded_dir)
         self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mzstore-files")
         self._lock = threading.Lock()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
@@ -54,6 +204,7 @@ class ServedFiles:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoded.close()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the decode pool (storage reads and decoding block)."""
@@ -130,13 +281,37 @@ class ServedFiles:
                 self._sha[key] = hit
         return hit
 
-    async def send(self, response: web.StreamResponse, layout: FileLayout, start: int, end: int, plane: str) -> None:
-        """Write ``[start, end)`` of the file, decoding the next chunk while the current one goes out.
+    async def send(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        layout: FileLayout,
+        sha256: str,
+        start: int,
+        end: int,
+        plane: str,
+    ) -> None:
+        """Write ``[start, end)`` of the file (served as ``sha256``) on the prepared ``response``.
 
-        A chunk that fails its check raises after the headers went out: the connection is cut, and the
-        client sees a short body (``Content-Length`` tells it), never wrong bytes.
+        A file kept decoded on disk (:class:`DecodedFiles`) goes out with ``sendfile``. Otherwise the
+        file is decoded, the next chunk while the current one goes out, and queued to be kept. A chunk
+        that fails its check raises after the headers went out: the connection is cut, and the client
+        sees a short body (``Content-Length`` tells it), never wrong bytes.
         """
         loop = asyncio.get_running_loop()
+        kept = self.decoded.open(sha256) if sha256 else None
+        if kept is not None:
+            metrics.FACE_FILE_READS.labels("sendfile").inc()
+            with kept, corked(request):
+                try:
+                    if request.transport is None:
+                        raise ConnectionResetError("connection lost")
+                    await loop.sendfile(request.transport, kept, start, end - start)
+                finally:  # asyncio leaves the file's offset after the last byte sent, also when cut off
+                    metrics.BLOB_BYTES.labels(plane).inc(max(0, os.lseek(kept.fileno(), 0, os.SEEK_CUR) - start))
+            return
+        metrics.FACE_FILE_READS.labels("decode").inc()
+        self.decoded.want(sha256, layout)
         pieces = list(layout.covering(start, end))
         pending = None
         for i, (piece, lo, hi) in enumerate(pieces):

@@ -452,7 +452,7 @@ class HubFace:
         response = await start_body(request, status, headers, end - start)
         if request.method == "HEAD":
             return response
-        await self.files.send(response, layout, start, end, "hub")
+        await self.files.send(request, response, layout, sha, start, end, "hub")
         await response.write_eof()
         return response
 

@@ -11,6 +11,10 @@ One registry per process (``REGISTRY``); every metric is named
 * ``mzstore_blob_bytes_served_total{plane}``: blob bytes sent to clients,
   ``plane="grpc"`` (``ReadBlob``) or ``"http"`` (the blob endpoint, the bytes
   of each response body; a redirect to object storage counts nothing);
+* ``mzstore_face_file_reads_total{source}``: reads of model files through
+  the Hugging Face and S3 faces, ``source="sendfile"`` (a file kept decoded
+  on disk) or ``"decode"`` (decoded as it was sent), and
+  ``mzstore_decoded_files_bytes``: the bytes of files kept decoded;
 * ``mzstore_push_bytes_total{kind}`` (``raw``, ``stored``) and
   ``mzstore_push_seconds``: committed pushes;
 * ``mzstore_blobs_repaired_total``, ``mzstore_integrity_failures_total``:
@@ -44,6 +48,15 @@ BLOB_BYTES = Counter(
     ["plane"],
     registry=REGISTRY,
 )
+FACE_FILE_READS = Counter(
+    "mzstore_face_file_reads_total",
+    "Reads of model files through the Hugging Face and S3 faces, by source (sendfile: kept decoded; decode).",
+    ["source"],
+    registry=REGISTRY,
+)
+DECODED_FILES_BYTES = Gauge(
+    "mzstore_decoded_files_bytes", "Bytes of model files kept decoded on disk for the faces.", registry=REGISTRY
+)
 PUSH_BYTES = Counter(
     "mzstore_push_bytes_total", "Bytes of committed pushes (raw, stored).", ["kind"], registry=REGISTRY
 )
@@ -55,6 +68,8 @@ PUSH_SECONDS = Histogram(
 )
 for _plane in ("grpc", "http", "hub", "s3"):
     BLOB_BYTES.labels(_plane)  # present (as 0) before the first byte
+for _source in ("sendfile", "decode"):
+    FACE_FILE_READS.labels(_source)
 for _kind in ("raw", "stored"):
     PUSH_BYTES.labels(_kind)
 

@@ -64,6 +64,8 @@ from mzstore.server.http import Listener
 from mzstore.server.sigv4 import SignatureError, is_signed, verify
 from mzstore.storage.store import Store
 
+#: The S3 operation a request is, for the request metric.
+S3_OP = web.RequestKey("s3_op", str)
 DEFAULT_BUCKET = "mzstore"
 #: The most keys one ListObjects page returns (S3's own limit).
 MAX_KEYS = 1000
@@ -186,7 +188,7 @@ class S3Plane(Listener):
         return error.response(head=request.method == "HEAD")
 
     async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
-        metrics.HTTP_REQUESTS.labels(f"s3:{request.get('s3_op', 'unknown')}", str(response.status)).inc()
+        metrics.HTTP_REQUESTS.labels(f"s3:{request.get(S3_OP, 'unknown')}", str(response.status)).inc()
 
     def _authorize(self, request: web.Request) -> None:
         """Refuse a request this server cannot attribute to an access key with ``read`` (see the module docstring)."""
@@ -281,30 +283,30 @@ class S3Plane(Listener):
         bucket, key = self._split(request)
         method = request.method
         if method not in ("GET", "HEAD"):
-            request["s3_op"] = "write"
+            request[S3_OP] = "write"
             raise S3Error("AccessDenied", f"this S3 face is read-only ({method} refused)", request.path)
         if bucket is None:
-            request["s3_op"] = "ListBuckets"
+            request[S3_OP] = "ListBuckets"
             return self._list_buckets()
         if bucket != self.options.bucket:
             raise S3Error("NoSuchBucket", "The specified bucket does not exist.", bucket)
         if not key:
             unknown = [k for k in request.query if k not in _BUCKET_READS]
             if unknown:
-                request["s3_op"] = "unsupported"
+                request[S3_OP] = "unsupported"
                 raise S3Error("NotImplemented", f"?{unknown[0]} is not supported by this S3 face", request.path)
             if method == "HEAD":
-                request["s3_op"] = "HeadBucket"
+                request[S3_OP] = "HeadBucket"
                 return web.Response(status=200, headers={"x-amz-bucket-region": "us-east-1"})
             if "location" in request.query:
-                request["s3_op"] = "GetBucketLocation"
+                request[S3_OP] = "GetBucketLocation"
                 return _xml(f'<LocationConstraint xmlns="{XMLNS}"></LocationConstraint>')
-            request["s3_op"] = "ListObjects"
+            request[S3_OP] = "ListObjects"
             return await self._list(request)
         if any(k in request.query for k in ("uploadId", "tagging", "acl", "attributes", "torrent", "retention")):
-            request["s3_op"] = "unsupported"
+            request[S3_OP] = "unsupported"
             raise S3Error("NotImplemented", "this S3 face serves object bytes only", request.path)
-        request["s3_op"] = "HeadObject" if method == "HEAD" else "GetObject"
+        request[S3_OP] = "HeadObject" if method == "HEAD" else "GetObject"
         return await self._object(request, key)
 
     def _list_buckets(self) -> web.Response:
@@ -406,7 +408,7 @@ class S3Plane(Listener):
             headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
         response = await start_body(request, status, headers, end - start)
         if request.method == "GET":
-            await self.files.send(response, layout, start, end, "s3")
+            await self.files.send(request, response, layout, sha, start, end, "s3")
         await response.write_eof()
         return response
 

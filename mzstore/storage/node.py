@@ -20,6 +20,7 @@ import copy
 import errno
 import fcntl
 import os
+import shutil
 import socket
 import threading
 import time
@@ -63,13 +64,18 @@ def sweep_temp(directory: Path, max_age: float = TEMP_MAX_AGE_S) -> list[Path]:
     """Remove temp files of dead writers on this host, and any older than ``max_age``; return them.
 
     Several servers may share one root, so a young file of a live process
-    (here or on another host) is left alone.
+    (here or on another host) is left alone. A temp folder (a server's decoded
+    files) goes only with its writer: a live server's folder may be old.
     """
     removed = []
     cutoff = time.time() - max_age
     for path in directory.iterdir() if directory.exists() else []:
         try:
-            if _writer_is_dead(path.name) or path.stat().st_mtime < cutoff:
+            if path.is_dir() and not path.is_symlink():
+                if _writer_is_dead(path.name):
+                    shutil.rmtree(path)
+                    removed.append(path)
+            elif _writer_is_dead(path.name) or path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed.append(path)
         except OSError:
