@@ -317,3 +317,33 @@ def test_a_shard_written_once_that_fails_leaves_nothing(
     monkeypatch.setattr(Store, "adopt_blob", real)
     info = client.push(all_dtypes_file, "test/ok:v1")
     assert client.pull("test/ok:v1", root.parent / "out").digest == info.digest
+
+
+def test_a_push_written_once_cuts_a_small_last_shard(
+    client: Client, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard written once can only be hashed once sealed, so a large push seals early when the raw bytes
+    left are at most half the shard's stored bytes: the last shard (whose hash is the push's tail) is small,
+    and the first one is hashed while it arrives. The files still round-trip byte for byte."""
+    from mzstore.push import shards
+
+    def six(seed: int) -> Path:
+        path = tmp_path / f"six{seed}.safetensors"
+        gen = torch.Generator().manual_seed(seed)
+        save_file({f"t{i}": torch.randn(1024, 1024, generator=gen) for i in range(6)}, str(path))  # 4 MiB each
+        return path
+
+    monkeypatch.setattr(shards, "DIRECT_MIN_BYTES", 0)
+    assert client.push(six(1), "test/tail:one").shards == 1  # the shard is under TAIL_MIN_BYTES: no early cut
+    src = six(2)
+    monkeypatch.setattr(shards, "TAIL_MIN_BYTES", 0)
+    info = client.push(src, "test/tail:v1")
+    manifest = parse_manifest(Store(root).get_manifest(info.digest))
+    by_blob: dict[str, list[str]] = {}
+    for t in manifest.tensors:
+        for c in t.chunks:
+            by_blob.setdefault(c.blob, []).append(t.name)
+    assert info.shards == 2 and sorted(len(v) for v in by_blob.values()) == [1, 5]
+    assert by_blob[manifest.tensors[-1].chunks[-1].blob] == ["t5"]  # the last tensor alone in the last shard
+    out = client.pull("test/tail:v1", tmp_path / "out")
+    assert Path(out.files[0]).read_bytes() == src.read_bytes()
