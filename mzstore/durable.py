@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import threading
 import uuid
@@ -182,3 +183,93 @@ class Flusher:
             self.wait()
         except OSError:
             pass
+
+
+#: Alignment of ``O_DIRECT`` offsets, lengths and buffers (the largest logical block size in use).
+DIRECT_ALIGN = 4096
+#: The reused aligned buffer of a :class:`DirectAppender`.
+DIRECT_BUFFER = 8 * 1024 * 1024
+
+
+class DirectAppender:
+    """Sequential writes to a file from ``start`` on, around the page cache where the file system allows.
+
+    Why: bytes written once and read back rarely (a resumable upload's copy of the raw bytes, read
+    only if the upload is resumed after a server restart) gain nothing from the page cache, and
+    filling it is the costly part of a buffered write: a fresh page per 4 KiB, which on a VM that
+    hands freed memory back to its host is a host page fault each time. On the 2-core test VM a
+    buffered write of 1 GB cost 0.2 to 1.8 CPU-s, an ``O_DIRECT`` one 0.09 (``dd``).
+
+    How: bytes are copied into one reused, page-aligned buffer of :data:`DIRECT_BUFFER` bytes,
+    written with ``pwrite`` on an ``O_DIRECT`` descriptor whenever it is full; :meth:`finish` writes
+    the aligned part of the rest the same way and the unaligned tail through ``fd`` (the file's
+    ordinary descriptor). :attr:`pos` is the end of what is written (the buffer not included). Where
+    ``O_DIRECT`` is refused (tmpfs, other platforms) or ``start`` is not aligned, every write goes
+    through ``fd``. One writer thread; the caller fsyncs if it needs to (``O_DIRECT`` is not a flush).
+    """
+
+    def __init__(self, path: Path, fd: int, start: int) -> None:
+        self.fd = fd
+        self.pos = start
+        self._dfd: int | None = None
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag and start % DIRECT_ALIGN == 0:
+            with contextlib.suppress(OSError):
+                self._dfd = os.open(path, os.O_WRONLY | flag)
+        self._buf = mmap.mmap(-1, DIRECT_BUFFER) if self._dfd is not None else None
+        self._fill = 0
+        self._broken = False  # a write failed: pos is where the file's good bytes end, write no more
+
+    def write(self, data: Data) -> None:
+        if self._broken:
+            raise OSError(f"an earlier write to this file failed at byte {self.pos}")
+        if self._buf is None:
+            self._pwrite(self.fd, data)
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            n = min(len(view), DIRECT_BUFFER - self._fill)
+            self._buf[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == DIRECT_BUFFER:
+                self._drain(DIRECT_BUFFER)
+
+    def _pwrite(self, fd: int, data: Data) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, self.pos)
+                self.pos += n
+                view = view[n:]
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _drain(self, n: int) -> None:
+        """Write the buffer's first ``n`` bytes (a multiple of :data:`DIRECT_ALIGN`) around the cache."""
+        assert self._buf is not None and self._dfd is not None
+        with memoryview(self._buf) as mv:
+            self._pwrite(self._dfd, mv[:n])
+        rest = self._fill - n
+        if rest:
+            self._buf.move(0, n, rest)
+        self._fill = rest
+
+    def finish(self) -> None:
+        """Write what is buffered and release the direct descriptor (not ``fd``); write no more after."""
+        try:
+            if self._buf is not None and self._fill and not self._broken:
+                aligned = self._fill - self._fill % DIRECT_ALIGN
+                if aligned:
+                    self._drain(aligned)
+                if self._fill:
+                    with memoryview(self._buf) as mv:
+                        self._pwrite(self.fd, mv[: self._fill])
+                    self._fill = 0
+        finally:
+            if self._dfd is not None:
+                os.close(self._dfd)
+                self._dfd = None
+            # dropped, not closed: a failed write's traceback may still hold views of it (BufferError)
+            self._buf = None

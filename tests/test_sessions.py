@@ -127,3 +127,44 @@ def test_sweep_removes_idle_sessions(model: Path, tmp_path: Path) -> None:
     assert sessions.sweep() == [sid]
     with pytest.raises(NotFound):
         sessions.status(sid)
+
+
+def test_a_failed_spool_write_records_only_the_bytes_written(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw bytes go to disk behind the receiving thread: when a write fails (a full disk), the
+    progress names exactly the bytes on disk, nothing queued after the failure is written, and the
+    upload resumes from there to the same digest."""
+    from mzstore.durable import DirectAppender
+
+    store = Store(tmp_path / "store")
+    sessions = UploadSessions(tmp_path / "uploads")
+    src = open_source(model)
+    begin = begin_for(src, "s/m:v1", "lossless")
+    sid = uuid.uuid4().hex
+    sessions.start(sid, begin)
+    events = list(iter_events(src, block=64 * 1024))
+    real, calls = DirectAppender.write, []
+
+    def failing(self: DirectAppender, data: bytes) -> None:
+        calls.append(len(data))
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        real(self, data)
+
+    monkeypatch.setattr(DirectAppender, "write", failing)
+    with pytest.raises(OSError, match="No space"):
+        sessions.append(sid, iter(events))
+    monkeypatch.setattr(DirectAppender, "write", real)
+    assert len(calls) == 4  # the writes queued after the failed one were skipped
+    written = [e for e in events if isinstance(e, UploadData)][:3]
+    want = [sum(len(e.data) for e in written if e.file == i) for i in range(len(src.files))]
+    status = sessions.status(sid)
+    assert status.received == want and not status.complete
+    for i, n in enumerate(want):
+        if n:
+            kept = (tmp_path / "uploads" / sid / "data" / str(i)).read_bytes()[:n]
+            assert kept == (model / src.files[i].path).read_bytes()[:n]
+    sessions.append(sid, iter_events(src, block=64 * 1024, start=status.received, ended=status.ended))
+    result = sessions.commit(sid, lambda b, ev: _ingest(store).run(b, ev))
+    assert result.digest == _ingest(Store(tmp_path / "other")).run(begin, iter(events)).digest

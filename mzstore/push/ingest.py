@@ -51,6 +51,7 @@ from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import TensorInfo, parse_header, read_header_len
 from mzstore.limits import MAX_CHUNK_BYTES, MAX_DELTA_DEPTH
 from mzstore.pull.pipeline import BaseOf, base_reader
+from mzstore.push.behind import BehindSha256
 from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
 from mzstore.push.protocol import (
     PushResult,
@@ -378,32 +379,37 @@ class Ingest:
     def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:
         """Feed each file's bytes to its sink as they arrive; check every event and every file's sha256."""
         state = UploadState(begin, in_order=True)
-        current: tuple[_SafetensorsSink | _FileSink, Any] | None = None  # the open file's sink and hasher
-        for event in events:
-            state.accept(event)
-            upload = begin.files[event.file]
-            if isinstance(event, UploadKnown):
-                self._reuse(upload, event)
-                continue
-            if current is None:
-                sink = (
-                    _SafetensorsSink(self, upload, self.policy)
-                    if upload.kind == "safetensors"
-                    else _FileSink(self, upload)
-                )
-                current = (sink, hashlib.sha256())
-            sink, hasher = current
-            if isinstance(event, UploadData):
-                hasher.update(event.data)
-                self.bytes_received += len(event.data)
-                sink.feed(memoryview(event.data))
-                continue
-            sha = hasher.hexdigest()
-            if event.sha256 != sha:
-                raise IntegrityError(f"{upload.path}: sha256 mismatch (upload altered or truncated)")
-            self.files.append(sink.finish(sha))
-            current = None
-        state.finish()
+        # The open file's sink and hasher; the sha256 runs behind this thread (see mzstore.push.behind).
+        current: tuple[_SafetensorsSink | _FileSink, BehindSha256] | None = None
+        try:
+            for event in events:
+                state.accept(event)
+                upload = begin.files[event.file]
+                if isinstance(event, UploadKnown):
+                    self._reuse(upload, event)
+                    continue
+                if current is None:
+                    sink = (
+                        _SafetensorsSink(self, upload, self.policy)
+                        if upload.kind == "safetensors"
+                        else _FileSink(self, upload)
+                    )
+                    current = (sink, BehindSha256())
+                sink, hasher = current
+                if isinstance(event, UploadData):
+                    hasher.update(event.data)
+                    self.bytes_received += len(event.data)
+                    sink.feed(memoryview(event.data))
+                    continue
+                current = None
+                sha = hasher.hexdigest()
+                if event.sha256 != sha:
+                    raise IntegrityError(f"{upload.path}: sha256 mismatch (upload altered or truncated)")
+                self.files.append(sink.finish(sha))
+            state.finish()
+        finally:
+            if current is not None:
+                current[1].close()
 
 
 class _SafetensorsSink:

@@ -19,8 +19,12 @@ Layout, on a local disk of the server (``ROOT/tmp/uploads/<session>/``)::
     data/<index>    the bytes of file <index> received so far
     lock            flock'd by whoever appends or commits
 
-Durability: ``progress.json`` records only offsets whose bytes were
-written (it is rewritten after them), and a resumed stream first truncates
+The bytes are written behind the receiving thread (:mod:`mzstore.push.behind`)
+and around the page cache (:class:`~mzstore.durable.DirectAppender`): they
+are read back only after a break, and filling the cache cost more CPU than
+the rest of the copy. Durability: ``progress.json`` records only offsets
+whose bytes were written (the writer thread's offsets, never the received
+ones), and a resumed stream first truncates
 each file back to its recorded offset, so a killed server never leaves
 stray bytes inside an upload. Nothing is fsync'ed: after a power loss the
 page cache may have dropped recorded bytes, but the ingest checks every
@@ -36,7 +40,9 @@ session id is its own, so that is safe). Idle sessions are swept after
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -47,9 +53,10 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from mzstore.durable import process_gone, write_json
+from mzstore.durable import DirectAppender, process_gone, write_json
 from mzstore.errors import IntegrityError, InvalidArgument, SessionBusy, SessionMismatch, SessionNotFound
 from mzstore.limits import TRANSFER_BYTES
+from mzstore.push.behind import Behind
 from mzstore.push.protocol import (
     PushResult,
     UploadBegin,
@@ -192,9 +199,30 @@ class UploadSessions:
             received = state.received  # advanced by state.accept
             fds: dict[int, int] = {}
             unsynced = 0
+            # The bytes go to disk behind this thread (mzstore.push.behind); progress records only the
+            # offsets written, so a crash or a failed write never records bytes that are not there.
+            written = list(received)
+
+            appenders: dict[int, DirectAppender] = {}  # around the page cache: read back only on a resume
+
+            def write(item: tuple[int, int, bytes]) -> None:
+                i, offset, data = item
+                if i not in appenders:
+                    appenders[i] = DirectAppender(path / "data" / str(i), fds[i], offset)
+                appenders[i].write(data)
+                written[i] = appenders[i].pos
+
+            def finish(i: int) -> None:
+                appender = appenders.pop(i)
+                try:
+                    appender.finish()
+                finally:
+                    written[i] = appender.pos
+
+            behind: Behind[tuple[int, int, bytes]] = Behind(write, "mzstore-session-io")
 
             def sync() -> None:
-                write_json(path / "progress.json", {"received": received, "ends": ends}, durable=False)
+                write_json(path / "progress.json", {"received": list(written), "ends": ends}, durable=False)
 
             # Files the store held already are not sent: the consumer gets an UploadKnown for each,
             # in file order, so an in-order ingest sees every file where it belongs.
@@ -208,24 +236,28 @@ class UploadSessions:
                     if isinstance(event, UploadData):
                         offset = received[i] if 0 <= i < len(received) else 0
                         state.accept(event)  # the offset is the recorded one, the file not ended nor too long
-                        try:
-                            if i not in fds:
-                                fds[i] = os.open(path / "data" / str(i), os.O_WRONLY | os.O_CREAT, 0o600)
-                                os.ftruncate(fds[i], offset)  # drop bytes a crash left unrecorded
-                            os.pwrite(fds[i], event.data, offset)
-                        except BaseException:
-                            received[i] = offset  # progress records written bytes only
-                            raise
+                        if i not in fds:
+                            fds[i] = os.open(path / "data" / str(i), os.O_WRONLY | os.O_CREAT, 0o600)
+                            os.ftruncate(fds[i], offset)  # drop bytes a crash left unrecorded
+                        behind.put((i, offset, event.data), len(event.data))
                         unsynced += len(event.data)
                         if unsynced >= SYNC_EVERY:
                             sync()
                             unsynced = 0
                     else:
+                        behind.wait()  # a file ends only once its bytes are all written
+                        if i in appenders:
+                            behind.call(functools.partial(finish, i)).result()
                         state.accept(event)
                         ends[i] = {"size": event.size, "sha256": event.sha256}
                     yield event
                 yield from known
+                behind.wait()
             finally:
+                behind.close()  # what was queued is written (or failed) before progress is recorded
+                for i in list(appenders):  # what they buffered, also after a failure (those bytes came in order)
+                    with contextlib.suppress(OSError):
+                        finish(i)
                 sync()
                 for fd in fds.values():
                     os.close(fd)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 from mzstore.durable import Flusher
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
+from mzstore.push.behind import Behind
 from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Staged, Store
 
@@ -92,10 +92,8 @@ class ShardWriter:
         # the final fsync, the shard's entries, its header length, its file), settled in order before publishing.
         self._hashing: list[tuple[Future[tuple[str, Staged]], Future[None], list[_Entry], int, Path]] = []
         self._hasher: ThreadPoolExecutor | None = None
-        # ... and written by another: the writes not yet known done, with their sizes.
-        self._io: ThreadPoolExecutor | None = None
-        self._writes: deque[tuple[Future[None], int]] = deque()
-        self._ahead = 0
+        # ... and written by another, at most WRITE_AHEAD bytes behind the ingest.
+        self._io: Behind[tuple[Any, bytes]] = Behind(self._write, "mzstore-shard-io", WRITE_AHEAD)
         self._flusher = Flusher()
         self._reserve = 0
         self._header_bound = _HEADER_BASE
@@ -129,7 +127,7 @@ class ShardWriter:
             )
             self._spool.seek(self._reserve)  # the header goes in front, at sealing
         if self._direct is not None:
-            self._write_behind(self._spool, payload)
+            self._io.put((self._spool, payload), len(payload))
         else:
             self._spool.write(payload)
         self._entries.append(_Entry(key, chunk, meta, self._size, self._size + len(payload)))
@@ -143,27 +141,11 @@ class ShardWriter:
         if self._size >= self.shard_bytes or tail:
             self.seal()
 
-    def _write_behind(self, spool: Any, payload: bytes) -> None:
-        """Queue ``payload`` for the writer thread; wait while more than :data:`WRITE_AHEAD` is queued."""
-        if self._io is None:
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-io")
-        self._writes.append((self._io.submit(self._write, spool, payload), len(payload)))
-        self._ahead += len(payload)
-        while self._ahead > WRITE_AHEAD:
-            self._retire_write()
-
-    def _write(self, spool: Any, payload: bytes) -> None:
+    def _write(self, item: tuple[Any, bytes]) -> None:
+        """On the writer thread: one payload into its shard's file."""
+        spool, payload = item
         spool.write(payload)
         self._flusher.wrote(spool.fileno(), len(payload))
-
-    def _retire_write(self) -> None:
-        future, n = self._writes.popleft()
-        self._ahead -= n
-        future.result()  # a write error (a full disk) fails the push here
-
-    def _retire_writes(self) -> None:
-        while self._writes:
-            self._retire_write()
 
     def _sync_close(self, spool: Any) -> None:
         """On the writer thread: the shard's last bytes onto the disk (most are already), then close it."""
@@ -178,7 +160,7 @@ class ShardWriter:
         """Finish the current shard, if any, and store it as a blob."""
         if self._spool is None:
             return
-        self._retire_writes()  # every payload of this shard is in its file
+        self._io.wait()  # every payload of this shard is in its file
         spool, entries = self._spool, self._entries
         self._spool, self._entries, self._size, self._header_bound = None, [], 0, _HEADER_BASE
         adopted = False
@@ -197,11 +179,10 @@ class ShardWriter:
                     os.pwrite(spool.fileno(), header, 0)
                     if self._hasher is None:
                         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-hash")
-                    assert self._io is not None  # a direct spool's payloads went through _write_behind
                     path = Path(spool.name)
                     # The hash reads the page cache while the writer thread syncs: both before publishing.
                     hashed = self._hasher.submit(self.store.adopt_blob, path)
-                    synced = self._io.submit(self._sync_close, spool)
+                    synced = self._io.call(lambda: self._sync_close(spool))
                     self._hashing.append((hashed, synced, entries, len(header), path))
                     adopted = True
                     self.stats.shards += 1
@@ -218,8 +199,10 @@ class ShardWriter:
                 digest, staged = self.store.stage_blob(Path(spool.name), prefix=header)
         finally:
             if not adopted:
-                spool.close()
-                os.unlink(spool.name)
+                try:
+                    spool.close()
+                finally:
+                    os.unlink(spool.name)
         for e in entries:
             e.chunk.blob = digest
             e.chunk.offset = len(header) + e.begin
@@ -243,11 +226,10 @@ class ShardWriter:
         self._shutdown()
 
     def _shutdown(self) -> None:
-        for attr in ("_hasher", "_io"):
-            pool = getattr(self, attr)
-            if pool is not None:
-                pool.shutdown()
-                setattr(self, attr, None)
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
+        self._io.close()
 
     def publish(self) -> None:
         """Make every sealed shard visible in the store (called just before the manifest)."""
@@ -258,14 +240,14 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unsealed shard and every staged one (on a failed push)."""
-        while self._writes:  # the writer thread is done with the spool before it is closed
-            try:
-                self._retire_write()
-            except Exception:  # noqa: BLE001 - already failing
-                pass
+        self._io.close()  # the writer thread is done with the spool before it is closed
         if self._spool is not None:
-            self._spool.close()
-            os.unlink(self._spool.name)
+            try:
+                self._spool.close()  # flushes what it buffered: fails again on a full disk
+            except OSError:
+                pass
+            finally:
+                os.unlink(self._spool.name)
             self._spool = None
         self._entries = []
         hashing, self._hashing = self._hashing, []
