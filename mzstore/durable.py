@@ -46,16 +46,25 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_temp(tmp: Path, data: Data | Iterable[Data], *, durable: bool = True) -> Path:
-    """Write ``data`` (bytes, or an iterable of byte blocks) to the new file ``tmp``; fsync it if ``durable``.
+def write_temp(tmp: Path, data: Data | Iterable[Data], *, durable: bool = True, direct: bool = False) -> Path:
+    """Write ``data`` (bytes, or an iterable of byte blocks) to the new file ``tmp``; fsync it if ``durable``;
+    around the page cache if ``direct`` (:class:`DirectAppender`: for files read back rarely).
 
     On any failure the partial file is removed and the error re-raised.
     """
     blocks: Iterable[Data] = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         with open(tmp, "wb") as fh:
-            for block in blocks:
-                fh.write(block)
+            if direct:
+                appender = DirectAppender(tmp, fh.fileno(), 0)
+                try:
+                    for block in blocks:
+                        appender.write(block)
+                finally:
+                    appender.finish()
+            else:
+                for block in blocks:
+                    fh.write(block)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -88,7 +97,14 @@ def temp_name(final: Path, tmp_dir: Path | None = None) -> Path:
     return where / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
 
 
-def write_file(final: Path, data: Data | Iterable[Data], *, durable: bool = True, tmp_dir: Path | None = None) -> None:
+def write_file(
+    final: Path,
+    data: Data | Iterable[Data],
+    *,
+    durable: bool = True,
+    tmp_dir: Path | None = None,
+    direct: bool = False,
+) -> None:
     """Write ``final`` atomically: readers see the old file or the whole new one, never a part.
 
     Args:
@@ -96,11 +112,12 @@ def write_file(final: Path, data: Data | Iterable[Data], *, durable: bool = True
         data: its bytes, or an iterable of byte blocks.
         durable: flush file and directory to the disk (off: atomic, not crash-proof).
         tmp_dir: where the temp file goes (default: beside ``final``); same file system.
+        direct: write around the page cache (:class:`DirectAppender`), for files read back rarely.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     if tmp_dir is not None:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-    replace(write_temp(temp_name(final, tmp_dir), data, durable=durable), final, durable=durable)
+    replace(write_temp(temp_name(final, tmp_dir), data, durable=durable, direct=direct), final, durable=durable)
 
 
 def write_json(
@@ -191,6 +208,18 @@ DIRECT_ALIGN = 4096
 DIRECT_BUFFER = 8 * 1024 * 1024
 
 
+_local = threading.local()
+
+
+def _direct_buffer() -> mmap.mmap:
+    """This thread's aligned buffer, reused by every :class:`DirectAppender` it runs (a new one would
+    be fresh pages: the cost the appender exists to avoid). One appender per thread at a time."""
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) != DIRECT_BUFFER:
+        buf = _local.buf = mmap.mmap(-1, DIRECT_BUFFER)
+    return buf
+
+
 class DirectAppender:
     """Sequential writes to a file from ``start`` on, around the page cache where the file system allows.
 
@@ -200,7 +229,7 @@ class DirectAppender:
     hands freed memory back to its host is a host page fault each time. On the 2-core test VM a
     buffered write of 1 GB cost 0.2 to 1.8 CPU-s, an ``O_DIRECT`` one 0.09 (``dd``).
 
-    How: bytes are copied into one reused, page-aligned buffer of :data:`DIRECT_BUFFER` bytes,
+    How: bytes are copied into the thread's page-aligned buffer of :data:`DIRECT_BUFFER` bytes,
     written with ``pwrite`` on an ``O_DIRECT`` descriptor whenever it is full; :meth:`finish` writes
     the aligned part of the rest the same way and the unaligned tail through ``fd`` (the file's
     ordinary descriptor). :attr:`pos` is the end of what is written (the buffer not included). Where
@@ -216,7 +245,7 @@ class DirectAppender:
         if flag and start % DIRECT_ALIGN == 0:
             with contextlib.suppress(OSError):
                 self._dfd = os.open(path, os.O_WRONLY | flag)
-        self._buf = mmap.mmap(-1, DIRECT_BUFFER) if self._dfd is not None else None
+        self._buf = _direct_buffer() if self._dfd is not None else None
         self._fill = 0
         self._broken = False  # a write failed: pos is where the file's good bytes end, write no more
 
@@ -271,5 +300,4 @@ class DirectAppender:
             if self._dfd is not None:
                 os.close(self._dfd)
                 self._dfd = None
-            # dropped, not closed: a failed write's traceback may still hold views of it (BufferError)
-            self._buf = None
+            self._buf = None  # the thread's, kept for its next appender

@@ -1,4 +1,4 @@
-"""Work behind the receiving thread of a push (:mod:`mzstore.push.behind`): order, bound, errors."""
+"""Work behind the receiving thread of a push (:mod:`mzstore.behind`): order, bound, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mzstore.push.behind import Behind, BehindSha256
+from mzstore.behind import Behind, BehindSha256
 
 
 def test_items_run_in_order_on_another_thread_within_the_bound() -> None:

@@ -49,6 +49,8 @@ class Cache(Protocol):
 
     def evict(self, chunk: Chunk) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class ByteBudget:
     """At most ``limit`` bytes in flight; one request larger than the limit runs alone."""

@@ -98,19 +98,23 @@ class Puller:
         tasks = [t for t in plan_pull(manifest, files) if sink.wants(t)]
         try:
             sink.open()
-            stats = run_pull(
-                tasks,
-                self.fetch,
-                sink,
-                workers=self.workers,
-                streams=self.streams,
-                refetch=self.refetch,
-                retries=self.retries,
-                on_bytes=progress,
-                cache=self.cache,
-                inflight_bytes=self.inflight_bytes,
-                coalesce_bytes=self.coalesce_bytes,
-            )
+            try:
+                stats = run_pull(
+                    tasks,
+                    self.fetch,
+                    sink,
+                    workers=self.workers,
+                    streams=self.streams,
+                    refetch=self.refetch,
+                    retries=self.retries,
+                    on_bytes=progress,
+                    cache=self.cache,
+                    inflight_bytes=self.inflight_bytes,
+                    coalesce_bytes=self.coalesce_bytes,
+                )
+            finally:
+                if self.cache is not None:
+                    self.cache.flush()  # the chunks it still writes behind the pull: a finished pull left them all
             return sink.finish(), stats
         except BaseException:
             sink.abort()

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mzstore.behind import BehindSha256
 from mzstore.codecs import get_codec
 from mzstore.codecs.allocation import Allocation
 from mzstore.codecs.delta import DeltaCodec
@@ -51,7 +52,6 @@ from mzstore.format.refs import parse_ref
 from mzstore.format.safetensors import TensorInfo, parse_header, read_header_len
 from mzstore.limits import MAX_CHUNK_BYTES, MAX_DELTA_DEPTH
 from mzstore.pull.pipeline import BaseOf, base_reader
-from mzstore.push.behind import BehindSha256
 from mzstore.push.planner import ChunkPlan, plan_file, plan_tensor
 from mzstore.push.protocol import (
     PushResult,
@@ -379,7 +379,7 @@ class Ingest:
     def _consume(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> None:
         """Feed each file's bytes to its sink as they arrive; check every event and every file's sha256."""
         state = UploadState(begin, in_order=True)
-        # The open file's sink and hasher; the sha256 runs behind this thread (see mzstore.push.behind).
+        # The open file's sink and hasher; the sha256 runs behind this thread (see mzstore.behind).
         current: tuple[_SafetensorsSink | _FileSink, BehindSha256] | None = None
         try:
             for event in events:

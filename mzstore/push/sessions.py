@@ -19,7 +19,7 @@ Layout, on a local disk of the server (``ROOT/tmp/uploads/<session>/``)::
     data/<index>    the bytes of file <index> received so far
     lock            flock'd by whoever appends or commits
 
-The bytes are written behind the receiving thread (:mod:`mzstore.push.behind`)
+The bytes are written behind the receiving thread (:mod:`mzstore.behind`)
 and around the page cache (:class:`~mzstore.durable.DirectAppender`): they
 are read back only after a break, and filling the cache cost more CPU than
 the rest of the copy. Durability: ``progress.json`` records only offsets
@@ -53,10 +53,10 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from mzstore.behind import Behind
 from mzstore.durable import DirectAppender, process_gone, write_json
 from mzstore.errors import IntegrityError, InvalidArgument, SessionBusy, SessionMismatch, SessionNotFound
 from mzstore.limits import TRANSFER_BYTES
-from mzstore.push.behind import Behind
 from mzstore.push.protocol import (
     PushResult,
     UploadBegin,
@@ -199,7 +199,7 @@ class UploadSessions:
             received = state.received  # advanced by state.accept
             fds: dict[int, int] = {}
             unsynced = 0
-            # The bytes go to disk behind this thread (mzstore.push.behind); progress records only the
+            # The bytes go to disk behind this thread (mzstore.behind); progress records only the
             # offsets written, so a crash or a failed write never records bytes that are not there.
             written = list(received)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mzstore.behind import Behind
 from mzstore.durable import Flusher
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
-from mzstore.push.behind import Behind
 from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Staged, Store
 
