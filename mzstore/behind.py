@@ -1,17 +1,19 @@
-"""Work that follows the ingest on a thread of its own, a bounded number of bytes behind.
+"""Work that follows a hot thread on a thread of its own, a bounded number of bytes behind.
 
 The thread that receives a push is its critical path: every byte passes
 through it once (parse, assemble chunks, hand them to the encode pool). What
 must see every byte *in order* but need not hold that thread up runs
 :class:`Behind` it instead: the sha256 of each uploaded file (hashlib
 releases the GIL), a resumable upload's copy of the raw bytes on disk, and a
-written-once shard's writes. Each gets a thread; the receiving thread queues
-the bytes (a reference, not a copy) and goes on, waiting only when more than
-``limit`` bytes are queued, so memory stays bounded. The first error of the
-work is raised by the next :meth:`Behind.put` or :meth:`Behind.wait`, and
-the items queued after the one that failed are skipped (they would follow a
-gap: a spool written past a failed write would record bytes that are not
-there).
+written-once shard's writes. A pull's decoder threads hand the chunk cache's
+writes to one the same way. Each gets a thread; the caller queues the bytes
+(a reference, not a copy: they must not change afterwards) and goes on,
+waiting only when more than ``limit`` bytes are queued, so memory stays
+bounded. The first error of the work is raised by the next
+:meth:`Behind.put` or :meth:`Behind.wait`, and the items queued after the
+one that failed are skipped (they would follow a gap: a spool written past a
+failed write would record bytes that are not there). One caller thread at a
+time (the chunk cache locks around it).
 """
 
 from __future__ import annotations
