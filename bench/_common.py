@@ -128,3 +128,23 @@ def cpu_pid(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_kept(http_url: str, size: int, timeout: float) -> float:
+    """Seconds until the ``mzstore_decoded_files_bytes`` of the server whose HTTP plane is ``http_url``
+    reaches ``size``: the file its faces served is kept decoded on its disk."""
+    import urllib.request
+
+    start = time.monotonic()
+    while True:
+        with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        kept = next(
+            (float(line.split()[-1]) for line in text.splitlines() if line.startswith("mzstore_decoded_files_bytes ")),
+            0.0,
+        )
+        if kept >= size:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"the server kept {kept:.0f} of {size} bytes decoded after {timeout:.0f} s")
+        time.sleep(0.2)

@@ -4,7 +4,10 @@
 The servers run in their own network namespace behind a veth pair (as in
 ``bench_link.py``), at each ``--rates`` rate (``tc tbf``; ``none``: the veth
 unlimited, the loopback case). Beside ``mzstore serve`` (the checkpoint
-pushed lossless), nginx serves the same files as a static Hub mirror: the
+pushed lossless; after its first read of a file the face keeps it decoded
+on its disk and sends it with ``sendfile``, and a second server with
+``MZSTORE_FILES_CACHE=0`` decodes every read), nginx serves the same files
+as a static Hub mirror: the
 ``/api/models/…/revision/main`` and ``/tree/…`` answers written as JSON
 files, the files themselves under ``/{repo}/resolve/{commit}/``, and
 ``X-Repo-Commit`` added to every response, which is all ``huggingface_hub``
@@ -36,8 +39,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from subprocess import Popen
 
-from _common import cpu_model, cpu_pid, fmt, log, read_address, sha256_file, stop, table
+from _common import cpu_model, cpu_pid, fmt, log, read_address, sha256_file, stop, table, wait_kept
 from bench_link import (
     GRPC_PORT,
     HTTP_PORT,
@@ -145,17 +149,29 @@ def _run(args: argparse.Namespace, rates: list[str], work: Path) -> int:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             procs.append(subprocess.Popen(["ip", "netns", "exec", NS, nginx_bin, "-c", str(conf), "-p", str(prefix)]))
-            where = ["--root", str(work / "store"), "--listen", f"{SRV_IP}:{GRPC_PORT}"]
-            where += ["--http", f"{SRV_IP}:{HTTP_PORT}"]
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", NS, *mzstore_cmd(), "serve", *where],
-                stdout=subprocess.PIPE,
-                stderr=open(work / "server.log", "wb"),
-            )
-            procs.append(server)
-            address = read_address(server, timeout=60)
-            log("pushing (lossless)")
-            sh(*mzstore_cmd(), "push", str(model), f"{REPO}:latest", "--server", address, "-q")
+
+            def mzstore_server(name: str, grpc_port: int, http_port: int, files_cache: str | None) -> Popen:
+                """``mzstore serve`` in the namespace (``files_cache``: its MZSTORE_FILES_CACHE), the model pushed."""
+                where = ["--root", str(work / name), "--listen", f"{SRV_IP}:{grpc_port}"]
+                where += ["--http", f"{SRV_IP}:{http_port}"]
+                env = {k: v for k, v in os.environ.items() if k != "MZSTORE_FILES_CACHE"}
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", NS, "env", *([f"MZSTORE_FILES_CACHE={files_cache}"] if files_cache else []),
+                     *mzstore_cmd(), "serve", *where],
+                    stdout=subprocess.PIPE,
+                    stderr=open(work / f"{name}.log", "wb"),
+                    env=env,
+                )  # fmt: skip
+                procs.append(proc)
+                address = read_address(proc, timeout=60)
+                log(f"pushing to {name} (lossless)")
+                sh(*mzstore_cmd(), "push", str(model), f"{REPO}:latest", "--server", address, "-q")
+                return proc
+
+            # The Hub face keeps a file decoded on its disk after its first read (the default); the
+            # second server decodes every read, as the face did before it kept files.
+            server = mzstore_server("store", GRPC_PORT, HTTP_PORT, None)
+            plain = mzstore_server("store-nokeep", GRPC_PORT + 10, HTTP_PORT + 10, "0")
             nginx_pid = procs[0].pid
 
             def nginx_cpu() -> float:
@@ -165,6 +181,10 @@ def _run(args: argparse.Namespace, rates: list[str], work: Path) -> int:
             sources = {
                 "nginx (static files)": (f"http://{SRV_IP}:{NGINX_PORT}", nginx_cpu),
                 "mzstore (Hub face)": (f"http://{SRV_IP}:{HTTP_PORT}", lambda: cpu_pid(server.pid) or 0.0),
+                "mzstore, decoding every read": (
+                    f"http://{SRV_IP}:{HTTP_PORT + 10}",
+                    lambda: cpu_pid(plain.pid) or 0.0,
+                ),
             }
             for name, (endpoint, _) in sources.items():  # warm-up, and the bytes are checked once
                 cache = work / "cache"
@@ -173,6 +193,8 @@ def _run(args: argparse.Namespace, rates: list[str], work: Path) -> int:
                 if got != want:
                     raise RuntimeError(f"{name}: the downloaded files differ from the source")
                 shutil.rmtree(cache)
+            weights = (model / "model.safetensors").stat().st_size
+            log(f"first read kept decoded {wait_kept(f'http://{SRV_IP}:{HTTP_PORT}', weights, 600):.1f} s after it")
             for rate in rates:
                 limit(None if rate == "none" else rate)
                 for i in range(args.runs):
@@ -194,7 +216,7 @@ def _run(args: argparse.Namespace, rates: list[str], work: Path) -> int:
     rows = []
     for rate in rates:
         base = statistics.median(times[(rate, "nginx (static files)")])
-        for name in ("nginx (static files)", "mzstore (Hub face)"):
+        for name in ("nginx (static files)", "mzstore (Hub face)", "mzstore, decoding every read"):
             t = statistics.median(times[(rate, name)])
             rows.append(
                 [

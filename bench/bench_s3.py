@@ -47,10 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from _common import cpu_model, cpu_pid, fmt, log, read_address, stop, table
+from _common import cpu_model, cpu_pid, fmt, log, read_address, stop, table, wait_kept
 from bench_lossless import make_synthetic
 
 GB = 1e9
@@ -120,23 +119,6 @@ def run_child(source: str, endpoint: str | None, check: str, timeout: float) -> 
     return out
 
 
-def wait_kept(http_port: int, size: int, timeout: float) -> float:
-    """Seconds until the server's ``mzstore_decoded_files_bytes`` reaches ``size`` (its file is kept decoded)."""
-    start = time.monotonic()
-    while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        kept = next(
-            (float(line.split()[-1]) for line in text.splitlines() if line.startswith("mzstore_decoded_files_bytes ")),
-            0.0,
-        )
-        if kept >= size:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise RuntimeError(f"the server kept {kept:.0f} of {size} bytes decoded after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="timed runs per source (medians are printed)")
@@ -180,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         log("first read from the mzstore S3 face (the file is kept decoded meanwhile)")
         before = cpu_pid(server.pid)
         first = run_child(key, f"http://127.0.0.1:{s3_port}", "-", args.timeout)
-        kept_after = wait_kept(http_port, size, args.timeout)
+        kept_after = wait_kept(f"http://127.0.0.1:{http_port}", size, args.timeout)
         first_cpu = ((cpu_pid(server.pid) or 0.0) - (before or 0.0)) / (size / GB)  # the read and the write
         log(f"kept decoded {kept_after:.1f} s after the first read ended")
         moto_port = free_port()
