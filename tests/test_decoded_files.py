@@ -244,3 +244,39 @@ def test_a_restarted_server_sweeps_a_dead_servers_folder(tmp_path: Path) -> None
         (folder / "f").write_bytes(b"x")
     removed = sweep_temp(spool, max_age=0.0)  # age alone never removes a folder: a live server's may be old
     assert removed == [dead] and not dead.exists() and (live / "f").exists()
+
+
+def test_kept_files_go_out_over_tls_too(pushed: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """``sendfile`` cannot encrypt: over TLS asyncio falls back to reading the kept file and writing it
+    through the TLS transport, and the bytes are the same."""
+    import ssl
+
+    import trustme
+
+    from mzstore.server.app import TlsConfig
+
+    root, want = pushed
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    (tmp_path / "server.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    tls = TlsConfig(tmp_path / "server.pem", tmp_path / "server.key")
+    server = build_server(
+        root, "127.0.0.1:0", Settings(files_cache_bytes=1024**3), tls=tls, http="127.0.0.1:0", s3="127.0.0.1:0"
+    )
+    context = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    try:
+        assert server.files is not None and (server.s3_url or "").startswith("https://")
+
+        def tls_get(rng: str | None = None) -> bytes:
+            req = urllib.request.Request(s3_url(server, "v1"), headers={"Range": rng} if rng else {})
+            with urllib.request.urlopen(req, timeout=60, context=context) as r:
+                return bytes(r.read())
+
+        assert tls_get() == want["v1"]
+        server.files.decoded.wait()
+        assert server.files.decoded.built == 1
+        assert tls_get() == want["v1"] and tls_get("bytes=123-456789") == want["v1"][123:456790]
+        assert server.files.decoded.hits == 2
+    finally:
+        server.stop(1)
