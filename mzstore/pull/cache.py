@@ -157,7 +157,7 @@ class ChunkCache:
     def _write_chunk(self, item: tuple[Path, bytes | bytearray | memoryview]) -> None:
         path, payload = item
         try:
-            write_file(path, payload, durable=False, tmp_dir=self.tmp, direct=True)
+            self._write(path, payload, direct=True)
         except OSError as exc:
             log.warning("could not cache a chunk in %s: %s", self.root, exc)
 
@@ -171,9 +171,9 @@ class ChunkCache:
     def evict(self, chunk: Chunk) -> None:
         self.path(chunk).unlink(missing_ok=True)
 
-    def _write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
+    def _write(self, path: Path, data: bytes | bytearray | memoryview, direct: bool = False) -> None:
         # Atomic, not flushed: every entry is checked when read, and a lost one is fetched again.
-        write_file(path, data, durable=False, tmp_dir=self.tmp)
+        write_file(path, data, durable=False, tmp_dir=self.tmp, direct=direct)
 
     # -- manifests --------------------------------------------------------
     def put_manifest(self, ref: str, server: str, digest: str, data: bytes) -> None:
