@@ -214,3 +214,149 @@ def test_the_cli_takes_no_fsync(server: RunningServer, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     synced = subprocess.run([*pull, "-o", str(tmp_path / "b")], env=env, capture_output=True, text=True)
     assert synced.returncode == 1 and "fsync refused" in synced.stderr, synced.stderr
+
+
+# --- O_DIRECT for durable pulls ----------------------------------------------------------------
+
+
+def _direct_refused(where: Path) -> bool:
+    from mzstore.durable import open_direct
+
+    probe = where / "probe"
+    probe.write_bytes(b"")
+    dfd = open_direct(probe)
+    probe.unlink()
+    if dfd is None:
+        return True
+    os.close(dfd)
+    return False
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int]]:
+    """Every ``pwrite_all`` of the staging module as ``(O_DIRECT descriptor?, offset, length)``."""
+    import fcntl
+
+    from mzstore.pull import staging
+
+    calls: list[tuple[bool, int, int]] = []
+    real = staging.pwrite_all
+
+    def spy(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        calls.append((direct, offset, len(memoryview(data).cast("B"))))
+        real(fd, data, offset)
+
+    monkeypatch.setattr(staging, "pwrite_all", spy)
+    return calls
+
+
+def test_durable_staged_writes_send_whole_aligned_blocks_around_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffer at its file offset's place in a page: the whole 4 KiB blocks go with O_DIRECT, the two
+    partial ends through the page cache, and the file holds exactly the bytes written."""
+    import mmap
+
+    if _direct_refused(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    calls = _recording(monkeypatch)
+    size, offset, n = 3 << 20, 4096 * 3 + 100, 1 << 20
+    payload = os.urandom(n)
+    paged = mmap.mmap(-1, n + 8192)
+    paged[100 : 100 + n] = payload  # address % 4096 == offset % 4096
+    staged = StagedFiles(tmp_path / "out")
+    staged.open()
+    fd = staged.create("m.bin", size)
+    staged.write(fd, memoryview(paged)[100 : 100 + n], offset)
+    unaligned = bytearray(os.urandom(n))  # malloc'd: not at the offset's place in a page
+    staged.write(fd, unaligned, offset + n)
+    staged.commit()
+    head = 4096 - 100
+    whole = (n - head) // 4096 * 4096
+    assert calls[:3] == [
+        (True, offset + head, whole),
+        (False, offset, head),
+        (False, offset + head + whole, n - head - whole),
+    ]
+    assert calls[3:] == [(False, offset + n, n)]
+    data = (tmp_path / "out" / "m.bin").read_bytes()
+    assert data[offset : offset + n] == payload and data[offset + n : offset + 2 * n] == unaligned
+    assert data[:offset] == bytes(offset) and len(data) == size
+
+
+def test_no_fsync_and_small_files_stay_in_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmap
+
+    calls = _recording(monkeypatch)
+    paged = mmap.mmap(-1, 1 << 20)
+    for durable, size in ((False, 4 << 20), (True, 64 << 10)):
+        staged = StagedFiles(tmp_path / f"out-{durable}", durable=durable)
+        staged.open()
+        fd = staged.create("m.bin", size)
+        staged.write(fd, memoryview(paged)[: min(size, 1 << 20)], 0)
+        staged.commit()
+    assert calls and not any(direct for direct, _, _ in calls)
+
+
+def test_a_file_system_that_refuses_the_direct_write_gets_it_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL from an O_DIRECT write (an alignment larger than 4 KiB): that file is written through the
+    page cache from then on, with the same bytes."""
+    import errno
+    import fcntl
+    import mmap
+
+    if _direct_refused(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    calls = _recording(monkeypatch)
+    real_pwrite = os.pwrite
+
+    def picky(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", picky)
+    n = 1 << 20
+    paged = mmap.mmap(-1, 2 * n)
+    paged[:] = os.urandom(2 * n)
+    staged = StagedFiles(tmp_path / "out")
+    staged.open()
+    fd = staged.create("m.bin", 2 * n)
+    staged.write(fd, memoryview(paged)[:n], 0)
+    staged.write(fd, memoryview(paged)[n:], n)
+    staged.commit()
+    assert [c[0] for c in calls] == [True, False, False]  # tried once, then the page cache only
+    assert (tmp_path / "out" / "m.bin").read_bytes() == paged[:]
+
+
+def test_a_failed_write_behind_fails_the_pull_and_leaves_nothing(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durable pull's writes run behind the decoders: a disk error there fails the pull with that
+    error, the staging folder goes, and no final file appears."""
+    from mzstore.pull.staging import StagedFiles as Staged
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(9)
+    save_file({f"w{i}": torch.randn(1024, 1024, generator=gen) for i in range(3)}, str(src / "model.safetensors"))
+    client.push(src, "st/behind:v1", codec="lossless")
+    real = Staged.write
+    writes = []
+
+    def failing(self: Staged, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        writes.append(offset)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real(self, fd, data, offset)
+
+    monkeypatch.setattr(Staged, "write", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        client.pull("st/behind:v1", out)
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(Staged, "write", real)
+    info = client.pull("st/behind:v1", out)
+    assert Path(info.files[0]).read_bytes() == (src / "model.safetensors").read_bytes()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-from importlib.metadata import entry_points
 
 from mzstore.codecs.base import Codec
 from mzstore.errors import CodecError
@@ -35,6 +34,8 @@ _lock = threading.Lock()
 
 def available_codecs() -> list[str]:
     """Names of built-in and entry-point codecs."""
+    from importlib.metadata import entry_points  # 20 ms: only when a name is not a built-in
+
     names = set(KNOWN_CODECS)
     names.update(ep.name for ep in entry_points(group="mzstore.codecs"))
     return sorted(names)
@@ -58,6 +59,8 @@ def get_codec(name: str) -> Codec:
                 module, _, attr = spec["class"].partition(":")
                 cls = getattr(importlib.import_module(module), attr)
             else:
+                from importlib.metadata import entry_points
+
                 matches = [ep for ep in entry_points(group="mzstore.codecs") if ep.name == name]
                 if not matches:
                     raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
