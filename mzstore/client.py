@@ -427,7 +427,7 @@ class Client:
             )
         return tag, digest, manifest
 
-    def fetch(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def fetch(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Read ``length`` stored bytes of a blob at ``offset`` (through the server, or the nodes with ``direct``).
 
         Raises:

@@ -66,7 +66,7 @@ from mzstore.format.manifest import Manifest, TensorEntry
 from mzstore.pull.device_map import few_names
 from mzstore.pull.pipeline import decode_verified
 from mzstore.pull.plan import ChunkTask
-from mzstore.pull.sinks import ScratchBuffers, Sink, select_tensors, torch_dtype, torch_module
+from mzstore.pull.sinks import Payload, ScratchBuffers, Sink, select_tensors, torch_dtype, torch_module
 
 #: Sends host arrays to the device: returns one device tensor per array, same dtype and shape.
 Upload = Callable[[Sequence[np.ndarray]], list[Any]]
@@ -182,7 +182,7 @@ def _grow(size: int) -> int:
     return max(1 << 20, 1 << max(size - 1, 0).bit_length())
 
 
-def payload_matches(params: Mapping[str, Any], payload: bytes | bytearray) -> bool:
+def payload_matches(params: Mapping[str, Any], payload: Payload) -> bool:
     """Whether a quantized chunk's stored bytes match the hash ingest recorded for them."""
     b3 = params.get("payload_blake3")
     if isinstance(b3, str):
@@ -361,7 +361,7 @@ class DeviceStateDictSink(Sink[dict[str, Any]]):
         else:
             dest.copy_(torch.from_numpy(data))
 
-    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+    def write_payload(self, task: ChunkTask, payload: Payload) -> None:
         """A quantized chunk: check the stored bytes' hash, send the compact form over, expand there."""
         assert task.tensor is not None
         if not payload_matches(task.chunk.params, payload):
@@ -414,7 +414,7 @@ class HostTensorSink(Sink[dict[str, Any]]):
         buf = self.buffers[task.tensor].numpy()
         return buf[task.tensor_offset : task.tensor_offset + task.chunk.raw_length]
 
-    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+    def write_payload(self, task: ChunkTask, payload: Payload) -> None:
         decode_verified(task.chunk, task.dtype, task.tensor or task.file, payload, self.target(task))
 
     def finish(self) -> dict[str, Any]:
@@ -498,7 +498,7 @@ class DeviceMapSink(Sink[dict[str, Any]]):
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
         self._sink(task).write(task, data)
 
-    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+    def write_payload(self, task: ChunkTask, payload: Payload) -> None:
         self._sink(task).write_payload(task, payload)
 
     def abort(self) -> None:

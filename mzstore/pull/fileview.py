@@ -38,7 +38,7 @@ from mzstore.pull.pipeline import base_reader, decode_verified, read_retrying
 from mzstore.pull.plan import ChunkTask, file_tasks, tensor_tasks
 
 #: ``fetch(blob, offset, length)``: stored bytes of a blob range.
-Fetch = Callable[[str, int, int], bytes | bytearray]
+Fetch = Callable[[str, int, int], bytes | bytearray | memoryview]
 #: Codecs whose decoded bytes are the pushed bytes.
 EXACT_CODECS = frozenset({"lossless", "zstd"})
 

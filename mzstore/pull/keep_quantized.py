@@ -62,7 +62,7 @@ from mzstore.pull.compressed_tensors import (
 )
 from mzstore.pull.pipeline import Fetch
 from mzstore.pull.plan import ChunkTask
-from mzstore.pull.sinks import ScratchBuffers, Sink
+from mzstore.pull.sinks import Payload, ScratchBuffers, Sink
 from mzstore.pull.staging import StagedFiles
 
 
@@ -71,9 +71,7 @@ def _bytes_of(a: np.ndarray) -> memoryview:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
 
 
-def _decode_codes(
-    payload: bytes | bytearray, c: Chunk, dtype_name: str, what: str, scheme: Scheme, cols: int
-) -> Compact:
+def _decode_codes(payload: Payload, c: Chunk, dtype_name: str, what: str, scheme: Scheme, cols: int) -> Compact:
     """The codes of a quantized chunk, trusted only once their expansion matches the manifest's hash."""
     if c.codec != "quant":
         raise IntegrityError(f"chunk rows {c.rows} of {what} is {c.codec}, not quantized")
@@ -249,7 +247,7 @@ class KeepQuantizedSink(Sink[list[Path]]):
         else:
             self.staged.write(fd, data.data, self._bytes_at[(task.file, task.tensor)] + task.tensor_offset)
 
-    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+    def write_payload(self, task: ChunkTask, payload: Payload) -> None:
         """Codes: verified through their expansion, then packed and written for the chunk's rows."""
         assert task.tensor is not None
         q = self._codes[(task.file, task.tensor)]

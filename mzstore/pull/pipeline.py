@@ -30,13 +30,13 @@ from mzstore.errors import CodecError, DeadlineExceeded, IntegrityError, Resourc
 from mzstore.format.dtypes import get_dtype
 from mzstore.format.manifest import Chunk
 from mzstore.pull.plan import ChunkTask
-from mzstore.pull.sinks import Sink
+from mzstore.pull.sinks import Payload, Sink
 from mzstore.settings import DEFAULT_PULL_COALESCE_BYTES
 
 if TYPE_CHECKING:
     import numpy as np
 
-Fetch = Callable[[str, int, int], "bytes | bytearray"]
+Fetch = Callable[[str, int, int], Payload]
 T = TypeVar("T")
 
 
@@ -45,7 +45,7 @@ class Cache(Protocol):
 
     def get(self, chunk: Chunk) -> bytes | None: ...
 
-    def put(self, chunk: Chunk, payload: bytes | bytearray | memoryview) -> None: ...
+    def put(self, chunk: Chunk, payload: Payload) -> None: ...
 
     def evict(self, chunk: Chunk) -> None: ...
 
@@ -109,7 +109,7 @@ def decode_verified(
     chunk: Chunk,
     dtype: str,
     what: str,
-    payload: bytes | bytearray,
+    payload: Payload,
     out: np.ndarray,
     base_of: BaseOf | None = None,
 ) -> np.ndarray:
@@ -169,9 +169,9 @@ def base_reader(
                     return decode_verified(c, dtype, label, hit, out, base_of)
                 except IntegrityError:
                     cache.evict(c)
-        kept: list[bytes | bytearray] = []
+        kept: list[Payload] = []
 
-        def use(data: bytes | bytearray) -> np.ndarray:
+        def use(data: Payload) -> np.ndarray:
             decoded = decode_verified(c, dtype, label, data, out, base_of)
             kept.append(data)
             return decoded
@@ -189,7 +189,7 @@ def base_reader(
 def fetch_checked(
     fetch: Fetch,
     chunk: Chunk,
-    use: Callable[[bytes | bytearray], T],
+    use: Callable[[Payload], T],
     *,
     retries: int = 3,
     stop: threading.Event | None = None,
@@ -220,7 +220,7 @@ def fetch_checked(
 
 def read_retrying(
     fetch: Fetch, blob: str, offset: int, length: int, *, retries: int = 3, stop: threading.Event | None = None
-) -> bytes | bytearray:
+) -> Payload:
     """One range read; transient failures are retried with backoff (0.2, 0.4, 0.8 … s) up to ``retries`` times."""
     attempt = 0
     while True:
@@ -320,7 +320,7 @@ def run_pull(
         handed = False
         try:
             looked = [(t, cache.get(t.chunk) if cache is not None else None) for t in group]
-            payloads: dict[int, bytes | bytearray | memoryview] = {}
+            payloads: dict[int, Payload] = {}
             missing = [t for t, hit in looked if hit is None]
             if len(group) == 1 and missing:
                 c = missing[0].chunk
@@ -348,9 +348,7 @@ def run_pull(
             if not handed and budget is not None:
                 budget.release(cost)
 
-    def decode(
-        looked: list[tuple[ChunkTask, bytes | None]], payloads: dict[int, bytes | bytearray | memoryview], cost: int
-    ) -> None:
+    def decode(looked: list[tuple[ChunkTask, bytes | None]], payloads: dict[int, Payload], cost: int) -> None:
         """Stage 2 (a decoder thread): decode, verify and place each chunk of a group."""
         try:
             for task, hit in looked:
@@ -364,7 +362,7 @@ def run_pull(
             if budget is not None:
                 budget.release(cost)
 
-    def place(task: ChunkTask, cached: bytes | None, payload: bytes | bytearray | memoryview | None) -> None:
+    def place(task: ChunkTask, cached: bytes | None, payload: Payload | None) -> None:
         what = task.tensor or task.file
         compact = sink.compact(task)
         fetched_bases: list[int] = []
@@ -376,7 +374,7 @@ def run_pull(
             else None
         )
 
-        def use(data: bytes | bytearray) -> np.ndarray | None:
+        def use(data: Payload) -> np.ndarray | None:
             if compact:
                 # The sink verifies the stored bytes and uses them as they are (expanded on a device, exported).
                 if len(data) != task.chunk.length:
@@ -395,9 +393,9 @@ def run_pull(
                 cached = None
         fetched = 0
         if cached is None:
-            kept: list[bytes | bytearray] = []
+            kept: list[Payload] = []
 
-            def use_and_keep(data: bytes | bytearray) -> np.ndarray | None:
+            def use_and_keep(data: Payload) -> np.ndarray | None:
                 result = use(data)
                 kept.append(data)
                 return result
@@ -407,10 +405,7 @@ def run_pull(
             if payload is not None:  # read by stage 1
                 fetched = len(payload)
                 try:
-                    out, verified = (
-                        use_and_keep(payload if isinstance(payload, bytes | bytearray) else bytearray(payload)),
-                        True,
-                    )
+                    out, verified = use_and_keep(payload), True
                 except IntegrityError:
                     prior = 1  # fetched once more below, from the origin where the transport can tell
             if not verified:

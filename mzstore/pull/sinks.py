@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # numpy is imported by the decoders, once the first bytes are
     import numpy as np
 
 R = TypeVar("R")
+#: A chunk's stored bytes as a fetch returns them (a transport's pooled receive buffer is a ``memoryview``).
+Payload = bytes | bytearray | memoryview
 
 
 class Sink(ABC, Generic[R]):
@@ -87,7 +89,7 @@ class Sink(ABC, Generic[R]):
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
         """``data`` (the array :meth:`target` gave) holds the chunk's decoded, hash-checked bytes."""
 
-    def write_payload(self, task: ChunkTask, payload: bytes | bytearray) -> None:
+    def write_payload(self, task: ChunkTask, payload: Payload) -> None:
         """A chunk :meth:`compact` claimed, as stored. The sink verifies it before using it.
 
         Raises:

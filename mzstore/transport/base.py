@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
 
 
+#: A blob range as a transport returns it: a ``memoryview`` over a pooled receive buffer
+#: (:mod:`mzstore.transport.buffers`), a ``bytearray`` or ``bytes``.
+Payload = bytes | bytearray | memoryview
+
+
 class Topology(NamedTuple):
     """The storage nodes behind a server (``(url, endpoint_url)``, no credentials) and its replica count."""
 
@@ -103,7 +108,7 @@ class Transport(ABC):
 
     # -- data plane ----------------------------------------------------------------------
     @abstractmethod
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob(self, digest: str, offset: int, length: int) -> Payload:
         """Exactly ``length`` stored bytes of blob ``digest`` at ``offset``.
 
         Raises:
@@ -111,7 +116,7 @@ class Transport(ABC):
             NotFound: no such blob; IntegrityError: the bytes that came are not the ones asked for.
         """
 
-    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob_again(self, digest: str, offset: int, length: int) -> Payload:
         """A range read again after its bytes failed their check: from the origin, past any cache between.
 
         The same as :meth:`read_blob` where nothing stands between (gRPC, the nodes themselves).

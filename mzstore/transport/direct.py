@@ -137,10 +137,10 @@ class DirectTransport(ControlledTransport):
     def close(self) -> None:
         self.control.close()
 
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
         return self.reader.fetch(digest, offset, length)
 
-    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
         """From the next copy: the first-ranked one gave bytes that failed their check."""
         return self.reader.fetch(digest, offset, length, again=True)
 

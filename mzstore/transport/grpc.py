@@ -37,6 +37,7 @@ from mzstore.errors import (
 from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback, load_settings, server_address
 from mzstore.transport.base import RefInfo, Topology, Transport
+from mzstore.transport.buffers import ReceiveBuffers
 from mzstore.transport.wire import blob_piece
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
@@ -256,9 +257,11 @@ class GrpcTransport(Transport):
         self.read_blob_call = channel.unary_stream(
             _READ_BLOB_PATH, request_serializer=pb.ReadBlobRequest.SerializeToString, response_deserializer=None
         )
+        self.buffers = ReceiveBuffers(self.settings.pull_inflight_bytes)
 
     def close(self) -> None:
         self.channel.close()
+        self.buffers.clear()
 
     # -- control plane --------------------------------------------------------------
     def manifest(self, ref: str) -> tuple[str, str, bytes]:
@@ -314,9 +317,10 @@ class GrpcTransport(Transport):
         return _push_result(resp)
 
     # -- data plane ----------------------------------------------------------------------
-    def read_blob(self, digest: str, offset: int, length: int) -> bytearray:
-        """One streamed ``ReadBlob`` call (deadline ``settings.fetch_timeout``), read into one buffer."""
-        buf = bytearray(length)
+    def read_blob(self, digest: str, offset: int, length: int) -> memoryview | bytearray:
+        """One streamed ``ReadBlob`` call (deadline ``settings.fetch_timeout``), read into one buffer
+        (reused, see :mod:`mzstore.transport.buffers`)."""
+        buf = self.buffers.take(length)
         pos = 0
         deadline = self.settings.fetch_timeout
         call: Any = self.read_blob_call(

@@ -5,7 +5,8 @@ gRPC transport). A blob range is one ``GET <base>/blobs/sha256:<hex>`` with
 ``Range: bytes=START-END`` on a keep-alive connection (one per reader thread
 at a time, from a small pool per host), read straight into the buffer the
 pipeline decodes from with ``readinto``: the kernel copies each byte once,
-into that buffer. (urllib3, used first, copies every byte three times on its
+into that buffer, which comes from a pool of reused page-aligned buffers
+(:mod:`mzstore.transport.buffers`). (urllib3, used first, copies every byte three times on its
 way there — its ``readinto`` is a ``read`` plus a copy — and its import cost
 25 ms of every pull's start.) Redirects are followed (a ``307`` to a
 presigned object-store URL; the ``Authorization`` header is not sent to
@@ -33,7 +34,8 @@ from urllib.parse import urljoin, urlsplit
 
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.settings import Settings
-from mzstore.transport.base import ControlledTransport, Transport
+from mzstore.transport.base import ControlledTransport, Payload, Transport
+from mzstore.transport.buffers import ReceiveBuffers
 
 log = logging.getLogger("mzstore.transport.http")
 
@@ -156,11 +158,13 @@ class HttpTransport(ControlledTransport):
             if tls_cert:
                 context.load_cert_chain(tls_cert, tls_key)
         self.pool = _Connections(settings.fetch_timeout, context)
+        self.buffers = ReceiveBuffers(settings.pull_inflight_bytes)
         self.proxy = _proxy_address(proxy)
         self._warned = False
 
     def close(self) -> None:
         self.pool.close()
+        self.buffers.clear()
         self.control.close()
 
     def url(self, digest: str) -> str:
@@ -168,7 +172,7 @@ class HttpTransport(ControlledTransport):
         return f"{self.base_url}/blobs/{digest}"
 
     # -- data plane -------------------------------------------------------------------------
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob(self, digest: str, offset: int, length: int) -> Payload:
         """A range over HTTP; from ``control`` when HTTP fails."""
         reason: Exception
         try:
@@ -180,11 +184,11 @@ class HttpTransport(ControlledTransport):
             log.warning("HTTP blob reads from %s failed (%s); using the server for those ranges", self.base_url, reason)
         return self.control.read_blob(digest, offset, length)
 
-    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob_again(self, digest: str, offset: int, length: int) -> Payload:
         """From the origin server (``control``): bytes that failed their check may come from a cache in between."""
         return self.control.read_blob(digest, offset, length)
 
-    def _get(self, digest: str, offset: int, length: int) -> bytearray:
+    def _get(self, digest: str, offset: int, length: int) -> memoryview | bytearray:
         url = self.url(digest)
         home = _key(url)[0][:3]
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
@@ -235,7 +239,9 @@ class HttpTransport(ControlledTransport):
         else:
             conn.close()
 
-    def _body(self, digest: str, offset: int, length: int, response: http.client.HTTPResponse) -> bytearray:
+    def _body(
+        self, digest: str, offset: int, length: int, response: http.client.HTTPResponse
+    ) -> memoryview | bytearray:
         if response.status == 206:
             want = f"bytes {offset}-{offset + length - 1}/"
             if not str(response.getheader("Content-Range", "")).startswith(want):
@@ -244,7 +250,7 @@ class HttpTransport(ControlledTransport):
             raise IntegrityError(f"blob {digest}: HTTP {response.status} for a range read")
         if response.getheader("Content-Encoding", "identity") != "identity":
             raise IntegrityError(f"blob {digest}: the server encoded the body")
-        buf = bytearray(length)
+        buf = self.buffers.take(length)  # reused, page-aligned (see mzstore.transport.buffers)
         view = memoryview(buf)
         got = 0
         while got < length:

@@ -60,7 +60,7 @@ class OfflineTransport(Transport):
     def commit_upload(self, session: str) -> PushResult:
         self._refuse("a push")
 
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
         raise NotFound(
             f"offline (--offline / MZSTORE_OFFLINE=1): {length} bytes of blob {digest} are not in the local cache"
         )
