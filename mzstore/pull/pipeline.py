@@ -162,28 +162,72 @@ def base_reader(
     def base_of(c: Chunk) -> np.ndarray:
         out = np.empty(c.raw_length, dtype=np.uint8)
         label = f"{what} (its base)"
-        if cache is not None:
-            hit = cache.get(c)
-            if hit is not None:
-                try:
-                    return decode_verified(c, dtype, label, hit, out, base_of)
-                except IntegrityError:
-                    cache.evict(c)
-        kept: list[Payload] = []
-
-        def use(data: Payload) -> np.ndarray:
-            decoded = decode_verified(c, dtype, label, data, out, base_of)
-            kept.append(data)
-            return decoded
-
-        decoded, n = fetch_checked(fetch, c, use, retries=retries, stop=stop)
-        if on_fetched is not None:
+        decoded, n = obtain(
+            c,
+            lambda data: decode_verified(c, dtype, label, data, out, base_of),
+            cache.get(c) if cache is not None else None,
+            fetch,
+            cache=cache,
+            retries=retries,
+            stop=stop,
+        )
+        if on_fetched is not None and n:
             on_fetched(n)
-        if cache is not None:
-            cache.put(c, kept[-1])
         return decoded
 
     return base_of
+
+
+def obtain(
+    chunk: Chunk,
+    use: Callable[[Payload], T],
+    cached: Payload | None,
+    fetch: Fetch,
+    *,
+    payload: Payload | None = None,
+    refetch: Fetch | None = None,
+    cache: Cache | None = None,
+    retries: int = 3,
+    stop: threading.Event | None = None,
+) -> tuple[T, int]:
+    """A chunk's stored bytes handed to ``use`` (which decodes and verifies them, or raises
+    :class:`IntegrityError`), from the first source that passes: ``cached`` (the cache's copy; evicted
+    when it fails), ``payload`` (read already, by a pull's first stage), then ``fetch``. A fetched chunk
+    that fails is read once more, through ``refetch`` (default ``fetch``) when ``payload`` failed
+    already, before the error stands. What passed is put in ``cache`` unless it came from there.
+
+    Returns:
+        ``use``'s result and the number of bytes read over the network (0 for a cache hit).
+    """
+    if cached is not None:
+        try:
+            return use(cached), 0
+        except IntegrityError:
+            assert cache is not None
+            cache.evict(chunk)
+    kept: list[Payload] = []
+
+    def use_and_keep(data: Payload) -> T:
+        result = use(data)
+        kept.append(data)
+        return result
+
+    fetched = 0
+    prior = 0
+    if payload is not None:
+        fetched = len(payload)
+        try:
+            result = use_and_keep(payload)
+        except IntegrityError:
+            prior = 1  # read once more below, from the origin where the transport can tell
+    if payload is None or prior:
+        result, more = fetch_checked(
+            (refetch or fetch) if prior else fetch, chunk, use_and_keep, retries=retries, stop=stop, failed=prior
+        )
+        fetched += more
+    if cache is not None:
+        cache.put(chunk, kept[-1])
+    return result, fetched
 
 
 def fetch_checked(
@@ -383,38 +427,19 @@ def run_pull(
                 return None
             return decode_verified(task.chunk, task.dtype, what, data, sink.target(task), base_of)
 
-        out: np.ndarray | None = None
-        if cached is not None:
-            try:
-                out = use(cached)
-            except IntegrityError:
-                assert cache is not None
-                cache.evict(task.chunk)
-                cached = None
-        fetched = 0
-        if cached is None:
-            kept: list[Payload] = []
-
-            def use_and_keep(data: Payload) -> np.ndarray | None:
-                result = use(data)
-                kept.append(data)
-                return result
-
-            verified = False
-            prior = 0
-            if payload is not None:  # read by stage 1
-                fetched = len(payload)
-                try:
-                    out, verified = use_and_keep(payload), True
-                except IntegrityError:
-                    prior = 1  # fetched once more below, from the origin where the transport can tell
-            if not verified:
-                out, more = fetch_checked(
-                    again if prior else fetch, task.chunk, use_and_keep, retries=retries, stop=stop, failed=prior
-                )
-                fetched += more
-            if cache is not None:
-                cache.put(task.chunk, kept[-1])
+        out, fetched = obtain(
+            task.chunk,
+            use,
+            cached,
+            fetch,
+            payload=payload,
+            refetch=again,
+            cache=cache,
+            retries=retries,
+            stop=stop,
+        )
+        if fetched:
+            cached = None  # the cached copy failed its check (and was evicted): this one came over the network
         if out is not None:
             sink.write(task, out)
         with lock:
