@@ -246,6 +246,28 @@ def test_a_restarted_server_sweeps_a_dead_servers_folder(tmp_path: Path) -> None
     assert removed == [dead] and not dead.exists() and (live / "f").exists()
 
 
+def test_hub_exports_live_in_the_spool_named_for_their_writer(pushed: tuple[Path, dict[str, bytes]]) -> None:
+    """The Hub face's keep-quantized exports go where the kept files go, named like them: a killed
+    server's exports are swept by the next one (no folder left in /tmp forever)."""
+    from mzstore.format.manifest import parse_manifest
+    from mzstore.server.files import ServedFiles
+    from mzstore.server.hub import Exports
+    from mzstore.storage import Store, open_node
+
+    root, _ = pushed
+    store = Store([open_node(f"file://{root}")])
+    spool = root / "tmp-faces"
+    exports = Exports(store, parent=ServedFiles(store, decoded_dir=spool).temp_dir)
+    _, digest = store.resolve(f"{REPO}:int8")
+    files = exports.files(digest, parse_manifest(store.get_manifest(digest)))
+    assert files and all(spool in f.path.parents for f in files.values())
+    (folder,) = spool.iterdir()
+    assert folder.name.startswith(temp_prefix("hub-exports"))
+    assert sweep_temp(spool, max_age=0.0) == []  # this process is alive: kept
+    exports.close()
+    assert not folder.exists()
+
+
 def test_kept_files_go_out_over_tls_too(pushed: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     """``sendfile`` cannot encrypt: over TLS asyncio falls back to reading the kept file and writing it
     through the TLS transport, and the bytes are the same."""

@@ -193,6 +193,8 @@ class ServedFiles:
         decoded_dir: Path | None = None,
     ) -> None:
         self.store = store
+        #: Where the faces' temp folders go (kept decoded files, Hub exports); ``None``: the system's.
+        self.temp_dir = decoded_dir
         self.reader = ChunkReader(store.read_blob, DECODED_CACHE_BYTES)
         self.decoded = DecodedFiles(self.reader, decoded_bytes, decoded_dir)
         self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mzstore-files")

@@ -81,6 +81,7 @@ from mzstore.format.refs import DEFAULT_TAG, validate_name, validate_tag
 from mzstore.pull.fileview import FileLayout
 from mzstore.pull.puller import Puller
 from mzstore.server.files import DigestFile, ServedFiles, byte_range, iso_utc, start_body
+from mzstore.storage.node import temp_prefix
 from mzstore.storage.store import Store, manifest_key
 
 #: Tree entries per page (the Hub pages its listings too; clients follow ``Link: rel="next"``).
@@ -174,9 +175,10 @@ class Exports:
     file is unlinked, not truncated).
     """
 
-    def __init__(self, store: Store, limit_bytes: int = EXPORT_BYTES) -> None:
+    def __init__(self, store: Store, limit_bytes: int = EXPORT_BYTES, parent: Path | None = None) -> None:
         self.store = store
         self.limit_bytes = limit_bytes
+        self._parent = parent
         self._root: Path | None = None
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
@@ -190,7 +192,10 @@ class Exports:
                 self._done.move_to_end(digest)
                 return hit
             if self._root is None:
-                self._root = Path(tempfile.mkdtemp(prefix="mzstore-hub-exports-"))
+                if self._parent is not None:
+                    self._parent.mkdir(parents=True, exist_ok=True)
+                # named for its writer: a restarted server sweeps a killed one's folder (sweep_temp)
+                self._root = Path(tempfile.mkdtemp(prefix=temp_prefix("hub-exports"), dir=self._parent))
             lock = self._building.setdefault(digest, threading.Lock())
         with lock:  # one build per manifest; others wait for it
             with self._lock:
@@ -241,7 +246,7 @@ class HubFace:
     def __init__(self, store: Store, files: ServedFiles | None = None) -> None:
         self.store = store
         self.files = files or ServedFiles(store)
-        self.exports = Exports(store)
+        self.exports = Exports(store, parent=self.files.temp_dir)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"/api/models/{REPO}/revision/{{rev:.+}}", self._info)
