@@ -331,12 +331,17 @@ def test_a_file_system_that_refuses_the_direct_write_gets_it_through_the_page_ca
     assert (tmp_path / "out" / "m.bin").read_bytes() == paged[:]
 
 
+@pytest.mark.parametrize("fsync", [True, False])
 def test_a_failed_write_behind_fails_the_pull_and_leaves_nothing(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
 ) -> None:
-    """The durable pull's writes run behind the decoders: a disk error there fails the pull with that
-    error, the staging folder goes, and no final file appears."""
+    """A pull's file writes run behind the decoders (with or without fsync): a disk error there fails
+    the pull with that error, the staging folder goes, and no final file appears."""
+    import dataclasses
+
     from mzstore.pull.staging import StagedFiles as Staged
+
+    client.settings = dataclasses.replace(client.settings, pull_fsync=fsync)
 
     src = tmp_path / "src"
     src.mkdir()

@@ -123,13 +123,16 @@ class ScratchBuffers:
 class PagedWriteBehind:
     """Scratch buffers whose bytes are written to a file behind the decoder that filled them.
 
-    For a durable pull (:class:`DirectorySink`): :meth:`target` hands a decoder thread ``size`` bytes
-    whose address is ``offset`` modulo :data:`~mzstore.durable.DIRECT_ALIGN` (page-aligned ``mmap``
-    memory at the chunk's place in a page), so that :meth:`~mzstore.pull.staging.StagedFiles.write` can
-    send its whole blocks with ``O_DIRECT`` straight from there. :meth:`write` queues that write on
+    For :class:`DirectorySink`: :meth:`target` hands a decoder thread ``size`` bytes whose address is
+    ``offset`` modulo :data:`~mzstore.durable.DIRECT_ALIGN` (page-aligned ``mmap`` memory at the chunk's
+    place in a page), so that a durable pull's :meth:`~mzstore.pull.staging.StagedFiles.write` can
+    send its whole blocks with ``O_DIRECT`` straight from there. :meth:`write` queues the write on
     one writer thread and returns; each decoder thread has two buffers and takes the other for its
-    next chunk, waiting only if that one is still being written. An ``O_DIRECT`` write waits for the
-    disk (16 MiB: about 11 ms here), which a decoder would otherwise spend idle.
+    next chunk, waiting only if that one is still being written. Why a writer of its own: an
+    ``O_DIRECT`` write waits for the disk (16 MiB: about 11 ms here), and a write into the page
+    cache (``--no-fsync``) from two decoders at once made them spin on the file's lock (8 % of a
+    pull in ``perf``) and wait on the copies into fresh pages; with the one writer a 1 GB
+    ``--no-fsync`` pull took 1.39 s and 1.93 CPU-s instead of 1.82 s and 2.62 (loopback, medians of 5).
 
     A failed write is raised by the decoder's next :meth:`target` and by :meth:`wait`.
     """
@@ -211,8 +214,7 @@ class DirectorySink(Sink[list[Path]]):
         self.files = files if files is not None else manifest.files
         self._paths = {f.path for f in self.files}
         self._fds: dict[str, int] = {}
-        self._scratch = ScratchBuffers()
-        self._behind = PagedWriteBehind(self.staged.write) if self.staged.direct else None
+        self._behind = PagedWriteBehind(self.staged.write)
 
     @property
     def stage(self) -> Path:
@@ -232,29 +234,22 @@ class DirectorySink(Sink[list[Path]]):
                 assert safetensors_data_start(f) == 8 + len(header)
 
     def target(self, task: ChunkTask) -> np.ndarray:
-        """A per-thread scratch buffer, reused so memory stays flat over the pull. For a durable pull, at
-        the chunk's place in a page: its whole blocks go to the disk from there with ``O_DIRECT``,
-        written behind the decoder (:class:`PagedWriteBehind`)."""
-        if self._behind is not None:
-            return self._behind.target(task.chunk.raw_length, task.file_offset)
-        return self._scratch.get(task.chunk.raw_length)
+        """A per-thread scratch buffer, reused so memory stays flat over the pull, at the chunk's place in
+        a page and written behind the decoder (:class:`PagedWriteBehind`): a durable pull sends its whole
+        blocks to the disk from there with ``O_DIRECT``."""
+        return self._behind.target(task.chunk.raw_length, task.file_offset)
 
     def write(self, task: ChunkTask, data: np.ndarray) -> None:
-        if self._behind is not None:
-            self._behind.write(self._fds[task.file], data, task.file_offset)
-        else:
-            self.staged.write(self._fds[task.file], data.data, task.file_offset)
+        self._behind.write(self._fds[task.file], data, task.file_offset)
 
     def finish(self) -> list[Path]:
         """fsync and move every file into place; return the final paths."""
-        if self._behind is not None:
-            self._behind.wait()
+        self._behind.wait()
         return self.staged.commit()
 
     def abort(self) -> None:
-        if self._behind is not None:
-            with contextlib.suppress(Exception):  # the pull failed already; its first error stands
-                self._behind.wait()
+        with contextlib.suppress(Exception):  # the pull failed already; its first error stands
+            self._behind.wait()
         self.staged.abort()
 
 
