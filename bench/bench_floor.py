@@ -13,14 +13,16 @@ CPU seconds per GB, on one thread, with the same-run comparisons that explain th
 * ``hash``: BLAKE3 (the ``blake3`` package, its SIMD build) and sha256 (OpenSSL via hashlib) of
   1 GB, in 16 MiB pieces (a chunk) and in 256 KiB pieces (what a fused decode-and-hash pass could
   hash while the bytes are in cache);
-* ``write``: a 1 GB file written through the page cache and with ``O_DIRECT`` from one reused
-  aligned buffer (what a resumable upload's raw copy does), each followed by ``fdatasync``.
+* ``write``: a 1 GB file written through the page cache in 16 MiB and in 256 KiB writes
+  (``mzstore.durable.PAGE_CACHE_PIECE``: a large write gets large page-cache folios, whose pages
+  came fresh from the host here), and with ``O_DIRECT`` from one reused aligned buffer (what a
+  resumable upload's raw copy does), each followed by ``fdatasync``.
 
 Then it prints the floors: fresh memory + BLAKE3 for a decoded GB pulled into a state dict
 (issue 15's client-CPU row asks for <= 0.4), and sha256 twice + the encode's BLAKE3 for a
 pushed GB. Medians of ``--runs``.
 
-    .venv/bin/python bench/bench_floor.py [--runs 5] [--gb 1.0] [--dir /tmp]
+    .venv/bin/python bench/bench_floor.py [--runs 5] [--gb 1.0] [--dir /tmp] [--settle 6]
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure(fn: Callable[[], None], runs: int) -> tuple[float, float]:
-    """Median (wall s, CPU s) of ``runs`` calls."""
+def measure(fn: Callable[[], None], runs: int, settle: float = 0.0) -> tuple[float, float]:
+    """Median (wall s, CPU s) of ``runs`` calls, each after ``settle`` idle seconds (not timed)."""
     walls, cpus = [], []
     for _ in range(runs):
+        time.sleep(settle)
         t, c = time.perf_counter(), cpu()
         fn()
         walls.append(time.perf_counter() - t)
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--gb", type=float, default=1.0, help="bytes per measurement, in GB (default 1)")
     ap.add_argument("--dir", type=Path, default=None, help="where the write test's file goes (a real disk)")
+    ap.add_argument("--settle", type=float, default=6.0, help="idle seconds before each write run (default 6)")
     args = ap.parse_args(argv)
     import blake3
 
@@ -102,15 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-floor-") as tmp:
         path = Path(tmp) / "f"
 
-        def buffered() -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for o in range(0, n, 16 << 20):
-                    os.write(fd, mv[o : o + (16 << 20)])
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            path.unlink()
+        def buffered(piece: int) -> Callable[[], None]:
+            def go() -> None:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    for o in range(0, n, piece):
+                        os.write(fd, mv[o : o + piece])
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                path.unlink()
+                os.sync()  # the freed pages and the discard: not charged to the next run
+
+            return go
 
         def direct() -> None:
             flag = getattr(os, "O_DIRECT", 0)
@@ -126,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 buf.close()
             path.unlink()
 
-        row("write", "page cache, then fdatasync", *measure(buffered, args.runs))
+        # Each after 6 idle seconds: the memory freed before is handed back to the host meanwhile, as
+        # it is between a real pull and the one before it (not straight after this script's own copies).
+        settle = args.settle
+        row("write", "page cache in 16 MiB writes, then fdatasync", *measure(buffered(16 << 20), args.runs, settle))
+        row("write", "page cache in 256 KiB writes, then fdatasync", *measure(buffered(256 << 10), args.runs, settle))
         try:
             row("write", "O_DIRECT (reused 8 MiB buffer)", *measure(direct, args.runs))
         except OSError as exc:

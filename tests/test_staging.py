@@ -241,10 +241,11 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int]]:
     calls: list[tuple[bool, int, int]] = []
     real = staging.pwrite_all
 
-    def spy(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    def spy(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = staging.PAGE_CACHE_PIECE) -> None:
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        assert (piece == 0) == direct  # O_DIRECT writes go whole; page-cache ones in small pieces
         calls.append((direct, offset, len(memoryview(data).cast("B"))))
-        real(fd, data, offset)
+        real(fd, data, offset, piece)
 
     monkeypatch.setattr(staging, "pwrite_all", spy)
     return calls

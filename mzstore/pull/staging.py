@@ -45,7 +45,8 @@ import time
 import uuid
 from pathlib import Path
 
-from mzstore.durable import Flusher, direct_span, fsync_path, open_direct, process_gone
+from mzstore.durable import PAGE_CACHE_PIECE, Flusher, direct_span, fsync_path, open_direct, process_gone
+from mzstore.durable import pwrite_all as durable_pwrite_all
 
 #: Files smaller than this, and writes smaller than this, go through the page cache only.
 DIRECT_MIN_BYTES = 256 * 1024
@@ -90,13 +91,9 @@ def sweep_partials(out: Path, now: float | None = None) -> list[Path]:
     return removed
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = PAGE_CACHE_PIECE) -> None:
+    """:func:`mzstore.durable.pwrite_all`: through the page cache in pieces, ``piece=0`` for ``O_DIRECT``."""
+    durable_pwrite_all(fd, data, offset, piece)
 
 
 class StagedFiles:
@@ -151,7 +148,7 @@ class StagedFiles:
         if end:
             assert dfd is not None
             try:
-                pwrite_all(dfd, view[start:end], offset + start)
+                pwrite_all(dfd, view[start:end], offset + start, piece=0)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mzstore.behind import Behind
-from mzstore.durable import Flusher
+from mzstore.durable import Flusher, write_pieces
 from mzstore.format.manifest import Chunk
 from mzstore.format.safetensors import build_header
 from mzstore.storage.node import temp_prefix
@@ -129,7 +129,7 @@ class ShardWriter:
         if self._direct is not None:
             self._io.put((self._spool, payload), len(payload))
         else:
-            self._spool.write(payload)
+            write_pieces(self._spool, payload)
         self._entries.append(_Entry(key, chunk, meta, self._size, self._size + len(payload)))
         self._size += len(payload)
         tail = False
@@ -144,7 +144,7 @@ class ShardWriter:
     def _write(self, item: tuple[Any, bytes]) -> None:
         """On the writer thread: one payload into its shard's file."""
         spool, payload = item
-        spool.write(payload)
+        write_pieces(spool, payload)
         self._flusher.wrote(spool.fileno(), len(payload))
 
     def _sync_close(self, spool: Any) -> None:

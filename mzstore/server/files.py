@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import hdrs, web
 
+from mzstore.durable import write_pieces
 from mzstore.errors import MzstoreError, NotFound
 from mzstore.format.manifest import Manifest, parse_manifest
 from mzstore.format.refs import Ref
@@ -136,7 +137,7 @@ class DecodedFiles:
             tmp = root / f".{sha256}.{threading.get_ident()}.part"
             with open(tmp, "wb") as fh:
                 for block in read_range(layout, self.reader, 0, layout.size):
-                    fh.write(block)
+                    write_pieces(fh, block)
             final = root / sha256
             os.replace(tmp, final)
             tmp = None
