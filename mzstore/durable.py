@@ -307,11 +307,7 @@ class DirectAppender:
     def __init__(self, path: Path, fd: int, start: int) -> None:
         self.fd = fd
         self.pos = start
-        self._dfd: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)
-        if flag and start % DIRECT_ALIGN == 0:
-            with contextlib.suppress(OSError):
-                self._dfd = os.open(path, os.O_WRONLY | flag)
+        self._dfd = open_direct(path) if start % DIRECT_ALIGN == 0 else None
         self._buf = _direct_buffer() if self._dfd is not None else None
         self._fill = 0
         self._broken = False  # a write failed: pos is where the file's good bytes end, write no more
@@ -323,13 +319,12 @@ class DirectAppender:
             self._pwrite(self.fd, data)
             return
         view = memoryview(data).cast("B")
-        if not self._fill and self.pos % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN:
-            address = buffer_address(view)
-            if address is not None and address % DIRECT_ALIGN == 0:  # page-aligned already: no copy
-                whole = len(view) - len(view) % DIRECT_ALIGN
+        if not self._fill:
+            start, end = direct_span(view, self.pos)
+            if end and not start:  # page-aligned already, at an aligned position: no copy
                 assert self._dfd is not None
-                self._pwrite(self._dfd, view[:whole])
-                view = view[whole:]
+                self._pwrite(self._dfd, view[:end])
+                view = view[end:]
         while view:
             n = min(len(view), DIRECT_BUFFER - self._fill)
             self._buf[self._fill : self._fill + n] = view[:n]

@@ -236,12 +236,13 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int]]:
     """Every ``pwrite_all`` of the staging module as ``(O_DIRECT descriptor?, offset, length)``."""
     import fcntl
 
+    from mzstore.durable import PAGE_CACHE_PIECE
     from mzstore.pull import staging
 
     calls: list[tuple[bool, int, int]] = []
     real = staging.pwrite_all
 
-    def spy(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = staging.PAGE_CACHE_PIECE) -> None:
+    def spy(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = PAGE_CACHE_PIECE) -> None:
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         assert (piece == 0) == direct  # O_DIRECT writes go whole; page-cache ones in small pieces
         calls.append((direct, offset, len(memoryview(data).cast("B"))))

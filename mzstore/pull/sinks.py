@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from mzstore.durable import DIRECT_ALIGN
+from mzstore.durable import DIRECT_ALIGN, Data
 from mzstore.errors import InvalidArgument, requires
 from mzstore.format.dtypes import get_dtype, row_bytes
 from mzstore.format.manifest import FileEntry, Manifest, TensorEntry
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # numpy is imported by the decoders, once the first bytes are
 
 R = TypeVar("R")
 #: A chunk's stored bytes as a fetch returns them (a transport's pooled receive buffer is a ``memoryview``).
-Payload = bytes | bytearray | memoryview
+Payload = Data
 
 
 class Sink(ABC, Generic[R]):

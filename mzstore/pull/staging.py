@@ -45,8 +45,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mzstore.durable import PAGE_CACHE_PIECE, Flusher, direct_span, fsync_path, open_direct, process_gone
-from mzstore.durable import pwrite_all as durable_pwrite_all
+from mzstore.durable import Data, Flusher, direct_span, fsync_path, open_direct, process_gone, pwrite_all
 
 #: Files smaller than this, and writes smaller than this, go through the page cache only.
 DIRECT_MIN_BYTES = 256 * 1024
@@ -91,24 +90,18 @@ def sweep_partials(out: Path, now: float | None = None) -> list[Path]:
     return removed
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = PAGE_CACHE_PIECE) -> None:
-    """:func:`mzstore.durable.pwrite_all`: through the page cache in pieces, ``piece=0`` for ``O_DIRECT``."""
-    durable_pwrite_all(fd, data, offset, piece)
-
-
 class StagedFiles:
     """Files written under ``OUT/.mzstore-partial-<pid>-<random>/`` and moved into place together.
 
     Args:
         out_dir: the destination directory (created by :meth:`open`).
-        durable: fsync every file before it takes its final name (see :meth:`commit`).
-        direct: write aligned blocks with ``O_DIRECT`` (see the module's docstring); default: ``durable``.
+        durable: fsync every file before it takes its final name (see :meth:`commit`), and write its
+            aligned blocks with ``O_DIRECT`` (see the module's docstring).
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], durable: bool = True, direct: bool | None = None) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], durable: bool = True) -> None:
         self.out = Path(out_dir)
         self.durable = durable
-        self.direct = durable if direct is None else direct
         self.stage = self.out / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[int, int] = {}  # a file's descriptor -> its O_DIRECT one
@@ -133,13 +126,13 @@ class StagedFiles:
         self._fds[rel] = fd
         self._order.append(rel)
         os.ftruncate(fd, size)
-        if self.direct and size >= DIRECT_MIN_BYTES:
+        if self.durable and size >= DIRECT_MIN_BYTES:
             dfd = open_direct(self.stage / rel)
             if dfd is not None:
                 self._direct_fds[fd] = dfd
         return fd
 
-    def write(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    def write(self, fd: int, data: Data, offset: int) -> None:
         """Write ``data`` at ``offset`` of a file from :meth:`create`: its aligned blocks with ``O_DIRECT``
         where they can go that way, the rest through the page cache."""
         view = memoryview(data).cast("B")

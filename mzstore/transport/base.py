@@ -20,12 +20,11 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    # A blob range as a transport returns it: a ``memoryview`` over a pooled receive buffer
+    # (:mod:`mzstore.transport.buffers`), a ``bytearray`` or ``bytes``. For annotations only:
+    # importing mzstore.durable here would add it to every command's start-up.
+    from mzstore.durable import Data as Payload
     from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
-
-
-#: A blob range as a transport returns it: a ``memoryview`` over a pooled receive buffer
-#: (:mod:`mzstore.transport.buffers`), a ``bytearray`` or ``bytes``.
-Payload = bytes | bytearray | memoryview
 
 
 class Topology(NamedTuple):

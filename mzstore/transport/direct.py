@@ -30,12 +30,16 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from mzstore.errors import IntegrityError, MzstoreError, NotFound, Unavailable
 from mzstore.storage import placement
 from mzstore.storage.node import LocalNode, Node, open_node
 from mzstore.storage.store import blob_key
 from mzstore.transport.base import ControlledTransport, Transport
+
+if TYPE_CHECKING:
+    from mzstore.transport.base import Payload
 
 
 class DirectReader:
@@ -137,10 +141,10 @@ class DirectTransport(ControlledTransport):
     def close(self) -> None:
         self.control.close()
 
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
+    def read_blob(self, digest: str, offset: int, length: int) -> Payload:
         return self.reader.fetch(digest, offset, length)
 
-    def read_blob_again(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
+    def read_blob_again(self, digest: str, offset: int, length: int) -> Payload:
         """From the next copy: the first-ranked one gave bytes that failed their check."""
         return self.reader.fetch(digest, offset, length, again=True)
 

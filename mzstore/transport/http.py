@@ -30,12 +30,16 @@ import logging
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.settings import Settings
-from mzstore.transport.base import ControlledTransport, Payload, Transport
+from mzstore.transport.base import ControlledTransport, Transport
 from mzstore.transport.buffers import ReceiveBuffers
+
+if TYPE_CHECKING:
+    from mzstore.transport.base import Payload
 
 log = logging.getLogger("mzstore.transport.http")
 

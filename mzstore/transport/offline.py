@@ -19,6 +19,7 @@ from mzstore.transport.base import RefInfo, Topology, Transport
 
 if TYPE_CHECKING:
     from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
+    from mzstore.transport.base import Payload
 
 
 class OfflineTransport(Transport):
@@ -60,7 +61,7 @@ class OfflineTransport(Transport):
     def commit_upload(self, session: str) -> PushResult:
         self._refuse("a push")
 
-    def read_blob(self, digest: str, offset: int, length: int) -> bytes | bytearray | memoryview:
+    def read_blob(self, digest: str, offset: int, length: int) -> Payload:
         raise NotFound(
             f"offline (--offline / MZSTORE_OFFLINE=1): {length} bytes of blob {digest} are not in the local cache"
         )
