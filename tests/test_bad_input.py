@@ -188,6 +188,34 @@ def test_server_validates_begin(
     assert store_files(root) == before
 
 
+def test_a_plain_protobuf_client_pushes_as_ours_does(client: Client, server: RunningServer, tmp_path: Path) -> None:
+    """The server reads data messages in place (mzstore.transport.wire); the generated stub's messages, and
+    ones whose fields another protobuf library wrote in another order, store the same model."""
+    data = _valid_file(tmp_path)
+    msgs = _file_messages(data)
+    reply = _raw_push(server.address, iter([_begin("test/raw:v1", size=len(data)), *msgs]))
+    # FileData's fields reversed: valid protobuf, which the in-place reader hands to protobuf.
+    reordered = [m.SerializeToString() for m in msgs]
+    for i, m in enumerate(msgs[:-1]):
+        inner = b"\x1a" + _varint(len(m.data.data)) + m.data.data + b"\x10" + _varint(m.data.offset)
+        reordered[i] = b"\x12" + _varint(len(inner)) + inner
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_unary("/mzstore.v1.Store/Push", response_deserializer=pb.PushResponse.FromString)
+        other = call(iter([_begin("test/raw:v2", size=len(data)).SerializeToString(), *reordered]), timeout=30)
+    assert other.digest == reply.digest
+    out = tmp_path / "out"
+    client.pull("test/raw:v2", out)
+    assert (out / "m.safetensors").read_bytes() == data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
 def test_truncated_upload_is_rejected(server: RunningServer, root: Path, tmp_path: Path) -> None:
     data = _valid_file(tmp_path)
     before = store_files(root)

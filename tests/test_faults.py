@@ -283,7 +283,7 @@ def test_blackhole_mid_push_fails_within_its_deadline(
     assert _spool_empty(tmp_path / "store")  # the server's side of the deadline ended the ingest
 
 
-def _stalled_push(src: Path, stall: threading.Event, after: int = 3) -> Iterator[pb.PushRequest]:
+def _stalled_push(src: Path, stall: threading.Event, after: int = 3) -> Iterator[bytes]:
     """Push messages for ``src`` that stop after ``after`` messages until ``stall`` is set."""
     source = open_source(src)
     for i, msg in enumerate(push_requests(begin_for(source, "org/m:v1", "lossless", None, ()), iter_events(source))):
@@ -324,7 +324,7 @@ def test_concurrency_limit_and_cancelled_calls_free_their_handlers(src: Path, bi
             store.delay = 0.0
             # a push cancelled mid-stream stops its ingest and leaves nothing behind
             stall = threading.Event()
-            future = c.transport.stub.Push.future(_stalled_push(src, stall), timeout=30)
+            future = c.transport.push_call.future(_stalled_push(src, stall), timeout=30)
             time.sleep(0.3)
             future.cancel()
             stall.set()
@@ -353,7 +353,7 @@ def test_server_caps_call_duration(src: Path, big: Path, tmp_path: Path) -> None
             stall = threading.Event()
             start = time.monotonic()
             with pytest.raises(Exception) as err:
-                c.transport.stub.Push(_stalled_push(src, stall), timeout=30)
+                c.transport.push_call(_stalled_push(src, stall), timeout=30)
             stall.set()
             assert time.monotonic() - start < 1.0 + 1.0 + 1.0  # max + grace + slack
             assert err.value.code().name in ("CANCELLED", "DEADLINE_EXCEEDED")
@@ -374,11 +374,13 @@ def test_every_client_call_has_a_deadline(monkeypatch: pytest.MonkeyPatch, src: 
     try:
         with _client(server.address) as c:
             stub = c.transport.stub
-            # ReadBlob goes through the transport's raw-reply callable (see mzstore.transport.wire.blob_piece).
-            targets = [(stub, name) for name in CALLS if name != "ReadBlob"] + [(c.transport, "read_blob_call")]
+            # ReadBlob, Push and Upload go through the transport's raw callables (see mzstore.transport.wire).
+            raw = {"read_blob_call": "ReadBlob", "push_call": "Push", "upload_call": "Upload"}
+            targets = [(stub, name) for name in CALLS if name not in raw.values()]
+            targets += [(c.transport, attr) for attr in raw]
             for obj, attr in targets:
                 real = getattr(obj, attr)
-                name = "ReadBlob" if attr == "read_blob_call" else attr
+                name = raw.get(attr, attr)
 
                 def spy(*args: Any, _name: str = name, _real: Any = real, **kw: Any) -> Any:
                     seen.append((_name, kw.get("timeout")))

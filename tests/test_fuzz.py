@@ -343,3 +343,113 @@ def test_blob_piece_random_bytes(message: bytes) -> None:
     except IntegrityError:
         return
     assert offset >= 0 and len(data) <= len(message)
+
+
+# --- upload data messages, written by hand by the client and read in place by the server ------------
+
+
+@fuzz
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=3000), st.text(max_size=40))
+def test_file_data_writes_what_protobuf_writes(file: int, offset: int, data: bytes, session: str) -> None:
+    """The client's hand-encoded data messages are byte for byte protobuf's, so any gRPC server reads them."""
+    from mzstore.transport.wire import file_data
+    from mzstore.v1 import store_pb2 as pb
+
+    fd = pb.FileData(file=file, offset=offset, data=data)
+    assert file_data(file, offset, data) == pb.PushRequest(data=fd).SerializeToString()
+    assert file_data(file, offset, memoryview(data), session) == (
+        pb.UploadRequest(session=session, data=fd).SerializeToString()
+    )
+
+
+def _as_protobuf_reads(kind: str, message: bytes) -> tuple[Any, ...] | str:
+    """What a message means, read by ``mzstore.transport.wire`` and by protobuf: equal or both refused."""
+    from google.protobuf.message import DecodeError
+
+    from mzstore.transport import wire
+    from mzstore.v1 import store_pb2 as pb
+
+    parse, cls = (wire.push_request, pb.PushRequest) if kind == "push" else (wire.upload_request, pb.UploadRequest)
+    try:
+        expected = cls.FromString(message)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse(message)
+        return "refused"
+    got = parse(message)
+    if isinstance(got, wire.FileDataMessage):
+        assert expected.WhichOneof("msg") == "data"
+        session = expected.session if kind == "upload" else ""
+        want = (session, expected.data.file, expected.data.offset, expected.data.data)
+        assert (got.session, got.file, got.offset, bytes(got.data)) == want
+        return want
+    assert got == expected
+    return "protobuf"
+
+
+@fuzz
+@given(
+    st.sampled_from(["push", "upload"]),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=300),
+    st.text(max_size=20),
+)
+def test_upload_messages_read_in_place_as_protobuf_reads_them(
+    kind: str, file: int, offset: int, data: bytes, session: str
+) -> None:
+    from mzstore.transport.wire import FileDataMessage, push_request, upload_request
+    from mzstore.v1 import store_pb2 as pb
+
+    fd = pb.FileData(file=file, offset=offset, data=data)
+    if kind == "push":
+        got = push_request(pb.PushRequest(data=fd).SerializeToString())
+    else:
+        got = upload_request(pb.UploadRequest(session=session, data=fd).SerializeToString())
+    assert isinstance(got, FileDataMessage)  # protobuf's own encoding takes the in-place path
+    assert (got.file, got.offset, bytes(got.data)) == (file, offset, data)
+    assert got.session == (session if kind == "upload" else "")
+
+
+@fuzz
+@given(
+    st.sampled_from(["push", "upload"]),
+    st.binary(max_size=40),
+    st.integers(0, 60),
+    st.binary(min_size=1, max_size=3),
+)
+def test_upload_messages_damaged_mean_what_protobuf_says(kind: str, data: bytes, cut: int, junk: bytes) -> None:
+    """Truncated, extended and overwritten encodings: the in-place reader agrees with protobuf, or both refuse."""
+    from mzstore.transport.wire import file_data
+
+    good = file_data(3, 300, data, "s" if kind == "upload" else "")
+    _as_protobuf_reads(kind, good[:cut])
+    _as_protobuf_reads(kind, good + junk)
+    at = cut % len(good)
+    _as_protobuf_reads(kind, good[:at] + junk + good[at + len(junk) :])
+
+
+@fuzz
+@given(st.sampled_from(["push", "upload"]), st.binary(max_size=64))
+def test_upload_messages_random_bytes(kind: str, message: bytes) -> None:
+    _as_protobuf_reads(kind, message)
+
+
+def test_upload_messages_other_encodings_go_through_protobuf() -> None:
+    from mzstore.transport.wire import FileDataMessage, push_request, upload_request
+    from mzstore.v1 import store_pb2 as pb
+
+    inner = b"\x1a\x03abc\x10\x05\x08\x02"  # FileData's fields in reverse order
+    got = push_request(b"\x12" + bytes([len(inner)]) + inner)
+    assert isinstance(got, pb.PushRequest) and (got.data.file, got.data.offset, got.data.data) == (2, 5, b"abc")
+    # The session after the data, and a file index above uint32 (protobuf keeps its low 32 bits).
+    got = upload_request(b"\x12\x05\x1a\x03abc\x0a\x01s")
+    assert isinstance(got, pb.UploadRequest) and (got.session, got.data.data) == ("s", b"abc")
+    big = b"\x12\x06\x08" + b"\x81\x80\x80\x80\x10"
+    got = push_request(big)
+    assert isinstance(got, pb.PushRequest) and got.data.file == 1
+    # The begin and end messages are protobuf's; an explicit zero field is still read in place.
+    end = pb.PushRequest(end=pb.FileEnd(file=1, size=2, sha256="ab")).SerializeToString()
+    assert push_request(end) == pb.PushRequest.FromString(end)
+    got = push_request(b"\x12\x02\x08\x00")
+    assert isinstance(got, FileDataMessage) and (got.file, got.offset, bytes(got.data)) == (0, 0, b"")

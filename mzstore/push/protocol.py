@@ -77,7 +77,8 @@ class UploadBegin:
 class UploadData:
     file: int
     offset: int
-    data: bytes
+    #: Bytes read from the source, or a view into the message they arrived in (the server).
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,7 @@ class UploadSessions:
 
             appenders: dict[int, DirectAppender] = {}  # around the page cache: read back only on a resume
 
-            def write(item: tuple[int, int, bytes]) -> None:
+            def write(item: tuple[int, int, bytes | memoryview]) -> None:
                 i, offset, data = item
                 if i not in appenders:
                     appenders[i] = DirectAppender(path / "data" / str(i), fds[i], offset)
@@ -219,7 +219,7 @@ class UploadSessions:
                 finally:
                     written[i] = appender.pos
 
-            behind: Behind[tuple[int, int, bytes]] = Behind(write, "mzstore-session-io")
+            behind: Behind[tuple[int, int, bytes | memoryview]] = Behind(write, "mzstore-session-io")
 
             def sync() -> None:
                 write_json(path / "progress.json", {"received": list(written), "ends": ends}, durable=False)

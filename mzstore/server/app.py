@@ -43,6 +43,7 @@ from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThrou
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
 from mzstore.storage.node import LocalNode, open_node, sweep_temp
 from mzstore.storage.store import Store
+from mzstore.transport.wire import push_request, upload_request
 from mzstore.v1 import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("mzstore.server")
@@ -279,17 +280,26 @@ class _Handlers:
 
 
 def _add_store_service(service: StoreService, server: grpc.Server) -> None:
-    """Register the Store service as generated, except that ReadBlob's replies are pre-encoded bytes.
+    """Register the Store service as generated, except where the bulk bytes go by.
 
     ``StoreService.ReadBlob`` yields ``BlobChunk`` messages already serialized
     (:func:`mzstore.transport.wire.blob_chunk`), which gRPC then sends as they are: one
-    copy of the data per message instead of two.
+    copy of the data per message instead of two. ``Push`` and ``Upload`` read their data
+    messages in place (:func:`mzstore.transport.wire.push_request`, ``upload_request``).
     """
     caught = _Handlers()
     store_pb2_grpc.add_StoreServicer_to_server(service, caught)
     handlers = caught.handlers
     handlers["ReadBlob"] = grpc.unary_stream_rpc_method_handler(
         service.ReadBlob, request_deserializer=store_pb2.ReadBlobRequest.FromString
+    )
+    handlers["Push"] = grpc.stream_unary_rpc_method_handler(
+        service.Push, request_deserializer=push_request, response_serializer=store_pb2.PushResponse.SerializeToString
+    )
+    handlers["Upload"] = grpc.stream_unary_rpc_method_handler(
+        service.Upload,
+        request_deserializer=upload_request,
+        response_serializer=store_pb2.UploadStatus.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

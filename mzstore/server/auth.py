@@ -53,6 +53,7 @@ import grpc
 
 from mzstore.errors import InvalidArgument, MzstoreError, PermissionDenied, Unauthenticated
 from mzstore.format.refs import parse_ref
+from mzstore.v1.store_pb2 import PushRequest
 
 SCOPES = ("read", "write", "admin")
 _RANK = {s: i for i, s in enumerate(SCOPES)}
@@ -271,7 +272,9 @@ def _guard_push(handler: grpc.RpcMethodHandler, grant: Grant) -> grpc.RpcMethodH
 
     def guarded(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         first = next(requests, None)
-        if first is not None and first.WhichOneof("msg") == "begin":
+        # The servicer refuses a push that does not begin with its begin message (a data message
+        # arrives as a FileDataMessage, see mzstore.transport.wire): only a begin has a ref to check.
+        if isinstance(first, PushRequest) and first.WhichOneof("msg") == "begin":
             try:
                 _check_write(grant, first.begin.ref)
             except MzstoreError as exc:

@@ -59,7 +59,7 @@ from mzstore.push.sessions import UploadSessions
 from mzstore.server import metrics
 from mzstore.settings import Settings
 from mzstore.storage.store import Store
-from mzstore.transport.wire import blob_chunk
+from mzstore.transport.wire import FileDataMessage, blob_chunk
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -165,7 +165,9 @@ class _DeadlineCap:
 
 
 def _events(
-    requests: Iterator[pb.PushRequest], context: grpc.ServicerContext, check: Callable[[], None] = lambda: None
+    requests: Iterator[pb.PushRequest | pb.UploadRequest | FileDataMessage],
+    context: grpc.ServicerContext,
+    check: Callable[[], None] = lambda: None,
 ) -> Iterator[UploadEvent]:
     """Upload events from a Push stream; :class:`Cancelled` as soon as the client cancels or goes away."""
     it = iter(requests)
@@ -179,6 +181,9 @@ def _events(
         if not context.is_active():
             raise Cancelled("the client cancelled the push or went away")
         check()
+        if isinstance(req, FileDataMessage):  # read in place (mzstore.transport.wire)
+            yield UploadData(req.file, req.offset, req.data)
+            continue
         which = req.WhichOneof("msg")
         if which == "data":
             yield UploadData(req.data.file, req.data.offset, req.data.data)
@@ -241,10 +246,12 @@ class StoreService(pb_grpc.StoreServicer):
         self.blob_url = ""
 
     @handler
-    def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
+    def Push(
+        self, request_iterator: Iterator[pb.PushRequest | FileDataMessage], context: grpc.ServicerContext
+    ) -> pb.PushResponse:
         expiry = self.deadlines.start(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("msg") != "begin":
+        if not isinstance(first, pb.PushRequest) or first.WhichOneof("msg") != "begin":
             raise InvalidArgument("a push must start with a begin message")
         begin = _begin(first.begin)
 
@@ -282,7 +289,9 @@ class StoreService(pb_grpc.StoreServicer):
         return _status(self.sessions.start(request.session, begin, known))
 
     @handler
-    def Upload(self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext) -> pb.UploadStatus:
+    def Upload(
+        self, request_iterator: Iterator[pb.UploadRequest | FileDataMessage], context: grpc.ServicerContext
+    ) -> pb.UploadStatus:
         expiry = self.deadlines.start(context)
         first = next(request_iterator, None)
         if first is None:
@@ -291,7 +300,7 @@ class StoreService(pb_grpc.StoreServicer):
         def check() -> None:
             self.deadlines.check(expiry, "the upload")
 
-        def requests() -> Iterator[pb.UploadRequest]:
+        def requests() -> Iterator[pb.UploadRequest | FileDataMessage]:
             yield first
             yield from request_iterator
 

@@ -66,6 +66,7 @@ from mzstore.settings import Settings
 from mzstore.storage.node import LocalNode, Node, node_has, temp_prefix
 from mzstore.storage.store import RefEntry, Staged, Store, blob_key
 from mzstore.transport.base import Transport
+from mzstore.transport.wire import FileDataMessage
 from mzstore.v1 import store_pb2 as pb
 
 log = logging.getLogger("mzstore.server.upstream")
@@ -380,7 +381,9 @@ class PullThroughService(StoreService):
         self.cache = store
 
     @handler
-    def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
+    def Push(
+        self, request_iterator: Iterator[pb.PushRequest | FileDataMessage], context: grpc.ServicerContext
+    ) -> pb.PushResponse:
         raise self.cache.read_only("push")
 
     @handler

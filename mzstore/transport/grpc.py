@@ -38,7 +38,7 @@ from mzstore.limits import MAX_MESSAGE_BYTES
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback, load_settings, server_address
 from mzstore.transport.base import RefInfo, Topology, Transport
 from mzstore.transport.buffers import ReceiveBuffers
-from mzstore.transport.wire import blob_piece
+from mzstore.transport.wire import blob_piece, file_data
 from mzstore.v1 import store_pb2 as pb
 from mzstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -122,9 +122,13 @@ class _TokenMetadata(
         return continuation(self._details(details), requests)
 
 
-_READ_BLOB_PATH = "/{}/{}".format(
-    *pb.DESCRIPTOR.services_by_name["Store"].methods_by_name["ReadBlob"].full_name.rsplit(".", 1)
-)
+def _method_path(name: str) -> str:
+    return "/{}/{}".format(*pb.DESCRIPTOR.services_by_name["Store"].methods_by_name[name].full_name.rsplit(".", 1))
+
+
+_READ_BLOB_PATH = _method_path("ReadBlob")
+_PUSH_PATH = _method_path("Push")
+_UPLOAD_PATH = _method_path("Upload")
 
 
 def advertised_url(blob_url: str, address: str) -> str | None:
@@ -152,26 +156,28 @@ def begin_proto(begin: UploadBegin) -> pb.PushBegin:
     )
 
 
-def push_requests(begin: UploadBegin, events: Iterable[UploadEvent]) -> Iterator[pb.PushRequest]:
-    """A streamed push as ``PushRequest`` messages: the begin, then every event."""
+def push_requests(begin: UploadBegin, events: Iterable[UploadEvent]) -> Iterator[bytes]:
+    """A streamed push as serialized ``PushRequest`` messages: the begin, then every event (the data
+    ones written by :func:`~mzstore.transport.wire.file_data`)."""
     from mzstore.push.protocol import UploadData
 
-    yield pb.PushRequest(begin=begin_proto(begin))
+    yield pb.PushRequest(begin=begin_proto(begin)).SerializeToString()
     for e in events:
         if isinstance(e, UploadData):
-            yield pb.PushRequest(data=pb.FileData(file=e.file, offset=e.offset, data=e.data))
+            yield file_data(e.file, e.offset, e.data)
         else:
-            yield pb.PushRequest(end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
+            yield pb.PushRequest(end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256)).SerializeToString()
 
 
-def _upload_requests(session: str, events: Iterable[UploadEvent]) -> Iterator[pb.UploadRequest]:
+def _upload_requests(session: str, events: Iterable[UploadEvent]) -> Iterator[bytes]:
     from mzstore.push.protocol import UploadData
 
     for e in events:
         if isinstance(e, UploadData):
-            yield pb.UploadRequest(session=session, data=pb.FileData(file=e.file, offset=e.offset, data=e.data))
+            yield file_data(e.file, e.offset, e.data, session)
         else:
-            yield pb.UploadRequest(session=session, end=pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256))
+            end = pb.FileEnd(file=e.file, size=e.size, sha256=e.sha256)
+            yield pb.UploadRequest(session=session, end=end).SerializeToString()
 
 
 def _push_result(r: pb.PushResponse) -> PushResult:
@@ -210,6 +216,8 @@ class GrpcTransport(Transport):
         channel: the gRPC channel (without the token interceptor).
         stub: the generated ``StoreStub`` (with the token interceptor), for tools and tests.
         read_blob_call: the raw ``ReadBlob`` callable (replies are bytes, see :func:`blob_piece`).
+        push_call, upload_call: the raw ``Push`` and ``Upload`` callables: they take serialized
+            requests (:func:`push_requests`; data messages by :func:`~mzstore.transport.wire.file_data`).
     """
 
     def __init__(
@@ -257,6 +265,9 @@ class GrpcTransport(Transport):
         self.read_blob_call = channel.unary_stream(
             _READ_BLOB_PATH, request_serializer=pb.ReadBlobRequest.SerializeToString, response_deserializer=None
         )
+        # Uploads send messages serialized by push_requests/_upload_requests, as they are.
+        self.push_call = channel.stream_unary(_PUSH_PATH, response_deserializer=pb.PushResponse.FromString)
+        self.upload_call = channel.stream_unary(_UPLOAD_PATH, response_deserializer=pb.UploadStatus.FromString)
         self.buffers = ReceiveBuffers(self.settings.pull_inflight_bytes)
 
     def close(self) -> None:
@@ -294,7 +305,7 @@ class GrpcTransport(Transport):
     def push(self, begin: UploadBegin, events: Iterable[UploadEvent]) -> PushResult:
         deadline = self.settings.push_timeout
         with rpc_errors("Push", deadline):
-            resp = self.stub.Push(push_requests(begin, events), timeout=deadline, wait_for_ready=False)
+            resp = self.push_call(push_requests(begin, events), timeout=deadline, wait_for_ready=False)
         return _push_result(resp)
 
     def start_upload(self, session: str, begin: UploadBegin) -> UploadStatus:
@@ -307,7 +318,7 @@ class GrpcTransport(Transport):
     def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
         deadline = self.settings.push_timeout
         with rpc_errors("Upload", deadline):
-            resp = self.stub.Upload(_upload_requests(session, events), timeout=deadline)
+            resp = self.upload_call(_upload_requests(session, events), timeout=deadline)
         return _upload_status(resp)
 
     def commit_upload(self, session: str) -> PushResult:
