@@ -568,3 +568,55 @@ def test_a_corrupt_zstd_frame_leaves_no_state_behind() -> None:
     out = bytearray(len(raw))
     lossless.zstd_read_into(zstandard.ZstdCompressor().compress(raw), memoryview(out))
     assert out == raw
+
+
+def _bf16_planes_case(mantissa: np.ndarray, exponent: np.ndarray) -> bytes:
+    """bf16 bytes whose split planes (rotated: the sign moves to the low byte's bit 0) are these."""
+    low, high = mantissa.astype(np.uint16), exponent.astype(np.uint16)
+    rotated = (high << 8) | low
+    words = (rotated >> 1) | ((rotated & 1) << 15)  # undo the rotation the encoder applies
+    return words.astype("<u2").tobytes()
+
+
+def test_a_plane_is_probed_before_it_is_compressed(lossless) -> None:
+    """A mantissa plane zstd cannot shrink is stored raw after a look at samples of it; one it can shrink
+    (here: compressible only in its samples' places and between them alike) is still compressed."""
+    from mzstore.codecs.lossless import PROBE_MIN_BYTES, _cctx, _incompressible
+
+    n = 2 * PROBE_MIN_BYTES  # planes of 2 MiB
+    rng = np.random.default_rng(0)
+    exponent = rng.choice(np.arange(118, 124, dtype=np.uint8), n)
+    noise = rng.integers(0, 256, n, dtype=np.uint8)
+    runs = np.repeat(rng.integers(0, 256, n // 64, dtype=np.uint8), 64)
+    bf16 = DTYPES["BF16"]
+    for mantissa, method in ((noise, _RAW), (runs, _ZSTD)):
+        raw = _bf16_planes_case(mantissa, exponent)
+        payload, _ = lossless.encode(raw, bf16)
+        assert planes_of(payload)[0][0] == method
+        assert bytes(lossless.decode(payload, bf16, len(raw))) == raw
+    raw = _bf16_planes_case(runs, exponent)
+    assert len(lossless.encode(raw, bf16)[0]) < 0.5 * len(raw)
+    # The noise plane was judged on samples, not compressed whole; a short plane is always compressed.
+    coder = _cctx()
+    assert _incompressible(noise, coder) and not _incompressible(runs, coder)
+    assert not _incompressible(noise[: PROBE_MIN_BYTES - 1], coder)
+
+
+def test_the_pair_table_from_a_sample_still_codes_every_pair(lossless) -> None:
+    """A long exponent plane's pair table comes from a sample: pairs the sample missed are escaped, exactly."""
+    from mzstore.codecs.lossless import PAIRS_SAMPLE_BLOCK, PAIRS_SAMPLE_BLOCKS, _pair_sample
+
+    n = 8 * PAIRS_SAMPLE_BLOCK * PAIRS_SAMPLE_BLOCKS
+    rng = np.random.default_rng(1)
+    exponent = rng.choice(np.array([120, 121, 122], dtype=np.uint8), n)
+    sample = _pair_sample(exponent)
+    assert len(sample) == PAIRS_SAMPLE_BLOCK * PAIRS_SAMPLE_BLOCKS
+    # Values the sample cannot have seen: placed in the gaps between its blocks.
+    step = (n - PAIRS_SAMPLE_BLOCK) // (PAIRS_SAMPLE_BLOCKS - 1) // 2 * 2
+    for i in range(PAIRS_SAMPLE_BLOCKS - 1):
+        exponent[i * step + PAIRS_SAMPLE_BLOCK : i * step + PAIRS_SAMPLE_BLOCK + 300] = rng.integers(0, 256, 300)
+    assert np.array_equal(_pair_sample(exponent), sample)
+    raw = _bf16_planes_case(rng.integers(0, 256, n, dtype=np.uint8), exponent)
+    payload, _ = lossless.encode(raw, DTYPES["BF16"])
+    assert planes_of(payload)[1][0] == _PAIRS
+    assert bytes(lossless.decode(payload, DTYPES["BF16"], len(raw))) == raw

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mzstore import durable
 from mzstore.client import Client
@@ -168,3 +168,39 @@ def test_a_pull_reuses_its_buffers_and_its_cache_entries_hold_the_right_bytes(
         assert c.cache is not None
         report = c.cache.verify()
         assert report.checked == len(c.manifest("rb/m:v1")[2].chunks()) and not report.removed, report.problems
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+def test_a_push_assembles_its_chunks_in_reused_buffers(
+    served: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
+) -> None:
+    """The ingest fills each chunk in a pooled buffer. While a chunk is queued for encoding (and, int8,
+    until its decoded bytes are hashed for the pulled file) its buffer is not reused; the first encode
+    stalls so that several are held at once. The pushed model pulls back as it was pushed."""
+    from mzstore.push import ingest
+
+    src = _model(tmp_path / "src")
+    real_encode = ingest._encode
+    calls: list[int] = []
+
+    def stalling(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return real_encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest, "_encode", stalling)
+    before = ingest.CHUNK_BUFFERS.reused
+    with Client(served.address) as c:
+        c.push(src, "rb/p:v1", codec=codec)
+        assert len(calls) == 12 and ingest.CHUNK_BUFFERS.reused > before
+        c.pull("rb/p:v1", tmp_path / "out")
+    pulled = (tmp_path / "out" / "model.safetensors").read_bytes()
+    if codec == "lossless":
+        assert pulled == (src / "model.safetensors").read_bytes()
+    else:  # each tensor within int8's error of its own: no chunk got another chunk's bytes
+        want = load_file(str(src / "model.safetensors"))
+        back = load_file(str(tmp_path / "out" / "model.safetensors"))
+        for name, t in want.items():
+            err = (back[name].float() - t.float()).abs().max().item()
+            assert err <= t.float().abs().max().item() / 100, name

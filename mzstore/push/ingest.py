@@ -67,8 +67,12 @@ from mzstore.push.reuse import KnownFiles, reused_bytes
 from mzstore.push.shards import ShardWriter
 from mzstore.settings import Limits
 from mzstore.storage.store import Store
+from mzstore.transport.buffers import ReceiveBuffers
 
 _pool: ThreadPoolExecutor | None = None
+#: Where a tensor's chunk is assembled from the upload's messages: reused once its encode is drained (nothing
+#: refers to it then), instead of a fresh zero-filled ``bytearray`` per chunk (see mzstore.transport.buffers).
+CHUNK_BUFFERS = ReceiveBuffers(128 * 1024 * 1024)
 
 
 def _encode_pool() -> ThreadPoolExecutor:
@@ -107,7 +111,7 @@ class _Served:
         self.lossy = False
         self.entry: FileEntry | None = None
 
-    def update(self, raw: bytes | bytearray, decoded: memoryview | None) -> None:
+    def update(self, raw: bytes | bytearray | memoryview, decoded: memoryview | None) -> None:
         if decoded is None:
             self.hasher.update(raw)
         else:
@@ -133,7 +137,7 @@ class _Job:
         key: str,
         entry: TensorEntry | None,
         served: _Served | None = None,
-        raw: bytes | bytearray = b"",
+        raw: bytes | bytearray | memoryview = b"",
         base: Chunk | None = None,
     ) -> None:
         self.base = base
@@ -147,7 +151,7 @@ class _Job:
         self.raw = raw
 
 
-def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Encoded:
+def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray | memoryview, rows: int) -> _Encoded:
     """Encode one chunk in a worker thread."""
     if isinstance(mode, DeltaMode):
         return _encode_delta(mode, dtype, raw)
@@ -168,7 +172,7 @@ def _encode(mode: Mode, dtype: DType, raw: bytes | bytearray, rows: int) -> _Enc
 DELTA_CHECK_SHARE = 0.5
 
 
-def _encode_delta(mode: DeltaMode, dtype: DType, raw: bytes | bytearray) -> _Encoded:
+def _encode_delta(mode: DeltaMode, dtype: DType, raw: bytes | bytearray | memoryview) -> _Encoded:
     """A chunk against its base chunk: the base chunk itself when the bytes are the same, else the delta
     (:mod:`mzstore.codecs.delta`), unless coding the chunk on its own is smaller (a tensor that changed
     entirely)."""
@@ -226,7 +230,7 @@ class Ingest:
         self,
         mode: Mode,
         dtype: DType,
-        raw: bytes | bytearray,
+        raw: bytes | bytearray | memoryview,
         chunk_list: list[Chunk],
         rows: list[int],
         meta: dict[str, Any],
@@ -423,7 +427,7 @@ class _SafetensorsSink:
         self.header_len: int | None = None
         self.header_text: str | None = None
         self.queue: deque[tuple[TensorEntry, DType, ChunkPlan, Mode]] = deque()
-        self.current: bytearray | None = None
+        self.current: memoryview | bytearray | None = None
         self.fill = 0
         self.served: _Served | None = None
         if upload.size < 8:
@@ -511,7 +515,7 @@ class _SafetensorsSink:
         while self.queue and self.queue[0][2].nbytes == 0:
             self._emit(bytearray())
 
-    def _emit(self, raw: bytearray) -> None:
+    def _emit(self, raw: memoryview | bytearray) -> None:
         entry, dtype, plan, mode = self.queue.popleft()
         meta = {
             "file": entry.file,
@@ -542,7 +546,7 @@ class _SafetensorsSink:
                 raise FormatError(f"{self.upload.path}: trailing bytes after the last tensor")
             plan = self.queue[0][2]
             if self.current is None:
-                self.current = bytearray(plan.nbytes)
+                self.current = CHUNK_BUFFERS.take(plan.nbytes)
                 self.fill = 0
             n = min(plan.nbytes - self.fill, len(data) - pos)
             self.current[self.fill : self.fill + n] = data[pos : pos + n]
