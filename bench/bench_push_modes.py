@@ -1,10 +1,14 @@
 """What a resumable push costs: upload session (default) vs a streamed push (``--no-resume``).
 
-A resumable push keeps the raw upload on the server's disk and replays it
-through the ingest at commit; a streamed push encodes as bytes arrive. Both
-store the same manifest. This prints the median push time of each over
+A resumable push keeps the raw upload on the server's disk while it is
+ingested as it arrives (a broken one resumes and replays at commit); a
+streamed push encodes as bytes arrive with nothing kept. A resumable push's
+bytes go in one HTTP PUT when the server has an HTTP plane (the default), or
+in the gRPC ``Upload`` stream (``MZSTORE_TRANSPORT=grpc``); both are measured.
+All store the same manifest. This prints the median push time of each over
 ``--runs`` rounds (a fresh server and store per push, client and server on
-this machine) and their ratio.
+this machine) and their ratio. The files' sha256, which a resumable push
+sends first, are remembered after the first round (as ``mzstore push`` does).
 
     .venv/bin/python bench/bench_push_modes.py [--size-mib 512] [--runs 3]
 """
@@ -39,13 +43,18 @@ def main() -> None:
             {f"l{i}": (torch.randn(4096, 8192, generator=gen) * 0.02).to(torch.bfloat16) for i in range(n)}, str(src)
         )
         size = src.stat().st_size
-        times: dict[str, list[float]] = {"streamed (--no-resume)": [], "resumable session": []}
+        times: dict[str, list[float]] = {
+            "streamed (--no-resume)": [],
+            "resumable, gRPC stream": [],
+            "resumable, HTTP PUT": [],
+        }
         digests = set()
         for r in range(args.runs):
             for mode in times:
                 root = work / f"root-{r}"
                 try:
-                    with serve(root, "process") as server, Client(server.address, cache=False) as c:
+                    plane = "grpc" if "gRPC" in mode else "auto"
+                    with serve(root, "process") as server, Client(server.address, cache=False, data_plane=plane) as c:
                         t = time.perf_counter()
                         info = c.push(src, "bench/m:v1", resumable=mode.startswith("resumable"))
                         times[mode].append(time.perf_counter() - t)
@@ -58,7 +67,7 @@ def main() -> None:
         for mode, m in med.items():
             runs = ", ".join(f"{x:.2f}" for x in times[mode])
             print(f"  {mode:<24} {m:6.2f} s  {size / m / 1e6:5.0f} MB/s  x{m / base:.2f} of streamed  ({runs})")
-        print(f"  same digest either way: {'yes' if len(digests) == 1 else 'NO'}")
+        print(f"  same digest every way: {'yes' if len(digests) == 1 else 'NO'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -130,7 +130,8 @@ class Client:
             ``auto`` (the server's HTTP plane when it advertises one, else gRPC; each range falls
             back to gRPC if HTTP fails), ``http`` (the same, but a server without one is an error),
             ``grpc``, or ``direct`` (as ``direct=True``). ``settings.blob_url`` (``MZSTORE_BLOB_URL``)
-            replaces the advertised base (a site cache, a CDN).
+            replaces the advertised base (a site cache, a CDN). A resumable push sends its bytes
+            by HTTP PUT when the server offers it, except with ``grpc`` (:mod:`mzstore.transport.uploads`).
         offline: never contact the server (default ``settings.offline``, ``MZSTORE_OFFLINE``): refs
             resolve through the cache's tag → digest mapping and chunks come from the cache; what
             is not there fails at once. Online, a tag whose server is unreachable also falls back to
@@ -176,6 +177,7 @@ class Client:
             transport = GrpcTransport(
                 server or self.settings.server, settings=self.settings, timeout=timeout, token=token, tls_ca=tls_ca
             )
+            transport.http_uploads = plane != "grpc"  # a push's bytes go by HTTP when the server offers it
         if direct:
             from mzstore.transport.direct import DirectTransport
 

@@ -168,3 +168,36 @@ def test_a_failed_spool_write_records_only_the_bytes_written(
     sessions.append(sid, iter_events(src, block=64 * 1024, start=status.received, ended=status.ended))
     result = sessions.commit(sid, lambda b, ev: _ingest(store).run(b, ev))
     assert result.digest == _ingest(Store(tmp_path / "other")).run(begin, iter(events)).digest
+
+
+def test_a_streamed_sessions_bytes_go_once_its_result_is_recorded(model: Path, tmp_path: Path) -> None:
+    """Ingested as it arrived: the result is kept for the commit and the raw bytes are dropped, off the
+    push's path (renamed aside, removed by a thread); what a crash leaves aside is swept."""
+    import os
+    import threading
+    import time
+
+    store = Store(tmp_path / "store")
+    sessions = UploadSessions(tmp_path / "uploads", max_age=3600)
+    src = open_source(model)
+    sid = uuid.uuid4().hex
+    begin = begin_for(src, "s/m:v1", "lossless")
+    sessions.start(sid, begin)
+    stream = sessions.stream(sid, iter_events(src))
+    result = _ingest(store).run(begin, stream)
+    stream.close()
+    assert (tmp_path / "uploads" / sid / "data").is_dir()
+    sessions.record_result(sid, result)
+    assert not (tmp_path / "uploads" / sid / "data").exists()  # gone from the session at once
+    for t in threading.enumerate():
+        if t.name == "mzstore-session-drop":
+            t.join(10)
+    assert not [p for p in (tmp_path / "uploads").iterdir() if p.name.startswith(".drop-")]
+    assert sessions.commit(sid, lambda b, e: _ingest(store).run(b, e)).digest == result.digest
+    # a crash between the rename and the removal: swept once its process is gone, not before
+    dead = tmp_path / "uploads" / ".drop-x-999999999"
+    live = tmp_path / "uploads" / f".drop-y-{os.getpid()}"
+    for p in (dead, live):
+        (p / "data").mkdir(parents=True)
+    time.sleep(0.01)
+    assert sessions.sweep() == [dead.name] and live.exists()

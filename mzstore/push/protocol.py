@@ -127,6 +127,8 @@ class UploadStatus:
     ended: list[bool]
     committed: bool = False
     known: list[bool] = field(default_factory=list)  # files the store already held: nothing to send
+    #: Where the rest may go by HTTP PUT instead of an upload stream ("": nowhere; see the proto).
+    upload_url: str = ""
 
     @property
     def complete(self) -> bool:

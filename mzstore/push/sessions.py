@@ -47,7 +47,9 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -266,7 +268,19 @@ class UploadSessions:
         """The upload was ingested as it arrived: keep the result for the commit, drop the bytes."""
         path = self._path(session)
         write_json(path / "result.json", asdict(result))
-        shutil.rmtree(path / "data", ignore_errors=True)
+        self._remove_later(path / "data")
+
+    def _remove_later(self, path: Path) -> None:
+        """Remove ``path`` on a thread of its own: freeing a 1 GiB file's blocks took 0.17 s of a push's
+        tail. It is renamed out of the session first; :meth:`sweep` removes what a crash left."""
+        doomed = self.dir / f".drop-{uuid.uuid4().hex}-{os.getpid()}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        threading.Thread(
+            target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, name="mzstore-session-drop"
+        ).start()
 
     def drop(self, session: str) -> None:
         """Remove a session whose bytes are bad (a resume cannot fix them)."""
@@ -316,7 +330,7 @@ class UploadSessions:
         cutoff = time.time() - self.max_age
         for path in self.dir.iterdir() if self.dir.exists() else []:
             try:
-                if path.name.startswith(".new-") and process_gone(path.name.rsplit("-", 1)[-1]):
+                if path.name.startswith((".new-", ".drop-")) and process_gone(path.name.rsplit("-", 1)[-1]):
                     shutil.rmtree(path, ignore_errors=True)  # a start that died before its rename
                     removed.append(path.name)
                 elif path.stat().st_mtime < cutoff:

@@ -53,9 +53,13 @@ _HEADER_BASE = 256
 WRITE_AHEAD = 64 * 1024 * 1024
 #: A shard written once is hashed after its header, so only once it is sealed, and the last shard's hash
 #: is the push's tail (0.4 s for a 700 MB shard, with one core idle). So a push written once seals its
-#: shard early, once the raw bytes still to come are at most half the shard's stored bytes (and the shard
-#: holds at least this much): that hash runs while the rest arrives, and the last shard is small.
-#: A 1 GB bf16 push: the time after its last byte went from 0.6 to 0.2 s (``bench/bench_push_modes.py``).
+#: shard early, once the raw bytes still to come are at most the shard's stored bytes (and the shard
+#: holds at least this much): that hash runs while the rest arrives, and the last shard is small. The
+#: next shard is cut the same way, and so on while shards stay above this size, on two hash threads.
+#: A 1 GB bf16 push: the time after its last byte went from 0.6 to 0.2 s with one cut at half the
+#: shard (``bench/bench_push_modes.py``). That hash, sharing the cores with the ingest, still ran 0.2 s
+#: past the last byte; cut at the whole shard and again after it, the tail is the last shard's few
+#: tens of MB.
 TAIL_MIN_BYTES = 64 * 1024 * 1024
 
 
@@ -133,11 +137,9 @@ class ShardWriter:
         self._entries.append(_Entry(key, chunk, meta, self._size, self._size + len(payload)))
         self._size += len(payload)
         tail = False
-        if self._raw_left is not None:
+        if self._raw_left is not None:  # cut again at each such point: the shards shrink towards the end
             self._raw_left -= chunk.raw_length
-            tail = self._raw_left <= self._size // 2 and self._size >= TAIL_MIN_BYTES
-            if tail:
-                self._raw_left = None  # one early cut: the rest goes into the last shard
+            tail = self._raw_left <= self._size and self._size >= TAIL_MIN_BYTES
         if self._size >= self.shard_bytes or tail:
             self.seal()
 
@@ -178,7 +180,7 @@ class ShardWriter:
                     spool.flush()
                     os.pwrite(spool.fileno(), header, 0)
                     if self._hasher is None:
-                        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mzstore-shard-hash")
+                        self._hasher = ThreadPoolExecutor(2, thread_name_prefix="mzstore-shard-hash")
                     path = Path(spool.name)
                     # The hash reads the page cache while the writer thread syncs: both before publishing.
                     hashed = self._hasher.submit(self.store.adopt_blob, path)

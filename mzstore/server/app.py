@@ -39,6 +39,8 @@ from mzstore.server.http import HttpOptions, HttpPlane
 from mzstore.server.metrics import MetricsInterceptor, watch_store
 from mzstore.server.s3 import DEFAULT_BUCKET, S3Options, S3Plane
 from mzstore.server.service import StoreService
+from mzstore.server.uploads import ROUTE as UPLOAD_ROUTE
+from mzstore.server.uploads import HttpUploads
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
 from mzstore.storage.node import LocalNode, open_node, sweep_temp
@@ -89,6 +91,7 @@ class RunningServer:
     http: HttpPlane | None = None
     s3: S3Plane | None = None
     files: ServedFiles | None = None  # the decoded-file reader the HTTP and S3 faces share
+    service: StoreService | None = None
 
     @property
     def address(self) -> str:
@@ -233,6 +236,9 @@ def build_server(
         else StoreService(store, settings, spool)
     )
     service.blob_url = http_advertise or (plane.url if plane is not None else "")
+    if plane is not None and not isinstance(store, PullThroughStore):  # pushes' bytes may come by HTTP too
+        plane.uploads = HttpUploads(service)
+        service.upload_url = plane.url + UPLOAD_ROUTE.split("{", 1)[0].rstrip("/")
     _add_store_service(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -247,7 +253,7 @@ def build_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, store, plane, s3_plane, files)
+    return RunningServer(server, port, health_servicer, store, plane, s3_plane, files, service)
 
 
 def _http_address(http: str, listen: str) -> tuple[str, int]:

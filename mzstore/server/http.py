@@ -22,6 +22,9 @@ blobs are content-addressed) and the name-free alias ``/blobs/sha256:<hex>``
     The Hugging Face Hub face (:mod:`mzstore.server.hub`): ``HF_ENDPOINT``
     pointed here lets ``huggingface_hub``, transformers and
     sentence-transformers download models from the store.
+``PUT /v1/uploads/<session>``
+    An upload session's remaining bytes as one body, instead of an ``Upload``
+    stream (:mod:`mzstore.server.uploads`; needs ``write``).
 ``GET /metrics``
     Prometheus text format (:mod:`mzstore.server.metrics`).
 ``GET /healthz``, ``GET /readyz``
@@ -52,11 +55,15 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mzstore.errors import (
+    Cancelled,
+    Conflict,
+    DeadlineExceeded,
     IntegrityError,
     InvalidArgument,
     MzstoreError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -65,6 +72,8 @@ from mzstore.server import metrics
 from mzstore.server.auth import TokenFile
 from mzstore.server.files import DigestFile, ServedFiles, byte_range, start_body
 from mzstore.server.hub import HubFace
+from mzstore.server.uploads import ROUTE as UPLOAD_ROUTE
+from mzstore.server.uploads import HttpUploads
 from mzstore.storage.node import FsspecNode, LocalNode
 from mzstore.storage.store import Store
 
@@ -85,14 +94,29 @@ HTTP_STATUS: dict[type[MzstoreError], int] = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
+    Conflict: 409,
     IntegrityError: 502,
     Unavailable: 503,
+    DeadlineExceeded: 504,
+    ResourceExhausted: 507,
+    Cancelled: 499,  # as nginx logs a request its client closed
 }
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
         {"error": message, "code": code}, status=status, headers={"X-Error-Code": code, **(headers or {})}
+    )
+
+
+def error_response(exc: MzstoreError) -> web.Response:
+    """A domain error as JSON, with its gRPC status name too (``grpc_code``): an mzstore client raises the
+    same class as for the gRPC call (:data:`~mzstore.errors.ERROR_FOR_REASON`, then ``ERROR_FOR_CODE``)."""
+    code = exc.reason or type(exc).__name__
+    return web.json_response(
+        {"error": str(exc), "code": code, "grpc_code": exc.grpc_code},
+        status=_status_of(exc),
+        headers={"X-Error-Code": code},
     )
 
 
@@ -209,6 +233,8 @@ class HttpPlane(Listener):
         self._own_files = files is None
         self.files = files or ServedFiles(store)
         self.hub = HubFace(store, self.files)
+        #: The upload route's handler, once the server has a Store service that takes pushes.
+        self.uploads: HttpUploads | None = None
 
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._observe, self._guard], client_max_size=1024)
@@ -218,6 +244,7 @@ class HttpPlane(Listener):
         app.router.add_route("GET", "/blobs/{digest}", self._blob)
         app.router.add_route("HEAD", "/blobs/{digest}", self._blob)
         self.hub.add_routes(app.router)
+        app.router.add_put(UPLOAD_ROUTE, self._upload)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -225,6 +252,8 @@ class HttpPlane(Listener):
 
     def closed(self) -> None:
         self.hub.close()
+        if self.uploads is not None:
+            self.uploads.close()
         if self._own_files:
             self.files.close()
 
@@ -251,14 +280,17 @@ class HttpPlane(Listener):
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Tokens and scopes, before any storage access (blobs and the Hub face need ``read``; probes and
-        metrics are open)."""
+        """Tokens and scopes, before any storage access (blobs and the Hub face need ``read``, uploads
+        ``write``; probes and metrics are open)."""
         tokens = self.options.tokens
         info = request.match_info
         is_blob = "digest" in info
         is_hub = "repo" in info or "rest" in info
-        if tokens is None or not (is_blob or is_hub):
+        is_upload = "session" in info
+        if tokens is None or not (is_blob or is_hub or is_upload):
             return await handler(request)
+        if is_upload:
+            return await self._guard_upload(request, handler, tokens)
         if (is_blob and self.options.public_blobs) or (is_hub and self.options.public_hub):
             return await handler(request)
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
@@ -272,7 +304,26 @@ class HttpPlane(Listener):
             raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; reads need read")
         return await handler(request)
 
+    async def _guard_upload(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], tokens: TokenFile
+    ) -> web.StreamResponse:
+        """An upload needs a token with ``write``, as the ``Upload`` call does (the session, made by
+        ``StartUpload`` under the token's prefixes, names what it writes)."""
+        auth = request.headers.get(hdrs.AUTHORIZATION, "")
+        scheme, _, token = auth.partition(" ")
+        grant = tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if grant is None:
+            return error_response(Unauthenticated("an upload needs a known token: send Authorization: Bearer"))
+        if not grant.allows("write"):
+            return error_response(PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; uploads need write"))
+        return await handler(request)
+
     # -- routes -----------------------------------------------------------------------------
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        if self.uploads is None:
+            return error_response(NotFound("this server takes no uploads over HTTP"))
+        return await self.uploads.put(request)
+
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
         if not _DIGEST.fullmatch(digest):

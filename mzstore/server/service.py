@@ -228,7 +228,14 @@ def _push_response(r: PushResult) -> pb.PushResponse:
 
 
 def _status(s: UploadStatus) -> pb.UploadStatus:
-    return pb.UploadStatus(session=s.session, received=s.received, ended=s.ended, committed=s.committed, known=s.known)
+    return pb.UploadStatus(
+        session=s.session,
+        received=s.received,
+        ended=s.ended,
+        committed=s.committed,
+        known=s.known,
+        upload_url=s.upload_url,
+    )
 
 
 class StoreService(pb_grpc.StoreServicer):
@@ -244,6 +251,8 @@ class StoreService(pb_grpc.StoreServicer):
         self.sessions = UploadSessions(uploads)
         #: Where the HTTP plane serves blobs, told to clients with every manifest ("" when there is none).
         self.blob_url = ""
+        #: Base URL of the HTTP plane's upload route (``<listener>/v1/uploads``; "" when there is none).
+        self.upload_url = ""
 
     @handler
     def Push(
@@ -286,7 +295,10 @@ class StoreService(pb_grpc.StoreServicer):
         begin = _begin(request.begin)
         validate_begin(begin, self.settings.limits)  # refuse before the client sends a byte
         known = KnownFiles(self.store, self.settings.chunk_bytes).find(begin)  # files not to send again
-        return _status(self.sessions.start(request.session, begin, known))
+        status = self.sessions.start(request.session, begin, known)
+        if self.upload_url and all(f.sha256 for f in begin.files):  # the bytes may come by HTTP instead
+            status = dataclasses.replace(status, upload_url=f"{self.upload_url}/{request.session}")
+        return _status(status)
 
     @handler
     def Upload(
@@ -304,29 +316,33 @@ class StoreService(pb_grpc.StoreServicer):
             yield first
             yield from request_iterator
 
+        return _status(self.upload(first.session, _events(requests(), context, check)))
+
+    def upload(self, session: str, events: Iterator[UploadEvent]) -> UploadStatus:
+        """One stream of a session's bytes: an ``Upload`` call's, or an HTTP PUT's (:mod:`mzstore.server.http`)."""
         sessions = self.sessions
-        events = _Drained(_events(requests(), context, check))
-        status = sessions.status(first.session)
+        drained = _Drained(events)
+        status = sessions.status(session)
         if any((r or e) and not k for r, e, k in zip(status.received, status.ended, status.known, strict=True)):
-            return _status(sessions.append(first.session, events))  # a resume: the commit replays
+            return sessions.append(session, drained)  # a resume: the commit replays
         # A fresh upload is ingested as it arrives, as a streamed push is; the bytes are kept
         # meanwhile so that a break can be resumed (the commit then replays them).
-        stream = sessions.stream(first.session, events)
+        stream = sessions.stream(session, drained)
         try:
-            result = self.ingest(sessions.begin_of(first.session), stream, first.session)
+            result = self.ingest(sessions.begin_of(session), stream, session)
         except (FormatError, IntegrityError, InvalidArgument, ResourceExhausted) as exc:
             stream.close()  # records what arrived and releases the session
-            if events.drained and not all(sessions.status(first.session).ended):
+            if drained.drained and not all(sessions.status(session).ended):
                 # The stream stopped before its files ended (a client killed or cut off, whose end
-                # gRPC reported as a close): what arrived is kept, and a rerun resumes after it.
+                # its transport reported as a close): what arrived is kept, and a rerun resumes after it.
                 raise Cancelled("the upload stream ended before its files did; rerun the push to resume") from None
             if not isinstance(exc, ResourceExhausted):
-                sessions.drop(first.session)  # malformed or altered: resuming cannot fix it
+                sessions.drop(session)  # malformed or altered: resuming cannot fix it
             raise
         finally:
             stream.close()
-        sessions.record_result(first.session, result)
-        return _status(sessions.status(first.session))
+        sessions.record_result(session, result)
+        return sessions.status(session)
 
     @handler
     def CommitUpload(self, request: pb.CommitUploadRequest, context: grpc.ServicerContext) -> pb.PushResponse:

@@ -15,11 +15,15 @@ more precise one (``session-busy`` → :class:`~mzstore.errors.SessionBusy`).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import ssl
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -44,6 +48,8 @@ from mzstore.v1 import store_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from mzstore.push.protocol import PushResult, UploadBegin, UploadEvent, UploadStatus
+
+log = logging.getLogger("mzstore.transport.grpc")
 
 #: What gRPC's server says when ``maximum_concurrent_rpcs`` turns a call away (its text is all there is).
 _BUSY = "Concurrent RPC limit exceeded"
@@ -269,6 +275,11 @@ class GrpcTransport(Transport):
         self.push_call = channel.stream_unary(_PUSH_PATH, response_deserializer=pb.PushResponse.FromString)
         self.upload_call = channel.stream_unary(_UPLOAD_PATH, response_deserializer=pb.UploadStatus.FromString)
         self.buffers = ReceiveBuffers(self.settings.pull_inflight_bytes)
+        #: Send an upload session's bytes by HTTP PUT when the server offers it (mzstore.transport.uploads).
+        self.http_uploads = True
+        self._token = token
+        self._tls = (str(ca), self.settings.tls_cert, self.settings.tls_key) if ca is not None else None
+        self._offered: dict[str, tuple[str, UploadBegin, UploadStatus]] = {}  # session → (URL, begin, status)
 
     def close(self) -> None:
         self.channel.close()
@@ -313,13 +324,54 @@ class GrpcTransport(Transport):
             resp = self.stub.StartUpload(
                 pb.StartUploadRequest(session=session, begin=begin_proto(begin)), timeout=self.timeout
             )
-        return _upload_status(resp)
+        url = advertised_url(resp.upload_url, self.address) or ""
+        status = dataclasses.replace(_upload_status(resp), upload_url=url)
+        if url and self._may_put(url):
+            self._offered[session] = (url, begin, status)
+        return status
+
+    def _may_put(self, url: str) -> bool:
+        """Whether an upload may go to ``url``: asked for, and a token never in clear text off this machine."""
+        if not self.http_uploads:
+            return False
+        parts = urlsplit(url)
+        return not (self._token and parts.scheme != "https" and not is_loopback(f"{parts.hostname}:0"))
 
     def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
+        offered = self._offered.pop(session, None)
+        if offered is not None:
+            from mzstore.transport.uploads import UploadUrlUnreachable, put_upload
+
+            url, begin, status = offered
+            events = iter(events)
+            try:
+                return put_upload(
+                    url,
+                    events,
+                    sizes=[f.size for f in begin.files],
+                    hashes=[f.sha256 for f in begin.files],
+                    received=status.received,
+                    ended=status.ended,
+                    timeout=self.settings.push_timeout,
+                    token=self._token,
+                    context=self._ssl_context() if url.startswith("https:") else None,
+                )
+            except UploadUrlUnreachable as exc:  # nothing sent: the stream takes it, as it does from now on
+                log.warning("%s; uploading over gRPC instead", exc)
+                self.http_uploads = False
         deadline = self.settings.push_timeout
         with rpc_errors("Upload", deadline):
             resp = self.upload_call(_upload_requests(session, events), timeout=deadline)
         return _upload_status(resp)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self._tls is not None:
+            ca, cert, key = self._tls
+            context.load_verify_locations(ca)
+            if cert:
+                context.load_cert_chain(cert, key)
+        return context
 
     def commit_upload(self, session: str) -> PushResult:
         deadline = self.settings.push_timeout

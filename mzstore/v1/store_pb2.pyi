@@ -234,15 +234,17 @@ class CommitUploadRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
 class UploadStatus(_message.Message):
-    __slots__ = ("session", "received", "ended", "committed", "known")
+    __slots__ = ("session", "received", "ended", "committed", "known", "upload_url")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_URL_FIELD_NUMBER: _ClassVar[int]
     session: str
     received: _containers.RepeatedScalarFieldContainer[int]
     ended: _containers.RepeatedScalarFieldContainer[bool]
     committed: bool
     known: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, session: _Optional[str] = ..., received: _Optional[_Iterable[int]] = ..., ended: _Optional[_Iterable[bool]] = ..., committed: _Optional[bool] = ..., known: _Optional[_Iterable[bool]] = ...) -> None: ...
+    upload_url: str
+    def __init__(self, session: _Optional[str] = ..., received: _Optional[_Iterable[int]] = ..., ended: _Optional[_Iterable[bool]] = ..., committed: _Optional[bool] = ..., known: _Optional[_Iterable[bool]] = ..., upload_url: _Optional[str] = ...) -> None: ...
