@@ -1051,3 +1051,27 @@ def test_ecsq_error_is_within_a_step_of_each_rows_rms(m, step):
     rms = np.sqrt((x * x).mean(axis=1, keepdims=True))
     tol = rms * step * (1 + 2e-3) + np.abs(x) * 2e-3 + cast_tol(m, np.abs(x) + rms * step)
     assert (np.abs(x - y) <= tol).all(), float((np.abs(x - y) / np.maximum(tol, 1e-300)).max())
+
+
+@pytest.mark.parametrize("cos,dtype", [(0.99, "F32"), (0.995, "BF16"), (0.9995, "F32")])
+def test_auto_encodes_whole_only_what_its_samples_rank_near_the_best(monkeypatch, cos, dtype):
+    """The samples rank the candidates; only those within AUTO_SIZE_SLACK of the best so far are encoded whole
+    (the ECSQ winner, and none of the grids it beats by more): the same choice as encoding every candidate."""
+    import mzstore.codecs.quant as quant
+
+    m = make(dtype, 512, 256, seed=14, scale=0.05)
+    exhaustive = quant._auto_every(m.raw, m.dt, m.rows, auto_chunk_target(cos), False)
+    whole: list[str] = []
+    real = quant.encode_spec
+
+    def counted(raw, dt, rows, spec):
+        if rows == m.rows:
+            whole.append(str(spec))
+        return real(raw, dt, rows, spec)
+
+    monkeypatch.setattr(quant, "encode_spec", counted)
+    enc = encode_auto(m.raw, m.dt, m.rows, cos)
+    assert enc.params.get("spec") == exhaustive.params.get("spec") and enc.payload == exhaustive.payload
+    assert enc.stats.cosine >= auto_chunk_target(cos)
+    grids = [s for s in whole if not s.startswith("ecsq")]
+    assert len(grids) <= 1, f"grids encoded whole although their samples were larger: {whole}"
