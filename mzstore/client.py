@@ -256,7 +256,15 @@ class Client:
         from mzstore.push.allocate import plan_allocation
         from mzstore.push.protocol import validate_begin
         from mzstore.push.source import Source, check_has_weights, check_policy_applies, open_source
-        from mzstore.push.upload import begin_for, file_hashes, forget_hashes, push_resumable, push_streamed
+        from mzstore.push.upload import (
+            begin_for,
+            file_hashes,
+            file_identities,
+            forget_hashes,
+            push_resumable,
+            push_streamed,
+            remember_hashes,
+        )
 
         src = source if isinstance(source, Source) else open_source(source)
         if not allow_no_weights:
@@ -282,17 +290,29 @@ class Client:
         )
         validate_begin(begin)  # fail before any upload on what the client can check
         remembered = self.settings.cache_dir / "file-hashes.json"
-        if resumable:  # each file's sha256 goes first, so the store can skip the files it holds already
-            hashes = file_hashes(src, remembered)
+        if resumable:  # a file's sha256 goes first where the store may hold it, so it can skip the file
+            held = self.transport.held_sizes([f.size for f in src.files])  # no file of that size: none to skip
+            hashes = file_hashes(src, remembered, only=held)
             begin = begin_for(src, ref, codec, annotations, tuple(keep), hashes, begin.allocation, begin.base)
         start = time.perf_counter()
         if resumable:
             record = self._session_record(begin, origin or source)
             busy_wait = self.settings.keepalive_s + KEEPALIVE_TIMEOUT_S
+            identities = file_identities(src)
+            sent_hashes: dict[int, str] = {}
             try:
                 result, sent = push_resumable(
-                    self.transport, src, begin, progress=progress, retries=retries, record=record, busy_wait=busy_wait
+                    self.transport,
+                    src,
+                    begin,
+                    progress=progress,
+                    retries=retries,
+                    record=record,
+                    busy_wait=busy_wait,
+                    hashed=sent_hashes,
                 )
+                # Files hashed as they were sent (no file of their size was in the store) are remembered too.
+                remember_hashes(src, remembered, sent_hashes, identities)
             except IntegrityError as exc:
                 # The files are not hashed again as they are sent: the server checks the digests sent
                 # first, so a file changed since fails here. Its remembered hash goes; a rerun rehashes.

@@ -364,7 +364,7 @@ def test_server_caps_call_duration(src: Path, big: Path, tmp_path: Path) -> None
 
 
 CALLS = ("Push", "StartUpload", "Upload", "CommitUpload", "GetManifest", "ReadBlob", "List", "Tag", "Delete")
-CALLS += ("GetTopology",)
+CALLS += ("GetTopology", "FindFileSizes")
 
 
 def test_every_client_call_has_a_deadline(monkeypatch: pytest.MonkeyPatch, src: Path, tmp_path: Path) -> None:

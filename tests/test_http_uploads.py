@@ -252,23 +252,78 @@ def test_uploads_need_a_write_token(model: Path, tmp_path: Path) -> None:
         running.stop(grace=0.5)
 
 
-def test_a_file_changed_after_hashing_fails_on_the_client(
+def test_a_file_changed_after_hashing_fails_the_push(
     served: RunningServer, model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hashes go first (StartUpload); a file that then changes does not match them: the client stops
-    before sending what the server would refuse, and the push says so."""
+    """The store holds the model, so a second push hashes its files first (their sizes are held); a file
+    that then changes is sent with the old sha256 and fails the file's check: nothing is stored."""
     from mzstore.push import upload
 
+    with Client(served.address, cache=False) as c:
+        first = c.push(model, "u/m:v1")
+    (model / "config.json").write_text('{"a": 2}')  # same size, other bytes: not a known file
     real = upload.file_hashes
 
-    def then_change(source: object, remembered: object = None, workers: int = 4) -> list[str]:
-        out = real(source, remembered, workers)  # type: ignore[arg-type]
-        (model / "config.json").write_text('{"a": 2}')  # same size, other bytes
+    def then_change(source: object, remembered: object = None, workers: int = 4, only: object = None) -> list[str]:
+        out = real(source, remembered, workers, only)  # type: ignore[arg-type]
+        assert all(out), "held sizes are hashed first"
+        (model / "config.json").write_text('{"a": 3}')
         return out
 
     monkeypatch.setattr(upload, "file_hashes", then_change)
-    with Client(served.address, cache=False) as c, pytest.raises(IntegrityError, match="changed"):
+    with Client(served.address, cache=False) as c:
+        with pytest.raises(IntegrityError, match="changed"):
+            c.push(model, "u/m:v2")
+        assert [r[0] for r in c.ls()] == ["u/m"] and c.manifest("u/m:v1")[1] == first.digest
+
+
+def test_a_new_model_is_sent_at_once_and_a_copy_is_still_known(
+    served: RunningServer, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only files whose size the store holds are hashed before the upload (FindFileSizes): a new model
+    sends its bytes at once, each file's sha256 after it in the PUT body; a copy under another name is
+    hashed first and sends nothing."""
+    from mzstore.push import upload
+
+    hashed: list[str] = []
+    real = upload._sha256
+
+    def counted(f: object) -> str:
+        hashed.append(f.path)  # type: ignore[attr-defined]
+        return real(f)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(upload, "_sha256", counted)
+    home = tmp_path / "home"
+    monkeypatch.setenv("MZSTORE_HOME", str(home))  # nothing remembered
+    with Client(served.address, cache=False) as c:
+        assert c.transport.held_sizes([1, 2]) == [False, False]
+        first = c.push(model, "u/m:v1")
+        assert hashed == [] and first.bytes_transferred > 0
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        for p in model.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        again = c.push(copy, "u/copy:v1")
+        assert sorted(hashed) == ["config.json", "model.safetensors"] and again.bytes_transferred == 0
+        assert again.digest == first.digest
+        _pulled_same(c, "u/copy:v1", model, tmp_path / "out")
+
+
+def test_the_size_index_is_filled_once_for_a_store_indexed_before_it(
+    served: RunningServer, model: Path, tmp_path: Path
+) -> None:
+    from mzstore.storage.store import SIZES_COMPLETE
+
+    with Client(served.address, cache=False) as c:
         c.push(model, "u/m:v1")
+    root = tmp_path / "store"
+    sizes = sorted(p.stat().st_size for p in model.iterdir())
+    assert sorted(int(p.name) for p in (root / "index" / "sizes").iterdir() if p.name.isdigit()) == sizes
+    for p in (root / "index" / "sizes").iterdir():  # as a store from before the size index
+        p.unlink()
+    with Client(served.address, cache=False) as c:
+        assert c.transport.held_sizes([*sizes, sizes[0] + 1]) == [True, True, False]
+    assert (root / SIZES_COMPLETE).exists()
 
 
 def test_client_checks_the_events_against_the_session() -> None:
@@ -299,3 +354,33 @@ def test_client_checks_the_events_against_the_session() -> None:
         client_uploads.put_upload(
             "http://127.0.0.1:9/v1/uploads/x", [], sizes=[], hashes=[], received=[], ended=[], timeout=5
         )
+
+
+def test_a_body_carries_the_sha256_the_begin_left_out() -> None:
+    """After a file's bytes, its sha256 (32 bytes) when the begin did not give it: read across pieces;
+    a body cut inside it ends the stream with the file's bytes in and its end not; bytes past it are refused."""
+    from mzstore.errors import InvalidArgument
+    from mzstore.push.protocol import UploadData, UploadEnd, UploadFile, UploadStatus
+    from mzstore.server.uploads import body_events, remaining
+
+    a, b = b"a" * 10, b"b" * 7
+    sha_b = hashlib.sha256(b).hexdigest()
+    begin = UploadBegin(
+        ref="u/m:v1",
+        codec="lossless",
+        files=[UploadFile("a", 10, "file", hashlib.sha256(a).hexdigest()), UploadFile("b", 7, "file", "")],
+        source_kind="dir",
+    )
+    status = UploadStatus("s", [4, 0], [False, False])
+    body = a[4:] + b + bytes.fromhex(sha_b)
+    assert remaining(begin, status) == len(body) == 6 + 7 + 32
+    for cut in range(1, len(body)):  # every way of cutting it into two pieces
+        events = list(body_events(begin, status, iter([body[:cut], body[cut:]]), None, 0))
+        data = b"".join(bytes(e.data) for e in events if isinstance(e, UploadData))
+        ends = [e for e in events if isinstance(e, UploadEnd)]
+        assert data == a[4:] + b and [(e.file, e.size) for e in ends] == [(0, 10), (1, 7)]
+        assert ends[1].sha256 == sha_b
+    short = list(body_events(begin, status, iter([body[:-5]]), None, 0))
+    assert [type(e).__name__ for e in short][-1] == "UploadData"  # no end for b: a broken stream
+    with pytest.raises(InvalidArgument, match="more bytes"):
+        list(body_events(begin, status, iter([body + b"x"]), None, 0))

@@ -19,6 +19,15 @@ Nothing is trusted blindly: a known file's blobs are checked to exist when
 the session starts and again by the commit; the chunks are verified like any
 other on every pull. A stale index entry (its manifest or blobs collected by
 ``gc``) is just not a match.
+
+A first push need not hash everything before it sends a byte: the server
+also keeps ``index/sizes/<size>`` for every file it indexed, and the client
+asks (``FindFileSizes``) which of its files' sizes the store holds. Only
+those files (and those whose hash it remembers) are hashed first; the
+others can be no known file, and their sha256 is computed as they are sent
+and checked by the ingest as always. A fine-tune of a model in the store has
+the base's sizes and is hashed first, as before; a new model starts sending
+at once.
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 
 from mzstore.errors import MzstoreError
 from mzstore.format.manifest import FileEntry, Manifest, TensorEntry, parse_manifest
 from mzstore.push.protocol import UploadBegin, UploadFile, UploadKnown
-from mzstore.storage.store import Store, blob_key
+from mzstore.storage.store import SIZES_COMPLETE, Store, blob_key
 
 log = logging.getLogger("mzstore.push")
+_BACKFILL = threading.Lock()
 
 #: Bumped when the way files are stored changes, so older index entries stop matching.
 STORAGE_VERSION = 1
@@ -147,10 +158,48 @@ class KnownFiles:
         return renamed, moved, _blobs(entry, tensors)
 
     def remember(self, begin: UploadBegin, files: list[FileEntry], digest: str) -> None:
-        """Index every file of a committed push under the manifest ``digest`` (best effort)."""
+        """Index every file of a committed push under the manifest ``digest``, and its size (best effort)."""
+        # A store's first indexed push starts a complete size index (older stores are filled by held_sizes).
+        first = not self.store.node.exists(SIZES_COMPLETE) and not any(True for _ in self.store.file_index_digests())
         for upload, entry in zip(begin.files, files, strict=True):
             if entry.sha256:
                 key = file_key(
                     dataclasses.replace(upload, sha256=entry.sha256), begin.storage_policy, begin.keep, self.chunk_bytes
                 )
                 self.store.index_file(key, digest)
+                self.store.index_size(entry.size)
+        if first:
+            self._mark_sizes_complete()
+
+    def held_sizes(self, sizes: list[int]) -> list[bool]:
+        """Per size, whether the store may hold a file of it: only such files are worth hashing before a push.
+
+        The size index is written beside the file index, and marked complete by a store's first
+        indexed push. A store indexed before the size index existed gets it here, once, from the
+        manifests its file index names.
+        """
+        if not self.store.node.exists(SIZES_COMPLETE):
+            with _BACKFILL:
+                if not self.store.node.exists(SIZES_COMPLETE):
+                    self._backfill_sizes()
+        return [self.store.indexed_size(n) for n in sizes]
+
+    def _backfill_sizes(self) -> None:
+        digests = set(self.store.file_index_digests())
+        if not digests:
+            return  # nothing indexed yet (an empty store): nothing to fill, and nothing is written
+        sizes: set[int] = set()
+        for digest in digests:
+            manifest = self._manifest(digest)
+            if manifest is not None:
+                sizes.update(f.size for f in manifest.files)
+        for n in sorted(sizes):
+            self.store.index_size(n)
+        self._mark_sizes_complete()
+
+    def _mark_sizes_complete(self) -> None:
+        for node in self.store.nodes:
+            try:
+                node.write(SIZES_COMPLETE, [b""])
+            except (MzstoreError, OSError) as exc:
+                log.warning("could not mark the size index complete on %s: %s", node.url, exc)

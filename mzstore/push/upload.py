@@ -139,16 +139,23 @@ def _identity(f: SourceFile) -> str | None:
     return f"{f.disk_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
-def file_hashes(source: Source, remembered: Path | None = None, workers: int = 4) -> list[str]:
+def file_hashes(
+    source: Source, remembered: Path | None = None, workers: int = 4, only: Sequence[bool] | None = None
+) -> list[str]:
     """The sha256 (hex) of every file of ``source``, for the store to skip files it already holds.
 
     Files are hashed on ``workers`` threads (hashlib releases the GIL). With ``remembered`` (a JSON
     file), a file on disk whose path, size, mtime and inode are unchanged since it was last hashed
-    is not read again, as ``huggingface_hub`` keeps an upload cache.
+    is not read again, as ``huggingface_hub`` keeps an upload cache. With ``only`` (per file), a
+    file not selected and not remembered is not hashed: its entry is ``""`` (it is hashed as it is sent).
     """
     known = _remembered(remembered) if remembered is not None else {}
     ids = [_identity(f) for f in source.files]
-    todo = [i for i, key in enumerate(ids) if key is None or not isinstance(known.get(key), str)]
+    todo = [
+        i
+        for i, key in enumerate(ids)
+        if (key is None or not isinstance(known.get(key), str)) and (only is None or only[i])
+    ]
     out = [known.get(key, "") if key is not None else "" for key in ids]
     with ThreadPoolExecutor(
         max_workers=max(1, min(workers, len(todo) or 1)), thread_name_prefix="mzstore-hash"
@@ -187,17 +194,42 @@ def forget_hashes(source: Source, remembered: Path) -> None:
             log.warning("could not forget file hashes in %s: %s", remembered, exc)
 
 
-class _Counted:
-    """Upload events passed through, counting the data bytes that went out."""
+def file_identities(source: Source) -> list[str | None]:
+    """What says each file is unchanged (see :func:`file_hashes`), taken before a push reads it."""
+    return [_identity(f) for f in source.files]
 
-    def __init__(self, events: Iterator[UploadEvent]) -> None:
+
+def remember_hashes(source: Source, remembered: Path, digests: dict[int, str], before: list[str | None]) -> None:
+    """Remember the sha256 of files hashed as they were sent (``digests``, by file index), for the next push;
+    only files whose identity is still ``before``'s (unchanged while they were read)."""
+    known = _remembered(remembered)
+    added = 0
+    for i, digest in digests.items():
+        key = _identity(source.files[i])
+        if key is not None and key == before[i] and known.get(key) != digest:
+            known[key] = digest
+            added += 1
+    if added:
+        try:
+            write_file(remembered, json.dumps(known).encode(), durable=False)
+        except OSError as exc:
+            log.warning("could not remember file hashes in %s: %s", remembered, exc)
+
+
+class _Counted:
+    """Upload events passed through, counting the data bytes that went out and keeping each file's sha256."""
+
+    def __init__(self, events: Iterator[UploadEvent], ends: dict[int, str] | None = None) -> None:
         self.bytes = 0
         self._events = events
+        self._ends = ends
 
     def __iter__(self) -> Iterator[UploadEvent]:
         for e in self._events:
             if isinstance(e, UploadData):
                 self.bytes += len(e.data)
+            elif self._ends is not None:
+                self._ends[e.file] = e.sha256
             yield e
 
 
@@ -219,8 +251,12 @@ def push_resumable(
     retries: int = 5,
     record: Path | None = None,
     busy_wait: float = 40.0,
+    hashed: dict[int, str] | None = None,
 ) -> tuple[PushResult, int]:
     """Upload through a resumable session; return the commit's result and the data bytes sent.
+
+    ``hashed`` gets the sha256 of every file whose end went out (file index → hex), for the caller
+    to remember.
 
     How it works: the session id is random, and kept in ``record`` (a small JSON file) until
     the commit, so a push rerun after its process died resumes where the server's copy ends.
@@ -257,9 +293,9 @@ def push_resumable(
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps({"session": session, "ref": begin.ref}))
             if not all(status.ended):
-                hashes = [f.sha256 for f in begin.files] if all(f.sha256 for f in begin.files) else None
+                hashes = [f.sha256 for f in begin.files]  # a file without one is hashed as it is read
                 events = iter_events(source, progress, start=status.received, ended=status.ended, hashes=hashes)
-                counted = _Counted(events)
+                counted = _Counted(events, hashed)
                 try:
                     transport.upload(session, counted)
                 finally:

@@ -68,6 +68,7 @@ REQUIRED_SCOPE = {
     "StartUpload": "write",
     "Upload": "write",
     "CommitUpload": "write",
+    "FindFileSizes": "write",
     "Tag": "write",
     "Delete": "admin",
 }

@@ -296,7 +296,7 @@ class StoreService(pb_grpc.StoreServicer):
         validate_begin(begin, self.settings.limits)  # refuse before the client sends a byte
         known = KnownFiles(self.store, self.settings.chunk_bytes).find(begin)  # files not to send again
         status = self.sessions.start(request.session, begin, known)
-        if self.upload_url and all(f.sha256 for f in begin.files):  # the bytes may come by HTTP instead
+        if self.upload_url:  # the bytes may come by HTTP instead
             status = dataclasses.replace(status, upload_url=f"{self.upload_url}/{request.session}")
         return _status(status)
 
@@ -343,6 +343,15 @@ class StoreService(pb_grpc.StoreServicer):
             stream.close()
         sessions.record_result(session, result)
         return sessions.status(session)
+
+    @handler
+    def FindFileSizes(
+        self, request: pb.FindFileSizesRequest, context: grpc.ServicerContext
+    ) -> pb.FindFileSizesResponse:
+        sizes = list(request.sizes)
+        if len(sizes) > self.settings.limits.files:
+            raise InvalidArgument(f"at most {self.settings.limits.files} sizes (a push's file limit), got {len(sizes)}")
+        return pb.FindFileSizesResponse(held=KnownFiles(self.store, self.settings.chunk_bytes).held_sizes(sizes))
 
     @handler
     def CommitUpload(self, request: pb.CommitUploadRequest, context: grpc.ServicerContext) -> pb.PushResponse:

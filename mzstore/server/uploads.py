@@ -1,14 +1,16 @@
 """Upload sessions over HTTP: a push's bulk bytes as one ``PUT`` body instead of gRPC messages.
 
 How it works: ``StartUpload`` (gRPC, the control plane) answers with an
-``upload_url`` when the server has an HTTP plane and the begin carries every
-file's sha256. The client then ``PUT``\\ s to ``/v1/uploads/<session>`` a body
+``upload_url`` when the server has an HTTP plane. The client then ``PUT``\\ s to ``/v1/uploads/<session>`` a body
 that is, in file order, each file the session has not ended from its
-``received`` offset to its end, and nothing else (``Content-Length`` is
-required and must be exactly that). No framing is needed: the begin gives
-every file's size, the session its offsets, and the begin's sha256 is what
-each file is checked against (:class:`~mzstore.push.ingest.Ingest` hashes the
-bytes that arrive, as for a stream's ``FileEnd``). The body is cut into the
+``received`` offset to its end, then, for a file whose sha256 the begin
+left empty (the client hashes first only files the store may hold, see
+:mod:`mzstore.push.reuse`), the 32 bytes of that sha256; and nothing else
+(``Content-Length`` is required and must be exactly that). No other framing
+is needed: the begin gives every file's size, the session its offsets, and
+each file is checked against its sha256
+(:class:`~mzstore.push.ingest.Ingest` hashes the bytes that arrive, as for a
+stream's ``FileEnd``). The body is cut into the
 same :class:`~mzstore.push.protocol.UploadEvent`\\ s an ``Upload`` stream
 gives, and goes through the same session code
 (:meth:`~mzstore.server.service.StoreService.upload`): ingested as it
@@ -131,35 +133,60 @@ class _Pieces:
             yield piece
 
 
+#: Bytes of a file's sha256 in a ``PUT`` body, after its data, when the begin does not give it.
+DIGEST_BYTES = 32
+
+
 def remaining(begin: UploadBegin, status: UploadStatus) -> int:
-    """The bytes a ``PUT`` body must hold: every unended file from its received offset to its end."""
-    return sum(f.size - r for f, r, e in zip(begin.files, status.received, status.ended, strict=True) if not e)
+    """The bytes a ``PUT`` body must hold: every unended file from its received offset to its end, and the
+    sha256 of each such file the begin does not give."""
+    return sum(
+        f.size - r + (0 if f.sha256 else DIGEST_BYTES)
+        for f, r, e in zip(begin.files, status.received, status.ended, strict=True)
+        if not e
+    )
 
 
 def body_events(
     begin: UploadBegin, status: UploadStatus, pieces: Iterator[bytes], expiry: float | None, max_s: float
 ) -> Iterator[UploadEvent]:
     """The upload events of a ``PUT`` body: each unended file's data from its received offset, then its
-    end with the begin's sha256. A body that stops early stops the events there (a broken stream)."""
+    end with the begin's sha256, or the one after its data. A body that stops early stops the events
+    there (a broken stream)."""
     it = iter(pieces)
     view = memoryview(b"")
+
+    def more() -> bool:
+        nonlocal view
+        piece = next(it, None)
+        if piece is None:
+            return False
+        if expiry is not None and time.monotonic() > expiry:
+            raise DeadlineExceeded(f"the upload ran past this server's maximum call time of {max_s:g} s")
+        view = memoryview(piece)
+        return True
+
     for index, f in enumerate(begin.files):
         if status.ended[index]:
             continue
         pos = status.received[index]
         while pos < f.size:
-            if not view:
-                piece = next(it, None)
-                if piece is None:
-                    return
-                if expiry is not None and time.monotonic() > expiry:
-                    raise DeadlineExceeded(f"the upload ran past this server's maximum call time of {max_s:g} s")
-                view = memoryview(piece)
+            if not view and not more():
+                return
             n = min(len(view), f.size - pos)
             yield UploadData(index, pos, view[:n])
             view = view[n:]
             pos += n
-        yield UploadEnd(index, f.size, f.sha256)
+        sha = f.sha256
+        if not sha:
+            digest = b""
+            while len(digest) < DIGEST_BYTES:
+                if not view and not more():
+                    return  # cut inside the digest: the file's bytes are all in, its end is not
+                take = DIGEST_BYTES - len(digest)
+                digest, view = digest + bytes(view[:take]), view[take:]
+            sha = digest.hex()
+        yield UploadEnd(index, f.size, sha)
     if view or next(it, None) is not None:
         raise InvalidArgument("the upload body holds more bytes than the session's files")
 
@@ -194,8 +221,6 @@ class HttpUploads:
             return sessions.begin_of(session), status
 
         begin, status = await loop.run_in_executor(self._threads, look)
-        if not all(f.sha256 for f, e in zip(begin.files, status.ended, strict=True) if not e):
-            raise InvalidArgument("an upload over HTTP needs every file's sha256 in its begin (StartUpload)")
         need = remaining(begin, status)
         if request.content_length != need:
             raise InvalidArgument(

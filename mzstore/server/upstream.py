@@ -391,6 +391,12 @@ class PullThroughService(StoreService):
         raise self.cache.read_only("push")
 
     @handler
+    def FindFileSizes(
+        self, request: pb.FindFileSizesRequest, context: grpc.ServicerContext
+    ) -> pb.FindFileSizesResponse:
+        raise self.cache.read_only("push")
+
+    @handler
     def Tag(self, request: pb.TagRequest, context: grpc.ServicerContext) -> pb.TagResponse:
         raise self.cache.read_only("tag")
 

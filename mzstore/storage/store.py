@@ -90,6 +90,17 @@ def file_index_key(key: str) -> str:
     return f"index/files/{key[:2]}/{key}"
 
 
+#: The size index (:meth:`Store.index_size`) names every file size the file index holds once this exists.
+SIZES_COMPLETE = "index/sizes/complete"
+
+
+def size_index_key(size: int) -> str:
+    """Where the size index entry of a ``size``-byte file lives."""
+    if size < 0:
+        raise InvalidArgument("a file size is not negative")
+    return f"index/sizes/{size}"
+
+
 def digest_from_key(key: str) -> str | None:
     """``sha256:<hex>`` for a ``blobs/…`` or ``manifests/…`` key, else ``None``."""
     parts = key.split("/")
@@ -521,6 +532,39 @@ class Store:
                 node.write(path, [f"{digest}\n".encode("ascii")])
             except (MzstoreError, OSError) as exc:
                 log.warning("could not index a file on %s: %s", node.url, exc)
+
+    def index_size(self, size: int) -> None:
+        """Remember that the store holds a file of ``size`` bytes (on every node; best effort, as the file index)."""
+        for node in self.nodes:
+            try:
+                node.write(size_index_key(size), [b""])
+            except (MzstoreError, OSError) as exc:
+                log.warning("could not index a file size on %s: %s", node.url, exc)
+
+    def indexed_size(self, size: int) -> bool:
+        """Whether a node's size index says the store holds a file of ``size`` bytes."""
+        key = size_index_key(size)
+        for node in self.nodes:
+            try:
+                if node.exists(key):
+                    return True
+            except (MzstoreError, OSError):
+                continue
+        return False
+
+    def file_index_digests(self) -> Iterator[str]:
+        """The manifest digests the file index names (the first node that can list it)."""
+        for node in self.nodes:
+            try:
+                keys = list(node.walk("index/files/"))
+            except (MzstoreError, OSError):
+                continue
+            for key in keys:
+                try:
+                    yield validate_digest(node.read(key).decode("ascii").strip())
+                except (MzstoreError, OSError, UnicodeDecodeError, ValueError):
+                    continue
+            return
 
     def indexed_file(self, key: str) -> str | None:
         """The manifest digest the file index gives for ``key`` (the first node that answers), or ``None``."""

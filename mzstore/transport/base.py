@@ -105,6 +105,13 @@ class Transport(ABC):
     def commit_upload(self, session: str) -> PushResult:
         """Ingest a complete session and commit it under its ref."""
 
+    def held_sizes(self, sizes: list[int]) -> list[bool]:
+        """Per size, whether the store may hold a file of it (those are hashed before a resumable push).
+
+        This default says every size, which costs a hash of every file and loses nothing.
+        """
+        return [True] * len(sizes)
+
     # -- data plane ----------------------------------------------------------------------
     @abstractmethod
     def read_blob(self, digest: str, offset: int, length: int) -> Payload:
@@ -175,3 +182,6 @@ class ControlledTransport(Transport):
 
     def commit_upload(self, session: str) -> PushResult:
         return self.control.commit_upload(session)
+
+    def held_sizes(self, sizes: list[int]) -> list[bool]:
+        return self.control.held_sizes(sizes)

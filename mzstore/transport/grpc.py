@@ -330,6 +330,16 @@ class GrpcTransport(Transport):
             self._offered[session] = (url, begin, status)
         return status
 
+    def held_sizes(self, sizes: list[int]) -> list[bool]:
+        try:
+            with rpc_errors("FindFileSizes", self.timeout):
+                resp = self.stub.FindFileSizes(pb.FindFileSizesRequest(sizes=sizes), timeout=self.timeout)
+        except (MzstoreError, grpc.RpcError) as exc:  # an older server, a read-only one: hash every file
+            log.debug("FindFileSizes: %s; every file is hashed first", exc)
+            return [True] * len(sizes)
+        held = list(resp.held)
+        return held if len(held) == len(sizes) else [True] * len(sizes)
+
     def _may_put(self, url: str) -> bool:
         """Whether an upload may go to ``url``: asked for, and a token never in clear text off this machine."""
         if not self.http_uploads:

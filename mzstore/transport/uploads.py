@@ -1,11 +1,12 @@
 """An upload session's bytes over HTTP: one ``PUT`` to the ``upload_url`` that ``StartUpload`` gave.
 
 The body is each file the session has not ended, from the offset the server
-holds to its end, in file order (the server's side, and why: see
+holds to its end, in file order, each followed by its sha256 (32 bytes) when
+the begin did not give it (the server's side, and why: see
 :mod:`mzstore.server.uploads`). The events handed to :func:`put_upload` are
 the ones an ``Upload`` stream would carry; each is checked against what the
 session said before it goes out: data in order and within its file, and an
-end with the file's size and the sha256 the begin gave. A file that changed
+end with the file's size and the sha256 the begin gave, if it gave one. A file that changed
 since it was hashed is an :class:`~mzstore.errors.IntegrityError` here, as
 the server's check would make it. A connection that breaks is
 :class:`~mzstore.errors.Unavailable` (the push resumes at the server's
@@ -56,7 +57,7 @@ def put_upload(
     """Send the session's remaining bytes as the body of one ``PUT url``; the session's status after it.
 
     Args:
-        sizes, hashes: every file's size and sha256, as the begin gave them.
+        sizes, hashes: every file's size and sha256, as the begin gave them ("": hashed as it is sent).
         received, ended: the session's status from ``StartUpload``: where each file's bytes resume.
         timeout: seconds a send or the answer may take (the answer comes once the last bytes are ingested).
         token: sent as ``Authorization: Bearer``.
@@ -67,7 +68,7 @@ def put_upload(
         IntegrityError: an event does not match the session (a file changed after it was hashed).
     """
     parts = urlsplit(url)
-    total = sum(s - r for s, r, e in zip(sizes, received, ended, strict=True) if not e)
+    total = sum(s - r + (0 if h else 32) for s, h, r, e in zip(sizes, hashes, received, ended, strict=True) if not e)
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=CONNECT_TIMEOUT, context=context)
@@ -125,8 +126,13 @@ def _send(
             conn.send(e.data)
             pos[e.file] += len(e.data)
             continue
-        if e.size != sizes[e.file] or pos[e.file] != e.size or e.sha256 != hashes[e.file]:
+        if e.size != sizes[e.file] or pos[e.file] != e.size or (hashes[e.file] and e.sha256 != hashes[e.file]):
             raise IntegrityError(f"file {e.file} changed since it was hashed")
+        if not hashes[e.file]:  # hashed as it was read: its sha256 follows its bytes
+            digest = bytes.fromhex(e.sha256)
+            if len(digest) != 32:
+                raise IntegrityError(f"file {e.file}: {e.sha256!r} is not a sha256")
+            conn.send(digest)
         todo.pop(0)
     if todo:
         raise IntegrityError(f"file {todo[0]} ended early: it changed since it was hashed")

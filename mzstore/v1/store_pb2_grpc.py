@@ -84,6 +84,11 @@ class StoreStub:
                 request_serializer=mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.SerializeToString,
                 response_deserializer=mzstore_dot_v1_dot_store__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.FindFileSizes = channel.unary_unary(
+                '/mzstore.v1.Store/FindFileSizes',
+                request_serializer=mzstore_dot_v1_dot_store__pb2.FindFileSizesRequest.SerializeToString,
+                response_deserializer=mzstore_dot_v1_dot_store__pb2.FindFileSizesResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServicer:
@@ -161,6 +166,15 @@ class StoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindFileSizes(self, request, context):
+        """Per size: whether the store holds a file of that size (any content). A
+        client hashes before a resumable push only the files that may be known;
+        the others' sha256 comes with their bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +227,11 @@ def add_StoreServicer_to_server(servicer, server):
                     servicer.CommitUpload,
                     request_deserializer=mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.FromString,
                     response_serializer=mzstore_dot_v1_dot_store__pb2.PushResponse.SerializeToString,
+            ),
+            'FindFileSizes': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindFileSizes,
+                    request_deserializer=mzstore_dot_v1_dot_store__pb2.FindFileSizesRequest.FromString,
+                    response_serializer=mzstore_dot_v1_dot_store__pb2.FindFileSizesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +504,33 @@ class Store:
             '/mzstore.v1.Store/CommitUpload',
             mzstore_dot_v1_dot_store__pb2.CommitUploadRequest.SerializeToString,
             mzstore_dot_v1_dot_store__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindFileSizes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mzstore.v1.Store/FindFileSizes',
+            mzstore_dot_v1_dot_store__pb2.FindFileSizesRequest.SerializeToString,
+            mzstore_dot_v1_dot_store__pb2.FindFileSizesResponse.FromString,
             options,
             channel_credentials,
             insecure,
