@@ -4,7 +4,9 @@
 For a 16 MiB chunk (the default chunk size) of Gaussian weights in bf16,
 fp16 and fp32, and of the same weights quantized to int8 and ECSQ, it prints
 the median time of ``decode_into`` on one thread and the rate on two
-threads, beside same-run baselines: a plain ``numpy.copyto`` of the chunk
+threads (and, for bf16 and fp32, of the lossless encode a push runs, with its
+samples and without them, as before issue 15's sampling), beside same-run
+baselines: a plain ``numpy.copyto`` of the chunk
 (what reading an uncompressed file costs at best) and the decoded-chunk
 hashes, BLAKE3 (what new manifests carry) and sha256 (older ones).
 
@@ -17,10 +19,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import blake3
@@ -52,6 +55,19 @@ def two_thread_rate(fn: Callable[[int], object], nbytes: int, jobs: int) -> floa
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(fn, [i % 2 for i in range(jobs)]))
     return jobs * nbytes / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _whole_planes() -> Iterator[None]:
+    """The lossless encoder as it was before it sampled: a full pair histogram, every plane compressed whole."""
+    from mzstore.codecs import lossless
+
+    saved = lossless.PROBE_MIN_BYTES, lossless.PAIRS_SAMPLE_BLOCKS
+    lossless.PROBE_MIN_BYTES, lossless.PAIRS_SAMPLE_BLOCKS = 1 << 62, 1 << 40
+    try:
+        yield
+    finally:
+        lossless.PROBE_MIN_BYTES, lossless.PAIRS_SAMPLE_BLOCKS = saved
 
 
 def main() -> None:
@@ -94,6 +110,20 @@ def main() -> None:
             lambda i, p=payload, d=dtype: lossless.decode_into(p, d, outs[i]),
             size,
         )
+        if name != "F16":  # what a push spends: the encode, with its samples and with every plane whole
+            line(
+                f"  encode {name}",
+                lambda r=raw, d=dtype: lossless.encode(r.data, d),
+                lambda i, r=raw, d=dtype: lossless.encode(r.data, d),
+                size,
+            )
+            with _whole_planes():
+                line(
+                    f"  encode {name}, no samples (before)",
+                    lambda r=raw, d=dtype: lossless.encode(r.data, d),
+                    lambda i, r=raw, d=dtype: lossless.encode(r.data, d),
+                    size,
+                )
 
     quant = QuantCodec()
     dtype = get_dtype("BF16")

@@ -1008,19 +1008,11 @@ def test_blocked_int8_expand_matches_the_reference_dequantize(rows: int, cols: i
     assert np.array_equal(np.asarray(enc.decoded), want)
 
 
-@pytest.mark.parametrize("cos,dtype", [(0.9, "F32"), (0.99, "BF16"), (0.995, "F32"), (0.9995, "BF16")])
-def test_auto_on_a_sample_skips_hopeless_candidates_and_still_picks_the_smallest(monkeypatch, cos, dtype):
-    """With many rows, auto tries candidates on 64 of them first: fewer whole-chunk encodes, same choice."""
+def _whole_encodes(monkeypatch, m) -> list[str]:
+    """The specs ``encode_spec`` is called with on all of ``m``'s rows from now on (not on a sample)."""
     import mzstore.codecs.quant as quant
 
-    m = make(dtype, 512, 256, seed=13, scale=0.05)
-    target = auto_chunk_target(cos)
-    meeting = [
-        (len(c.payload), str(spec))
-        for spec in AUTO_CANDIDATES
-        if (c := encode_spec(m.raw, m.dt, m.rows, spec)).stats.cosine >= target
-    ]
-    whole = []
+    whole: list[str] = []
     real = quant.encode_spec
 
     def counted(raw, dt, rows, spec):
@@ -1029,6 +1021,21 @@ def test_auto_on_a_sample_skips_hopeless_candidates_and_still_picks_the_smallest
         return real(raw, dt, rows, spec)
 
     monkeypatch.setattr(quant, "encode_spec", counted)
+    return whole
+
+
+@pytest.mark.parametrize("cos,dtype", [(0.9, "F32"), (0.99, "BF16"), (0.995, "F32"), (0.9995, "BF16")])
+def test_auto_on_a_sample_skips_hopeless_candidates_and_still_picks_the_smallest(monkeypatch, cos, dtype):
+    """With many rows, auto tries candidates on 64 of them first: fewer whole-chunk encodes, same choice."""
+
+    m = make(dtype, 512, 256, seed=13, scale=0.05)
+    target = auto_chunk_target(cos)
+    meeting = [
+        (len(c.payload), str(spec))
+        for spec in AUTO_CANDIDATES
+        if (c := encode_spec(m.raw, m.dt, m.rows, spec)).stats.cosine >= target
+    ]
+    whole = _whole_encodes(monkeypatch, m)
     enc = encode_auto(m.raw, m.dt, m.rows, cos, servable=True)
     assert len(whole) < len(AUTO_CANDIDATES), f"every candidate was encoded whole: {whole}"
     if meeting:
@@ -1061,15 +1068,7 @@ def test_auto_encodes_whole_only_what_its_samples_rank_near_the_best(monkeypatch
 
     m = make(dtype, 512, 256, seed=14, scale=0.05)
     exhaustive = quant._auto_every(m.raw, m.dt, m.rows, auto_chunk_target(cos), False)
-    whole: list[str] = []
-    real = quant.encode_spec
-
-    def counted(raw, dt, rows, spec):
-        if rows == m.rows:
-            whole.append(str(spec))
-        return real(raw, dt, rows, spec)
-
-    monkeypatch.setattr(quant, "encode_spec", counted)
+    whole = _whole_encodes(monkeypatch, m)
     enc = encode_auto(m.raw, m.dt, m.rows, cos)
     assert enc.params.get("spec") == exhaustive.params.get("spec") and enc.payload == exhaustive.payload
     assert enc.stats.cosine >= auto_chunk_target(cos)

@@ -319,7 +319,7 @@ class StoreService(pb_grpc.StoreServicer):
         return _status(self.upload(first.session, _events(requests(), context, check)))
 
     def upload(self, session: str, events: Iterator[UploadEvent]) -> UploadStatus:
-        """One stream of a session's bytes: an ``Upload`` call's, or an HTTP PUT's (:mod:`mzstore.server.http`)."""
+        """One stream of a session's bytes: an ``Upload`` call's, or an HTTP PUT's (:mod:`mzstore.server.uploads`)."""
         sessions = self.sessions
         drained = _Drained(events)
         status = sessions.status(session)
