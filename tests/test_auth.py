@@ -286,8 +286,11 @@ def test_the_http_plane_uses_the_same_tls_and_client_certificates(root: Path, tm
     save_file({"w": torch.randn(256, 256)}, str(src))
     try:
         assert running.http_url is not None and running.http_url.startswith("https://")
+        puts = metrics.HTTP_REQUESTS.labels("/v1/uploads/{session}", "200")
+        put_before = puts._value.get()
         with Client(running.address, settings=settings, timeout=10, tls_ca=tmp_path / "ca.pem") as c:
             c.push(src, "org/m:v1")
+            assert puts._value.get() == put_before + 1  # the push's bytes went by HTTPS, with the certificate
             blob = c.manifest("org/m:v1")[2].tensors[0].chunks[0].blob
             before = metrics.BLOB_BYTES.labels("http")._value.get()
             got = c.load_state_dict("org/m:v1")
