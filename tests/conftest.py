@@ -115,6 +115,19 @@ def store_files(root: Path) -> dict[str, bytes]:
     return out
 
 
+def small_model_dir(path: Path) -> Path:
+    """A model directory at ``path``: four 256 x 256 f32 matrices (seed 0) in ``model.safetensors`` and a
+    ``config.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    path.mkdir(parents=True)
+    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text('{"a": 1}')
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

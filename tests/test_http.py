@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import small_model_dir
 from s3 import moto_server, s3_bucket_url, s3_env  # noqa: F401
-from safetensors.torch import save_file
 
 from mzstore.client import Client
 from mzstore.errors import Unavailable
@@ -38,18 +37,10 @@ def served(tmp_path: Path) -> Iterator[RunningServer]:
     running.stop(grace=0.5)
 
 
-def _model(path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    path.mkdir(parents=True)
-    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path / "model.safetensors"))
-    (path / "config.json").write_text('{"a": 1}')
-    return path
-
-
 def _blob(running: RunningServer, tmp_path: Path) -> tuple[str, bytes]:
     """Push a model; one of its blobs and that blob's bytes as stored."""
     with Client(running.address, cache=False, data_plane="grpc") as c:
-        c.push(_model(tmp_path / "src"), "h/m:v1")
+        c.push(small_model_dir(tmp_path / "src"), "h/m:v1")
         blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
     return blob, (tmp_path / "store" / blob_key(blob)).read_bytes()
 
@@ -134,7 +125,7 @@ def test_tokens_guard_blobs_and_public_blobs_opens_them(tmp_path: Path) -> None:
     running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, auth=tokens, http="127.0.0.1:0")
     try:
         with Client(running.address, cache=False, token=writer, data_plane="grpc") as c:
-            c.push(_model(tmp_path / "src"), "h/m:v1")
+            c.push(small_model_dir(tmp_path / "src"), "h/m:v1")
             blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
         url = f"{running.http_url}/blobs/{blob}"
         status, h, _ = curl(url)
@@ -162,7 +153,7 @@ def test_a_corrupt_copy_is_never_served(tmp_path: Path) -> None:
     running = build_server(Store(nodes, replicas=2), "127.0.0.1:0", SMALL, http="127.0.0.1:0")
     try:
         with Client(running.address, cache=False, data_plane="grpc") as c:
-            c.push(_model(tmp_path / "src"), "h/m:v1")
+            c.push(small_model_dir(tmp_path / "src"), "h/m:v1")
             blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
         first = Path(running.store.preference(blob)[0].root)  # type: ignore[attr-defined]  # the copy read first
         good = (first / blob_key(blob)).read_bytes()
@@ -189,7 +180,7 @@ def test_the_client_pulls_over_http_and_falls_back_per_range(
 ) -> None:
     from mzstore.server import metrics
 
-    src = _model(tmp_path / "src")
+    src = small_model_dir(tmp_path / "src")
     with Client(served.address, cache=False, data_plane="grpc") as c:
         c.push(src, "h/m:v1")
     before_http = metrics.BLOB_BYTES.labels("http")._value.get()
@@ -217,7 +208,7 @@ def test_forced_transports_and_a_blob_url_override(tmp_path: Path, monkeypatch: 
     proxy = FaultProxy(running.http.port).start()  # type: ignore[union-attr]  # a "site cache" in front of it
     try:
         with Client(running.address, cache=False, data_plane="grpc") as c:
-            c.push(_model(tmp_path / "src"), "h/m:v1")
+            c.push(small_model_dir(tmp_path / "src"), "h/m:v1")
         with Client(plain.address, cache=False, data_plane="http") as c, pytest.raises(Unavailable, match="no HTTP"):
             c.pull("h/m:v1", tmp_path / "x")
         monkeypatch.setenv("MZSTORE_BLOB_URL", f"http://{proxy.address}")
@@ -264,7 +255,7 @@ def test_blobs_on_s3_are_a_redirect_to_a_presigned_url(tmp_path: Path, s3_bucket
     running = build_server(Store([open_node(s3_bucket_url)]), "127.0.0.1:0", SMALL, http="127.0.0.1:0")
     streamed = build_server(Store([open_node(s3_bucket_url)]), "127.0.0.1:0", SMALL, http="127.0.0.1:0", presign=False)
     try:
-        src = _model(tmp_path / "src")
+        src = small_model_dir(tmp_path / "src")
         with Client(running.address, cache=False, data_plane="grpc") as c:
             c.push(src, "h/m:v1")
             blob = c.manifest("h/m:v1")[2].tensors[0].chunks[0].blob
@@ -399,7 +390,7 @@ def test_blob_reads_go_through_a_forward_proxy(
 
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    src = _model(tmp_path / "src")
+    src = small_model_dir(tmp_path / "src")
     try:
         with Client(served.address, cache=False, data_plane="grpc") as c:
             c.push(src, "h/m:v1")

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import small_model_dir
 
 from mzstore.client import Client
 from mzstore.errors import IntegrityError, SessionBusy, SessionNotFound, Unavailable
@@ -41,12 +40,7 @@ def served(tmp_path: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    path = tmp_path / "src"
-    path.mkdir()
-    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path / "model.safetensors"))
-    (path / "config.json").write_text('{"a": 1}')
-    return path
+    return small_model_dir(tmp_path / "src")
 
 
 def _puts(status: str) -> float:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import small_model_dir
 
 from mzstore.errors import Conflict, IntegrityError, InvalidArgument, NotFound
 from mzstore.push.ingest import Ingest
@@ -22,12 +20,7 @@ from mzstore.storage import Store
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    src = tmp_path / "src"
-    src.mkdir()
-    save_file({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(4)}, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps({"a": 1}))
-    return src
+    return small_model_dir(tmp_path / "src")
 
 
 def _ingest(store: Store) -> Ingest:

@@ -157,7 +157,7 @@ class LosslessCodec:
         if k == 1:
             planes = [data]
         elif core is not None:
-            split_all = _split_scratch(len(data))
+            split_all = scratch(len(data), _SPLIT_SLOT)  # reused: fresh memory is page faults
             core.split_planes(data, k, rotate, split_all)
             n = len(data) // k
             planes = [split_all[i * n : (i + 1) * n] for i in range(k)]
@@ -342,14 +342,6 @@ def _incompressible(plane: np.ndarray, coder: zstandard.ZstdCompressor) -> bool:
     step = (len(plane) - PROBE_BLOCK) // (PROBE_BLOCKS - 1)
     packed = sum(len(coder.compress(plane[i * step : i * step + PROBE_BLOCK].data)) for i in range(PROBE_BLOCKS))
     return packed > (1 - PROBE_GAIN) * PROBE_BLOCK * PROBE_BLOCKS
-
-
-def _split_scratch(n: int) -> np.ndarray:
-    """This thread's buffer for the split planes of one chunk (reused: fresh memory is page faults)."""
-    buf: np.ndarray | None = getattr(_local, "split", None)
-    if buf is None or len(buf) < n:
-        buf = _local.split = np.empty(max(n, 1 << 20), dtype=np.uint8)
-    return buf[:n]
 
 
 def _pairs_vs_bytes(counts: np.ndarray, n: int) -> float:
@@ -549,6 +541,8 @@ _GATHER_BLOCK = 64 * 1024
 #: Scratch slots of a pair-coded plane's ranks and of :func:`_assemble`'s temporary (planes use 0..7).
 _RANKS_SLOT = 8
 _TMP_SLOT = 9
+#: The encoder's split planes (see :func:`~mzstore.codecs.base.scratch`).
+_SPLIT_SLOT = 13
 
 
 def _zstd_decompress_scratch(data: bytes | bytearray | memoryview, size: int, slot: int = 0) -> np.ndarray:

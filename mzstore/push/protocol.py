@@ -135,6 +135,22 @@ class UploadStatus:
         return all(self.ended)
 
 
+#: Bytes of a file's sha256 in an HTTP upload body, after the file's data, when the begin does not give it.
+DIGEST_BYTES = 32
+
+
+def upload_body_bytes(
+    sizes: Sequence[int], hashes: Sequence[str], received: Sequence[int], ended: Sequence[bool]
+) -> int:
+    """The length of a session's HTTP upload body (``UploadStatus.upload_url``): every unended file from its
+    received offset to its end, and the sha256 of each such file the begin does not give (``hashes`` "")."""
+    return sum(
+        size - got + (0 if sha else DIGEST_BYTES)
+        for size, sha, got, done in zip(sizes, hashes, received, ended, strict=True)
+        if not done
+    )
+
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 #: An annotation key: letters, digits and ``. _ - /``, starting with a letter or digit

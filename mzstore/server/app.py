@@ -39,7 +39,7 @@ from mzstore.server.http import HttpOptions, HttpPlane
 from mzstore.server.metrics import MetricsInterceptor, watch_store
 from mzstore.server.s3 import DEFAULT_BUCKET, S3Options, S3Plane
 from mzstore.server.service import StoreService
-from mzstore.server.uploads import ROUTE as UPLOAD_ROUTE
+from mzstore.server.uploads import PREFIX as UPLOAD_PREFIX
 from mzstore.server.uploads import HttpUploads
 from mzstore.server.upstream import DEFAULT_TTL_S, PullThroughService, PullThroughStore
 from mzstore.settings import KEEPALIVE_TIMEOUT_S, Settings, is_loopback
@@ -238,7 +238,7 @@ def build_server(
     service.blob_url = http_advertise or (plane.url if plane is not None else "")
     if plane is not None and not isinstance(store, PullThroughStore):  # pushes' bytes may come by HTTP too
         plane.uploads = HttpUploads(service)
-        service.upload_url = plane.url + UPLOAD_ROUTE.split("{", 1)[0].rstrip("/")
+        service.upload_url = plane.url + UPLOAD_PREFIX
     _add_store_service(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

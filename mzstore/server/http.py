@@ -37,7 +37,9 @@ so a corrupt copy is never sent. Tokens and scopes are the gRPC ones
 storage access; ``public_blobs`` lets anonymous clients read blobs (a digest
 is a 256-bit capability), so a CDN or site cache can serve a fleet without
 tokens. Errors are JSON ``{"error": …}`` with an ``X-Error-Code`` header
-naming the reason, as the Hugging Face Hub does.
+naming the reason, as the Hugging Face Hub does; a domain error also names
+its gRPC status (``grpc_code``), so an mzstore client raises what it would
+for the same gRPC call.
 """
 
 from __future__ import annotations
@@ -103,21 +105,17 @@ HTTP_STATUS: dict[type[MzstoreError], int] = {
 }
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": message, "code": code}, status=status, headers={"X-Error-Code": code, **(headers or {})}
-    )
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, grpc_code: str | None = None
+) -> web.Response:
+    body = {"error": message, "code": code, **({"grpc_code": grpc_code} if grpc_code else {})}
+    return web.json_response(body, status=status, headers={"X-Error-Code": code, **(headers or {})})
 
 
 def error_response(exc: MzstoreError) -> web.Response:
     """A domain error as JSON, with its gRPC status name too (``grpc_code``): an mzstore client raises the
     same class as for the gRPC call (:data:`~mzstore.errors.ERROR_FOR_REASON`, then ``ERROR_FOR_CODE``)."""
-    code = exc.reason or type(exc).__name__
-    return web.json_response(
-        {"error": str(exc), "code": code, "grpc_code": exc.grpc_code},
-        status=_status_of(exc),
-        headers={"X-Error-Code": code},
-    )
+    return _error(_status_of(exc), exc.reason or type(exc).__name__, str(exc), grpc_code=exc.grpc_code)
 
 
 def _status_of(exc: MzstoreError) -> int:
@@ -268,7 +266,7 @@ class HttpPlane(Listener):
                 return _error(400, "BadPath", "the request path is too long or malformed")
             return await handler(request)
         except MzstoreError as exc:
-            return _error(_status_of(exc), exc.reason or type(exc).__name__, str(exc))
+            return error_response(exc)
 
     async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every response by route and final status, as its headers go out (a file's 206 is known by then)."""
@@ -281,7 +279,8 @@ class HttpPlane(Listener):
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Tokens and scopes, before any storage access (blobs and the Hub face need ``read``, uploads
-        ``write``; probes and metrics are open)."""
+        ``write`` as the ``Upload`` call does: the session, made by ``StartUpload`` under the token's
+        prefixes, names what it writes; probes and metrics are open)."""
         tokens = self.options.tokens
         info = request.match_info
         is_blob = "digest" in info
@@ -289,8 +288,6 @@ class HttpPlane(Listener):
         is_upload = "session" in info
         if tokens is None or not (is_blob or is_hub or is_upload):
             return await handler(request)
-        if is_upload:
-            return await self._guard_upload(request, handler, tokens)
         if (is_blob and self.options.public_blobs) or (is_hub and self.options.public_hub):
             return await handler(request)
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
@@ -300,28 +297,15 @@ class HttpPlane(Listener):
         grant = tokens.lookup(token.strip())
         if grant is None:
             raise Unauthenticated("the token is not known to this server")
-        if not grant.allows("read"):
-            raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; reads need read")
-        return await handler(request)
-
-    async def _guard_upload(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], tokens: TokenFile
-    ) -> web.StreamResponse:
-        """An upload needs a token with ``write``, as the ``Upload`` call does (the session, made by
-        ``StartUpload`` under the token's prefixes, names what it writes)."""
-        auth = request.headers.get(hdrs.AUTHORIZATION, "")
-        scheme, _, token = auth.partition(" ")
-        grant = tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if grant is None:
-            return error_response(Unauthenticated("an upload needs a known token: send Authorization: Bearer"))
-        if not grant.allows("write"):
-            return error_response(PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; uploads need write"))
+        needed, what = ("write", "uploads") if is_upload else ("read", "reads")
+        if not grant.allows(needed):
+            raise PermissionDenied(f"token {grant.name!r} has scope {grant.scope}; {what} need {needed}")
         return await handler(request)
 
     # -- routes -----------------------------------------------------------------------------
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         if self.uploads is None:
-            return error_response(NotFound("this server takes no uploads over HTTP"))
+            raise NotFound("this server takes no uploads over HTTP")
         return await self.uploads.put(request)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:

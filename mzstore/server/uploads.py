@@ -48,13 +48,22 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from mzstore.errors import Cancelled, DeadlineExceeded, InvalidArgument, MzstoreError
-from mzstore.push.protocol import UploadBegin, UploadData, UploadEnd, UploadEvent, UploadStatus
+from mzstore.push.protocol import (
+    DIGEST_BYTES,
+    UploadBegin,
+    UploadData,
+    UploadEnd,
+    UploadEvent,
+    UploadStatus,
+    upload_body_bytes,
+)
 
 if TYPE_CHECKING:
     from mzstore.server.service import StoreService
 
-#: The route, under the HTTP plane's root.
-ROUTE = "/v1/uploads/{session}"
+#: Where sessions' bodies go, under the HTTP plane's root, and the route (one session each).
+PREFIX = "/v1/uploads"
+ROUTE = PREFIX + "/{session}"
 #: Body bytes the event loop may queue ahead of the session's thread.
 PIECE_QUEUE_BYTES = 16 * 1024 * 1024
 #: Seconds without a body byte after which an upload is given up (its bytes kept for a rerun).
@@ -134,18 +143,10 @@ class _Pieces:
             yield piece
 
 
-#: Bytes of a file's sha256 in a ``PUT`` body, after its data, when the begin does not give it.
-DIGEST_BYTES = 32
-
-
 def remaining(begin: UploadBegin, status: UploadStatus) -> int:
-    """The bytes a ``PUT`` body must hold: every unended file from its received offset to its end, and the
-    sha256 of each such file the begin does not give."""
-    return sum(
-        f.size - r + (0 if f.sha256 else DIGEST_BYTES)
-        for f, r, e in zip(begin.files, status.received, status.ended, strict=True)
-        if not e
-    )
+    """The bytes a ``PUT`` body must hold (:func:`~mzstore.push.protocol.upload_body_bytes`)."""
+    files = begin.files
+    return upload_body_bytes([f.size for f in files], [f.sha256 for f in files], status.received, status.ended)
 
 
 def body_events(
@@ -203,12 +204,8 @@ class HttpUploads:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def put(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return web.json_response(asdict(await self._put(request)))
-        except MzstoreError as exc:
-            from mzstore.server.http import error_response  # http imports this module
-
-            return error_response(exc)
+        """The session's status as JSON; a domain error is answered by the plane's middleware."""
+        return web.json_response(asdict(await self._put(request)))
 
     async def _put(self, request: web.Request) -> UploadStatus:
         session = request.match_info["session"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import ssl
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,7 +277,7 @@ class GrpcTransport(Transport):
         #: Send an upload session's bytes by HTTP PUT when the server offers it (mzstore.transport.uploads).
         self.http_uploads = True
         self._token = token
-        self._tls = (str(ca), self.settings.tls_cert, self.settings.tls_key) if ca is not None else None
+        self._tls = (ca, self.settings.tls_cert, self.settings.tls_key) if ca is not None else None
         self._offered: dict[str, tuple[str, UploadBegin, UploadStatus]] = {}  # session → (URL, begin, status)
 
     def close(self) -> None:
@@ -326,7 +325,7 @@ class GrpcTransport(Transport):
             )
         url = advertised_url(resp.upload_url, self.address) or ""
         status = dataclasses.replace(_upload_status(resp), upload_url=url)
-        if url and self._may_put(url):
+        if url and self._may_put(url) and not all(status.ended):  # kept for the upload call that follows
             self._offered[session] = (url, begin, status)
         return status
 
@@ -334,7 +333,7 @@ class GrpcTransport(Transport):
         try:
             with rpc_errors("FindFileSizes", self.timeout):
                 resp = self.stub.FindFileSizes(pb.FindFileSizesRequest(sizes=sizes), timeout=self.timeout)
-        except (MzstoreError, grpc.RpcError) as exc:  # an older server, a read-only one: hash every file
+        except MzstoreError as exc:  # an older server, a read-only one: hash every file
             log.debug("FindFileSizes: %s; every file is hashed first", exc)
             return [True] * len(sizes)
         held = list(resp.held)
@@ -350,6 +349,7 @@ class GrpcTransport(Transport):
     def upload(self, session: str, events: Iterable[UploadEvent]) -> UploadStatus:
         offered = self._offered.pop(session, None)
         if offered is not None:
+            from mzstore.transport.http import tls_context
             from mzstore.transport.uploads import UploadUrlUnreachable, put_upload
 
             url, begin, status = offered
@@ -364,7 +364,7 @@ class GrpcTransport(Transport):
                     ended=status.ended,
                     timeout=self.settings.push_timeout,
                     token=self._token,
-                    context=self._ssl_context() if url.startswith("https:") else None,
+                    context=tls_context(*(self._tls or (None, None, None))) if url.startswith("https:") else None,
                 )
             except UploadUrlUnreachable as exc:  # nothing sent: the stream takes it, as it does from now on
                 log.warning("%s; uploading over gRPC instead", exc)
@@ -373,15 +373,6 @@ class GrpcTransport(Transport):
         with rpc_errors("Upload", deadline):
             resp = self.upload_call(_upload_requests(session, events), timeout=deadline)
         return _upload_status(resp)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        if self._tls is not None:
-            ca, cert, key = self._tls
-            context.load_verify_locations(ca)
-            if cert:
-                context.load_cert_chain(cert, key)
-        return context
 
     def commit_upload(self, session: str) -> PushResult:
         deadline = self.settings.push_timeout

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Iterator
@@ -125,6 +126,19 @@ def _proxy_address(proxy: str | None) -> tuple[str, int] | None:
     return parts.hostname, parts.port or 80
 
 
+def tls_context(
+    ca: str | os.PathLike[str] | None, cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None
+) -> ssl.SSLContext:
+    """A client's TLS context: the system's CAs (a presigned URL's host) and ``ca`` (the server's), and the
+    client certificate ``cert``/``key`` for a server that asks for one."""
+    context = ssl.create_default_context()
+    if ca:
+        context.load_verify_locations(ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
 class HttpTransport(ControlledTransport):
     """Blob ranges from an HTTP blob URL base, everything else (and every fallback) through ``control``.
 
@@ -156,11 +170,7 @@ class HttpTransport(ControlledTransport):
         self.token = token
         context = None
         if base_url.startswith("https:") or tls_ca or tls_cert:
-            context = ssl.create_default_context()  # the system's CAs (a presigned URL's host) ...
-            if tls_ca:
-                context.load_verify_locations(tls_ca)  # ... and the server's
-            if tls_cert:
-                context.load_cert_chain(tls_cert, tls_key)
+            context = tls_context(tls_ca, tls_cert, tls_key)
         self.pool = _Connections(settings.fetch_timeout, context)
         self.buffers = ReceiveBuffers(settings.pull_inflight_bytes)
         self.proxy = _proxy_address(proxy)

@@ -20,7 +20,6 @@ import http.client
 import json
 import ssl
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from mzstore.errors import (
@@ -30,9 +29,7 @@ from mzstore.errors import (
     MzstoreError,
     Unavailable,
 )
-
-if TYPE_CHECKING:
-    from mzstore.push.protocol import UploadEvent, UploadStatus
+from mzstore.push.protocol import DIGEST_BYTES, UploadData, UploadEvent, UploadStatus, upload_body_bytes
 
 #: Seconds to open the connection; a refused or unreachable upload URL means: use the gRPC stream.
 CONNECT_TIMEOUT = 5.0
@@ -68,7 +65,7 @@ def put_upload(
         IntegrityError: an event does not match the session (a file changed after it was hashed).
     """
     parts = urlsplit(url)
-    total = sum(s - r + (0 if h else 32) for s, h, r, e in zip(sizes, hashes, received, ended, strict=True) if not e)
+    total = upload_body_bytes(sizes, hashes, received, ended)
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=CONNECT_TIMEOUT, context=context)
@@ -113,8 +110,6 @@ def _send(
     received: Sequence[int],
     ended: Sequence[bool],
 ) -> None:
-    from mzstore.push.protocol import UploadData
-
     todo = [i for i in range(len(sizes)) if not ended[i]]
     pos = {i: received[i] for i in todo}
     for e in events:
@@ -130,7 +125,7 @@ def _send(
             raise IntegrityError(f"file {e.file} changed since it was hashed")
         if not hashes[e.file]:  # hashed as it was read: its sha256 follows its bytes
             digest = bytes.fromhex(e.sha256)
-            if len(digest) != 32:
+            if len(digest) != DIGEST_BYTES:
                 raise IntegrityError(f"file {e.file}: {e.sha256!r} is not a sha256")
             conn.send(digest)
         todo.pop(0)
@@ -158,8 +153,6 @@ def _error(status: int, body: bytes) -> MzstoreError:
 
 
 def _status(body: bytes) -> UploadStatus:
-    from mzstore.push.protocol import UploadStatus
-
     try:
         answer = json.loads(body)
         return UploadStatus(
