@@ -5,7 +5,8 @@ For a 16 MiB chunk (the default chunk size) of Gaussian weights in bf16,
 fp16 and fp32, and of the same weights quantized to int8 and ECSQ, it prints
 the median time of ``decode_into`` on one thread and the rate on two
 threads (and, for bf16 and fp32, of the lossless encode a push runs, with its
-samples and without them, as before issue 15's sampling), beside same-run
+samples and without them, as before issue 15's sampling; for int8, the
+codes nibble-split and, as before, in one zstd plane), beside same-run
 baselines: a plain ``numpy.copyto`` of the chunk
 (what reading an uncompressed file costs at best) and the decoded-chunk
 hashes, BLAKE3 (what new manifests carry) and sha256 (older ones).
@@ -55,6 +56,19 @@ def two_thread_rate(fn: Callable[[int], object], nbytes: int, jobs: int) -> floa
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(fn, [i % 2 for i in range(jobs)]))
     return jobs * nbytes / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _codes_in_one_plane() -> Iterator[None]:
+    """The quantized encoder as it was before issue 15 split int8 codes by nibble: one zstd plane of codes."""
+    from mzstore.codecs import quant
+
+    saved = quant.NIBBLES_MIN_BYTES
+    quant.NIBBLES_MIN_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        quant.NIBBLES_MIN_BYTES = saved
 
 
 @contextlib.contextmanager
@@ -134,6 +148,14 @@ def main() -> None:
         f"int8 -> BF16 (stored {len(enc.payload) / size:.3f})",
         lambda: quant.decode_into(enc.payload, dtype, outs[0]),
         lambda i: quant.decode_into(enc.payload, dtype, outs[i]),
+        size,
+    )
+    with _codes_in_one_plane():
+        before = encode_spec(src.data, dtype, rows, parse_policy("int8").spec).payload
+    line(
+        f"int8 -> BF16, one plane (before) ({len(before) / size:.3f})",
+        lambda: quant.decode_into(before, dtype, outs[0]),
+        lambda i: quant.decode_into(before, dtype, outs[i]),
         size,
     )
     compact = unpack(enc.payload, size, dtype)  # the codes, already out of zstd: the expansion alone

@@ -10,7 +10,7 @@ libFuzzer stops and writes the input to ``crash-*``.
 
 The seed corpus is valid payloads of every kind (lossless bf16/f16/f32/f64
 and integer dtypes, with and without pair-coded exponents and escapes; int8,
-fp8, int4, ecsq and pruned chunks), written to the corpus directory when it is
+fp8, int4, ecsq and pruned chunks, int8 codes nibble-split), written to the corpus directory when it is
 empty, so mutations start from inputs that reach deep into the decoders.
 
 ``make fuzz-native`` runs this for ``FUZZ_SECONDS`` (default 60) with
@@ -121,6 +121,10 @@ def seeds() -> list[bytes]:
                 for prune in (None,) if spec.kind == "ecsq" else (None, Prune(0.5)):
                     payload = encode_spec(raw, DTYPES[dtype], rows, Spec(prune=prune, quant=spec)).payload
                     out.append(bytes([k]) + struct.pack("<I", len(raw)) + payload)
+            if dtype == "BF16":  # enough int8 codes to be stored nibble-split
+                raw = _weights(rng, 256 * 256, dtype, False)
+                payload = encode_spec(raw, DTYPES[dtype], 256, Spec(quant=Quant("int8"))).payload
+                out.append(bytes([k]) + struct.pack("<I", len(raw)) + payload)
     return out
 
 

@@ -604,18 +604,18 @@ def test_a_plane_is_probed_before_it_is_compressed(lossless) -> None:
 
 def test_the_pair_table_from_a_sample_still_codes_every_pair(lossless) -> None:
     """A long exponent plane's pair table comes from a sample: pairs the sample missed are escaped, exactly."""
-    from mzstore.codecs.lossless import PAIRS_SAMPLE_BLOCK, PAIRS_SAMPLE_BLOCKS, _pair_sample
+    from mzstore.codecs.lossless import PAIRS_SAMPLE_BLOCK, PAIRS_SAMPLE_BLOCKS, pair_sample
 
     n = 8 * PAIRS_SAMPLE_BLOCK * PAIRS_SAMPLE_BLOCKS
     rng = np.random.default_rng(1)
     exponent = rng.choice(np.array([120, 121, 122], dtype=np.uint8), n)
-    sample = _pair_sample(exponent)
+    sample = pair_sample(exponent)
     assert len(sample) == PAIRS_SAMPLE_BLOCK * PAIRS_SAMPLE_BLOCKS
     # Values the sample cannot have seen: placed in the gaps between its blocks.
     step = (n - PAIRS_SAMPLE_BLOCK) // (PAIRS_SAMPLE_BLOCKS - 1) // 2 * 2
     for i in range(PAIRS_SAMPLE_BLOCKS - 1):
         exponent[i * step + PAIRS_SAMPLE_BLOCK : i * step + PAIRS_SAMPLE_BLOCK + 300] = rng.integers(0, 256, 300)
-    assert np.array_equal(_pair_sample(exponent), sample)
+    assert np.array_equal(pair_sample(exponent), sample)
     raw = _bf16_planes_case(rng.integers(0, 256, n, dtype=np.uint8), exponent)
     payload, _ = lossless.encode(raw, DTYPES["BF16"])
     assert planes_of(payload)[1][0] == _PAIRS

@@ -47,7 +47,9 @@ from mzstore.format.dtypes import DTYPES, get_dtype
 # Payload layout, written down from the format's documentation (not imported from the codec).
 HEAD = struct.Struct("<4sBBHQQB3x")
 SECTION = struct.Struct("<BBQQ")
-RAW, ZSTD = 0, 1
+RAW, ZSTD, NIBBLES = 0, 1, 2
+#: A nibble-split section's body: u64 length of the zstd frame of the high nibbles, the frame, the low nibbles.
+NIBBLE_HEAD = struct.Struct("<Q")
 METHOD_ID = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
 
 NP_DTYPE = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -662,10 +664,12 @@ def samples() -> dict[str, tuple[Matrix, bytes]]:
         ("prune:0.3,int4:g64", m32),
     ]:
         out[text] = (m, encode_spec(m.raw, m.dt, m.rows, spec_of(text)).payload)
+    big = make("BF16", 301, 256, seed=6, scale=0.02)  # 77,056 codes: stored nibble-split
+    out["int8 split"] = (big, encode_spec(big.raw, big.dt, big.rows, spec_of("int8")).payload)
     return out
 
 
-ALL_SAMPLES = ["int8", "fp8", "int4:g32", "prune:0.5", "prune:2:4,int8", "prune:0.3,int4:g64"]
+ALL_SAMPLES = ["int8", "fp8", "int4:g32", "prune:0.5", "prune:2:4,int8", "prune:0.3,int4:g64", "int8 split"]
 
 
 @pytest.mark.parametrize("text", ALL_SAMPLES)
@@ -795,6 +799,88 @@ def test_wrong_number_of_codes():
     kept = n - round(0.5 * n)
     for count in (kept - 1, kept + 1, n):
         assert_codec_error(build(head, [s if s[0] != S_CODES else raw_section(bytes(count), S_CODES) for s in secs]), m)
+
+
+# --- nibble-split codes ----------------------------------------------------------------------
+
+
+def coding_of(payload: bytes, sid: int) -> int:
+    _, secs = sections_of(payload)
+    return next(coding for s, coding, *_ in secs if s == sid)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_int8_codes_of_gaussian_weights_are_stored_nibble_split(monkeypatch, dtype):
+    """int8 codes of a 1 MiB chunk are nibble-split, no larger than one zstd plane (+0.5 %), and decode the same."""
+    m = make(dtype, 1024, 512 if dtype == "BF16" else 256, seed=11, scale=0.02)
+    enc = encode_spec(m.raw, m.dt, m.rows, spec_of("int8"))
+    assert coding_of(enc.payload, S_CODES) == NIBBLES
+    check_consistent(m, enc, "int8")
+    from mzstore.codecs import quant
+
+    monkeypatch.setattr(quant, "NIBBLES_MIN_BYTES", 1 << 62)  # as before: one zstd plane (and old payloads)
+    plain = encode_spec(m.raw, m.dt, m.rows, spec_of("int8"))
+    assert coding_of(plain.payload, S_CODES) == ZSTD
+    assert len(enc.payload) <= len(plain.payload) * 1.005
+    assert np.asarray(plain.decoded).tobytes() == np.asarray(enc.decoded).tobytes()
+    monkeypatch.undo()
+    # A payload written before the split (codes in one zstd frame) still decodes, both ways.
+    assert QuantCodec().decode(plain.payload, m.dt, len(m.raw)).tobytes() == np.asarray(enc.decoded).tobytes()
+    check_consistent(m, plain, "int8")
+
+
+@pytest.mark.parametrize("text", ["fp8", "int4:g128", "ecsq:step=0.3"])
+def test_codes_whose_low_nibble_carries_information_stay_in_one_plane(text):
+    """fp8's low nibble is part exponent, int4's and coarse ECSQ's high nibble is empty: splitting would cost."""
+    m = make("BF16", 1024, 512, seed=12, scale=0.02)
+    enc = encode_spec(m.raw, m.dt, m.rows, spec_of(text))
+    assert coding_of(enc.payload, S_CODES) in (RAW, ZSTD)
+
+
+def test_a_malformed_nibble_split_section_is_codec_error(samples):
+    m, payload = samples["int8 split"]
+    head, secs = sections_of(payload)
+    body = next(b for sid, _c, _s, _r, b in secs if sid == S_CODES)
+    (packed,) = NIBBLE_HEAD.unpack_from(body)
+    frame, low = body[8 : 8 + packed], body[8 + packed :]
+    assert len(low) == (m.rows * m.cols + 1) // 2
+    bad_bodies = [
+        b"",
+        body[:7],
+        NIBBLE_HEAD.pack(packed + 1) + frame + low,  # the frame's length disagrees with the body
+        NIBBLE_HEAD.pack(packed - 1) + frame + low,
+        NIBBLE_HEAD.pack(2**64 - 1) + frame + low,
+        body[:-1],  # one low-nibble byte short
+        body + b"\x00",  # one too many
+        NIBBLE_HEAD.pack(packed) + b"\x00" + frame[1:] + low,  # a damaged frame (its magic)
+        NIBBLE_HEAD.pack(packed - 9) + frame[:-9] + low,  # a cut one
+        NIBBLE_HEAD.pack(len(_frame_declaring(2**62))) + _frame_declaring(2**62) + low,
+        NIBBLE_HEAD.pack(0) + low + low[:1],  # no frame at all
+    ]
+    for bad in bad_bodies:
+        assert_codec_error(with_section(head, secs, S_CODES, body=bad), m)
+    # The split is for codes only: scales marked nibble-split are refused.
+    scales = next(b for sid, _c, _s, _r, b in secs if sid == S_SCALES)
+    assert_codec_error(with_section(head, secs, S_SCALES, coding=NIBBLES, body=NIBBLE_HEAD.pack(0) + scales), m)
+
+
+def test_nibble_split_codes_decode_the_same_on_two_threads(samples):
+    """Decoding reuses per-thread scratch for the high nibbles: concurrent decodes do not mix."""
+    m, payload = samples["int8 split"]
+    other = make("BF16", 301, 256, seed=7, scale=0.05)
+    other_payload = encode_spec(other.raw, other.dt, other.rows, spec_of("int8")).payload
+    codec = QuantCodec()
+    want = {0: codec.decode(payload, m.dt, len(m.raw)).tobytes(), 1: codec.decode(other_payload, m.dt, len(m.raw))}
+    want[1] = want[1].tobytes()
+    assert want[0] != want[1]
+
+    def run(i: int) -> bool:
+        out = np.empty(len(m.raw), np.uint8)
+        codec.decode_into(payload if i % 2 == 0 else other_payload, m.dt, out)
+        return out.tobytes() == want[i % 2]
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, range(40)))
 
 
 def test_prune_only_payload_without_mask_is_codec_error():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -216,6 +217,58 @@ def test_int4_search_matches_numpy(
     assert fast[2].tolist() == ref[2].tolist()
 
 
+@examples
+@given(n=st.integers(0, 5000), seed=st.integers(0, 2**32 - 1), pad=st.integers(0, 255))
+def test_nibble_split_and_merge_match_numpy(n: int, seed: int, pad: int) -> None:
+    """split_nibbles and merge_nibbles give numpy's bytes; merge undoes split whatever the pad nibble holds."""
+    from mzstore.codecs.quant import merge_nibbles, split_nibbles
+
+    codes = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    halves_fast, halves_ref = both(lambda: np.concatenate(split_nibbles(codes)))
+    assert halves_fast == halves_ref
+    high, low = split_nibbles(codes)
+    if n % 2:  # the pad nibble is not part of any code
+        high[-1] |= pad & 0x0F
+        low[-1] |= pad >> 4
+
+    def merged() -> np.ndarray:
+        out = np.full(n, 0x5A, np.uint8)
+        merge_nibbles(high, low, out)
+        return out
+
+    fast, ref = both(merged)
+    assert fast == ref == ("ok", codes.tobytes())
+
+
+@settings(max_examples=max(4, EXAMPLES // 6), deadline=None)
+@given(
+    rows=st.integers(300, 340),
+    cols=st.sampled_from([256, 257, 300]),
+    prune=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_nibble_split_int8_payloads_match_numpy(rows: int, cols: int, prune: bool, seed: int) -> None:
+    """Chunks with enough int8 codes to be stored nibble-split (odd counts too) encode and decode alike."""
+    from mzstore.codecs.quant import S_CODES, unpack
+
+    dtype = DTYPES["BF16"]
+    spec = Spec(prune=Prune(0.1) if prune else None, quant=Quant("int8"))
+    raw = _weights(np.random.default_rng(seed), rows * cols, "BF16", escapes=False)
+    enc_fast, enc_ref = both(lambda: encode_spec(raw, dtype, rows, spec))
+    assert enc_fast == enc_ref
+    payload = enc_ref[1]
+    nsec = payload[24]  # the header: "<4sBBHQQB3x"
+    table = [struct.unpack_from("<BBQQ", payload, 28 + 18 * i)[:2] for i in range(nsec)]
+    # Pruning removes the codes nearest 0, so their low nibbles are no longer noise: not worth splitting.
+    assert ((S_CODES, 2) in table) == (not prune), table
+    dec_fast, dec_ref = both(lambda: QuantCodec().decode(payload, dtype, len(raw)))
+    assert dec_fast == dec_ref and dec_ref[0] == "ok"
+    into_fast, into_ref = both(lambda: QuantCodec().decode_into(payload, dtype, np.empty(len(raw), np.uint8)) or 0)
+    assert into_fast == into_ref
+    codes = both(lambda: unpack(payload, len(raw), dtype).sections[S_CODES].copy())
+    assert codes[0] == codes[1]
+
+
 def test_hostile_scales_round_the_same_way() -> None:
     """A payload whose scales are NaN, infinite, huge or subnormal: bf16 rounding and NaN patterns match numpy's."""
     dtype = DTYPES["BF16"]
@@ -291,6 +344,12 @@ def test_a_missing_core_warns_once_and_falls_back(tmp_path: Any) -> None:
         lambda c: c.expand(1, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 1),
         lambda c: c.expand(0, b"\x00" * 4, b"\x00" * 8, b"", b"", 2, 2, 1, bytearray(8), 7),
         lambda c: c.expand(2, b"", b"", b"", b"", 0, 0, 0, bytearray(0), 0),
+        lambda c: c.split_nibbles(b"abc", bytearray(1), bytearray(2)),
+        lambda c: c.split_nibbles(b"abc", bytearray(2), bytearray(3)),
+        lambda c: c.split_nibbles(b"abc", bytearray(2), b"ab"),  # read-only output
+        lambda c: c.merge_nibbles(b"ab", b"a", bytearray(3)),
+        lambda c: c.merge_nibbles(b"ab", b"ab", bytearray(5)),
+        lambda c: c.merge_nibbles(b"ab", b"ab", b"abc"),
         lambda c: c.int4_params(bytes(8), b"", 1, 2, 0, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(2)),
         lambda c: c.int4_params(bytes(8), b"", 1, 2, 32, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(1)),
         lambda c: c.int4_params(bytes(8), b"\x01", 1, 2, 32, bytes(4), 3, 1, bytearray(4), bytearray(1), bytearray(2)),

@@ -9,8 +9,9 @@
  *
  * zstd stays in python-zstandard (which releases the GIL too); this file
  * does what numpy did around it: plane split and merge with the one-bit
- * rotation, the exponent-pair coder, and int8/int4/fp8 expansion to
- * f32/bf16 (f16 targets keep numpy's cast, which may use the CPU's F16C).
+ * rotation, the exponent-pair coder, the nibble split of int8 codes, and
+ * int8/int4/fp8 expansion to f32/bf16 (f16 targets keep numpy's cast, which
+ * may use the CPU's F16C).
  *
  * Build flags (setup.py): -O3 -ffp-contract=off, so x*s and (x-z)*s round
  * exactly as numpy's two f32 operations do (no fused multiply-add).
@@ -201,6 +202,59 @@ done:
     Py_DECREF(fast);
     return ret;
 }
+
+/* ---- nibble-split codes ----------------------------------------------- */
+
+/* int8 codes of Gaussian-like weights: the low nibble is close to uniform, all the entropy is in the high
+ * one. quant.py stores such codes as two half-length planes: high = the high nibbles of codes 2j and 2j+1
+ * in one byte (zstd-coded: half as many Huffman symbols), low = their low nibbles packed alike (raw).
+ * An odd count pads the last byte's second nibble with 0 (the decoder ignores it). */
+HOT static void k_split_nibbles(const uint8_t *restrict c, Py_ssize_t n, uint8_t *restrict hi, uint8_t *restrict lo) {
+    Py_ssize_t j = 0;
+    for (; 2 * j + 1 < n; j++) {
+        uint8_t a = c[2 * j], b = c[2 * j + 1];
+        hi[j] = (uint8_t)((a & 0xF0) | (b >> 4));
+        lo[j] = (uint8_t)((a << 4) | (b & 0x0F));
+    }
+    if (n % 2) {
+        hi[j] = (uint8_t)(c[n - 1] & 0xF0);
+        lo[j] = (uint8_t)(c[n - 1] << 4);
+    }
+}
+
+HOT static void k_merge_nibbles(const uint8_t *restrict hi, const uint8_t *restrict lo, Py_ssize_t n,
+                                uint8_t *restrict out) {
+    Py_ssize_t j = 0;
+    for (; 2 * j + 1 < n; j++) {
+        uint16_t w = (uint16_t)((hi[j] & 0xF0) | (lo[j] >> 4)) | (uint16_t)(((hi[j] << 4) | (lo[j] & 0x0F)) << 8);
+        st16(out + 2 * j, w);
+    }
+    if (n % 2) out[n - 1] = (uint8_t)((hi[j] & 0xF0) | (lo[j] >> 4));
+}
+
+/* split_nibbles(codes, high, low) and merge_nibbles(high, low, codes): high and low hold (n + 1) / 2 bytes. */
+static PyObject *nibbles(PyObject *args, int merge) {
+    PyObject *co, *ho, *lo;
+    if (merge ? !PyArg_ParseTuple(args, "OOO", &ho, &lo, &co) : !PyArg_ParseTuple(args, "OOO", &co, &ho, &lo))
+        return NULL;
+    PyObject *objs[] = {co, ho, lo};
+    Buf b[3];
+    if (get_bufs(objs, b, merge ? "wrr" : "rww", merge ? "merge_nibbles" : "split_nibbles") < 0) return NULL;
+    Py_ssize_t n = LEN(b[0]), half = (n + 1) / 2;
+    if (LEN(b[1]) != half || LEN(b[2]) != half) {
+        rel_all(b, 3);
+        return PyErr_Format(PyExc_ValueError, "nibbles: %zd codes need halves of %zd bytes", n, half);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (merge) k_merge_nibbles(PTR(b[1]), PTR(b[2]), n, PTR(b[0]));
+    else k_split_nibbles(PTR(b[0]), n, PTR(b[1]), PTR(b[2]));
+    Py_END_ALLOW_THREADS
+    rel_all(b, 3);
+    Py_RETURN_NONE;
+}
+
+static PyObject *split_nibbles(PyObject *self, PyObject *args) { return nibbles(args, 0); }
+static PyObject *merge_nibbles(PyObject *self, PyObject *args) { return nibbles(args, 1); }
 
 /* ---- the exponent-pair coder ------------------------------------------ */
 
@@ -783,6 +837,8 @@ static PyMethodDef methods[] = {
     {"pair_escapes", pair_escapes, METH_VARARGS, "pair_escapes(ranks, ntable) -> escaped pairs, -1 if a rank is bad"},
     {"pairs_to_plane", pairs_to_plane, METH_VARARGS, "pairs_to_plane(ranks, table, escapes, plane) -> escapes used"},
     {"pairs_to_half", pairs_to_half, METH_VARARGS, "pairs_to_half(ranks, table, escapes, low, words) -> escapes used"},
+    {"split_nibbles", split_nibbles, METH_VARARGS, "split_nibbles(codes, high, low): codes into nibble halves"},
+    {"merge_nibbles", merge_nibbles, METH_VARARGS, "merge_nibbles(high, low, codes): the inverse"},
     {"expand", expand, METH_VARARGS, "expand(method, codes, scales, zeros, table, rows, cols, group, out, fmt)"},
     {"int4_params", int4_params, METH_VARARGS,
      "int4_params(x, mask, rows, cols, group, search, refine, f16, scales, zeros, codes): int4 encode"},
@@ -796,7 +852,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ABI", 3) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

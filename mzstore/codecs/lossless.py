@@ -177,7 +177,7 @@ class LosslessCodec:
             coder = exponent_cctx() if exponent else cctx
             method, counts, guess = _ZSTD, None, 1.0
             if exponent and len(plane) >= PAIRS_MIN_BYTES:
-                counts = _pair_counts(_pair_sample(plane))
+                counts = pair_counts(pair_sample(plane))
                 guess = _pairs_vs_bytes(counts, len(plane))
             if not exponent and _incompressible(plane, coder):
                 heads.append(_PLANE.pack(_RAW, len(plane)))
@@ -296,7 +296,7 @@ PAIRS_SURE = 0.998
 BYTES_SURE = 1.1
 
 
-def _pair_counts(plane: np.ndarray) -> np.ndarray:
+def pair_counts(plane: np.ndarray) -> np.ndarray:
     """Counts (int64) of the 65536 pair values ``plane[2p] << 8 | plane[2p+1]`` (an odd last byte pairs with itself)."""
     core = native.core
     if core is not None:
@@ -316,7 +316,7 @@ PAIRS_SAMPLE_BLOCK = 4096
 PAIRS_SAMPLE_BLOCKS = 128
 
 
-def _pair_sample(plane: np.ndarray) -> np.ndarray:
+def pair_sample(plane: np.ndarray) -> np.ndarray:
     """``plane``, or evenly spread blocks of it (at even offsets: pairs stay pairs), concatenated."""
     if len(plane) <= 2 * PAIRS_SAMPLE_BLOCK * PAIRS_SAMPLE_BLOCKS:
         return plane
@@ -357,12 +357,12 @@ def _pairs_vs_bytes(counts: np.ndarray, n: int) -> float:
     symbols = [int(c) for c in top[:255]] + ([rest] if rest else [])
     grid = counts.reshape(256, 256)
     single = grid.sum(axis=1) + grid.sum(axis=0)
-    byte_bits = _huffman_bits([int(c) for c in single if c])
-    pair_bits = _huffman_bits(symbols) + 16 * rest
+    byte_bits = huffman_bits([int(c) for c in single if c])
+    pair_bits = huffman_bits(symbols) + 16 * rest
     return pair_bits / byte_bits if byte_bits > 0 else 1.0
 
 
-def _huffman_bits(counts: list[int]) -> int:
+def huffman_bits(counts: list[int]) -> int:
     """Bits of a Huffman coding of symbols with these counts: the sum of the merged weights."""
     if len(counts) < 2:
         return sum(counts)  # one symbol: zstd codes it as a run; a bit each bounds it
@@ -391,7 +391,7 @@ def _encode_pairs(plane: np.ndarray, counts: np.ndarray | None = None) -> bytes:
     """
     core = native.core
     if counts is None:
-        counts = _pair_counts(plane)
+        counts = pair_counts(plane)
     table = np.argsort(-counts, kind="stable")[: min(255, int(np.count_nonzero(counts)))].astype(np.uint16)
     lut = np.full(65536, 255, dtype=np.uint8)
     lut[table] = np.arange(len(table), dtype=np.uint8)
