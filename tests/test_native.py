@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,9 @@ def test_the_core_is_built_and_loaded() -> None:
         pytest.skip("no C compiler on this machine: mzstore runs on its numpy codecs")
     assert CORE is not None, "mzstore.codecs._native is not built (pip install -e . / make setup builds it)"
     assert CORE.ABI == native.ABI
+    other = os.environ.get("MZSTORE_NATIVE_LIB")
+    if other:  # a variant build under test (see test_every_cpu_variant_of_the_core_gives_numpys_bytes)
+        assert Path(CORE.__file__).resolve() == Path(other).resolve()
 
 
 def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
@@ -324,6 +328,42 @@ def test_a_missing_core_warns_once_and_falls_back(tmp_path: Any) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MZSTORE_NATIVE"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag}" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("flags", ["-DMZSTORE_NO_CLONES", "-DMZSTORE_NO_CLONES -mavx2"], ids=["baseline", "avx2"])
+def test_every_cpu_variant_of_the_core_gives_numpys_bytes(tmp_path: Path, flags: str) -> None:
+    """The core's hot loops are compiled per CPU (AVX-512, AVX2, baseline) and the CPU picks one at load,
+    so this machine's tests run one of them. Each other one is built alone here and checked against numpy."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    if "-mavx2" in flags and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "CFLAGS": flags}
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (lib,) = (tmp_path / "lib").rglob("_native*.so")
+    env = {**os.environ, "MZSTORE_NATIVE_LIB": str(lib), "MZSTORE_NATIVE_EXAMPLES": "25"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "built_and_loaded or match_numpy or fail_the_same_way or round_the_same_way"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]
 
 
 @pytest.mark.parametrize(
