@@ -485,7 +485,15 @@ class Client:
             inflight_bytes=self.settings.pull_inflight_bytes,
             coalesce_bytes=self.settings.pull_coalesce_bytes,
             durable=self.settings.pull_fsync,
+            parts=self._read_parts(),
         )
+
+    def _read_parts(self) -> Any:
+        """The transport's ``read_parts`` (HTTP: runs of chunks in one request), unless ``fetch`` is
+        wrapped (tests, benches): then every read goes through the wrapper."""
+        if "fetch" in vars(self) or type(self).fetch is not Client.fetch:
+            return None
+        return getattr(self.transport, "read_parts", None)
 
     def pull(
         self,

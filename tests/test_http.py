@@ -200,6 +200,156 @@ def test_the_client_pulls_over_http_and_falls_back_per_range(
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
+def _blob_requests() -> float:
+    from mzstore.server import metrics
+
+    return sum(
+        m.value
+        for family in metrics.HTTP_REQUESTS.collect()
+        for m in family.samples
+        if m.name.endswith("_total") and "blobs" in m.labels["route"] and m.labels["status"] in ("200", "206")
+    )
+
+
+def test_a_pull_reads_each_run_of_chunks_in_one_request(
+    served: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of adjacent chunks are one GET each (every request costs the server ~1 ms), decoded as they arrive."""
+    src = small_model_dir(tmp_path / "src")
+    with Client(served.address, cache=False, data_plane="grpc") as c:
+        c.push(src, "h/m:v1")
+        manifest = c.manifest("h/m:v1")[2]
+    from mzstore.pull.plan import plan_pull
+
+    chunks = [t.chunk for t in plan_pull(manifest)]  # the tensors' and config.json's
+    blobs = {ch.blob for ch in chunks}
+    assert len(chunks) >= 4 * len(blobs) >= 8
+    # Groups of about one chunk, as the 8 MiB default makes of 16 MiB chunks: alone, one request each.
+    monkeypatch.setenv("MZSTORE_PULL_COALESCE", str(max(ch.length + ch.raw_length for ch in chunks)))
+    before = _blob_requests()
+    with Client(served.address, cache=False) as c:
+        c.fetch = c.fetch  # type: ignore[method-assign]  # a wrapped fetch: every read goes through it, alone
+        c.pull("h/m:v1", tmp_path / "alone")
+    alone = _blob_requests() - before
+    before = _blob_requests()
+    with Client(served.address, cache=False) as c:
+        info = c.pull("h/m:v1", tmp_path / "runs")
+        assert type(c.transport).__name__ == "HttpTransport"
+    runs = _blob_requests() - before
+    assert alone >= len(chunks)
+    assert runs <= len(blobs) + 1  # one per blob (+ the first read of safetensors' header bytes)
+    assert info.bytes_transferred == sum(ch.length for ch in chunks)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "runs" / name).read_bytes() == (src / name).read_bytes()
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["closed", "reset"])
+def test_a_run_cut_short_is_finished_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, graceful: bool):
+    """A connection that dies part way through a run's body: the chunks already in are kept, the rest are
+    read one by one, and the model comes out whole."""
+    from faultproxy import FaultProxy
+
+    running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, http="127.0.0.1:0")
+    proxy = FaultProxy(running.http.port).start()  # type: ignore[union-attr]
+    try:
+        src = small_model_dir(tmp_path / "src")
+        with Client(running.address, cache=False, data_plane="grpc") as c:
+            c.push(src, "h/m:v1")
+        monkeypatch.setenv("MZSTORE_BLOB_URL", f"http://{proxy.address}")
+        proxy.reset_after(150_000, graceful=graceful)  # inside the first run (each is ~250 KiB)
+        before = _blob_requests()
+        with Client(running.address, cache=False) as c:
+            c.pull("h/m:v1", tmp_path / "out")
+        assert proxy.resets == 1
+        assert _blob_requests() - before > 4  # the runs, then the cut run's remaining chunks alone
+        assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    finally:
+        proxy.stop()
+        running.stop(grace=0.5)
+
+
+def test_read_parts_checks_what_the_server_sends(tmp_path: Path) -> None:
+    """``read_parts`` yields exactly the parts asked for; another range or a short body is an IntegrityError,
+    and a reader closed early does not leave its connection for the next read."""
+    from mzstore.errors import IntegrityError
+    from mzstore.transport.http import HttpTransport
+
+    blob = "sha256:" + "cd" * 32
+    data = bytes(range(256)) * 64
+    shift = [0]  # answer a range this far off
+    cut = [0]  # send this many bytes fewer
+    accepted: list[int] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        import threading as _t
+
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            _t.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = conn.recv(4096)
+                    if not piece:
+                        return
+                    head += piece
+                rng = next(line for line in head.decode().split("\r\n") if line.lower().startswith("range:"))
+                first, last = (int(x) + shift[0] for x in rng.split("=")[1].split("-"))
+                body = data[first : last + 1]
+                try:
+                    conn.sendall(
+                        f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                        f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n".encode()
+                        + body[: len(body) - cut[0]]
+                    )
+                except OSError:
+                    return
+                if cut[0]:
+                    return
+
+    import threading
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    class Control:
+        address = "nowhere:1"
+
+        def close(self) -> None:
+            pass
+
+    transport = HttpTransport(Control(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
+    try:
+        parts = [bytes(p) for p in transport.read_parts(blob, 100, [10, 2000, 1])]
+        assert parts == [data[100:110], data[110:2110], data[2110:2111]]
+        assert [bytes(p) for p in transport.read_parts(blob, 0, [5])] == [data[:5]]
+        assert len(accepted) == 1  # both on one kept-alive connection
+        reader = transport.read_parts(blob, 0, [100, 100])
+        assert bytes(next(reader)) == data[:100]
+        reader.close()  # the second part is unread: that connection must not serve the next read
+        assert bytes(transport.read_blob(blob, 7, 3)) == data[7:10]
+        assert len(accepted) == 2
+        shift[0] = 1
+        with pytest.raises(IntegrityError, match="another range"):
+            list(transport.read_parts(blob, 0, [10, 10]))
+        shift[0], cut[0] = 0, 5
+        got = []
+        with pytest.raises(IntegrityError, match="got 5 of 10"):
+            for part in transport.read_parts(blob, 0, [10, 10]):
+                got.append(bytes(part))
+        assert got == [data[:10]]  # the part that was whole came through
+    finally:
+        transport.close()
+        listener.close()
+
+
 def test_forced_transports_and_a_blob_url_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from faultproxy import FaultProxy
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mzstore.client import Client
-from mzstore.pull.pipeline import coalesce, run_pull
+from mzstore.pull.pipeline import SPAN_BYTES, coalesce, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import DirectorySink
 
@@ -243,6 +243,86 @@ def test_a_failed_range_read_falls_back_to_one_fetch_per_chunk(
     stats = _pull_and_check(manifest, no_ranges, tmp_path / "out", many_small)
     assert sorted(calls) == sorted(single)
     assert stats.bytes_transferred == sum(t.chunk.length for t in tasks)
+
+
+def _parts_of(fetch, fail_after: int | None = None, corrupt: int | None = None):  # type: ignore[no-untyped-def]
+    """A ``parts`` reader over ``fetch`` (a transport's ``read_parts``, one ``fetch`` per part here), which
+    breaks after ``fail_after`` parts of a run and flips a byte of part ``corrupt``; and its calls."""
+    calls: list[tuple[str, int, list[int]]] = []
+
+    def parts(blob: str, offset: int, lengths: list[int]):  # type: ignore[no-untyped-def]
+        calls.append((blob, offset, list(lengths)))
+        for i, n in enumerate(lengths):
+            if fail_after is not None and i == fail_after:
+                raise ConnectionResetError("the connection went away mid-body")
+            data = fetch(blob, offset, n)
+            if i == corrupt:
+                data[0] ^= 0xFF
+            yield data
+            offset += n
+
+    return parts, calls
+
+
+@pytest.mark.parametrize(("fail_after", "corrupt"), [(None, None), (2, None), (0, None), (None, 1)])
+def test_runs_of_chunks_stream_to_the_decoders_within_the_budget(
+    small_client: Client, pushed: Path, tmp_path: Path, fail_after: int | None, corrupt: int | None
+) -> None:
+    """With ``parts``, a group's chunks reach the decoders one by one; a run that breaks part way leaves its
+    remaining chunks to ``fetch`` alone, a part that fails its check is read again alone, and the budget holds."""
+    _, _, manifest = small_client.manifest("p:1")
+    tasks = plan_pull(manifest)
+    fetch, singles = _counting(small_client.fetch)
+    parts, runs = _parts_of(small_client.fetch, fail_after, corrupt)
+    biggest = max(t.chunk.length + t.chunk.raw_length for t in tasks)
+    stats = _pull_and_check(
+        manifest, fetch, tmp_path / "out", pushed, workers=2, parts=parts, inflight_bytes=3 * biggest
+    )
+    assert stats.chunks == len(tasks)
+    assert runs and all(len(lengths) > 1 for _, _, lengths in runs)
+    per_run = sum(len(lengths) for _, _, lengths in runs)
+    if fail_after is None and corrupt is None:
+        assert per_run == len(tasks) and singles == []  # every chunk came through a run
+    elif fail_after is not None:
+        assert len(singles) == per_run - fail_after * len(runs)  # the rest of each run, alone
+    else:
+        assert len(singles) == len(runs)  # each run's bad part, read again alone
+    assert stats.bytes_transferred == sum(t.chunk.length for t in tasks) + sum(n for _, _, n in singles) * (
+        corrupt is not None
+    )
+    # A group is taken from the budget whole (up to SPAN_BYTES of chunks); one larger than it runs alone.
+    largest = max(sum(t.chunk.length + t.chunk.raw_length for t in g) for g in coalesce(tasks, SPAN_BYTES))
+    assert largest > 3 * biggest  # groups are bigger with parts than the budget here...
+    assert stats.peak_inflight <= largest  # ...and still one at a time
+
+
+def test_cached_chunks_of_a_run_are_not_read_again(small_client: Client, pushed: Path, tmp_path: Path) -> None:
+    """Chunks of a group already in the cache are decoded from it; only the runs between them are read."""
+    _, _, manifest = small_client.manifest("p:1")
+    tasks = plan_pull(manifest)
+    held = {(t.chunk.blob, t.chunk.offset): small_client.fetch(t.chunk.blob, t.chunk.offset, t.chunk.length)
+            for t in tasks[::3]}  # fmt: skip
+
+    class Cache:
+        def get(self, chunk):  # type: ignore[no-untyped-def]
+            data = held.get((chunk.blob, chunk.offset))
+            return None if data is None else bytes(data)
+
+        def put(self, chunk, payload):  # type: ignore[no-untyped-def]
+            pass
+
+        def evict(self, chunk):  # type: ignore[no-untyped-def]
+            raise AssertionError("a good cached chunk was evicted")
+
+    fetch, singles = _counting(small_client.fetch)
+    parts, runs = _parts_of(small_client.fetch)
+    stats = _pull_and_check(manifest, fetch, tmp_path / "out", pushed, parts=parts, cache=Cache())
+    read = [(blob, offset + sum(lengths[:i])) for blob, offset, lengths in runs for i in range(len(lengths))]
+    read += [(blob, offset) for blob, offset, _ in singles]
+    assert sorted(read) == sorted(
+        (t.chunk.blob, t.chunk.offset) for t in tasks if (t.chunk.blob, t.chunk.offset) not in held
+    )
+    assert stats.chunks_cached == len(held)
 
 
 def test_reads_go_on_while_the_decoders_are_busy(small_client: Client, pushed: Path, tmp_path: Path) -> None:

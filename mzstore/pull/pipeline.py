@@ -18,10 +18,11 @@ handed to the sink.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 Fetch = Callable[[str, int, int], Payload]
+#: ``parts(blob, offset, lengths)``: adjacent ranges of a blob read in one request, each yielded as it
+#: arrives (a transport's ``read_parts``; see :func:`run_pull`).
+Parts = Callable[[str, int, list[int]], Iterator[Payload]]
+log = logging.getLogger("mzstore.pull")
 T = TypeVar("T")
 
 
@@ -282,6 +287,10 @@ def read_retrying(
 #: bytes). A group holds at most this many stored plus decoded bytes, so it weighs on the
 #: in-flight budget no more than one ordinary chunk; larger chunks are fetched alone.
 COALESCE_BYTES = DEFAULT_PULL_COALESCE_BYTES
+#: Where the transport streams the parts of one range read (``parts``), a group of adjacent chunks holds up
+#: to this many stored plus decoded bytes: each chunk still decodes as soon as its own bytes are in, and
+#: the server answers a quarter as many requests (1 GB int8 load on loopback: server CPU 0.27 -> 0.13 s).
+SPAN_BYTES = 64 * 1024 * 1024
 
 
 def coalesce(tasks: list[ChunkTask], limit: int = COALESCE_BYTES) -> list[list[ChunkTask]]:
@@ -318,6 +327,7 @@ def run_pull(
     inflight_bytes: int | None = None,
     coalesce_bytes: int = COALESCE_BYTES,
     refetch: Fetch | None = None,
+    parts: Parts | None = None,
 ) -> PullStats:
     """Fetch, decode, verify and place every task.
 
@@ -330,6 +340,12 @@ def run_pull(
     chunks decode: with one pool doing both, 2 workers on a 1 Gbit/s link kept
     it 81 % busy on an int8 pull (``bench/bench_link.py``). Memory stays bounded
     by ``inflight_bytes`` whatever the model size.
+
+    With ``parts`` (the HTTP transport's ``read_parts``), groups of adjacent
+    chunks grow to :data:`SPAN_BYTES` and each run of them is one request
+    whose chunks go to the decoders one by one as their bytes arrive; a run
+    that fails part way leaves its remaining chunks to be fetched alone, by
+    ``fetch``, with retries. ``coalesce_bytes`` 0 turns grouping off either way.
 
     A cached chunk that fails its check is evicted and fetched; a fetched chunk
     that fails is fetched once more through ``refetch`` (default ``fetch``; the
@@ -366,6 +382,15 @@ def run_pull(
             looked = [(t, cache.get(t.chunk) if cache is not None else None) for t in group]
             payloads: dict[int, Payload] = {}
             missing = [t for t, hit in looked if hit is None]
+            if parts is not None and len(missing) > 1:
+                tally = [0]
+                try:
+                    stream(looked, missing, tally)
+                finally:
+                    handed = True  # each decoder releases its chunk's share; the rest is released here
+                    if budget is not None and cost > tally[0]:
+                        budget.release(cost - tally[0])
+                return
             if len(group) == 1 and missing:
                 c = missing[0].chunk
                 payloads[id(missing[0])] = read_retrying(fetch, c.blob, c.offset, c.length, retries=retries, stop=stop)
@@ -391,6 +416,42 @@ def run_pull(
         finally:
             if not handed and budget is not None:
                 budget.release(cost)
+
+    def stream(looked: list[tuple[ChunkTask, bytes | None]], missing: list[ChunkTask], tally: list[int]) -> None:
+        """Hand each chunk of a group to a decoder, the missing ones as their bytes arrive; ``tally[0]``: the
+        stored plus decoded bytes handed (each decoder releases its chunk's share of the budget)."""
+        assert parts is not None
+
+        def hand(task: ChunkTask, hit: bytes | None, payload: Payload | None) -> None:
+            weight = task.chunk.length + task.chunk.raw_length
+            future = decoders.submit(decode, [(task, hit)], {id(task): payload} if payload is not None else {}, weight)
+            tally[0] += weight
+            with lock:
+                decoding.append(future)
+
+        for task, hit in looked:
+            if hit is not None:
+                hand(task, hit, None)
+        for run in coalesce(missing, sys.maxsize):
+            done = 0
+            if len(run) > 1:
+                reader = parts(run[0].chunk.blob, run[0].chunk.offset, [t.chunk.length for t in run])
+                try:
+                    for data in reader:
+                        if stop.is_set():
+                            return
+                        hand(run[done], None, data)
+                        done += 1
+                except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the rest is read alone
+                    log.debug("read of %d chunks of %s stopped after %d: %s", len(run), run[0].chunk.blob, done, exc)
+                finally:
+                    close = getattr(reader, "close", None)
+                    if close is not None:
+                        close()
+            for task in run[done:]:  # each fetched alone by its decoder, with retries
+                if stop.is_set():
+                    return
+                hand(task, None, None)
 
     def decode(looked: list[tuple[ChunkTask, bytes | None]], payloads: dict[int, Payload], cost: int) -> None:
         """Stage 2 (a decoder thread): decode, verify and place each chunk of a group."""
@@ -457,7 +518,9 @@ def run_pull(
         if exc is not None:
             failed(exc)
 
-    groups = coalesce(list(tasks), coalesce_bytes)
+    groups = coalesce(
+        list(tasks), max(coalesce_bytes, SPAN_BYTES) if parts is not None and coalesce_bytes else coalesce_bytes
+    )
     # Largest first: the reads still in flight when the link goes quiet are small ones, so little
     # is left to decode after the last byte (with plan order, four ~16 MiB chunks were: 90 ms).
     groups.sort(key=lambda g: -sum(t.chunk.length + t.chunk.raw_length for t in g))

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from mzstore.errors import MzstoreError, UsageError
 from mzstore.format.manifest import Manifest
-from mzstore.pull.pipeline import COALESCE_BYTES, Cache, Fetch, PullStats, run_pull
+from mzstore.pull.pipeline import COALESCE_BYTES, Cache, Fetch, Parts, PullStats, run_pull
 from mzstore.pull.plan import plan_pull
 from mzstore.pull.sinks import (
     DirectorySink,
@@ -74,6 +74,8 @@ class Puller:
         coalesce_bytes: small adjacent chunks share one range read up to this many bytes (0: never).
         retries: attempts per chunk on transient fetch errors.
         durable: outputs written to a directory are fsynced before they take their final names.
+        parts: ``parts(blob, offset, lengths)`` reads runs of adjacent chunks in one request, each
+            chunk yielded as it arrives (the HTTP transport's ``read_parts``); ``None``: ``fetch`` alone.
     """
 
     fetch: Fetch
@@ -85,6 +87,7 @@ class Puller:
     coalesce_bytes: int = COALESCE_BYTES
     retries: int = 3
     durable: bool = True
+    parts: Parts | None = None
 
     def run(
         self, manifest: Manifest, sink: Sink[R], files: list[str] | None = None, progress: ProgressFn = None
@@ -111,6 +114,7 @@ class Puller:
                     cache=self.cache,
                     inflight_bytes=self.inflight_bytes,
                     coalesce_bytes=self.coalesce_bytes,
+                    parts=self.parts,
                 )
             finally:
                 if self.cache is not None:

@@ -202,7 +202,42 @@ class HttpTransport(ControlledTransport):
         """From the origin server (``control``): bytes that failed their check may come from a cache in between."""
         return self.control.read_blob(digest, offset, length)
 
+    def read_parts(self, digest: str, offset: int, lengths: list[int]) -> Iterator[Payload]:
+        """Adjacent ranges of one blob in one GET, each yielded in its own pooled buffer as soon as it is in.
+
+        A pull asks for runs of chunks this way (:func:`~mzstore.pull.pipeline.run_pull`): every request
+        costs the server about 1 ms of CPU (aiohttp's request handling and file open, measured on the
+        2-core VM), and a chunk still decodes as soon as its own bytes are in. A failure raises from the
+        iterator; the parts yielded before it are whole. There is no fallback here: the pipeline reads
+        the remaining chunks one by one (:meth:`read_blob`, which falls back to ``control``).
+        """
+        key, conn, response = self._open(digest, offset, sum(lengths))
+        try:
+            for n in lengths:
+                yield self._read(digest, response, n)
+            if response.status == 200 and response.read(1):
+                raise IntegrityError(f"blob {digest}: more bytes than asked for over HTTP")
+        except BaseException:  # an error, or the consumer stopped early (GeneratorExit): the rest is unread
+            conn.close()
+            raise
+        self._done(key, conn, response)
+
     def _get(self, digest: str, offset: int, length: int) -> memoryview | bytearray:
+        key, conn, response = self._open(digest, offset, length)
+        try:
+            buf = self._read(digest, response, length)
+            if response.status == 200 and response.read(1):
+                raise IntegrityError(f"blob {digest}: more bytes than asked for over HTTP")
+        except BaseException:
+            conn.close()
+            raise
+        self._done(key, conn, response)
+        return buf
+
+    def _open(
+        self, digest: str, offset: int, length: int
+    ) -> tuple[_Key, http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the GET of ``length`` bytes at ``offset`` (following redirects); the response, its body unread."""
         url = self.url(digest)
         home = _key(url)[0][:3]
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
@@ -221,12 +256,11 @@ class HttpTransport(ControlledTransport):
                 url = urljoin(url, location)
                 continue
             try:
-                buf = self._body(digest, offset, length, response)
+                self._check(digest, offset, length, response)
             except BaseException:
                 conn.close()
                 raise
-            self._done(key, conn, response)
-            return buf
+            return key, conn, response
         raise IntegrityError(f"blob {digest}: more than {MAX_REDIRECTS} redirects")
 
     def _request(
@@ -253,9 +287,8 @@ class HttpTransport(ControlledTransport):
         else:
             conn.close()
 
-    def _body(
-        self, digest: str, offset: int, length: int, response: http.client.HTTPResponse
-    ) -> memoryview | bytearray:
+    def _check(self, digest: str, offset: int, length: int, response: http.client.HTTPResponse) -> None:
+        """The response holds exactly the range asked for, unencoded (a 200 only for a read from 0)."""
         if response.status == 206:
             want = f"bytes {offset}-{offset + length - 1}/"
             if not str(response.getheader("Content-Range", "")).startswith(want):
@@ -264,7 +297,10 @@ class HttpTransport(ControlledTransport):
             raise IntegrityError(f"blob {digest}: HTTP {response.status} for a range read")
         if response.getheader("Content-Encoding", "identity") != "identity":
             raise IntegrityError(f"blob {digest}: the server encoded the body")
-        buf = self.buffers.take(length)  # reused, page-aligned (see mzstore.transport.buffers)
+
+    def _read(self, digest: str, response: http.client.HTTPResponse, length: int) -> memoryview | bytearray:
+        """The next ``length`` bytes of the body, in a reused, page-aligned buffer (see mzstore.transport.buffers)."""
+        buf = self.buffers.take(length)
         view = memoryview(buf)
         got = 0
         while got < length:
@@ -272,7 +308,7 @@ class HttpTransport(ControlledTransport):
             if not n:
                 break
             got += n
-        if got != length or (response.status == 200 and response.read(1)):
+        if got != length:
             raise IntegrityError(f"blob {digest}: got {got} of {length} bytes over HTTP")
         return buf
 
