@@ -268,29 +268,31 @@ def test_a_run_cut_short_is_finished_chunk_by_chunk(tmp_path: Path, monkeypatch:
         running.stop(grace=0.5)
 
 
-def test_read_parts_checks_what_the_server_sends(tmp_path: Path) -> None:
-    """``read_parts`` yields exactly the parts asked for; another range or a short body is an IntegrityError,
-    and a reader closed early does not leave its connection for the next read."""
-    from mzstore.errors import IntegrityError
-    from mzstore.transport.http import HttpTransport
+class _NoControl:
+    """The control plane of a bare :class:`HttpTransport` under test: there is none."""
 
-    blob = "sha256:" + "cd" * 32
-    data = bytes(range(256)) * 64
-    shift = [0]  # answer a range this far off
-    cut = [0]  # send this many bytes fewer
+    address = "nowhere:1"
+
+    def read_blob(self, digest: str, offset: int, length: int) -> bytes:
+        raise AssertionError("fell back to the control plane")
+
+    def close(self) -> None:
+        pass
+
+
+def _range_server(data: bytes, keep_alive: bool, shift: list[int] | None = None, cut: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """A bare HTTP/1.1 server of ``data``'s ranges on loopback: (its listener, one entry per connection accepted).
+
+    ``keep_alive=False`` closes each connection after one response without saying so (as a server whose
+    idle timeout is short does); ``shift[0]`` answers a range that many bytes off, ``cut[0]`` sends that
+    many bytes fewer than announced and hangs up.
+    """
+    import threading
+
+    shift = shift or [0]
+    cut = cut or [0]
     accepted: list[int] = []
     listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        import threading as _t
-
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            _t.Thread(target=answer, args=(conn,), daemon=True).start()
 
     def answer(conn: socket.socket) -> None:
         with conn:
@@ -312,20 +314,34 @@ def test_read_parts_checks_what_the_server_sends(tmp_path: Path) -> None:
                     )
                 except OSError:
                     return
-                if cut[0]:
+                if cut[0] or not keep_alive:
                     return
 
-    import threading
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
 
-    class Control:
-        address = "nowhere:1"
 
-        def close(self) -> None:
-            pass
+def test_read_parts_checks_what_the_server_sends(tmp_path: Path) -> None:
+    """``read_parts`` yields exactly the parts asked for; another range or a short body is an IntegrityError,
+    and a reader closed early does not leave its connection for the next read."""
+    from mzstore.errors import IntegrityError
+    from mzstore.transport.http import HttpTransport
 
-    transport = HttpTransport(Control(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
+    blob = "sha256:" + "cd" * 32
+    data = bytes(range(256)) * 64
+    shift = [0]  # answer a range this far off
+    cut = [0]  # send this many bytes fewer
+    listener, accepted = _range_server(data, keep_alive=True, shift=shift, cut=cut)
+    transport = HttpTransport(_NoControl(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
     try:
         parts = [bytes(p) for p in transport.read_parts(blob, 100, [10, 2000, 1])]
         assert parts == [data[100:110], data[110:2110], data[2110:2111]]
@@ -447,52 +463,13 @@ def test_slow_clients_do_not_hold_the_server(served: RunningServer, tmp_path: Pa
 
 def test_a_kept_alive_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
     """A server that closes idle keep-alive connections (as nginx and CDNs do) costs a reconnect, not a fallback."""
-    import threading
-
     from mzstore.transport.http import HttpTransport
 
     blob = "sha256:" + "ab" * 32
     data = bytes(range(256)) * 16
-    accepted: list[int] = []
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            with conn:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    piece = conn.recv(4096)
-                    if not piece:
-                        break
-                    head += piece
-                if not head:
-                    continue
-                rng = next(line for line in head.decode().split("\r\n") if line.lower().startswith("range:"))
-                first, last = (int(x) for x in rng.split("=")[1].split("-"))
-                body = data[first : last + 1]
-                conn.sendall(
-                    f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
-                    f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n".encode()
-                    + body
-                )
-            # closed after one response, though the client was told nothing: its pooled copy is stale
-
-    class Control:
-        address = "nowhere:1"
-
-        def read_blob(self, digest: str, offset: int, length: int) -> bytes:
-            raise AssertionError("fell back to the control plane")
-
-        def close(self) -> None:
-            pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    transport = HttpTransport(Control(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
+    # closed after one response, though the client was told nothing: its pooled copy is stale
+    listener, accepted = _range_server(data, keep_alive=False)
+    transport = HttpTransport(_NoControl(), f"http://127.0.0.1:{listener.getsockname()[1]}", Settings())  # type: ignore[arg-type]
     try:
         assert transport.read_blob(blob, 0, 100) == data[:100]
         time.sleep(0.1)  # the server has closed that connection by now
