@@ -289,7 +289,8 @@ def read_retrying(
 COALESCE_BYTES = DEFAULT_PULL_COALESCE_BYTES
 #: Where the transport streams the parts of one range read (``parts``), a group of adjacent chunks holds up
 #: to this many stored plus decoded bytes: each chunk still decodes as soon as its own bytes are in, and
-#: the server answers a quarter as many requests (1 GB int8 load on loopback: server CPU 0.27 -> 0.13 s).
+#: the server answers far fewer requests (1 GB int8 load over 10 Gbit/s: server CPU per stored GB
+#: 0.54-0.62 -> 0.35 s, the load 1.07-1.13 -> 0.98-1.00 s; ``bench/bench_link.py``).
 SPAN_BYTES = 64 * 1024 * 1024
 
 
@@ -434,6 +435,14 @@ def run_pull(
                 hand(task, hit, None)
         for run in coalesce(missing, sys.maxsize):
             done = 0
+            if len(run) == 1:  # read here as any lone chunk is, so the decoders do not wait on the network
+                c = run[0].chunk
+                try:
+                    data = read_retrying(fetch, c.blob, c.offset, c.length, retries=retries, stop=stop)
+                except (Unavailable, DeadlineExceeded, ResourceExhausted):
+                    data = None  # fetched again by its decoder, which has the last word on failing
+                hand(run[0], None, data)
+                continue
             if len(run) > 1:
                 reader = parts(run[0].chunk.blob, run[0].chunk.offset, [t.chunk.length for t in run])
                 try:
