@@ -383,7 +383,7 @@ def run_pull(
             looked = [(t, cache.get(t.chunk) if cache is not None else None) for t in group]
             payloads: dict[int, Payload] = {}
             missing = [t for t, hit in looked if hit is None]
-            if parts is not None and len(missing) > 1:
+            if parts is not None and len(group) > 1:  # chunk by chunk to the decoders, cached ones too
                 tally = [0]
                 try:
                     stream(looked, missing, tally)
