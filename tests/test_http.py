@@ -37,6 +37,14 @@ def served(tmp_path: Path) -> Iterator[RunningServer]:
     running.stop(grace=0.5)
 
 
+def _push_small(running: RunningServer, tmp_path: Path) -> Path:
+    """Push the small model (``tmp_path/src``) as ``h/m:v1`` over gRPC; its directory."""
+    src = small_model_dir(tmp_path / "src")
+    with Client(running.address, cache=False, data_plane="grpc") as c:
+        c.push(src, "h/m:v1")
+    return src
+
+
 def _blob(running: RunningServer, tmp_path: Path) -> tuple[str, bytes]:
     """Push a model; one of its blobs and that blob's bytes as stored."""
     with Client(running.address, cache=False, data_plane="grpc") as c:
@@ -180,9 +188,7 @@ def test_the_client_pulls_over_http_and_falls_back_per_range(
 ) -> None:
     from mzstore.server import metrics
 
-    src = small_model_dir(tmp_path / "src")
-    with Client(served.address, cache=False, data_plane="grpc") as c:
-        c.push(src, "h/m:v1")
+    src = _push_small(served, tmp_path)
     before_http = metrics.BLOB_BYTES.labels("http")._value.get()
     before_grpc = metrics.BLOB_BYTES.labels("grpc")._value.get()
     with Client(served.address, cache=False) as c:
@@ -215,11 +221,11 @@ def test_a_pull_reads_each_run_of_chunks_in_one_request(
     served: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Runs of adjacent chunks are one GET each (every request costs the server ~1 ms), decoded as they arrive."""
-    src = small_model_dir(tmp_path / "src")
-    with Client(served.address, cache=False, data_plane="grpc") as c:
-        c.push(src, "h/m:v1")
-        manifest = c.manifest("h/m:v1")[2]
     from mzstore.pull.plan import plan_pull
+
+    src = _push_small(served, tmp_path)
+    with Client(served.address, cache=False, data_plane="grpc") as c:
+        manifest = c.manifest("h/m:v1")[2]
 
     chunks = [t.chunk for t in plan_pull(manifest)]  # the tensors' and config.json's
     blobs = {ch.blob for ch in chunks}
@@ -252,9 +258,7 @@ def test_a_run_cut_short_is_finished_chunk_by_chunk(tmp_path: Path, monkeypatch:
     running = build_server(tmp_path / "store", "127.0.0.1:0", SMALL, http="127.0.0.1:0")
     proxy = FaultProxy(running.http.port).start()  # type: ignore[union-attr]
     try:
-        src = small_model_dir(tmp_path / "src")
-        with Client(running.address, cache=False, data_plane="grpc") as c:
-            c.push(src, "h/m:v1")
+        src = _push_small(running, tmp_path)
         monkeypatch.setenv("MZSTORE_BLOB_URL", f"http://{proxy.address}")
         proxy.reset_after(150_000, graceful=graceful)  # inside the first run (each is ~250 KiB)
         before = _blob_requests()

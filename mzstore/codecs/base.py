@@ -56,7 +56,8 @@ def scratch(size: int, slot: int) -> np.ndarray:
     otherwise pile up in glibc's per-thread arenas, and fresh ones cost a
     page fault per 4 KiB. Slots: 0-9 the lossless decoder's planes and
     temporaries, 10 the quantized decoder's f32 block, 11-12 the bf16 cast's
-    temporaries, 13 the lossless encoder's split planes, 16 and up the quantized decoder's sections.
+    temporaries, 13 the lossless encoder's split planes, 15 the high nibbles of nibble-split int8 codes,
+    16 and up the quantized decoder's sections.
     """
     buffers: dict[int, np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
