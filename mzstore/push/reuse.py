@@ -159,8 +159,7 @@ class KnownFiles:
 
     def remember(self, begin: UploadBegin, files: list[FileEntry], digest: str) -> None:
         """Index every file of a committed push under the manifest ``digest``, and its size (best effort)."""
-        # A store's first indexed push starts a complete size index (older stores are filled by held_sizes).
-        first = not self.store.node.exists(SIZES_COMPLETE) and not any(True for _ in self.store.file_index_digests())
+        first = not self._sizes_complete()  # nothing indexed yet: this push's sizes start a complete index
         for upload, entry in zip(begin.files, files, strict=True):
             if entry.sha256:
                 key = file_key(
@@ -178,16 +177,21 @@ class KnownFiles:
         indexed push. A store indexed before the size index existed gets it here, once, from the
         manifests its file index names.
         """
-        if not self.store.node.exists(SIZES_COMPLETE):
-            with _BACKFILL:
-                if not self.store.node.exists(SIZES_COMPLETE):
-                    self._backfill_sizes()
+        self._sizes_complete()
         return [self.store.indexed_size(n) for n in sizes]
 
-    def _backfill_sizes(self) -> None:
+    def _sizes_complete(self) -> bool:
+        """Whether the size index names every indexed file's size, filling it once from the manifests the
+        file index names where that index predates it; ``False`` only while nothing is indexed at all."""
+        if self.store.node.exists(SIZES_COMPLETE):
+            return True
+        with _BACKFILL:
+            return self.store.node.exists(SIZES_COMPLETE) or self._backfill_sizes()
+
+    def _backfill_sizes(self) -> bool:
         digests = set(self.store.file_index_digests())
         if not digests:
-            return  # nothing indexed yet (an empty store): nothing to fill, and nothing is written
+            return False  # nothing indexed yet (an empty store): nothing to fill, and nothing is written
         sizes: set[int] = set()
         for digest in digests:
             manifest = self._manifest(digest)
@@ -196,6 +200,7 @@ class KnownFiles:
         for n in sorted(sizes):
             self.store.index_size(n)
         self._mark_sizes_complete()
+        return True
 
     def _mark_sizes_complete(self) -> None:
         for node in self.store.nodes:
