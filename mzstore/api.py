@@ -93,6 +93,7 @@ def load_into(
     files: list[str] | None = None,
     workers: int | None = None,
     expand_on_device: bool | None = None,
+    in_place: bool = True,
     progress: ProgressFn | None = None,
     server: str | None = None,
     settings: Settings | None = None,
@@ -116,6 +117,7 @@ def load_into(
             files=files,
             workers=workers,
             expand_on_device=expand_on_device,
+            in_place=in_place,
             progress=progress,
         )
 

@@ -602,6 +602,7 @@ class Client:
         files: list[str] | None = None,
         workers: int | None = None,
         expand_on_device: bool | None = None,
+        in_place: bool = True,
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """Load the tensors of ``ref`` into ``model``, each straight onto its device.
@@ -617,6 +618,12 @@ class Client:
         Non-persistent buffers are set when the checkpoint holds them; those it
         lacks keep their value, and on a meta model stay on ``meta``
         (listed in the report's ``meta``).
+
+        A model tensor that already holds memory on its mapped device, with the
+        checkpoint's dtype and shape (a model built normally, or loaded before),
+        is filled in place: the chunks decode straight into it, so the model is
+        never held twice and the ``Parameter`` objects stay the same (see
+        :func:`mzstore.pull.load_into.in_place_targets`).
 
         Args:
             model: a ``torch.nn.Module``.
@@ -634,12 +641,17 @@ class Client:
                 that matches more (``0.model.`` for a sentence-transformers model).
             files: only the tensors of these source files.
             expand_on_device: force the device path for CPU targets too (tests).
+            in_place: fill materialized tensors in place (the default). A load
+                that fails part way then leaves them partly overwritten (the error
+                is raised; load again). ``False`` pulls every tensor into new memory
+                and changes nothing in the model until all of them have arrived and
+                verified, at the cost of a second copy of the model at the peak.
 
         Returns:
             A report: ``devices`` (``{device: {"tensors", "bytes"}}``), ``missing``
             and ``unexpected`` keys, ``tied`` (name → the name it shares a tensor
-            with), ``names`` (the name mapping used) and ``meta`` (what is still on
-            the meta device).
+            with), ``names`` (the name mapping used), ``meta`` (what is still on
+            the meta device) and ``in_place`` (the names filled in place).
 
         Raises:
             InvalidArgument: names or shapes that do not match (with ``strict``),
@@ -655,6 +667,7 @@ class Client:
             prefix=prefix,
             files=files,
             expand_on_device=expand_on_device,
+            in_place=in_place,
             progress=progress,
         )
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from mzstore.client import Client
-from mzstore.errors import InvalidArgument
+from mzstore.errors import IntegrityError, InvalidArgument
 from mzstore.pull.device import DeviceMapSink, DeviceStateDictSink, PinnedStaging
 from mzstore.pull.device_map import balanced_split, blocks_of, match_prefix, name_mapping, plan_devices
 from mzstore.server.app import build_server
@@ -471,7 +471,7 @@ def mixed_dir(tmp_path: Path) -> Path:
 class _Holder(torch.nn.Module):
     """A module with one buffer per checkpoint tensor (names with dots become submodules)."""
 
-    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
+    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], device: str = "meta") -> None:
         super().__init__()
         for name, (shape, dtype) in shapes.items():
             owner: torch.nn.Module = self
@@ -480,7 +480,139 @@ class _Holder(torch.nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, torch.nn.Module())
                 owner = getattr(owner, part)
-            owner.register_buffer(attr, torch.empty(shape, dtype=dtype, device="meta"))
+            owner.register_buffer(attr, torch.zeros(shape, dtype=dtype, device=device))
+
+
+def _slot(model: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("policy", "expand_on_device"), [("lossless", None), ("int8", None), ("int8", True)])
+def test_a_built_model_is_filled_in_place(
+    small_client: Client, mixed_dir: Path, policy: str, expand_on_device: bool | None
+) -> None:
+    """Tensors already in memory with the checkpoint's dtype and shape are decoded into; the rest are assigned."""
+    small_client.push(mixed_dir, "p/m:1", codec=policy)
+    expected = small_client.load_state_dict("p/m:1")
+    model = _Holder({k: (v.shape, v.dtype) for k, v in expected.items()}, device="cpu")
+    model.get_submodule("layers.1.mlp").bias = torch.zeros(300, dtype=torch.float64)  # another dtype
+    model.get_submodule("layers.0.q_proj").weight = torch.zeros(
+        256, 192, dtype=torch.bfloat16
+    ).t()  # strided: not one block
+    before = {name: (t, t.data_ptr()) for name, t in model.state_dict(keep_vars=True).items()}
+    moved = {"layers.1.mlp.bias", "layers.0.q_proj.weight"}
+
+    report = small_client.load_into(model, "p/m:1", expand_on_device=expand_on_device)
+
+    assert set(report["in_place"]) == set(expected) - moved
+    for name, tensor in expected.items():
+        now = _slot(model, name)
+        assert _same(now, tensor), name  # the checkpoint's values and dtype either way
+        old, address = before[name]
+        if name in moved:
+            assert now is not old and now.data_ptr() != address, name
+        else:
+            assert now is old and now.data_ptr() == address, name  # the same tensor, the same memory
+
+
+def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
+    small_client: Client, tmp_path: Path
+) -> None:
+    source = _Two()
+    src = tmp_path / "two"
+    src.mkdir()
+    save_file(source.state_dict(), str(src / "model.safetensors"))
+    small_client.push(src, "o/m:1")
+
+    model = _Two()
+    model.fc2.bias.requires_grad_(False)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = small_client.load_into(model, "o/m:1")
+
+    assert sorted(report["in_place"]) == sorted(source.state_dict())
+    assert list(model.parameters()) == params and optimizer.param_groups[0]["params"] == params
+    assert model.fc1.weight.requires_grad and not model.fc2.bias.requires_grad
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    x = torch.randn(4, 32)
+    model.fc2(model.fc1(x)).sum().backward()  # still trainable, and the optimizer steps the loaded weights
+    optimizer.step()
+    assert not torch.equal(model.fc1.weight, source.fc1.weight)
+
+    copy = _Two()
+    report = small_client.load_into(copy, "o/m:1", in_place=False)
+    assert report["in_place"] == [] and copy.fc1.weight is not params[0]
+    assert torch.equal(copy.fc1.weight, source.fc1.weight)
+
+
+def test_overlapping_tensors_are_not_filled_in_place() -> None:
+    from mzstore.format.manifest import TensorEntry
+    from mzstore.pull.load_into import in_place_targets
+
+    base = torch.zeros(300)
+    slots = {
+        "a": base[0:100],
+        "b": base[50:150],
+        "c": base[200:300],
+        "d": torch.zeros(10, 10).t(),
+        "e": torch.zeros(10),
+    }
+
+    def entry(name: str, t: torch.Tensor, dtype: str = "F32") -> TensorEntry:
+        size = t.numel() * (2 if dtype == "F16" else 4)
+        return TensorEntry(
+            file="f", name=name, dtype=dtype, shape=list(t.shape), data_offsets=[0, size], codec="raw", chunks=[]
+        )
+
+    loads = [(n, entry("ck." + n, t), "cpu") for n, t in slots.items()]
+    loads[-1] = ("e", entry("ck.e", slots["e"], "F16"), "cpu")
+    assert set(in_place_targets(slots, loads)) == {"ck.c"}  # a and b overlap, d is strided, e is another dtype
+    assert in_place_targets(slots, [("c", entry("ck.c", slots["c"]), "cpu:1")]) == {"ck.c": slots["c"]}
+    assert in_place_targets(slots, [("c", entry("ck.c", slots["c"]), "meta")]) == {}
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_failed_load_leaves_the_model_as_it_was_only_without_in_place(
+    small_client: Client, mixed_dir: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    small_client.push(mixed_dir, "f/m:1")
+    expected = small_client.load_state_dict("f/m:1")
+    _, _, manifest = small_client.manifest("f/m:1")
+    last = max(manifest.chunks(), key=lambda c: (c.blob, c.offset))
+    real = small_client.fetch
+
+    def corrupt(blob: str, offset: int, length: int) -> bytes:
+        data = bytes(real(blob, offset, length))
+        if blob == last.blob and offset <= last.offset < offset + length:
+            i = last.offset - offset + last.length // 2
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        return data
+
+    monkeypatch.setattr(small_client, "fetch", corrupt)
+    monkeypatch.setattr(small_client.transport, "read_blob_again", corrupt)
+    monkeypatch.setattr(small_client, "cache", None)  # every chunk is fetched
+    model = _Holder({k: (v.shape, v.dtype) for k, v in expected.items()}, device="cpu")
+    with pytest.raises(IntegrityError):
+        small_client.load_into(model, "f/m:1", in_place=in_place, workers=1)
+    changed = [n for n, t in model.state_dict().items() if t.any()]
+    if in_place:
+        assert changed  # filled part way: the documented cost of in place
+    else:
+        assert changed == []
+
+
+@needs_cuda
+def test_cuda_model_is_filled_in_place(small_client: Client, mixed_dir: Path) -> None:
+    small_client.push(mixed_dir, "g/m:1", codec="int8")
+    cpu = small_client.load_state_dict("g/m:1")
+    model = _Holder({k: (v.shape, v.dtype) for k, v in cpu.items()}, device="cuda:0")
+    before = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    report = small_client.load_into(model, "g/m:1")
+    assert set(report["in_place"]) == set(cpu)
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() == before[name] and _same(cpu[name], tensor), name
 
 
 @needs_cuda

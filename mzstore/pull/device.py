@@ -313,6 +313,9 @@ class DeviceStateDictSink(Sink[dict[str, Any]]):
     Args:
         entries: the tensors to build (default: every tensor of ``files``).
         staging: pinned staging to share (CUDA only; one is made when not given).
+        into: ``{name: tensor}`` to fill in place instead of allocating (``load_into``'s
+            :func:`~mzstore.pull.load_into.in_place_targets`: contiguous, on ``device``, the
+            entry's dtype and shape); :meth:`finish` returns those tensors themselves.
     """
 
     #: The pipeline hands chunks of these codecs over as verified stored bytes (see ``write_payload``).
@@ -326,14 +329,18 @@ class DeviceStateDictSink(Sink[dict[str, Any]]):
         *,
         entries: list[TensorEntry] | None = None,
         staging: PinnedStaging | None = None,
+        into: Mapping[str, Any] | None = None,
     ) -> None:
         torch = torch_module("loading onto a device")
         self.device = torch.device(device)
         self.entries = entries if entries is not None else select_tensors(manifest, files)
+        self.into = dict(into or {})
         self.buffers: dict[str, Any] = {}
         for t in self.entries:
-            self.buffers[t.name] = torch.empty(
-                t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=self.device
+            self.buffers[t.name] = (
+                tensor_bytes(self.into[t.name])
+                if t.name in self.into
+                else torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=self.device)
             )
         self._scratch = ScratchBuffers()
         self._staging = staging
@@ -390,10 +397,7 @@ class DeviceStateDictSink(Sink[dict[str, Any]]):
 
     def finish(self) -> dict[str, Any]:
         self.abort()
-        out = {}
-        for t in self.entries:
-            out[t.name] = self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape)
-        return out
+        return _tensors(self.entries, self.buffers, self.into)
 
 
 class HostTensorSink(Sink[dict[str, Any]]):
@@ -404,10 +408,16 @@ class HostTensorSink(Sink[dict[str, Any]]):
     the CPU with a GPU receives them compact for every tensor.
     """
 
-    def __init__(self, entries: list[TensorEntry]) -> None:
+    def __init__(self, entries: list[TensorEntry], into: Mapping[str, Any] | None = None) -> None:
         torch = torch_module()
         self.entries = entries
-        self.buffers = {t.name: torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8) for t in entries}
+        self.into = dict(into or {})  # filled in place, as in DeviceStateDictSink
+        self.buffers = {
+            t.name: tensor_bytes(self.into[t.name])
+            if t.name in self.into
+            else torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
+            for t in entries
+        }
 
     def target(self, task: ChunkTask) -> np.ndarray:
         assert task.tensor is not None
@@ -418,7 +428,21 @@ class HostTensorSink(Sink[dict[str, Any]]):
         decode_verified(task.chunk, task.dtype, task.tensor or task.file, payload, self.target(task))
 
     def finish(self) -> dict[str, Any]:
-        return {t.name: self.buffers.pop(t.name).view(torch_dtype(t.dtype)).reshape(t.shape) for t in self.entries}
+        return _tensors(self.entries, self.buffers, self.into)
+
+
+def tensor_bytes(tensor: Any) -> Any:
+    """The bytes of a contiguous tensor as a flat ``uint8`` view of its memory (writes go into the tensor)."""
+    return tensor.detach().reshape(-1).view(torch_module().uint8)
+
+
+def _tensors(entries: Sequence[TensorEntry], buffers: dict[str, Any], into: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: tensor}`` from a sink's filled buffers: the tensors filled in place themselves, the rest typed."""
+    out = {}
+    for t in entries:
+        buf = buffers.pop(t.name)
+        out[t.name] = into[t.name] if t.name in into else buf.view(torch_dtype(t.dtype)).reshape(t.shape)
+    return out
 
 
 def _torch_device(label: str) -> Any:
@@ -445,6 +469,7 @@ class DeviceMapSink(Sink[dict[str, Any]]):
         placement: ``{tensor name: device}`` for the tensors to build; other tensors are not wanted.
         expand_on_device: use the device path (compact chunks expanded by torch) for CPU
             targets too (default: only for other devices), as ``load_state_dict`` does.
+        into: ``{name: tensor}`` filled in place (see :class:`DeviceStateDictSink`).
 
     Raises:
         InvalidArgument: a placed name that is not a tensor of the selected files.
@@ -457,8 +482,9 @@ class DeviceMapSink(Sink[dict[str, Any]]):
         files: list[str] | None = None,
         *,
         expand_on_device: bool | None = None,
+        into: Mapping[str, Any] | None = None,
     ) -> None:
-
+        into = into or {}
         entries = [t for t in select_tensors(manifest, files) if t.name in placement]
         absent = set(placement) - {t.name for t in entries}
         if absent:
@@ -473,11 +499,12 @@ class DeviceMapSink(Sink[dict[str, Any]]):
         for label, group in groups.items():
             device = devices[label]
             on_device = expand_on_device if expand_on_device is not None else device.type != "cpu"
+            mine = {t.name: into[t.name] for t in group if t.name in into}
             sink: DeviceStateDictSink | HostTensorSink
             if on_device:
-                sink = DeviceStateDictSink(manifest, device, entries=group, staging=self._staging)
+                sink = DeviceStateDictSink(manifest, device, entries=group, staging=self._staging, into=mine)
             else:
-                sink = HostTensorSink(group)
+                sink = HostTensorSink(group, into=mine)
             self.sinks[label] = sink
             self._route.update(dict.fromkeys((t.name for t in group), sink))
         wants_compact = any(isinstance(s, DeviceStateDictSink) for s in self.sinks.values())

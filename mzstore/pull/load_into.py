@@ -5,7 +5,9 @@ places every tensor on a device (:mod:`mzstore.pull.device_map`) before
 anything is fetched; the pull then runs into a
 :class:`~mzstore.pull.device.DeviceMapSink`, and :func:`apply_loaded` puts
 the tensors in with ``model.load_state_dict(..., assign=True)``, which also
-materializes a model built on the ``meta`` device.
+materializes a model built on the ``meta`` device. Tensors the model already
+holds in the right form are filled in place (:func:`in_place_targets`); the
+sink hands back the model's own tensors for those, so ``assign`` keeps them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mzstore.errors import InvalidArgument
-from mzstore.format.manifest import Manifest
+from mzstore.format.manifest import Manifest, TensorEntry
 from mzstore.pull.device_map import BALANCED, NameMapping, device_totals, few_names, name_mapping, plan_devices
-from mzstore.pull.sinks import select_tensors, torch_module
+from mzstore.pull.sinks import select_tensors, torch_dtype, torch_module
 
 
 @dataclass
@@ -33,6 +35,8 @@ class LoadPlan:
             that are not fetched themselves.
         names: the name mapping used (see :func:`~mzstore.pull.device_map.name_mapping`).
         sizes: checkpoint name → bytes.
+        into: checkpoint name → the model's own tensor, for the tensors loaded in place
+            (see :func:`in_place_targets`).
     """
 
     placement: dict[str, str]
@@ -43,6 +47,7 @@ class LoadPlan:
     names: NameMapping
     sizes: dict[str, int]
     state_keys: set[str] = field(default_factory=set)
+    into: dict[str, Any] = field(default_factory=dict)
 
 
 def _model_slots(model: Any) -> dict[str, Any]:
@@ -90,6 +95,7 @@ def plan_load(
     strict: bool = True,
     prefix: str | None = None,
     files: list[str] | None = None,
+    in_place: bool = True,
 ) -> LoadPlan:
     """Match the checkpoint to ``model`` and place every tensor (see :meth:`Client.load_into`).
 
@@ -151,8 +157,9 @@ def plan_load(
     elif isinstance(device_map, str) and device_map == BALANCED and devices is None:
         devices = default_devices()
     by_model = plan_devices([(m, sizes[provided[m]]) for m in order], device_map, devices)
+    placement = {provided[m]: label for m, label in by_model.items()}
     return LoadPlan(
-        placement={provided[m]: label for m, label in by_model.items()},
+        placement=placement,
         model_name={provided[m]: m for m in order},
         missing=missing,
         unexpected=unexpected,
@@ -160,7 +167,71 @@ def plan_load(
         names=names,
         sizes=sizes,
         state_keys=state_keys,
+        into=in_place_targets(slots, [(m, by_name[provided[m]], label) for m, label in by_model.items()])
+        if in_place
+        else {},
     )
+
+
+def _same_device(tensor: Any, label: str) -> bool:
+    """Whether ``tensor`` lives on the device ``label`` names (``cpu:N`` labels are the CPU)."""
+    import torch
+
+    try:
+        want = torch.device(label)
+    except RuntimeError:
+        return False  # refused with a clear error when the sink is built
+    have = tensor.device
+    if want.type != have.type:
+        return False
+    if want.type == "cuda":
+        index = want.index if want.index is not None else torch.cuda.current_device()
+        return bool(have.index == index)
+    return want.type == "cpu"
+
+
+def in_place_targets(slots: Mapping[str, Any], loads: Sequence[tuple[str, TensorEntry, str]]) -> dict[str, Any]:
+    """The model tensors a load can fill where they are: ``{checkpoint name: model tensor}``.
+
+    Why: putting a freshly pulled tensor in (``assign``) holds the model twice in
+    memory at the peak, and fresh memory is not free (on the 2-core test VM, first
+    touching 1 GiB costs about 0.5 CPU-s). A model tensor that is already
+    materialized on its mapped device, with the checkpoint's dtype and shape, in
+    one contiguous block that no other loaded tensor overlaps, has its chunks
+    decoded straight into its memory; the module keeps the same ``Parameter``
+    objects (an optimizer made before the load still holds them). Every other
+    tensor (on ``meta``, another dtype or device, a strided view, a tensor
+    subclass) is pulled into new memory and assigned, as before.
+
+    Args:
+        slots: the model's tensors by model name.
+        loads: ``(model name, checkpoint entry, device label)`` of every tensor to load.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    spans: list[tuple[int, int, str]] = []
+    for m, entry, label in loads:
+        t = slots.get(m)
+        if t is None or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_meta or not t.is_contiguous():
+            continue
+        if not _same_device(t, label) or t.dtype != torch_dtype(entry.dtype) or tuple(t.shape) != tuple(entry.shape):
+            continue
+        nbytes = t.numel() * t.element_size()
+        if nbytes != entry.data_offsets[1] - entry.data_offsets[0]:
+            continue
+        out[entry.name] = t
+        if nbytes:
+            spans.append((t.data_ptr(), t.data_ptr() + nbytes, entry.name))
+    spans.sort()
+    reach, last = 0, ""
+    for start, end, name in spans:  # two loaded tensors that share bytes: neither is written in place
+        if start < reach:
+            out.pop(name, None)
+            out.pop(last, None)
+        if end > reach:
+            reach, last = end, name
+    return out
 
 
 def apply_loaded(model: Any, plan: LoadPlan, tensors: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
@@ -195,4 +266,5 @@ def apply_loaded(model: Any, plan: LoadPlan, tensors: Mapping[str, Any], *, stri
         "tied": plan.tied,
         "names": plan.names.describe(),
         "meta": meta,
+        "in_place": [plan.model_name[c] for c in plan.into],
     }

@@ -224,6 +224,7 @@ class Puller:
         prefix: str | None = None,
         files: list[str] | None = None,
         expand_on_device: bool | None = None,
+        in_place: bool = True,
         progress: ProgressFn = None,
     ) -> dict[str, Any]:
         """Load ``manifest``'s tensors into ``model`` (see :meth:`mzstore.client.Client.load_into`)."""
@@ -231,8 +232,15 @@ class Puller:
         from mzstore.pull.load_into import apply_loaded, plan_load
 
         plan = plan_load(
-            model, manifest, device_map=device_map, devices=devices, strict=strict, prefix=prefix, files=files
+            model,
+            manifest,
+            device_map=device_map,
+            devices=devices,
+            strict=strict,
+            prefix=prefix,
+            files=files,
+            in_place=in_place,
         )
-        sink = DeviceMapSink(manifest, plan.placement, files, expand_on_device=expand_on_device)
+        sink = DeviceMapSink(manifest, plan.placement, files, expand_on_device=expand_on_device, into=plan.into)
         tensors, _ = self.run(manifest, sink, files, progress)
         return apply_loaded(model, plan, tensors, strict=strict)
