@@ -45,7 +45,7 @@ from mzstore.transport.base import RefInfo, Topology, Transport
 
 if TYPE_CHECKING:
     from mzstore.pull.cache import ChunkCache
-    from mzstore.pull.pipeline import PullStats
+    from mzstore.pull.pipeline import Parts, PullStats
     from mzstore.pull.puller import Puller
     from mzstore.push.protocol import UploadBegin
     from mzstore.push.source import Source
@@ -488,7 +488,7 @@ class Client:
             parts=self._read_parts(),
         )
 
-    def _read_parts(self) -> Any:
+    def _read_parts(self) -> Parts | None:
         """The transport's ``read_parts`` (HTTP: runs of chunks in one request), unless ``fetch`` is
         wrapped (tests, benches): then every read goes through the wrapper."""
         if "fetch" in vars(self) or type(self).fetch is not Client.fetch:
