@@ -222,6 +222,28 @@ def test_int4_search_matches_numpy(
 
 
 @examples
+@given(n=st.integers(0, 600), seed=st.integers(0, 2**32 - 1), escape_rate=st.sampled_from([0.0, 0.02, 0.5, 1.0]))
+def test_pair_ranks_match_numpy(n: int, seed: int, escape_rate: float) -> None:
+    """Ranks and escapes of every pair, any plane length (the native loop takes four pairs a step, then the rest,
+    then an odd plane's last byte), escapes anywhere in a step and in runs."""
+    from mzstore.codecs.lossless import pair_ranks
+
+    rng = np.random.default_rng(seed)
+    plane = rng.integers(120, 128, n, dtype=np.uint8)  # exponents: few distinct pairs
+    wild = rng.random(n) < escape_rate / 2
+    plane[wild] = rng.integers(0, 256, int(wild.sum()), dtype=np.uint8)
+    lut = np.full(65536, 255, dtype=np.uint8)
+    common = rng.permutation(np.array([(a << 8) | b for a in range(120, 128) for b in range(120, 128)]))
+    kept = common[: int(len(common) * (1 - escape_rate))]
+    lut[kept] = np.arange(len(kept), dtype=np.uint8)
+
+    fast, ref = both(lambda: b"".join(a.tobytes() for a in pair_ranks(plane, lut)))
+    assert fast == ref and fast[0] == "ok"
+    if escape_rate == 1.0 and n:
+        assert len(fast[1]) == 3 * ((n + 1) // 2)  # every pair escaped: a rank byte and two value bytes each
+
+
+@examples
 @given(n=st.integers(0, 5000), seed=st.integers(0, 2**32 - 1), pad=st.integers(0, 255))
 def test_nibble_split_and_merge_match_numpy(n: int, seed: int, pad: int) -> None:
     """split_nibbles and merge_nibbles give numpy's bytes; merge undoes split whatever the pad nibble holds."""
@@ -376,6 +398,8 @@ def test_every_cpu_variant_of_the_core_gives_numpys_bytes(tmp_path: Path, flags:
         lambda c: c.merge_planes([b"ab", b"ab"], True, bytearray(3)),
         lambda c: c.merge_planes([b"ab", b"ab"], True, b"abcd"),  # read-only destination
         lambda c: c.pair_histogram(b"ab", bytearray(8)),
+        lambda c: c.pair_ranks(b"abc", bytes(65536), bytearray(1), bytearray(4)),
+        lambda c: c.pair_ranks(b"abc", bytes(65535), bytearray(2), bytearray(4)),
         lambda c: c.pairs_to_plane(b"\x00", bytes(512), b"", bytearray(3)),
         lambda c: c.pairs_to_half(b"\x00", bytes(510), b"", b"\x00", bytearray(2)),
         lambda c: c.pairs_to_half(b"\x00", bytes(512), b"\x00", b"\x00", bytearray(2)),

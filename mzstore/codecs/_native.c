@@ -287,8 +287,40 @@ static PyObject *pair_histogram(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ranks[q] = lut[pair q] for the n / 2 whole pairs; the escaped pair values (rank 255) go to esc in order.
+ * Branch-free: every pair value is stored at esc[ne] and ne only moves on an escape (esc has room for all). */
+HOT static Py_ssize_t k_pair_ranks(const uint8_t *restrict b, Py_ssize_t npairs, const uint8_t *restrict lut,
+                                   uint8_t *restrict ranks, uint8_t *restrict esc) {
+    Py_ssize_t ne = 0, q = 0;
+    /* Four pairs per step: one 8-byte load, four table loads, one 4-byte store; escapes are rare. */
+    for (; q + 4 <= npairs; q += 4) {
+        uint64_t w;
+        memcpy(&w, b + 2 * q, 8);
+        uint16_t v0 = (uint16_t)(((w & 0xff) << 8) | ((w >> 8) & 0xff));
+        uint16_t v1 = (uint16_t)((((w >> 16) & 0xff) << 8) | ((w >> 24) & 0xff));
+        uint16_t v2 = (uint16_t)((((w >> 32) & 0xff) << 8) | ((w >> 40) & 0xff));
+        uint16_t v3 = (uint16_t)((((w >> 48) & 0xff) << 8) | (w >> 56));
+        uint32_t r = (uint32_t)lut[v0] | (uint32_t)lut[v1] << 8 | (uint32_t)lut[v2] << 16 | (uint32_t)lut[v3] << 24;
+        st32(ranks + q, r);
+        if (__builtin_expect(((r & 0x7f7f7f7fu) + 0x01010101u) & r & 0x80808080u, 0)) {  /* a byte is 255 */
+            if ((r & 0xff) == 0xff) st16(esc + 2 * ne++, v0);
+            if ((r >> 8 & 0xff) == 0xff) st16(esc + 2 * ne++, v1);
+            if ((r >> 16 & 0xff) == 0xff) st16(esc + 2 * ne++, v2);
+            if ((r >> 24) == 0xff) st16(esc + 2 * ne++, v3);
+        }
+    }
+    for (; q < npairs; q++) {
+        uint16_t v = (uint16_t)((b[2 * q] << 8) | b[2 * q + 1]);
+        uint8_t rk = lut[v];
+        ranks[q] = rk;
+        if (rk == 255) st16(esc + 2 * ne++, v);
+    }
+    return ne;
+}
+
 /* pair_ranks(plane, lut, ranks, escapes) -> number of escapes.
- * ranks[p] = lut[pair p] (one byte; 255 = escaped), escapes gets the escaped pair values in order (u16). */
+ * ranks[p] = lut[pair p] (one byte; 255 = escaped), escapes gets the escaped pair values in order (u16);
+ * an odd plane's last byte makes a pair with itself. */
 static PyObject *pair_ranks(PyObject *self, PyObject *args) {
     PyObject *po, *lo, *ro, *eo;
     if (!PyArg_ParseTuple(args, "OOOO", &po, &lo, &ro, &eo)) return NULL;
@@ -304,15 +336,13 @@ static PyObject *pair_ranks(PyObject *self, PyObject *args) {
     {
         const uint8_t *b = PTR(p), *lut = PTR(l);
         uint8_t *ranks = PTR(r), *esc = PTR(e);
-        Py_ssize_t ne = 0;
+        Py_ssize_t ne = 0, whole = n / 2;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t q = 0; q < npairs; q++) {
-            uint8_t hi = b[2 * q];
-            uint8_t lo8 = (2 * q + 1 < n) ? b[2 * q + 1] : hi;
-            uint16_t v = (uint16_t)((hi << 8) | lo8);
-            uint8_t rk = lut[v];
-            ranks[q] = rk;
-            if (rk == 255) st16(esc + 2 * ne++, v);
+        ne = k_pair_ranks(b, whole, lut, ranks, esc);
+        if (npairs > whole) {
+            uint16_t v = (uint16_t)((b[n - 1] << 8) | b[n - 1]);
+            ranks[whole] = lut[v];
+            if (lut[v] == 255) st16(esc + 2 * ne++, v);
         }
         Py_END_ALLOW_THREADS
         ret = PyLong_FromSsize_t(ne);

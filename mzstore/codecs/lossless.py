@@ -389,26 +389,31 @@ def _encode_pairs(plane: np.ndarray, counts: np.ndarray | None = None) -> bytes:
 
     Layout: ``u16 ntable | u64 len(ranks) | table (ntable × u16) | zstd(ranks) | zstd(escapes)``.
     """
-    core = native.core
     if counts is None:
         counts = pair_counts(plane)
     table = np.argsort(-counts, kind="stable")[: min(255, int(np.count_nonzero(counts)))].astype(np.uint16)
     lut = np.full(65536, 255, dtype=np.uint8)
     lut[table] = np.arange(len(table), dtype=np.uint8)
-    if core is not None:
-        npairs = (len(plane) + 1) // 2
-        ranks = np.empty(npairs, dtype=np.uint8)
-        escaped = np.empty(npairs, dtype=np.uint16)
-        escapes = escaped[: core.pair_ranks(plane, lut, ranks, escaped)]
-    else:
-        padded = np.append(plane, plane[-1:]) if len(plane) % 2 else plane
-        pairs = (padded[0::2].astype(np.uint16) << np.uint16(8)) | padded[1::2]
-        ranks = lut[pairs]
-        escapes = pairs[ranks == 255]
+    ranks, escapes = pair_ranks(plane, lut)
     coder = exponent_cctx()
     packed_ranks = coder.compress(ranks.data)
     packed_escapes = coder.compress(escapes.data) if len(escapes) else b""
     return b"".join([_PAIRS_HEAD.pack(len(table), len(packed_ranks)), table.tobytes(), packed_ranks, packed_escapes])
+
+
+def pair_ranks(plane: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ranks, escapes)`` of a plane's byte pairs (an odd plane's last byte pairs with itself): each pair's
+    rank ``lut[pair]`` (one byte, 255 = escaped) and the escaped pair values (``uint16``), in order."""
+    core = native.core
+    if core is not None:
+        npairs = (len(plane) + 1) // 2
+        ranks = np.empty(npairs, dtype=np.uint8)
+        escaped = np.empty(npairs, dtype=np.uint16)
+        return ranks, escaped[: core.pair_ranks(plane, lut, ranks, escaped)]
+    padded = np.append(plane, plane[-1:]) if len(plane) % 2 else plane
+    pairs = (padded[0::2].astype(np.uint16) << np.uint16(8)) | padded[1::2]
+    ranks = lut[pairs]
+    return ranks, pairs[ranks == 255]
 
 
 def _pair_head(body: memoryview, n: int) -> tuple[np.ndarray, int, np.ndarray, memoryview]:
