@@ -529,7 +529,10 @@ def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
     model.fc2.bias.requires_grad_(False)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = (model.fc1(torch.randn(2, 32, requires_grad=True)) ** 2).sum()  # the graph holds fc1.weight
     report = small_client.load_into(model, "o/m:1")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()  # autograd knows the weights changed under it, as after a copy_
 
     assert sorted(report["in_place"]) == sorted(source.state_dict())
     assert list(model.parameters()) == params and optimizer.param_groups[0]["params"] == params

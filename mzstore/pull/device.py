@@ -437,11 +437,22 @@ def tensor_bytes(tensor: Any) -> Any:
 
 
 def _tensors(entries: Sequence[TensorEntry], buffers: dict[str, Any], into: Mapping[str, Any]) -> dict[str, Any]:
-    """``{name: tensor}`` from a sink's filled buffers: the tensors filled in place themselves, the rest typed."""
+    """``{name: tensor}`` from a sink's filled buffers: the tensors filled in place themselves, the rest typed.
+
+    A tensor filled in place is marked as changed (its autograd version goes up, as a ``copy_`` into it
+    would do): the decoders wrote its memory through numpy, which autograd does not see, and a backward
+    pass over a graph that saved its old values must fail rather than use the new ones.
+    """
+    from torch.autograd.graph import increment_version
+
     out = {}
     for t in entries:
         buf = buffers.pop(t.name)
-        out[t.name] = into[t.name] if t.name in into else buf.view(torch_dtype(t.dtype)).reshape(t.shape)
+        if t.name in into:
+            out[t.name] = into[t.name]
+            increment_version(into[t.name])
+        else:
+            out[t.name] = buf.view(torch_dtype(t.dtype)).reshape(t.shape)
     return out
 
 
