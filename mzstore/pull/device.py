@@ -450,7 +450,10 @@ def _tensors(entries: Sequence[TensorEntry], buffers: dict[str, Any], into: Mapp
         buf = buffers.pop(t.name)
         if t.name in into:
             out[t.name] = into[t.name]
-            increment_version(into[t.name])
+            try:
+                increment_version(into[t.name])
+            except RuntimeError:  # an inference tensor on a torch that refuses to count it: it has no version
+                pass
         else:
             out[t.name] = buf.view(torch_dtype(t.dtype)).reshape(t.shape)
     return out
