@@ -343,6 +343,14 @@ def test_tied_weights_stay_one_tensor(small_client: Client, tmp_path: Path) -> N
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(model.lm_head(model.embed(x)), source.lm_head(source.embed(x)))
 
+    built = _TiedLM()  # materialized: the shared tensor is filled in place, once, and stays shared
+    shared = built.embed.weight
+    report = small_client.load_into(built, "t/m:1")
+    assert "embed.weight" in report["in_place"] and "lm_head.weight" not in report["in_place"]
+    assert built.embed.weight is shared and built.lm_head.weight is shared
+    assert torch.equal(shared, source.embed.weight)
+    assert torch.equal(built.lm_head(built.embed(x)), source.lm_head(source.embed(x)))
+
 
 def test_compact_chunks_decode_on_the_host_for_cpu_tensors(small_client: Client, tmp_path: Path) -> None:
     """A map mixing the CPU with a GPU gets compact chunks for every tensor; the CPU part decodes them."""
