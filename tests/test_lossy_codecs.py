@@ -35,7 +35,9 @@ from mzstore.codecs.quant import (
     S_SCALES16,
     S_VALUES,
     S_ZEROS,
+    STATS_BLOCK,
     QuantCodec,
+    Stats,
     auto_chunk_target,
     encode_auto,
     encode_spec,
@@ -154,6 +156,25 @@ def check_consistent(m: Matrix, enc, spec_text: str) -> np.ndarray:
     assert stats.max_abs == pytest.approx(float(np.abs(e).max()), rel=1e-12, abs=0)
     assert -1.0 <= stats.cosine <= 1.0 + 1e-12
     return y
+
+
+@pytest.mark.parametrize("n", [0, 1, STATS_BLOCK - 1, STATS_BLOCK, 3 * STATS_BLOCK + 17])
+def test_stats_in_blocks_are_the_whole_arrays_statistics(n: int) -> None:
+    """Block sums add up to the whole arrays' sums; the largest error is found in any block, the last one too."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    y = (x + rng.standard_normal(n).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+    if n:
+        y[-1] = x[-1] + np.float32(0.5)  # the largest error sits in the last (short) block
+    stats = Stats.of(x.reshape(-1, 1) if n else x, y)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    e = x64 - y64
+    assert stats.n == n
+    assert stats.sum_x2 == pytest.approx(float(x64 @ x64), rel=1e-12, abs=0)
+    assert stats.sum_y2 == pytest.approx(float(y64 @ y64), rel=1e-12, abs=0)
+    assert stats.sum_xy == pytest.approx(float(x64 @ y64), rel=1e-12, abs=0)
+    assert stats.sum_e2 == pytest.approx(float(e @ e), rel=1e-12, abs=0)
+    assert stats.max_abs == (float(np.abs(e).max()) if n else 0.0)
 
 
 def cast_tol(m: Matrix, magnitude: np.ndarray) -> np.ndarray:

@@ -150,6 +150,10 @@ def to_f32(raw: bytes | bytearray | memoryview | np.ndarray, dtype: DType) -> np
 # --- fidelity ----------------------------------------------------------------
 
 
+#: Values per block of :meth:`Stats.of` (of 16 Ki, 32 Ki and 64 Ki, the fastest on the test VM).
+STATS_BLOCK = 65536
+
+
 @dataclass
 class Stats:
     """Running error statistics of decoded vs original values."""
@@ -163,17 +167,25 @@ class Stats:
 
     @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray) -> Stats:
-        x64 = x.astype(np.float64, copy=False).ravel()
-        y64 = y.astype(np.float64, copy=False).ravel()
-        e = x64 - y64
-        return cls(
-            n=x64.size,
-            sum_x2=float(x64 @ x64),
-            sum_y2=float(y64 @ y64),
-            sum_xy=float(x64 @ y64),
-            sum_e2=float(e @ e),
-            max_abs=float(np.abs(e).max()) if e.size else 0.0,
-        )
+        """The statistics of ``y`` against ``x``, summed in float64 over blocks of :data:`STATS_BLOCK` values.
+
+        Why blocks: whole-chunk float64 temporaries are fresh memory (glibc maps arrays this large anew
+        and unmaps them on free), and a BLAS ``dot`` wakes its threads on every call. Both cost far more
+        than the arithmetic: 590 K values took 7.5 ms whole, 1.7 ms in blocks (``auto`` computes this for
+        every candidate it encodes). ``einsum`` keeps the sums on the calling thread and deterministic.
+        """
+        xs, ys = x.ravel(), y.ravel()
+        out = cls(n=xs.size)
+        for i in range(0, xs.size, STATS_BLOCK):
+            a = xs[i : i + STATS_BLOCK].astype(np.float64)
+            b = ys[i : i + STATS_BLOCK].astype(np.float64)
+            e = a - b
+            out.sum_x2 += float(np.einsum("i,i->", a, a))
+            out.sum_y2 += float(np.einsum("i,i->", b, b))
+            out.sum_xy += float(np.einsum("i,i->", a, b))
+            out.sum_e2 += float(np.einsum("i,i->", e, e))
+            out.max_abs = max(out.max_abs, float(np.abs(e, out=e).max()))
+        return out
 
     def merge(self, other: Stats) -> None:
         self.n += other.n
