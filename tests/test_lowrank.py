@@ -7,12 +7,15 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mzstore.client import Client
 from mzstore.codecs.lossless import LosslessCodec
 from mzstore.codecs.policy import LowRank, Quant, Spec, parse_policy
 from mzstore.codecs.quant import (
     QuantCodec,
+    _top_energy_may_reach,
     encode_auto,
     encode_spec,
     expand,
@@ -102,6 +105,29 @@ def test_auto_uses_lowrank_only_where_it_is_smaller() -> None:
     assert not enc.params.get("spec", "").startswith("lowrank")
     servable = encode_auto(low.tobytes(), DTYPES["F32"], 128, 0.99, servable=True)
     assert not servable.params.get("spec", "").startswith("lowrank")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(2, 40),
+    decay=st.floats(0.0, 3.0),
+    energy=st.floats(0.5, 0.999),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_energy_bound_never_rules_out_a_rank_that_reaches_it(
+    m: int, decay: float, energy: float, seed: int
+) -> None:
+    """auto skips the eigenvalues only when no rank up to k can keep the energy: whenever the bound says
+    "cannot", the true top-k eigenvalues fall short; and it does rule out some flat spectra."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, 3 * m)) * np.exp(-decay * np.arange(m))[:, None]  # decaying spectra too
+    gram = x @ x.T
+    eig = np.sort(np.linalg.eigvalsh(gram))[::-1]
+    for k in range(0, m + 1):
+        if not _top_energy_may_reach(gram, k, energy):
+            assert eig[:k].sum() < energy * eig.sum(), (k, eig[:k].sum() / eig.sum())
+    flat = rng.standard_normal((40, 400))
+    assert not _top_energy_may_reach(flat @ flat.T, 10, 0.95)
 
 
 def _with_header(payload: bytes, **fields: int) -> bytes:
