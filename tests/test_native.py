@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from mzstore.codecs import native
 from mzstore.codecs.lossless import PAIRS_MIN_BYTES, LosslessCodec
 from mzstore.codecs.policy import Prune, Quant, Spec
-from mzstore.codecs.quant import QuantCodec, encode_spec
+from mzstore.codecs.quant import ECSQ_STEP_RANGE, QuantCodec, encode_spec
 from mzstore.errors import CodecError
 from mzstore.format.dtypes import DTYPES
 
@@ -222,6 +222,32 @@ def test_int4_search_matches_numpy(
 
 
 @examples
+@given(
+    rows=st.integers(1, 4),
+    cols=st.sampled_from([0, 1, 7, 300, 40_000]),
+    step=st.sampled_from([ECSQ_STEP_RANGE[0], 0.005, 0.3, ECSQ_STEP_RANGE[1]]),
+    outlier=st.floats(0.0, 1e6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ecsq_codes_match_numpy(rows: int, cols: int, step: float, outlier: float, seed: int) -> None:
+    """The fused ECSQ pass gives numpy's codes, planes and reconstruction table: clipped codes (an outlier in a
+    40 000-wide row lies past the largest code), ties of rint (values on half steps), signed zeros, empty rows."""
+    from mzstore.codecs.quant import ecsq_quantize
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    if cols:
+        x[0, rng.integers(0, cols)] = np.float32(outlier)
+        x[-1, : min(cols, 8)] = np.float32(-0.0)
+        half = (rng.integers(-40, 40, min(cols, 64)) + 0.5).astype(np.float32)
+        x[rows // 2, : len(half)] = half * np.float32(step) * np.float32(0.02)
+    fast, ref = both(
+        lambda: b"".join(np.ascontiguousarray(a).tobytes() for _, a in sorted(ecsq_quantize(x, step).items()))
+    )
+    assert fast == ref and fast[0] == "ok"
+
+
+@examples
 @given(n=st.integers(0, 600), seed=st.integers(0, 2**32 - 1), escape_rate=st.sampled_from([0.0, 0.02, 0.5, 1.0]))
 def test_pair_ranks_match_numpy(n: int, seed: int, escape_rate: float) -> None:
     """Ranks and escapes of every pair, any plane length (the native loop takes four pairs a step, then the rest,
@@ -398,6 +424,13 @@ def test_every_cpu_variant_of_the_core_gives_numpys_bytes(tmp_path: Path, flags:
         lambda c: c.merge_planes([b"ab", b"ab"], True, bytearray(3)),
         lambda c: c.merge_planes([b"ab", b"ab"], True, b"abcd"),  # read-only destination
         lambda c: c.pair_histogram(b"ab", bytearray(8)),
+        lambda c: c.ecsq_codes(bytes(8), 1.0, 3.0, bytearray(1), bytearray(2), bytearray(56), bytearray(56)),
+        lambda c: c.ecsq_codes(bytes(8), 1.0, 3.0, bytearray(2), bytearray(2), bytearray(55), bytearray(56)),
+        lambda c: c.ecsq_codes(bytes(7), 1.0, 3.0, bytearray(1), bytearray(1), bytearray(56), bytearray(56)),
+        lambda c: c.ecsq_codes(bytes(8), 1.0, 3.5, bytearray(2), bytearray(2), bytearray(64), bytearray(64)),
+        lambda c: c.ecsq_codes(bytes(8), 1.0, 40000.0, bytearray(2), bytearray(2), bytearray(8), bytearray(8)),
+        lambda c: c.ecsq_codes(bytes(8), float("inf"), 3.0, bytearray(2), bytearray(2), bytearray(56), bytearray(56)),
+        lambda c: c.ecsq_codes(bytes(8), 1.0, 3.0, bytearray(2), bytearray(2), bytearray(56), bytes(56)),
         lambda c: c.pair_ranks(b"abc", bytes(65536), bytearray(1), bytearray(4)),
         lambda c: c.pair_ranks(b"abc", bytes(65535), bytearray(2), bytearray(4)),
         lambda c: c.pairs_to_plane(b"\x00", bytes(512), b"", bytearray(3)),

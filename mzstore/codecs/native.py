@@ -21,7 +21,7 @@ import warnings
 from types import ModuleType
 
 #: The interface version this Python code expects of ``_native`` (its ``ABI`` constant).
-ABI = 4
+ABI = 5
 
 
 def _load() -> ModuleType | None:

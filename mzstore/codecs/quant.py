@@ -318,16 +318,29 @@ def ecsq_quantize(x: np.ndarray, step: float) -> dict[int, np.ndarray]:
     normalized, scale, f16 = ecsq_normalize(x)
     xn = normalized.reshape(-1)
     limit = ECSQ_MAX_CODE // 2 - 1
-    z = zigzag(np.clip(np.rint(xn * np.float32(1.0 / step)), -limit, limit).astype(np.int32))
-    planes = int(z.max()) // 256 + 1 if z.size else 1
-    count = np.bincount(z, minlength=256 * planes)
-    total = np.bincount(z, weights=xn, minlength=256 * planes)
+    inv = np.float32(1.0 / step)
+    core = native.core
+    count: np.ndarray
+    total: np.ndarray
+    if core is not None:  # the same codes, and the same sums (numpy's bincount adds in this order too)
+        codes, high = np.empty(xn.size, np.uint8), np.empty(xn.size, np.uint8)
+        count_all, total_all = np.zeros(ECSQ_MAX_CODE, np.int64), np.zeros(ECSQ_MAX_CODE, np.float64)
+        zmax = core.ecsq_codes(xn, float(inv), float(limit), codes, high, count_all, total_all)
+        planes = zmax // 256 + 1
+        count, total = count_all[: 256 * planes], total_all[: 256 * planes]
+    else:
+        z = zigzag(np.clip(np.rint(xn * inv), -limit, limit).astype(np.int32))
+        planes = int(z.max()) // 256 + 1 if z.size else 1
+        count = np.bincount(z, minlength=256 * planes)
+        total = np.bincount(z, weights=xn, minlength=256 * planes)
+        codes = (z & 255).astype(np.uint8)
+        high = (z >> 8).astype(np.uint8) if planes > 1 else codes
     table = np.where(count > 0, total / np.maximum(count, 1), 0).astype(np.float16)
     table[0] = 0  # the zero bin gives exactly 0: exact zeros (pruned weights, padding) stay zero
     out: dict[int, np.ndarray] = {S_SCALES16 if f16 else S_SCALES: scale.astype(np.float16) if f16 else scale}
-    out[S_CODES] = (z & 255).astype(np.uint8)
+    out[S_CODES] = codes
     if planes > 1:
-        out[S_HIGH] = (z >> 8).astype(np.uint8)
+        out[S_HIGH] = high
     out[S_TABLE] = table
     return out
 
