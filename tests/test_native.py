@@ -245,6 +245,10 @@ def test_ecsq_codes_match_numpy(rows: int, cols: int, step: float, outlier: floa
         lambda: b"".join(np.ascontiguousarray(a).tobytes() for _, a in sorted(ecsq_quantize(x, step).items()))
     )
     assert fast == ref and fast[0] == "ok"
+    if cols:
+        x[0, 0] = np.nan
+        fast, ref = both(lambda: ecsq_quantize(x, step))
+        assert fast == ref and fast[0] == "error"
 
 
 @examples

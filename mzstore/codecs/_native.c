@@ -276,7 +276,7 @@ HOT static int32_t k_ecsq(const float *restrict x, Py_ssize_t n, float inv, floa
      * scattered read-modify-writes of the histogram kept it at 8 ns a value. */
     for (Py_ssize_t i = 0; i < n; i++) {
         float v = rintf(x[i] * inv);
-        v = v < -limit ? -limit : v;
+        v = v >= -limit ? v : -limit; /* NaN too: the caller refuses NaN, and no index may leave the bins */
         v = v > limit ? limit : v;
         int32_t q = (int32_t)v;
         int32_t z = q >= 0 ? 2 * q : -2 * q - 1;

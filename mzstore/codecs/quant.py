@@ -317,6 +317,8 @@ def ecsq_quantize(x: np.ndarray, step: float) -> dict[int, np.ndarray]:
         raise CodecError(f"ecsq step {step!r} is outside [{ECSQ_STEP_RANGE[0]:g}, {ECSQ_STEP_RANGE[1]:g}]")
     normalized, scale, f16 = ecsq_normalize(x)
     xn = normalized.reshape(-1)
+    if not np.isfinite(xn).all():
+        raise CodecError("ecsq: the chunk has NaN or infinite values")
     limit = ECSQ_MAX_CODE // 2 - 1
     inv = np.float32(1.0 / step)
     core = native.core
