@@ -558,6 +558,27 @@ def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
     assert torch.equal(copy.fc1.weight, source.fc1.weight)
 
 
+def test_in_place_under_the_swap_tensors_flag(small_client: Client, tmp_path: Path) -> None:
+    """With torch's swap-on-conversion flag, load_state_dict swaps each tensor with what it is given; a tensor
+    filled in place is given itself, and must come out the same object with the loaded values."""
+    source = _Two()
+    src = tmp_path / "two"
+    src.mkdir()
+    save_file(source.state_dict(), str(src / "model.safetensors"))
+    small_client.push(src, "w/m:1")
+    model = _Two()
+    weight = model.fc1.weight
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        report = small_client.load_into(model, "w/m:1")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    assert "fc1.weight" in report["in_place"] and model.fc1.weight is weight and weight.requires_grad
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
 def test_overlapping_tensors_are_not_filled_in_place() -> None:
     from mzstore.format.manifest import TensorEntry
     from mzstore.pull.load_into import in_place_targets
