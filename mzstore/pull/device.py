@@ -335,13 +335,7 @@ class DeviceStateDictSink(Sink[dict[str, Any]]):
         self.device = torch.device(device)
         self.entries = entries if entries is not None else select_tensors(manifest, files)
         self.into = dict(into or {})
-        self.buffers: dict[str, Any] = {}
-        for t in self.entries:
-            self.buffers[t.name] = (
-                tensor_bytes(self.into[t.name])
-                if t.name in self.into
-                else torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=self.device)
-            )
+        self.buffers = _buffers(self.entries, self.into, self.device)
         self._scratch = ScratchBuffers()
         self._staging = staging
         if self.device.type == "cuda" and staging is None:
@@ -409,15 +403,9 @@ class HostTensorSink(Sink[dict[str, Any]]):
     """
 
     def __init__(self, entries: list[TensorEntry], into: Mapping[str, Any] | None = None) -> None:
-        torch = torch_module()
         self.entries = entries
         self.into = dict(into or {})  # filled in place, as in DeviceStateDictSink
-        self.buffers = {
-            t.name: tensor_bytes(self.into[t.name])
-            if t.name in self.into
-            else torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8)
-            for t in entries
-        }
+        self.buffers = _buffers(entries, self.into, "cpu")
 
     def target(self, task: ChunkTask) -> np.ndarray:
         assert task.tensor is not None
@@ -429,6 +417,17 @@ class HostTensorSink(Sink[dict[str, Any]]):
 
     def finish(self) -> dict[str, Any]:
         return _tensors(self.entries, self.buffers, self.into)
+
+
+def _buffers(entries: Sequence[TensorEntry], into: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    """A sink's flat ``uint8`` buffer per tensor: the bytes of the tensor ``into`` names for it, else new memory."""
+    torch = torch_module()
+    return {
+        t.name: tensor_bytes(into[t.name])
+        if t.name in into
+        else torch.empty(t.data_offsets[1] - t.data_offsets[0], dtype=torch.uint8, device=device)
+        for t in entries
+    }
 
 
 def tensor_bytes(tensor: Any) -> Any:
