@@ -434,7 +434,6 @@ def run_pull(
             if hit is not None:
                 hand(task, hit, None)
         for run in coalesce(missing, sys.maxsize):
-            done = 0
             if len(run) == 1:  # read here as any lone chunk is, so the decoders do not wait on the network
                 c = run[0].chunk
                 try:
@@ -443,20 +442,20 @@ def run_pull(
                     data = None  # fetched again by its decoder, which has the last word on failing
                 hand(run[0], None, data)
                 continue
-            if len(run) > 1:
-                reader = parts(run[0].chunk.blob, run[0].chunk.offset, [t.chunk.length for t in run])
-                try:
-                    for data in reader:
-                        if stop.is_set():
-                            return
-                        hand(run[done], None, data)
-                        done += 1
-                except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the rest is read alone
-                    log.debug("read of %d chunks of %s stopped after %d: %s", len(run), run[0].chunk.blob, done, exc)
-                finally:
-                    close = getattr(reader, "close", None)
-                    if close is not None:
-                        close()
+            done = 0
+            reader = parts(run[0].chunk.blob, run[0].chunk.offset, [t.chunk.length for t in run])
+            try:
+                for data in reader:
+                    if stop.is_set():
+                        return
+                    hand(run[done], None, data)
+                    done += 1
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the rest is read alone
+                log.debug("read of %d chunks of %s stopped after %d: %s", len(run), run[0].chunk.blob, done, exc)
+            finally:
+                close = getattr(reader, "close", None)
+                if close is not None:
+                    close()
             for task in run[done:]:  # each fetched alone by its decoder, with retries
                 if stop.is_set():
                     return
