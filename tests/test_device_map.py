@@ -524,14 +524,20 @@ def test_a_built_model_is_filled_in_place(
             assert now is old and now.data_ptr() == address, name  # the same tensor, the same memory
 
 
-def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
-    small_client: Client, tmp_path: Path
-) -> None:
+def _push_two(client: Client, tmp_path: Path, ref: str) -> _Two:
+    """A freshly initialized :class:`_Two`, pushed as ``ref``."""
     source = _Two()
     src = tmp_path / "two"
     src.mkdir()
     save_file(source.state_dict(), str(src / "model.safetensors"))
-    small_client.push(src, "o/m:1")
+    client.push(src, ref)
+    return source
+
+
+def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
+    small_client: Client, tmp_path: Path
+) -> None:
+    source = _push_two(small_client, tmp_path, "o/m:1")
 
     model = _Two()
     model.fc2.bias.requires_grad_(False)
@@ -561,11 +567,7 @@ def test_parameters_keep_their_identity_and_the_optimizer_still_holds_them(
 def test_in_place_under_the_swap_tensors_flag(small_client: Client, tmp_path: Path) -> None:
     """With torch's swap-on-conversion flag, load_state_dict swaps each tensor with what it is given; a tensor
     filled in place is given itself, and must come out the same object with the loaded values."""
-    source = _Two()
-    src = tmp_path / "two"
-    src.mkdir()
-    save_file(source.state_dict(), str(src / "model.safetensors"))
-    small_client.push(src, "w/m:1")
+    source = _push_two(small_client, tmp_path, "w/m:1")
     model = _Two()
     weight = model.fc1.weight
     before = torch.__future__.get_swap_module_params_on_conversion()
