@@ -272,8 +272,8 @@ static PyObject *merge_nibbles(PyObject *self, PyObject *args) { return nibbles(
 HOT static int32_t k_ecsq(const float *restrict x, Py_ssize_t n, float inv, float limit, uint8_t *restrict codes,
                           uint8_t *restrict high, int64_t *restrict count, double *restrict total) {
     int32_t zmax = 0;
-    /* The codes first (a loop that vectorizes), then the histogram from them: in one loop, the
-     * scattered read-modify-writes of the histogram kept it at 8 ns a value. */
+    /* The codes first, then the histogram from them: in one loop, the scattered read-modify-writes of
+     * the histogram next to the stores of the codes kept it at 8 ns a value; in two, 1 ns. */
     for (Py_ssize_t i = 0; i < n; i++) {
         float v = rintf(x[i] * inv);
         v = v >= -limit ? v : -limit; /* NaN too: the caller refuses NaN, and no index may leave the bins */
@@ -293,7 +293,7 @@ HOT static int32_t k_ecsq(const float *restrict x, Py_ssize_t n, float inv, floa
 }
 
 /* ecsq_codes(x, inv, limit, codes, high, count, total) -> the largest code. x: f32 values; count (int64)
- * and total (f64) hold 2 * limit + 1 bins, zeroed by the caller. */
+ * and total (f64) hold at least 2 * limit + 1 bins, zeroed by the caller. */
 static PyObject *ecsq_codes(PyObject *self, PyObject *args) {
     PyObject *xo, *co, *ho, *no, *to;
     float inv, limit;
@@ -348,8 +348,7 @@ static PyObject *pair_histogram(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* ranks[q] = lut[pair q] for the n / 2 whole pairs; the escaped pair values (rank 255) go to esc in order.
- * Branch-free: every pair value is stored at esc[ne] and ne only moves on an escape (esc has room for all). */
+/* ranks[q] = lut[pair q] for npairs whole pairs; the escaped pair values (rank 255) go to esc in order. */
 HOT static Py_ssize_t k_pair_ranks(const uint8_t *restrict b, Py_ssize_t npairs, const uint8_t *restrict lut,
                                    uint8_t *restrict ranks, uint8_t *restrict esc) {
     Py_ssize_t ne = 0, q = 0;
@@ -936,8 +935,8 @@ static PyMethodDef methods[] = {
     {"pairs_to_plane", pairs_to_plane, METH_VARARGS, "pairs_to_plane(ranks, table, escapes, plane) -> escapes used"},
     {"pairs_to_half", pairs_to_half, METH_VARARGS, "pairs_to_half(ranks, table, escapes, low, words) -> escapes used"},
     {"split_nibbles", split_nibbles, METH_VARARGS, "split_nibbles(codes, high, low): codes into nibble halves"},
-    {"ecsq_codes", ecsq_codes, METH_VARARGS, "ecsq_codes(x, inv, limit, codes, high, count, total) -> largest code"},
     {"merge_nibbles", merge_nibbles, METH_VARARGS, "merge_nibbles(high, low, codes): the inverse"},
+    {"ecsq_codes", ecsq_codes, METH_VARARGS, "ecsq_codes(x, inv, limit, codes, high, count, total) -> largest code"},
     {"expand", expand, METH_VARARGS, "expand(method, codes, scales, zeros, table, rows, cols, group, out, fmt)"},
     {"int4_params", int4_params, METH_VARARGS,
      "int4_params(x, mask, rows, cols, group, search, refine, f16, scales, zeros, codes): int4 encode"},
