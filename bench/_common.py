@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import resource
@@ -148,3 +149,22 @@ def wait_kept(http_url: str, size: int, timeout: float) -> float:
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"the server kept {kept:.0f} of {size} bytes decoded after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+#: Runs argv[1:] as a grandchild and passes its exit status and output through. On Linux a
+#: process's ru_maxrss starts from the RSS of the process it was forked from (the address
+#: space it had at exec), so a child spawned straight from a big benchmark would report
+#: the benchmark's peak. A fresh process forked from a small launcher starts from the
+#: launcher's few MiB instead, which is below what any child needs for its imports.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
+def run_child(
+    script: str | Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> dict[str, Any]:
+    """``script --child ARGS`` in a fresh process started from the small launcher; its last line of output, as JSON."""
+    cmd = [sys.executable, "-S", "-c", _LAUNCHER, sys.executable, str(Path(script).resolve()), "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

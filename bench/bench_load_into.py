@@ -34,14 +34,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, fmt, log, package_versions, table
+from _common import cpu_model, fmt, log, package_versions, run_child, table
 from bench_lossless import SEED, fresh_store, make_synthetic
 
 MODES = ("new memory", "in place", "load_state_dict")
@@ -99,20 +98,6 @@ def child_main(mode: str, ref: str, server: str) -> int:
     return 0
 
 
-#: Children are started from a small launcher so that ru_maxrss starts from its few MiB (see bench_lossless).
-_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-
-def run_child(mode: str, ref: str, server: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, ref, "--server", server]
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True, timeout=600, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="rounds, median reported (default 5)")
@@ -145,7 +130,7 @@ def main() -> int:
             for i in range(args.runs):
                 log(f"round {i + 1}/{args.runs}")
                 for mode in MODES:
-                    results[mode].append(run_child(mode, ref, server.address))
+                    results[mode].append(run_child(__file__, [mode, ref, "--server", server.address]))
 
     model_bytes = results["in place"][0]["model_bytes"]
     med = {m: {k: statistics.median(r[k] for r in results[m]) for k in ("wall", "cpu", "extra_mib")} for m in MODES}

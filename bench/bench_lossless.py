@@ -56,6 +56,9 @@ from _common import (
     stop,
     table,
 )
+from _common import (
+    run_child as child,
+)
 
 # Heavy imports (torch, mzstore, safetensors) stay inside functions so that
 # child processes measure only what their operation needs.
@@ -148,23 +151,9 @@ def child_main(argv: list[str], server: str | None) -> int:
     return 0
 
 
-#: Runs argv[1:] as a grandchild and passes its exit status and output through. On Linux a
-#: process's ru_maxrss starts from the RSS of the process it was forked from (the address
-#: space it had at exec), so a child spawned straight from this big process would report
-#: this process's peak. A fresh process forked from a small launcher starts from the
-#: launcher's few MiB instead, which is below what any child needs for its imports.
-_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-
 def run_child(args: list[str], server: str | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
-    if server:
-        cmd += ["--server", server]
-    launcher = [sys.executable, "-S", "-c", _LAUNCHER]
-    proc = subprocess.run([*launcher, *cmd], capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One client operation in a fresh process (see ``_common.run_child``)."""
+    return child(__file__, [*args, *(["--server", server] if server else [])])
 
 
 # --------------------------------------------------------------------------- server

@@ -53,9 +53,10 @@ from pathlib import Path
 from typing import Any
 
 from _common import cpu_model, fmt, log, package_versions, sha256_file, table
+from _common import run_child as child
 
-# The server, the synthetic checkpoint and the launcher trick are bench_lossless's, so that the
-# two benchmarks measure the same checkpoint the same way. Heavy imports stay inside functions.
+# The server and the synthetic checkpoint are bench_lossless's (the child launcher is _common's), so
+# that the two benchmarks measure the same checkpoint the same way. Heavy imports stay inside functions.
 from bench_lossless import SEED, Server, fresh_store, make_synthetic, proc_status_kib
 
 MB = 1_000_000  # throughput unit (decoded bytes)
@@ -195,19 +196,9 @@ def child_main(argv: list[str], server: str | None) -> int:
     return 0
 
 
-#: See bench_lossless: ru_maxrss of a child starts from the RSS of the process it was forked
-#: from, so children are started from this small launcher instead of from the big benchmark.
-_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-
 def run_child(args: list[str], server: str, home: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args, "--server", server]
-    env = os.environ | {"MZSTORE_HOME": str(home)}
-    launcher = [sys.executable, "-S", "-c", _LAUNCHER]
-    proc = subprocess.run([*launcher, *cmd], capture_output=True, text=True, timeout=600, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One client operation in a fresh process with its own ``MZSTORE_HOME`` (see ``_common.run_child``)."""
+    return child(__file__, [*args, "--server", server], env=os.environ | {"MZSTORE_HOME": str(home)})
 
 
 # --------------------------------------------------------------------------- baselines
